@@ -1,0 +1,445 @@
+"""The pixel-space U-Net of Ho et al. (DDPM), in the form CBDM, OC and CM train it.
+
+Layout follows the PyTorch port of Ho et al.'s TF code that CBDM / OC build on: a sinusoidal
+timestep embedding through a two-layer MLP, a class embedding (plus one null row for
+classifier-free guidance) and an optional augmentation-label projection (ADA) *added* to it,
+GroupNorm / SiLU residual blocks with a per-channel time projection, single-head self-attention
+at chosen resolutions, strided-conv downsampling and nearest + conv upsampling.
+
+Hooks the methods use:
+
+* ``null_label``: the class index of the unconditional model (``y=None`` means all-null).
+* ``aug_labels``: ADA's augmentation description, ``None`` at sampling time.
+* ``return_bottleneck=True``: also return the feature map after the middle blocks (CORAL).
+* ``attention``: the attention block class, picked by name from :data:`ATTENTION_BLOCKS`, so a
+  timestep-dependent variant (PD-CBDM's TSA) is one registry entry; every block's forward
+  takes ``(x, temb)``.
+* ``model.up``: the up-sampling half as one ``ModuleList`` (CM decomposes only these weights).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Ho et al. use GroupNorm with 32 groups everywhere; every channel count must divide by it.
+NORM_GROUPS = 32
+# Output layers of residual branches start near zero, so every block starts near identity.
+SMALL_GAIN = 1e-5
+
+
+def _xavier(module: nn.Conv2d | nn.Linear, gain: float = 1.0) -> None:
+    """Ho et al.'s initialization: xavier-uniform weights, zero biases."""
+    nn.init.xavier_uniform_(module.weight, gain=gain)
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+def timestep_embedding(t: Tensor, dim: int) -> Tensor:
+    """Sinusoidal embedding of timesteps ``t`` (shape ``(B,)``) into ``dim`` features.
+
+    Frequencies ``10000^(-2i/dim)``; sin and cos interleaved per frequency, as in the PyTorch
+    port CBDM / OC use (so the features line up with theirs). Computed in float32 on the fly,
+    so no table bounds T and half-precision weights never round the phases.
+    """
+    if dim % 2 != 0:
+        raise ValueError(f"timestep embedding dim must be even, got {dim}")
+    half = torch.arange(0, dim, 2, device=t.device, dtype=torch.float32)
+    freqs = torch.exp(-math.log(10000.0) * half / dim)
+    phase = t.to(torch.float32)[:, None] * freqs[None, :]
+    return torch.stack((torch.sin(phase), torch.cos(phase)), dim=-1).flatten(1)
+
+
+class SelfAttention(nn.Module):
+    """Single-head self-attention over the H*W positions, with a residual connection.
+
+    ``x + W_o softmax(Q K^T / sqrt(C)) V`` with ``Q, K, V`` 1x1 projections of
+    ``GroupNorm(x)``. Subclasses change how Q, K, V are formed by overriding
+    :meth:`project_qkv` (PD-CBDM's TSA adds a projection of ``temb`` to each).
+
+    Args:
+        channels: feature channels C (divisible by 32 for the GroupNorm).
+        temb_dim: width of the time embedding; unused here, part of the block interface.
+    """
+
+    def __init__(self, channels: int, temb_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(NORM_GROUPS, channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.out = nn.Conv2d(channels, channels, 1)
+        for layer in (self.q, self.k, self.v):
+            _xavier(layer)
+        _xavier(self.out, gain=SMALL_GAIN)
+
+    def project_qkv(self, h: Tensor, temb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values ``(B, C, H, W)`` from the normalised features ``h``."""
+        return self.q(h), self.k(h), self.v(h)
+
+    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        b, c, height, width = x.shape
+        q, k, v = self.project_qkv(self.norm(x), temb)
+        # (B, C, H, W) -> (B, 1 head, H*W, C). permute+flatten instead of .view: free on
+        # channels_last tensors, a copy only where needed on contiguous ones.
+        q, k, v = (z.permute(0, 2, 3, 1).flatten(1, 2).unsqueeze(1) for z in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v)  # default scale 1/sqrt(C), as Ho et al.
+        a = a.squeeze(1).reshape(b, height, width, c).permute(0, 3, 1, 2)
+        return x + self.out(a)
+
+
+# Attention variants by name: the ``attention`` argument of :class:`UNet`. A variant is a
+# module ``cls(channels, temb_dim)`` whose forward is ``(x, temb) -> x``.
+ATTENTION_BLOCKS: dict[str, type[nn.Module]] = {"self": SelfAttention}
+
+
+def attention_class(name: str) -> type[nn.Module]:
+    """The attention block class registered under ``name``; a clear error for unknown names."""
+    try:
+        return ATTENTION_BLOCKS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown attention {name!r}; registered: {sorted(ATTENTION_BLOCKS)}. "
+            "Set model.attention to one of these, or register a new block in "
+            "lt_diffusion.models.unet.ATTENTION_BLOCKS"
+        ) from None
+
+
+class ResBlock(nn.Module):
+    """Ho et al.'s residual block, optionally followed by an attention block.
+
+    ``GN -> SiLU -> conv3x3``, plus ``Linear(SiLU(temb))`` per channel, then
+    ``GN -> SiLU -> Dropout -> conv3x3`` (small-gain init) and a 1x1 shortcut when the width
+    changes.
+    """
+
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        temb_dim: int,
+        dropout: float,
+        attn: type[nn.Module] | None = None,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(NORM_GROUPS, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.temb_proj = nn.Linear(temb_dim, out_ch)
+        self.norm2 = nn.GroupNorm(NORM_GROUPS, out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.attn = attn(out_ch, temb_dim) if attn is not None else None
+        for layer in (self.conv1, self.temb_proj, self.shortcut):
+            if not isinstance(layer, nn.Identity):
+                _xavier(layer)
+        _xavier(self.conv2, gain=SMALL_GAIN)
+
+    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = h + self.shortcut(x)
+        if self.attn is not None:  # structural, fixed at build time: fine under torch.compile
+            h = self.attn(h, temb)
+        return h
+
+
+class Downsample(nn.Module):
+    """Halve the resolution with a strided 3x3 convolution."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        _xavier(self.conv)
+
+    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Double the resolution: nearest-neighbour upsampling, then a 3x3 convolution."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        _xavier(self.conv)
+
+    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _as_int_tuple(value: Sequence[int], name: str) -> tuple[int, ...]:
+    """A list / tuple / Hydra ListConfig of integers as a tuple; a clear error otherwise."""
+    hint = f"{name} must be a list of integers, e.g. [1, 2, 2] or [], got {value!r}"
+    if isinstance(value, int | float | str | bytes):
+        raise ValueError(hint)
+    try:
+        items = list(value)
+    except TypeError:
+        raise ValueError(hint) from None
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in items):
+        raise ValueError(hint)
+    return tuple(items)
+
+
+class UNet(nn.Module):
+    """Class-conditional epsilon-prediction U-Net of Ho et al. (2020).
+
+    Args:
+        image_size: input height = width in pixels.
+        in_channels: image channels (1 or 3); the output has the same number.
+        ch: base width; multiple of 32 (GroupNorm with 32 groups).
+        ch_mult: width multiplier per resolution level; level ``i`` runs at
+            ``image_size / 2**i``, so ``image_size`` must divide by ``2**(len(ch_mult)-1)``.
+        attn_resolutions: resolutions (in pixels) whose residual blocks get an attention block
+            of kind ``attention``; the middle block always has plain self-attention, as in
+            Ho et al. (PD-CBDM puts TSA at 16x16 only).
+        num_res_blocks: residual blocks per level on the way down (one more on the way up).
+        dropout: dropout probability inside the residual blocks.
+        num_classes: number of real classes; embedding row ``num_classes`` is the null label.
+        augment_dim: width of ADA's augmentation labels (9 in EDM's pipeline); 0 disables.
+        attention: name of the attention block in :data:`ATTENTION_BLOCKS`.
+
+    Module layout: ``head`` conv, ``down`` (res / attention / downsample blocks), ``mid``
+    (two res blocks), ``up`` (the up-sampling half: res blocks on skip-concatenated features
+    and upsamplers), ``tail`` (GN, SiLU, conv).
+    """
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        in_channels: int = 3,
+        ch: int = 128,
+        ch_mult: Sequence[int] = (1, 2, 2, 2),
+        attn_resolutions: Sequence[int] = (16,),
+        num_res_blocks: int = 2,
+        dropout: float = 0.1,
+        num_classes: int = 10,
+        augment_dim: int = 0,
+        attention: str = "self",
+    ) -> None:
+        super().__init__()
+        ch_mult = _as_int_tuple(ch_mult, "model.ch_mult")
+        attn_resolutions = _as_int_tuple(attn_resolutions, "model.attn_resolutions")
+        self._validate(
+            image_size,
+            in_channels,
+            ch,
+            ch_mult,
+            attn_resolutions,
+            num_res_blocks,
+            dropout,
+            num_classes,
+            augment_dim,
+        )
+        attn_cls = attention_class(attention)
+
+        self.image_size = int(image_size)
+        self.in_channels = int(in_channels)
+        self.num_classes = int(num_classes)
+        self.null_label = self.num_classes
+        self.augment_dim = int(augment_dim)
+        self.ch = int(ch)
+        self.num_levels = len(ch_mult)
+        temb_dim = 4 * ch
+
+        self.time_mlp = nn.Sequential(
+            nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim)
+        )
+        for layer in (self.time_mlp[0], self.time_mlp[2]):
+            _xavier(layer)
+        # Default N(0, 1) init, as in CBDM's port (its initializer does not touch these).
+        self.label_emb = nn.Embedding(num_classes + 1, temb_dim)
+        self.aug_emb = nn.Linear(augment_dim, temb_dim, bias=False) if augment_dim > 0 else None
+
+        self.head = nn.Conv2d(in_channels, ch, 3, padding=1)
+        _xavier(self.head)
+
+        self.down = nn.ModuleList()
+        skip_chs = [ch]  # widths of the features saved for the skip connections
+        now_ch = ch
+        for level, mult in enumerate(ch_mult):
+            res = image_size // 2**level
+            out_ch = ch * mult
+            for _ in range(num_res_blocks):
+                attn = attn_cls if res in attn_resolutions else None
+                self.down.append(ResBlock(now_ch, out_ch, temb_dim, dropout, attn))
+                now_ch = out_ch
+                skip_chs.append(now_ch)
+            if level != len(ch_mult) - 1:
+                self.down.append(Downsample(now_ch))
+                skip_chs.append(now_ch)
+
+        self.mid = nn.ModuleList(
+            [
+                ResBlock(now_ch, now_ch, temb_dim, dropout, SelfAttention),
+                ResBlock(now_ch, now_ch, temb_dim, dropout),
+            ]
+        )
+        self.bottleneck_channels = now_ch
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(ch_mult))):
+            res = image_size // 2**level
+            out_ch = ch * mult
+            for _ in range(num_res_blocks + 1):
+                attn = attn_cls if res in attn_resolutions else None
+                self.up.append(ResBlock(skip_chs.pop() + now_ch, out_ch, temb_dim, dropout, attn))
+                now_ch = out_ch
+            if level != 0:
+                self.up.append(Upsample(now_ch))
+        assert not skip_chs, "every saved skip feature must be consumed"
+
+        self.tail = nn.Sequential(
+            nn.GroupNorm(NORM_GROUPS, now_ch),
+            nn.SiLU(),
+            nn.Conv2d(now_ch, in_channels, 3, padding=1),
+        )
+        _xavier(self.tail[2], gain=SMALL_GAIN)
+
+    _NO_AUG = (
+        "aug_labels were passed but the model was built with augment_dim=0; set "
+        "model.augment_dim (9 for EDM-style ADA) or pass aug_labels=None"
+    )
+
+    @staticmethod
+    def _validate(
+        image_size: int,
+        in_channels: int,
+        ch: int,
+        ch_mult: tuple[int, ...],
+        attn_resolutions: tuple[int, ...],
+        num_res_blocks: int,
+        dropout: float,
+        num_classes: int,
+        augment_dim: int,
+    ) -> None:
+        """Reject configurations that cannot build, with what to change."""
+        if image_size < 1:
+            raise ValueError(f"model.image_size must be positive, got {image_size}")
+        if in_channels < 1:
+            raise ValueError(f"model.in_channels must be positive, got {in_channels}")
+        if ch < NORM_GROUPS or ch % NORM_GROUPS != 0:
+            raise ValueError(
+                f"model.ch must be a positive multiple of {NORM_GROUPS} (GroupNorm uses "
+                f"{NORM_GROUPS} groups), got {ch}; try {max(NORM_GROUPS, ch // NORM_GROUPS * NORM_GROUPS)}"
+            )
+        if not ch_mult or any(m < 1 for m in ch_mult):
+            raise ValueError(
+                f"model.ch_mult must be a non-empty list of positive integers, got {list(ch_mult)}"
+            )
+        factor = 2 ** (len(ch_mult) - 1)
+        if image_size % factor != 0:
+            max_levels = 1
+            while image_size % 2**max_levels == 0:
+                max_levels += 1
+            raise ValueError(
+                f"model.ch_mult has {len(ch_mult)} levels, so image_size must be divisible by "
+                f"{factor}, but it is {image_size}. For {image_size} px use at most "
+                f"{max_levels} entries in ch_mult (e.g. {[1] + [2] * (max_levels - 1)})"
+            )
+        visited = [image_size // 2**i for i in range(len(ch_mult))]
+        bad = [r for r in attn_resolutions if r not in visited]
+        if bad:
+            raise ValueError(
+                f"model.attn_resolutions {list(attn_resolutions)} contains {bad}, which the "
+                f"network never visits; with image_size {image_size} and {len(ch_mult)} levels "
+                f"the resolutions are {visited} (use a subset of these, or [])"
+            )
+        if num_res_blocks < 1:
+            raise ValueError(f"model.num_res_blocks must be >= 1, got {num_res_blocks}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {dropout}")
+        if num_classes < 1:
+            raise ValueError(
+                f"model.num_classes must be >= 1, got {num_classes} (for an unconditional "
+                "model use 1 class and always pass y=None)"
+            )
+        if augment_dim < 0:
+            raise ValueError(f"model.augment_dim must be >= 0 (0 disables ADA), got {augment_dim}")
+
+    def embed(self, t: Tensor, y: Tensor | None, aug_labels: Tensor | None) -> Tensor:
+        """The conditioning vector ``MLP(sin(t)) + E[y] (+ A aug_labels)``, shape (B, 4ch)."""
+        temb = timestep_embedding(t, self.ch).to(self.time_mlp[0].weight.dtype)
+        temb = self.time_mlp(temb)
+        if y is None:
+            y = torch.full((t.shape[0],), self.null_label, dtype=torch.long, device=t.device)
+        temb = temb + self.label_emb(y)
+        if aug_labels is not None:
+            if self.aug_emb is None:
+                raise ValueError(self._NO_AUG)
+            temb = temb + self.aug_emb(aug_labels.to(temb.dtype))
+        return temb
+
+    def _check_inputs(
+        self, x: Tensor, t: Tensor, y: Tensor | None, aug_labels: Tensor | None
+    ) -> Tensor:
+        # Shape checks only (no tensor values): no host sync, no graph breaks on values.
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"x must have shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+        factor = 2 ** (self.num_levels - 1)
+        if x.shape[2] % factor != 0 or x.shape[3] % factor != 0:
+            raise ValueError(
+                f"x spatial size {tuple(x.shape[2:])} must be divisible by {factor} for "
+                f"{self.num_levels} levels (the model was built for {self.image_size} px)"
+            )
+        b = x.shape[0]
+        if t.ndim == 0:
+            t = t.expand(b)
+        if t.shape != (b,):
+            raise ValueError(
+                f"t must have shape ({b},) (one timestep per image), got {tuple(t.shape)}"
+            )
+        if y is not None and y.shape != (b,):
+            raise ValueError(
+                f"y must have shape ({b},) (one label per image), got {tuple(y.shape)}"
+            )
+        if aug_labels is not None and self.aug_emb is None:
+            raise ValueError(self._NO_AUG)
+        if aug_labels is not None and aug_labels.shape != (b, self.augment_dim):
+            raise ValueError(
+                f"aug_labels must have shape ({b}, {self.augment_dim}), got {tuple(aug_labels.shape)}"
+            )
+        return t
+
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        y: Tensor | None = None,
+        aug_labels: Tensor | None = None,
+        return_bottleneck: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Predict the noise in ``x`` (B, C, H, W) at timesteps ``t`` (B,) for labels ``y``.
+
+        ``y=None`` uses the null label for every image (the unconditional model);
+        ``aug_labels`` (B, augment_dim) is ADA's augmentation description (``None``: none).
+        With ``return_bottleneck=True`` returns ``(eps, h_mid)``, ``h_mid`` being the feature
+        map after the middle blocks, (B, C_mid, H / 2**(L-1), W / 2**(L-1)).
+        """
+        t = self._check_inputs(x, t, y, aug_labels)
+        temb = self.embed(t, y, aug_labels)
+
+        h = self.head(x)
+        skips = [h]
+        for block in self.down:
+            h = block(h, temb)
+            skips.append(h)
+        for block in self.mid:
+            h = block(h, temb)
+        h_mid = h
+        for block in self.up:
+            if isinstance(block, ResBlock):
+                h = torch.cat([h, skips.pop()], dim=1)
+            h = block(h, temb)
+        eps = self.tail(h)
+        if return_bottleneck:
+            return eps, h_mid
+        return eps
