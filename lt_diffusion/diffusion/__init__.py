@@ -1,0 +1,36 @@
+"""Noise schedule, samplers (DDPM ancestral, DDIM, classifier-free guidance) and generation."""
+
+from lt_diffusion.diffusion.generate import (
+    balanced_labels,
+    chunk_ranges,
+    chunk_seed,
+    gather_order,
+    generate,
+    rank_count,
+    to_uint8,
+)
+from lt_diffusion.diffusion.samplers import (
+    DDIMSampler,
+    DDPMSampler,
+    Sampler,
+    ddim_timesteps,
+    guided_eps,
+)
+from lt_diffusion.diffusion.schedule import NoiseSchedule, make_betas
+
+__all__ = [
+    "DDIMSampler",
+    "DDPMSampler",
+    "NoiseSchedule",
+    "Sampler",
+    "balanced_labels",
+    "chunk_ranges",
+    "chunk_seed",
+    "ddim_timesteps",
+    "gather_order",
+    "generate",
+    "guided_eps",
+    "make_betas",
+    "rank_count",
+    "to_uint8",
+]
