@@ -1,0 +1,106 @@
+"""The objective interface: a method *is* its training objective (DESIGN.md, step 3).
+
+An objective receives the (possibly compiled) model, a clean batch and the noise schedule and
+returns the loss plus named terms to log. Methods compose by wrapping a base objective (CM
+wraps DDPM, CBDM or OC). Classifier-free-guidance label dropout lives here, once, because every
+method but IMBA (which replaces it) uses it the same way.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from lt_diffusion.diffusion import NoiseSchedule
+
+DROP_MODES = ("batch", "sample", "none")
+
+
+@dataclass
+class ObjectiveOutput:
+    """A training loss and its named parts (detached tensors, logged without a host sync)."""
+
+    loss: Tensor
+    terms: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class NoisedBatch:
+    """One forward-process draw: timesteps, the true noise and the noised images."""
+
+    t: Tensor
+    noise: Tensor
+    x_t: Tensor
+
+
+class Objective(nn.Module):
+    """Base class of every method's objective.
+
+    Args:
+        cond_drop_prob: probability of replacing the label by the null label (CFG training).
+        cond_drop_mode: ``"batch"`` drops the whole batch at once (CBDM / OC code),
+            ``"sample"`` drops each sample independently, ``"none"`` never drops.
+    """
+
+    name: str = "objective"
+
+    def __init__(self, cond_drop_prob: float = 0.1, cond_drop_mode: str = "batch") -> None:
+        super().__init__()
+        if cond_drop_mode not in DROP_MODES:
+            raise ValueError(
+                f"cond_drop_mode must be one of {DROP_MODES}, got {cond_drop_mode!r}: "
+                "set method.objective.cond_drop_mode accordingly"
+            )
+        if not 0.0 <= cond_drop_prob < 1.0:
+            raise ValueError(f"cond_drop_prob must be in [0, 1), got {cond_drop_prob}")
+        self.cond_drop_prob = float(cond_drop_prob)
+        self.cond_drop_mode = cond_drop_mode
+        # The batch-level coin is a host-side RNG: drawing it on the device would force a sync.
+        self._host_rng = random.Random(0)
+        self.register_buffer("class_counts", torch.zeros(0), persistent=False)
+
+    def setup(self, class_counts: Sequence[int], seed: int = 0) -> None:
+        """Give the objective the training class counts (class 0 the most frequent)."""
+        self.class_counts = torch.as_tensor(list(class_counts), dtype=torch.float32).to(
+            self.class_counts.device
+        )
+        self._host_rng = random.Random(seed)
+
+    @property
+    def class_freq(self) -> Tensor:
+        """Empirical training class frequency q(y)."""
+        if self.class_counts.numel() == 0:
+            raise RuntimeError("objective.setup(class_counts) must be called before training")
+        return self.class_counts / self.class_counts.sum()
+
+    def noised(self, x0: Tensor, schedule: NoiseSchedule) -> NoisedBatch:
+        """Draw t ~ U{0..T-1} and eps ~ N(0, I), return x_t."""
+        t = schedule.sample_t(x0.shape[0], x0.device)
+        noise = torch.randn_like(x0)
+        return NoisedBatch(t=t, noise=noise, x_t=schedule.q_sample(x0, t, noise))
+
+    def drop_condition(self, y: Tensor, null_label: int) -> tuple[Tensor, bool]:
+        """Apply CFG label dropout. Returns the labels to feed and whether the whole batch was
+        dropped (methods with a class-dependent regulariser skip it on such batches)."""
+        if self.cond_drop_prob == 0.0 or self.cond_drop_mode == "none":
+            return y, False
+        if self.cond_drop_mode == "batch":
+            if self._host_rng.random() < self.cond_drop_prob:
+                return torch.full_like(y, null_label), True
+            return y, False
+        keep = torch.rand(y.shape, device=y.device) >= self.cond_drop_prob
+        return torch.where(keep, y, torch.full_like(y, null_label)), False
+
+    def forward(
+        self, model: Callable[..., Tensor], x0: Tensor, y: Tensor, schedule: NoiseSchedule
+    ) -> ObjectiveOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def mse(a: Tensor, b: Tensor) -> Tensor:
+    """Mean squared error in float32 (bf16 autocast outputs are upcast first)."""
+    return (a.float() - b.float()).pow(2).mean()

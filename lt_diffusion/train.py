@@ -1,0 +1,163 @@
+"""Train one run: ``python -m lt_diffusion.train dataset=cifar10_lt imbalance=ir100 method=ddpm``.
+
+Everything that can be checked is checked before the first step (dataset files, ratio, the
+resume checkpoint). The run directory is derived from the config, so launching the same run
+again resumes it from ``<run_dir>/checkpoints/last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+import lt_diffusion
+from lt_diffusion.training.builders import (
+    build_datamodule,
+    build_model,
+    build_objective,
+    build_schedule,
+)
+from lt_diffusion.training.callbacks import PeriodicCheckpoint, SampleGrid
+from lt_diffusion.training.checkpoint import (
+    LAST,
+    META_KEY,
+    AtomicCheckpointIO,
+    CheckpointError,
+    find_resume_checkpoint,
+    model_state,
+    read_checkpoint,
+)
+from lt_diffusion.training.module import DiffusionModule
+from lt_diffusion.utils.io import atomic_write_text
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+def code_version() -> str:
+    """``git describe`` of the source tree when available, else the package version."""
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--tags"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return lt_diffusion.__version__
+
+
+def _on_gpu(cfg: DictConfig) -> bool:
+    accel = str(cfg.trainer.get("accelerator", "cpu"))
+    return accel in ("gpu", "cuda") or (accel == "auto" and torch.cuda.is_available())
+
+
+def _auto(value: Any, default: bool) -> bool:
+    return default if value == "auto" else bool(value)
+
+
+def build_logger(cfg: DictConfig) -> Any:
+    if cfg.get("logger") is None or cfg.logger.get("_target_") is None:
+        return False
+    return instantiate(cfg.logger)
+
+
+def initial_weights(cfg: DictConfig, resume: Path | None) -> dict[str, torch.Tensor] | None:
+    """Backbone weights from ``train.init_from`` for a fresh run (a resumed run has its own)."""
+    if resume is not None or not cfg.train.get("init_from"):
+        return None
+    ckpt = read_checkpoint(cfg.train.init_from)
+    if ckpt[META_KEY]["config"]["method"].get("model_transform") is not None:
+        raise CheckpointError(
+            f"train.init_from={cfg.train.init_from} holds a transformed model (its method has a "
+            "model_transform): initialise from a plain backbone checkpoint instead."
+        )
+    rank_zero_info(f"Initialising the backbone from {cfg.train.init_from}")
+    return model_state(ckpt, ema=cfg.train.get("init_from_ema", True))
+
+
+def run(cfg: DictConfig) -> Path:
+    """Train the run ``cfg`` describes; returns its run directory."""
+    run_dir = Path(cfg.paths.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    on_gpu = _on_gpu(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    # Cheap checks first: the data source (files, ratio, names) and the resume checkpoint.
+    datamodule = build_datamodule(cfg, on_device=_auto(cfg.data.on_device, on_gpu))
+    resume = find_resume_checkpoint(ckpt_dir, cfg)
+    if resume is not None and not cfg.train.resume:
+        raise CheckpointError(
+            f"{resume} exists and train.resume=false: refusing to overwrite it. Delete the run "
+            "directory, choose another run_name / tag, or set train.resume=true."
+        )
+    datamodule.setup("fit")
+    if rank_zero_only.rank == 0:
+        datamodule.print_summary()
+
+    objective = build_objective(cfg)
+    objective.setup(datamodule.class_counts, seed=cfg.seed + rank_zero_only.rank)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    meta = {"config": resolved, "dataset": datamodule.info(), "code_version": code_version()}
+    module = DiffusionModule(
+        model=build_model(cfg, init_state=initial_weights(cfg, resume)),
+        objective=objective,
+        schedule=build_schedule(cfg),
+        optimizer=instantiate(cfg.optimizer),
+        warmup_steps=cfg.train.warmup_steps,
+        ema_decay=cfg.train.ema_decay,
+        compile_model=_auto(cfg.train.compile, on_gpu),
+        channels_last=_auto(cfg.train.channels_last, on_gpu),
+        meta=meta,
+    )
+    callbacks = [
+        PeriodicCheckpoint(ckpt_dir, cfg.train.ckpt_every, cfg.train.keep_every),
+        SampleGrid(
+            run_dir / "samples",
+            cfg.train.grid_every,
+            per_class=cfg.train.grid_per_class,
+            steps=cfg.train.grid_steps,
+            guidance=cfg.sampler.guidance,
+            seed=cfg.seed,
+        ),
+        TQDMProgressBar(refresh_rate=max(1, int(cfg.train.log_every))),
+    ]
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        logger=build_logger(cfg),
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=str(run_dir),
+    )
+    if trainer.is_global_zero:
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
+    if resume is not None:
+        step = int(read_checkpoint(resume).get("global_step", 0))
+        rank_zero_info(f"Resuming from {resume} at step {step}")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    rank_zero_info(f"Run directory: {run_dir}\n  checkpoint: {ckpt_dir / LAST}")
+    return run_dir
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> None:
+    os.environ.setdefault("WANDB_SILENT", "true")
+    torch.set_float32_matmul_precision("high")
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

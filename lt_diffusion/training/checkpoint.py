@@ -1,0 +1,142 @@
+"""Checkpoints: atomic writes, validation before use, and loading a model for sampling.
+
+A Lightning checkpoint of this project carries an ``lt_diffusion`` entry with the resolved
+config and the dataset description, so a checkpoint alone is enough to rebuild its model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from lt_diffusion.utils.io import atomic_torch_save
+
+META_KEY = "lt_diffusion"
+LAST = "last.ckpt"
+
+# Settings that change what a checkpoint's weights mean: resuming or sampling with a config
+# that differs in any of these would silently mix two experiments.
+FINGERPRINT_KEYS = (
+    "dataset.name",
+    "dataset.image_size",
+    "dataset.channels",
+    "dataset.num_classes",
+    "imbalance.profile",
+    "imbalance.ratio",
+    "imbalance.seed",
+    "method.name",
+    "model",
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: unreadable, foreign, or from another experiment."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint I/O that never leaves a half-written file in place of a good one."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
+    ) -> None:
+        atomic_torch_save(checkpoint, Path(path))
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint on the CPU, with a clear error when it cannot be used."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No checkpoint at {path}. Train a model first (python -m lt_diffusion.train ...) "
+            "or pass the path of an existing .ckpt file."
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({type(err).__name__}: {str(err)[:200]}). "
+            "It may be truncated or not a PyTorch file: delete it to restart that run from "
+            "scratch, or point at another checkpoint."
+        ) from err
+    if not isinstance(ckpt, dict) or META_KEY not in ckpt or "state_dict" not in ckpt:
+        raise CheckpointError(
+            f"{path} was not written by lt-diffusion (no '{META_KEY}' metadata); "
+            "point at a checkpoint from python -m lt_diffusion.train."
+        )
+    return ckpt
+
+
+def _select(cfg: Any, dotted: str) -> Any:
+    node = OmegaConf.select(cfg, dotted, default=None)
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def config_differences(saved: dict | DictConfig, current: dict | DictConfig) -> list[str]:
+    """Fingerprint settings on which two configs disagree, as readable lines."""
+    saved_cfg = OmegaConf.create(saved) if isinstance(saved, dict) else saved
+    current_cfg = OmegaConf.create(current) if isinstance(current, dict) else current
+    diffs = []
+    for key in FINGERPRINT_KEYS:
+        a, b = _select(saved_cfg, key), _select(current_cfg, key)
+        if a != b:
+            diffs.append(f"{key}: checkpoint has {a!r}, config has {b!r}")
+    return diffs
+
+
+def check_compatible(ckpt: dict[str, Any], cfg: DictConfig, path: str | Path) -> None:
+    """Refuse to resume a checkpoint that belongs to another experiment."""
+    diffs = config_differences(ckpt[META_KEY]["config"], cfg)
+    if diffs:
+        raise CheckpointError(
+            f"Checkpoint {path} does not match this run's config:\n  "
+            + "\n  ".join(diffs)
+            + "\nUse another run directory (change run_name or seed) or restore the original "
+            "settings."
+        )
+
+
+def model_state(ckpt: dict[str, Any], ema: bool = True) -> dict[str, torch.Tensor]:
+    """The (EMA) model weights of a training checkpoint, without the module prefix."""
+    prefix = "ema_model." if ema else "model."
+    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    if not state:
+        raise CheckpointError(f"checkpoint has no '{prefix}*' weights")
+    return state
+
+
+def load_sampling_model(
+    path: str | Path, device: str | torch.device = "cpu", ema: bool = True
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a checkpoint's model from its own config and load its (EMA) weights.
+
+    Returns the model in eval mode and the checkpoint's metadata (config, dataset, step).
+    """
+    from lt_diffusion.training.builders import build_model
+
+    ckpt = read_checkpoint(path)
+    meta = dict(ckpt[META_KEY])
+    meta["global_step"] = int(ckpt.get("global_step", 0))
+    meta["checkpoint"] = str(Path(path).resolve())
+    model = build_model(OmegaConf.create(meta["config"]))
+    try:
+        model.load_state_dict(model_state(ckpt, ema=ema))
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"weights in {path} do not fit the model its config describes: {str(err)[:300]}"
+        ) from err
+    return model.to(device).eval().requires_grad_(False), meta
+
+
+def find_resume_checkpoint(ckpt_dir: Path, cfg: DictConfig) -> Path | None:
+    """The run directory's last checkpoint, validated, or None for a fresh run."""
+    last = ckpt_dir / LAST
+    if not last.exists():
+        return None
+    ckpt = read_checkpoint(last)
+    check_compatible(ckpt, cfg, last)
+    return last
