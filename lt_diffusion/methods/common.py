@@ -1,0 +1,138 @@
+"""Pieces shared by the objectives: the composable-objective interface that wrappers (CM, ADA)
+build on, the context a base objective hands to its wrapper, and small numeric helpers.
+
+A wrapper needs more than a base objective's loss: CM compares the model's prediction with the
+prediction of its reserved-capacity-free part *on the same noised batch and labels*; ADA feeds
+augmentation labels into every model call of its base. :class:`ComposableObjective` therefore
+exposes :meth:`~ComposableObjective.compute`, which returns the loss together with a
+:class:`BaseContext` and accepts the augmentation labels to pass to the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lt_diffusion.diffusion import NoiseSchedule
+from lt_diffusion.methods.base import Objective, ObjectiveOutput
+
+# Target-label distributions of the class-balancing regulariser (CBDM, PD-CBDM).
+TARGET_DISTS = ("empirical", "uniform", "inverse")
+
+
+@dataclass
+class BaseContext:
+    """What one base-objective step computed, for a wrapping objective.
+
+    Attributes:
+        x_t: the noised images fed to the model, (B, C, H, W).
+        t: timesteps, (B,) int64.
+        noise: the true noise of the forward draw.
+        y_in: the labels fed to the model, after CFG dropout (null label where dropped).
+        eps_pred: the model's prediction ``eps_theta(x_t, t, y_in)`` (with gradient).
+        dropped: whether the whole batch's condition was dropped (batch-mode CFG dropout).
+        target: what ``eps_pred`` was regressed onto (``noise``; OC's transferred target).
+        aug_labels: augmentation labels given to the model (ADA), else ``None``.
+    """
+
+    x_t: Tensor
+    t: Tensor
+    noise: Tensor
+    y_in: Tensor
+    eps_pred: Tensor
+    dropped: bool
+    target: Tensor
+    aug_labels: Tensor | None = None
+
+
+def call_model(
+    model: Callable[..., Tensor], x: Tensor, t: Tensor, y: Tensor, aug_labels: Tensor | None
+) -> Tensor:
+    """``model(x, t, y)``, with ``aug_labels=`` only when there are any, so backbones without
+    the ADA hook (and the exact sampling-time call) are unaffected."""
+    if aug_labels is None:
+        return model(x, t, y)
+    return model(x, t, y, aug_labels=aug_labels)
+
+
+def per_sample_mse(a: Tensor, b: Tensor) -> Tensor:
+    """Mean squared error per sample, shape (B,), in float32 (bf16 outputs are upcast)."""
+    return (a.float() - b.float()).pow(2).flatten(1).mean(1)
+
+
+def timestep_weight(t: Tensor, num_timesteps: int, tau: float) -> Tensor:
+    """CBDM's ``w_t = tau * t / T`` as float32, shape (B,)."""
+    return t.float() * (float(tau) / num_timesteps)
+
+
+def label_distribution(class_counts: Tensor, kind: str) -> Tensor:
+    """A distribution over the ``C`` classes, float32 of shape (C,).
+
+    ``"empirical"``: the training class frequency ``N_c / sum N``; ``"uniform"``: ``1 / C``;
+    ``"inverse"``: proportional to ``1 / N_c`` (PD-CBDM). Classes with no training image get
+    probability 0 under ``empirical`` and ``inverse``.
+    """
+    if kind not in TARGET_DISTS:
+        raise ValueError(
+            f"target_dist must be one of {TARGET_DISTS}, got {kind!r}: set "
+            "method.objective.target_dist accordingly"
+        )
+    counts = class_counts.float()
+    if counts.numel() == 0:
+        raise RuntimeError("objective.setup(class_counts) must be called before training")
+    if kind == "empirical":
+        weights = counts
+    elif kind == "uniform":
+        weights = torch.ones_like(counts)
+    else:
+        weights = torch.where(counts > 0, 1.0 / counts.clamp_min(1.0), torch.zeros_like(counts))
+    return weights / weights.sum()
+
+
+def sample_labels(probs: Tensor, n: int) -> Tensor:
+    """``n`` labels drawn i.i.d. from ``probs`` (C,) by inverse CDF, on its device.
+
+    Not ``torch.multinomial``: some of its paths validate the distribution with a host
+    synchronisation. ``u = U[0, 1) * sum(p)``, label = the first ``c`` with ``cdf_c > u``
+    (classes of probability 0 are never drawn).
+    """
+    cdf = probs.float().cumsum(0)
+    u = torch.rand(n, device=probs.device) * cdf[-1]
+    return torch.searchsorted(cdf, u, right=True).clamp_max(probs.numel() - 1)
+
+
+def gumbel_argmax(logits: Tensor) -> Tensor:
+    """One index per row of ``logits`` (B, K) drawn from ``softmax(logits)`` by the Gumbel-max
+    trick: ``argmax_k(l_k - log(-log u_k))``, ``u ~ U[0, 1)``. Works on the logits directly (no
+    softmax underflow) and never synchronises with the host."""
+    u = torch.rand_like(logits)
+    return (logits - torch.log(-torch.log(u))).argmax(dim=1)
+
+
+class ComposableObjective(Objective):
+    """An objective that other objectives can wrap (CM, ADA).
+
+    Subclasses implement :meth:`compute`; calling the objective returns only the loss.
+    """
+
+    def compute(
+        self,
+        model: Callable[..., Tensor],
+        x0: Tensor,
+        y: Tensor,
+        schedule: NoiseSchedule,
+        aug_labels: Tensor | None = None,
+    ) -> tuple[ObjectiveOutput, BaseContext]:  # pragma: no cover - abstract
+        """The loss and named terms, plus the :class:`BaseContext` of this step.
+
+        ``aug_labels`` (B, augment_dim), when given, is passed to every model call (ADA).
+        """
+        raise NotImplementedError
+
+    def forward(
+        self, model: Callable[..., Tensor], x0: Tensor, y: Tensor, schedule: NoiseSchedule
+    ) -> ObjectiveOutput:
+        return self.compute(model, x0, y, schedule)[0]

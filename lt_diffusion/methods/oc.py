@@ -1,0 +1,143 @@
+"""OC, oriented calibration (Zhang et al., ICLR 2024; MediaBrain-SJTU/OC_LT, diffusion.py).
+
+No extra loss term: the regression *target* changes. For anchor ``i`` of the batch, with
+``sigma_t^2 = 1 / abar_t - 1`` and ``c_i = x_t,i / sqrt(abar_t)``, every batch member ``j``
+(``i`` itself included) gets the logit ``l_ij = -||c_i - x0_j||^2 / (2 sigma_{t_i}^2)``
+(the log-likelihood of ``x_t,i`` under ``x0_j``, up to a constant); one ``j`` is drawn from
+``softmax(l_i)`` and accepted by a frequency gate, else ``j = i``. The target is the noise that
+would have produced ``x_t,i`` from ``x0_j``::
+
+    eps_hat = (x_t,i - sqrt(abar_t) x0_j) / sqrt(1 - abar_t),   L = ||eps_theta(x_t,i, t, y_i) - eps_hat||^2
+
+Following the authors' code: the transfer applies to every sample of every batch (no
+probability or weight, no timestep cut-off), also on batches whose condition was dropped for
+CFG; the gate compares the *true* labels' training frequencies; the condition stays ``y_i``;
+no gradient flows through the selection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from lt_diffusion.diffusion import NoiseSchedule
+from lt_diffusion.methods.base import ObjectiveOutput, mse
+from lt_diffusion.methods.common import (
+    BaseContext,
+    ComposableObjective,
+    call_model,
+    gumbel_argmax,
+)
+
+# "t2h" (the README's training command) accepts a reference from a class at least as frequent
+# as the anchor's (knowledge flows from head to tail); "h2t" reverses it; "full" accepts all.
+GATES = ("t2h", "h2t", "full")
+
+
+def _at_least_f32(x: Tensor) -> torch.dtype:
+    """float32 for half / bfloat16 / float32 inputs, float64 for float64 (exact tests)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def oc_selection_logits(x_t: Tensor, x0: Tensor, t: Tensor, schedule: NoiseSchedule) -> Tensor:
+    """The (B, B) logits ``l_ij = -||x_t,i / sqrt(abar_i) - x0_j||^2 / (2 sigma_i^2)``.
+
+    Distances are taken directly (not via ``|a|^2 - 2ab + |b|^2``), whose cancellation would
+    lose the small self-distance at low t in float32.
+    """
+    dt = _at_least_f32(x_t)
+    with torch.autocast(device_type=x_t.device.type, enabled=False):
+        inv_sqrt_abar = schedule.gather(schedule.sqrt_recip_alphas_cumprod, t, 2).to(dt)
+        sigma2 = schedule.gather(schedule.sqrt_recipm1_alphas_cumprod, t, 2).to(dt).square()
+        c = x_t.to(dt).flatten(1) * inv_sqrt_abar
+        d2 = torch.cdist(
+            c, x0.to(dt).flatten(1), compute_mode="donot_use_mm_for_euclid_dist"
+        ).square()
+        return -d2 / (2.0 * sigma2)
+
+
+def oc_selection_probs(x_t: Tensor, x0: Tensor, t: Tensor, schedule: NoiseSchedule) -> Tensor:
+    """Row ``i``: the probability of choosing batch member ``j`` as anchor ``i``'s reference."""
+    return torch.softmax(oc_selection_logits(x_t, x0, t, schedule), dim=1)
+
+
+def oc_gate(q_anchor: Tensor, q_ref: Tensor, gate: str) -> Tensor:
+    """Whether a drawn reference is accepted, from the two labels' training frequencies."""
+    if gate == "t2h":
+        return q_ref >= q_anchor
+    if gate == "h2t":
+        return q_ref <= q_anchor
+    if gate == "full":
+        return torch.ones_like(q_anchor, dtype=torch.bool)
+    raise ValueError(f"OC gate must be one of {GATES}, got {gate!r}")
+
+
+def oc_target(x_t: Tensor, x0_ref: Tensor, t: Tensor, schedule: NoiseSchedule) -> Tensor:
+    """``eps_hat = (x_t - sqrt(abar_t) x0_ref) / sqrt(1 - abar_t)``, at least float32."""
+    dt = _at_least_f32(x_t)
+    a = schedule.gather(schedule.sqrt_alphas_cumprod, t, x_t.ndim).to(dt)
+    s = schedule.gather(schedule.sqrt_one_minus_alphas_cumprod, t, x_t.ndim).to(dt)
+    return (x_t.to(dt) - a * x0_ref.to(dt)) / s
+
+
+class OCObjective(ComposableObjective):
+    """Epsilon regression onto OC's batch-transferred target.
+
+    Args:
+        gate: ``"t2h"`` (default, the authors' training command), ``"h2t"`` or ``"full"``.
+        cond_drop_prob, cond_drop_mode: CFG label dropout, see :class:`Objective`.
+    """
+
+    name = "oc"
+
+    def __init__(
+        self, gate: str = "t2h", cond_drop_prob: float = 0.1, cond_drop_mode: str = "batch"
+    ) -> None:
+        super().__init__(cond_drop_prob=cond_drop_prob, cond_drop_mode=cond_drop_mode)
+        if gate not in GATES:
+            raise ValueError(
+                f"OC gate must be one of {GATES}, got {gate!r}: set method.objective.gate"
+            )
+        self.gate = gate
+
+    @torch.no_grad()
+    def select(
+        self, x_t: Tensor, x0: Tensor, y: Tensor, t: Tensor, schedule: NoiseSchedule
+    ) -> Tensor:
+        """The reference index of every anchor, (B,) int64: drawn, then gated."""
+        # A draw from softmax(l_i) per row, straight from the logits (Gumbel-max).
+        j = gumbel_argmax(oc_selection_logits(x_t, x0, t, schedule))
+        q = self.class_freq
+        keep = oc_gate(q[y], q[y[j]], self.gate)
+        return torch.where(keep, j, torch.arange(y.shape[0], device=y.device))
+
+    def compute(
+        self,
+        model: Callable[..., Tensor],
+        x0: Tensor,
+        y: Tensor,
+        schedule: NoiseSchedule,
+        aug_labels: Tensor | None = None,
+    ) -> tuple[ObjectiveOutput, BaseContext]:
+        b = self.noised(x0, schedule)
+        y_in, dropped = self.drop_condition(y, model.null_label)
+        j = self.select(b.x_t, x0, y, b.t, schedule)
+        with torch.no_grad():
+            # oc_target(x_t, x0[j]) rewritten with x_t = sqrt(abar) x0 + sqrt(1 - abar) eps:
+            # eps + sqrt(abar / (1 - abar)) (x0 - x0[j]) has no cancellation at small t, and
+            # is exactly eps where the target was not transferred.
+            dt = _at_least_f32(x0)
+            sigma = schedule.gather(schedule.sqrt_recipm1_alphas_cumprod, b.t, x0.ndim).to(dt)
+            target = b.noise.to(dt) + (x0.to(dt) - x0[j].to(dt)) / sigma
+        eps = call_model(model, b.x_t, b.t, y_in, aug_labels)
+        loss = mse(eps, target)
+        with torch.no_grad():
+            terms = {
+                "mse": loss.detach(),
+                "ddpm": mse(eps, b.noise),  # the plain DDPM loss, for comparison across methods
+                "transfer": (j != torch.arange(j.shape[0], device=j.device)).float().mean(),
+            }
+        ctx = BaseContext(b.x_t, b.t, b.noise, y_in, eps, dropped, target, aug_labels)
+        return ObjectiveOutput(loss, terms), ctx
