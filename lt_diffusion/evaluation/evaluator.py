@@ -1,0 +1,299 @@
+"""The evaluation protocol: generate (or read) exactly class-balanced images, extract Inception
+features, compare them with the balanced real set overall, per split and per class, and write
+one record.
+
+Work is split across ranks (torchrun / DDP) in fixed chunks of ``eval.batch_size``: generation
+and feature extraction of chunk k happen on rank ``k % world_size`` with noise seeded by k, so
+the record does not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from lt_diffusion.diffusion import gather_order, generate
+from lt_diffusion.evaluation import metrics as M
+from lt_diffusion.evaluation.distributed import barrier, gather_objects, world
+from lt_diffusion.evaluation.features import extract_features
+from lt_diffusion.evaluation.inception import load_extractor
+from lt_diffusion.evaluation.protocol import (
+    Comparison,
+    comparisons,
+    images_per_class,
+    real_images_per_class,
+)
+from lt_diffusion.evaluation.record import SCHEMA_VERSION, write_record
+from lt_diffusion.evaluation.reference import cache_key, cached_features, choose_real
+
+METRICS = ("fid", "kid", "precision", "recall", "is")
+
+
+@dataclass
+class Generated:
+    """Features of the generated images, grouped by class (in generation order)."""
+
+    pool: dict[int, np.ndarray]
+    logits: dict[int, np.ndarray] | None
+
+
+def check_metrics(names: list[str]) -> list[str]:
+    unknown = [m for m in names if m not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown} in eval.metrics: choose from {METRICS}")
+    return list(names)
+
+
+def class_labels(per_class: list[int]) -> Tensor:
+    return torch.cat([torch.full((n,), c, dtype=torch.long) for c, n in enumerate(per_class)])
+
+
+def _by_class(pool: np.ndarray, labels: Tensor, num_classes: int) -> dict[int, np.ndarray]:
+    lab = labels.numpy()
+    return {c: pool[lab == c] for c in range(num_classes)}
+
+
+def generated_features(
+    model: torch.nn.Module,
+    sampler: Any,
+    per_class: list[int],
+    protocol: DictConfig,
+    guidance: float,
+    extractor: torch.nn.Module,
+    device: torch.device,
+) -> Generated:
+    """Generate and featurise this rank's chunks, gather, restore global order."""
+    rank, size = world()
+    labels = class_labels(per_class)
+    bs = int(protocol.batch_size)
+    images = generate(
+        model,
+        sampler,
+        labels,
+        seed=int(protocol.seed),
+        batch_size=bs,
+        image_shape=(model.in_channels, model.image_size, model.image_size),
+        guidance=guidance,
+        device=device,
+        rank=rank,
+        world_size=size,
+        progress=rank == 0,
+    )
+    feats = extract_features(images, extractor, batch_size=bs, device=device, progress=rank == 0)
+    parts = gather_objects(feats)
+    pool = gather_order([torch.from_numpy(p["pool"]) for p in parts], len(labels), bs).numpy()
+    logits = None
+    if feats["logits"] is not None:
+        logits_t = [torch.from_numpy(p["logits"]) for p in parts]
+        logits = _by_class(gather_order(logits_t, len(labels), bs).numpy(), labels, len(per_class))
+    return Generated(_by_class(pool, labels, len(per_class)), logits)
+
+
+def folder_features(
+    images: Tensor, labels: Tensor, per_class: list[int], protocol: DictConfig, extractor, device
+) -> Generated:
+    """Features of a folder of generated images: the first ``per_class[c]`` of each class."""
+    keep = torch.cat([torch.nonzero(labels == c).flatten()[:n] for c, n in enumerate(per_class)])
+    feats = extract_features(images[keep], extractor, int(protocol.batch_size), device, True)
+    pool = _by_class(feats["pool"], labels[keep], len(per_class))
+    logits = feats["logits"]
+    return Generated(
+        pool, None if logits is None else _by_class(logits, labels[keep], len(per_class))
+    )
+
+
+def real_features(
+    datamodule: Any,
+    classes: list[int],
+    protocol: DictConfig,
+    extractor: torch.nn.Module,
+    extractor_info: dict[str, Any],
+    real_per_class: dict[int, int | None],
+    cache_dir: Path,
+    device: torch.device,
+) -> dict[int, np.ndarray]:
+    """Per-class pool features of the balanced real set, cached."""
+    info = datamodule.info()
+    out = {}
+    for c in classes:
+        images, _ = datamodule.reference_set([c])
+        idx = choose_real(len(images), real_per_class[c], int(protocol.seed) + c)
+        key = cache_key(
+            dataset=info["name"],
+            class_name=info["class_names"][c],
+            class_index=c,
+            image_size=info["image_size"],
+            channels=info["channels"],
+            n_available=len(images),
+            n=len(idx),
+            seed=int(protocol.seed) + c,
+            extractor=extractor_info["weights_sha256"],
+        )
+        out[c] = cached_features(
+            key,
+            lambda images=images, idx=idx: extract_features(
+                images[idx], extractor, int(protocol.batch_size), device, True
+            )["pool"],
+            cache_dir,
+        )
+    return out
+
+
+def compare(
+    comp: Comparison,
+    gen: Generated,
+    real: dict[int, np.ndarray],
+    wanted: list[str],
+    protocol: DictConfig,
+) -> dict[str, Any]:
+    """Every wanted metric of one comparison, with the counts it used."""
+    fake = np.concatenate([gen.pool[c][: comp.per_class] for c in comp.classes])
+    # Real features are computed once per class, for the largest count any comparison needs;
+    # each comparison takes its own number of them.
+    ref = np.concatenate([real[c][: comp.real_per_class] for c in comp.classes])
+    out: dict[str, Any] = {"n_generated": len(fake), "n_real": len(ref)}
+    if "fid" in wanted:
+        out["fid"] = M.fid(M.statistics(ref), M.statistics(fake))
+    if "kid" in wanted:
+        mean, std, size = M.kid(
+            ref, fake, int(protocol.kid_subset_size), int(protocol.kid_subsets), int(protocol.seed)
+        )
+        out.update(kid=mean, kid_std=std, kid_subset_size=size)
+    if "precision" in wanted or "recall" in wanted:
+        p, r = M.precision_recall(ref, fake, int(protocol.pr_k))
+        out.update(precision=p, recall=r, pr_k=int(protocol.pr_k))
+    if "is" in wanted:
+        if gen.logits is None:
+            out["is"] = None
+            out["is_unavailable"] = (
+                "no logits layer in the offline Inception weights: stage torch-fidelity's "
+                "weights file to get IS"
+            )
+        else:
+            logits = np.concatenate([gen.logits[c][: comp.per_class] for c in comp.classes])
+            out["is"], out["is_std"] = M.inception_score(logits, int(protocol.is_splits))
+    return out
+
+
+def check_counts(
+    comps: list[Comparison],
+    real_available: list[int],
+    wanted: list[str],
+    protocol: DictConfig,
+    generated_available: list[int] | None = None,
+) -> None:
+    """Refuse, before any generation, a comparison with too few real or generated images."""
+    k = int(protocol.pr_k)
+    minimum = max(2, k + 1 if ("precision" in wanted or "recall" in wanted) else 2)
+    for comp in comps:
+        n_real = sum(
+            min(real_available[c], comp.real_per_class or real_available[c]) for c in comp.classes
+        )
+        n_fake = comp.per_class * len(comp.classes)
+        for what, n in (("real", n_real), ("generated", n_fake)):
+            if n < minimum:
+                raise M.TooFewImagesError(
+                    f"'{comp.name}' would compare only {n} {what} images; {'/'.join(wanted)} "
+                    f"need at least {minimum}: raise eval.{comp.kind}.generated / real_per_class"
+                )
+        if generated_available is not None:
+            short = [c for c in comp.classes if generated_available[c] < comp.per_class]
+            if short:
+                raise M.TooFewImagesError(
+                    f"'{comp.name}' needs {comp.per_class} generated images per class, the "
+                    f"folder has {[generated_available[c] for c in short]} for classes {short}"
+                )
+
+
+def run_protocol(
+    *,
+    protocol: DictConfig,
+    dataset_info: dict[str, Any],
+    datamodule: Any,
+    cache_dir: Path,
+    device: torch.device,
+    model: torch.nn.Module | None = None,
+    sampler: Any = None,
+    guidance: float = 0.0,
+    folder: tuple[Tensor, Tensor] | None = None,
+) -> dict[str, Any]:
+    """Run the protocol; returns ``{"metrics": ..., "protocol": ..., "extractor": ...}``."""
+    wanted = check_metrics(list(protocol.metrics))
+    num_classes = dataset_info["num_classes"]
+    comps = comparisons(protocol, num_classes, dataset_info["splits"])
+    per_class = images_per_class(comps, num_classes)
+    real_per_class = real_images_per_class(comps, num_classes)
+    _, ref_labels = datamodule.reference_set()
+    real_available = torch.bincount(ref_labels, minlength=num_classes).tolist()
+    gen_available = None
+    if folder is not None:
+        gen_available = torch.bincount(folder[1], minlength=num_classes).tolist()
+    check_counts(comps, real_available, wanted, protocol, gen_available)
+
+    need_is = "is" in wanted
+    extractor, ext_info = load_extractor(
+        device, want_logits=need_is, require_logits=need_is and bool(protocol.require_is)
+    )
+    t0 = time.time()
+    if folder is not None:
+        gen = folder_features(*folder, per_class, protocol, extractor, device)
+    else:
+        gen = generated_features(model, sampler, per_class, protocol, guidance, extractor, device)
+    t_gen = time.time() - t0
+    rank, _ = world()
+    result: dict[str, Any] = {}
+    if rank == 0:  # real features are cached: one process computes them
+        real = real_features(
+            datamodule, list(real_per_class), protocol, extractor, ext_info,
+            real_per_class, cache_dir, device,
+        )  # fmt: skip
+        metrics: dict[str, Any] = {"overall": {}, "per_split": {}, "per_class": {}}
+        for comp in comps:
+            values = compare(comp, gen, real, wanted, protocol)
+            if comp.kind == "overall":
+                metrics["overall"] = values
+            elif comp.kind == "split":
+                metrics["per_split"][comp.name] = values
+            else:
+                metrics["per_class"][comp.name] = values
+        result = {
+            "metrics": metrics,
+            "protocol": OmegaConf.to_container(protocol, resolve=True),
+            "extractor": ext_info,
+            "generated_per_class": per_class,
+            "seconds": {"generate_and_features": t_gen, "total": time.time() - t0},
+        }
+    barrier()
+    return result
+
+
+def build_record(
+    *,
+    result: dict[str, Any],
+    config: dict[str, Any],
+    dataset_info: dict[str, Any],
+    checkpoint: dict[str, Any],
+    sampler: dict[str, Any],
+    code_version: str,
+) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA_VERSION,
+        "code_version": code_version,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": config,
+        "dataset": dataset_info,
+        "checkpoint": checkpoint,
+        "sampler": sampler,
+        **result,
+    }
+
+
+def save_record(path: Path, record: dict[str, Any]) -> Path:
+    return write_record(path, record)

@@ -1,0 +1,111 @@
+"""Inception features of uint8 images.
+
+The images go into torch-fidelity's extractor as they are: uint8, its own TF-1.x-compatible
+bilinear resize to 299 (no antialias: the papers' numbers were made that way; torchmetrics >= 1.8
+antialiases by default, which shifts FID) and its ``(x - 128) / 128`` scaling. Batches are fixed
+(``batch_size`` consecutive images), so any split of the work that keeps the batches gives the
+same features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+POOL_DIM = 2048
+LOGITS_LAYER = "logits_unbiased"  # the layer torch-fidelity's IS is computed from
+
+
+def _check(images: Any, where: str) -> Tensor:
+    if isinstance(images, (tuple, list)) and images and isinstance(images[0], Tensor):
+        images = images[0]  # a (images, labels) batch from a DataLoader
+    if not isinstance(images, Tensor):
+        raise TypeError(f"{where}: expected a uint8 tensor (N, C, H, W), got {type(images)}")
+    if images.dtype != torch.uint8:
+        hint = ""
+        if images.is_floating_point():
+            hint = (
+                " (float images in [-1, 1] convert with "
+                "lt_diffusion.diffusion.generate.to_uint8: round((x + 1) * 127.5))"
+            )
+        raise TypeError(f"{where}: images must be uint8 in [0, 255], got {images.dtype}{hint}")
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(
+            f"{where}: images must be (N, 1 or 3, H, W) channels-first, got shape "
+            f"{tuple(images.shape)}"
+        )
+    return images
+
+
+def _batches(images: Tensor | Iterable[Any], batch_size: int) -> Iterator[Tensor]:
+    if isinstance(images, Tensor):
+        yield from _check(images, "extract_features").split(batch_size)
+        return
+    for i, batch in enumerate(images):
+        yield from _check(batch, f"extract_features, batch {i}").split(batch_size)
+
+
+@torch.inference_mode()
+def extract_features(
+    images: Tensor | Iterable[Any],
+    extractor: nn.Module,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> dict[str, np.ndarray | None]:
+    """Inception features of ``images``.
+
+    Args:
+        images: uint8 ``(N, C, H, W)`` with C in {1, 3} (one channel is repeated to three), or
+            an iterable of such batches (or of ``(images, labels, ...)`` tuples); any size.
+        extractor: from :func:`lt_diffusion.evaluation.inception.load_extractor`.
+        batch_size: images per forward pass (larger incoming batches are split).
+        device: where to run; default: the extractor's device.
+        progress: show a progress bar.
+
+    Returns:
+        ``{"pool": float64 (N, 2048), "logits": float64 (N, 1008) or None}``; logits when the
+        extractor was built with them (``load_extractor(..., want_logits=True)`` and weights
+        that have them). Zero images give ``(0, 2048)``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    layers = list(getattr(extractor, "features_list", ()))
+    if "2048" not in layers:
+        raise ValueError(
+            f"the extractor yields {layers}, not the 2048-d pool features: build it with "
+            "lt_diffusion.evaluation.inception.load_extractor"
+        )
+    if device is None:
+        device = next(extractor.parameters()).device
+    want_logits = LOGITS_LAYER in layers
+    total = len(images) if isinstance(images, Tensor) else None
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="Inception features", unit="img", leave=False)
+    pools: list[Tensor] = []
+    logits: list[Tensor] = []
+    try:
+        for batch in _batches(images, batch_size):
+            x = batch.to(device, non_blocking=True)
+            if x.shape[1] == 1:
+                x = x.expand(-1, 3, -1, -1)  # grayscale: the same plane in R, G and B
+            out = dict(zip(layers, extractor(x)))
+            pools.append(out["2048"].double().cpu())
+            if want_logits:
+                logits.append(out[LOGITS_LAYER].double().cpu())
+            if bar is not None:
+                bar.update(len(batch))
+    finally:
+        if bar is not None:
+            bar.close()
+    pool = torch.cat(pools).numpy() if pools else np.zeros((0, POOL_DIM))
+    if not want_logits:
+        return {"pool": pool, "logits": None}
+    return {"pool": pool, "logits": torch.cat(logits).numpy() if logits else np.zeros((0, 1008))}

@@ -1,0 +1,145 @@
+"""The evaluate command end to end on a tiny trained model: record contents, the same record
+from two gloo processes as from one, and the early errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lt_diffusion.evaluation.inception import ISUnavailableError, official_weights
+from lt_diffusion.evaluation.metrics import TooFewImagesError
+from lt_diffusion.training.checkpoint import CheckpointError
+from tests.conftest import ROOT, compose_config
+
+# Tiny protocol: ~60 Inception passes in all.
+PROTOCOL = [
+    "eval=quick",
+    "eval.overall.generated=10",
+    "eval.overall.real_per_class=3",
+    "eval.per_split.generated=12",
+    "eval.per_split.real_per_class=3",
+    "eval.metrics=[fid,kid,precision,recall]",
+    "eval.pr_k=2",
+    "eval.kid_subset_size=5",
+    "eval.kid_subsets=3",
+    "eval.batch_size=8",
+    "sampler.sampler.steps=3",
+    "device=cpu",
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    from lt_diffusion import train
+    from tests.fakedata import write_cifar10
+
+    tmp = tmp_path_factory.mktemp("eval")
+    write_cifar10(tmp / "data" / "cifar10", n_per_class=20)
+    cfg = compose_config(
+        "train",
+        [
+            "dataset=cifar10_lt", "imbalance=ir10", "model=unet_tiny", "logger=csv",
+            f"paths.data_root={tmp / 'data'}", "dataset.source.download=false",
+            "data.batch_size=8", "train.max_steps=3", "train.grid_every=0",
+            f"paths.run_dir={tmp / 'run'}",
+        ],
+    )  # fmt: skip
+    train.run(cfg)
+    return tmp / "run" / "checkpoints" / "last.ckpt"
+
+
+def _evaluate(checkpoint: Path, tmp_path: Path, *extra: str):
+    from lt_diffusion import evaluate
+
+    cfg = compose_config(
+        "evaluate",
+        [f"checkpoint={checkpoint}", f"paths.cache_dir={tmp_path / 'cache'}", *PROTOCOL, *extra],
+    )
+    return evaluate.run(cfg)
+
+
+def _comparable(record: dict) -> dict:
+    return {k: record[k] for k in ("generated_per_class", "dataset", "sampler")}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def test_record_then_same_record_from_two_gloo_processes(checkpoint: Path, tmp_path: Path) -> None:
+    # Same thread count as the torchrun workers below: CPU reductions depend on it.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = _evaluate(checkpoint, tmp_path, f"record={tmp_path / 'one.json'}")
+    finally:
+        torch.set_num_threads(threads)
+    m = one["metrics"]
+    assert set(m["per_split"]) == {"many", "medium", "few"}
+    assert m["overall"]["n_generated"] == 10 and m["overall"]["n_real"] == 30
+    assert (
+        m["per_split"]["few"]["n_generated"] == 12 and m["per_split"]["many"]["n_generated"] == 12
+    )
+    assert m["overall"]["kid_subset_size"] == 5 and m["overall"]["pr_k"] == 2
+    assert one["dataset"]["class_counts"][0] == 20
+    assert one["extractor"]["weights_sha256"]
+    assert (tmp_path / "one.json").is_file() and (tmp_path / "one.png").is_file()
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        "--master_port=29517", "-m", "lt_diffusion.evaluate",
+        f"checkpoint={checkpoint}", f"paths.cache_dir={tmp_path / 'cache2'}",
+        *PROTOCOL, f"record={tmp_path / 'two.json'}",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two.json").read_text())
+    one = json.loads((tmp_path / "one.json").read_text())
+    assert _comparable(two) == _comparable(one)
+    # Features are bit-identical (same chunks, same seeds); the metrics may differ only by
+    # NumPy's multithreaded BLAS rounding in the covariance / eigenvalue step (~1e-12).
+    flat_one, flat_two = _flatten(one["metrics"]), _flatten(two["metrics"])
+    assert flat_one.keys() == flat_two.keys()
+    for key, value in flat_one.items():
+        assert flat_two[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
+def test_too_few_real_images_stops_before_generation(checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(TooFewImagesError, match="real images"):
+        _evaluate(checkpoint, tmp_path, "eval.pr_k=5", "eval.per_split.real_per_class=1")
+
+
+@pytest.mark.skipif(
+    official_weights() is not None, reason="torch-fidelity's own weights are staged"
+)
+def test_required_is_without_logits_is_refused(checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(ISUnavailableError, match="logits"):
+        _evaluate(checkpoint, tmp_path, "eval.metrics=[fid,is]", "eval.require_is=true")
+
+
+def test_is_not_required_is_reported_unavailable(checkpoint: Path, tmp_path: Path) -> None:
+    if official_weights() is not None:
+        pytest.skip("torch-fidelity's own weights are staged: IS is a number")
+    record = _evaluate(checkpoint, tmp_path, "eval.metrics=[fid,is]", "eval.per_split.generated=0")
+    overall = record["metrics"]["overall"]
+    assert overall["is"] is None and "logits" in overall["is_unavailable"]
+
+
+def test_checkpoint_of_another_dataset_is_refused(checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not fashion_mnist_lt"):
+        _evaluate(checkpoint, tmp_path, "dataset=fashion_mnist_lt")
+    with pytest.raises(CheckpointError, match="64px"):
+        _evaluate(checkpoint, tmp_path, "dataset=cifar10_lt", "dataset.image_size=64")

@@ -1,0 +1,179 @@
+"""Metrics against independent implementations, the offline Inception against its source, and
+the protocol's bookkeeping. Only tens of images go through Inception (about 7 per second here)."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from lt_diffusion.evaluation import metrics as M
+from lt_diffusion.evaluation.features import extract_features
+from lt_diffusion.evaluation.inception import load_extractor, load_torchscript
+from lt_diffusion.evaluation.protocol import comparisons, images_per_class
+from lt_diffusion.evaluation.reference import cache_key, cached_features
+
+FMNIST_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    ext, info = load_extractor("cpu")
+    return ext, info
+
+
+def test_converted_extractor_equals_the_torchscript(extractor) -> None:
+    from torch_fidelity.interpolate_compat_tensorflow import (
+        interpolate_bilinear_2d_like_tensorflow1x as tf_resize,
+    )
+
+    ext, info = extractor
+    assert info["has_logits"] is False or info["source"] == "torch-fidelity"
+    x = torch.randint(
+        0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    ours = extract_features(x, ext)["pool"]
+    ts_in = (tf_resize(x.float(), size=(299, 299), align_corners=False) - 128) / 128
+    with torch.no_grad():
+        ref = load_torchscript()(ts_in).numpy()
+    assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) < 1e-5
+
+
+@pytest.mark.skipif(
+    not FMNIST_TEST.is_file(), reason="Debian's dataset-fashion-mnist is not installed"
+)
+def test_fid_orders_real_halves_far_below_real_vs_noise(extractor) -> None:
+    ext, _ = extractor
+    with gzip.open(FMNIST_TEST) as f:
+        data = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)
+    real = torch.from_numpy(data[:64].copy())
+    noise = torch.randint(
+        0, 256, (32, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
+    fa = extract_features(real[:32], ext)["pool"]
+    fb = extract_features(real[32:], ext)["pool"]
+    fn = extract_features(noise, ext)["pool"]
+    same = M.fid(M.statistics(fa), M.statistics(fa))
+    halves = M.fid(M.statistics(fa), M.statistics(fb))
+    vs_noise = M.fid(M.statistics(fa), M.statistics(fn))
+    assert abs(same) < 1e-3
+    assert halves < 0.5 * vs_noise, (halves, vs_noise)
+
+
+class _Lookup(torch.nn.Module):
+    """A torchmetrics 'feature extractor' that returns precomputed features by index."""
+
+    def __init__(self, feats: np.ndarray) -> None:
+        super().__init__()
+        self.feats = torch.from_numpy(feats).double()
+        self.num_features = feats.shape[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.feats[x[:, 0, 0, 0].long()]
+
+
+def test_fid_equals_torchmetrics_on_the_same_features() -> None:
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(300, 64))
+    b = rng.normal(loc=0.3, scale=1.2, size=(250, 64)) @ rng.normal(size=(64, 64)) * 0.3
+    feats = np.concatenate([a, b])
+    tm = FrechetInceptionDistance(feature=_Lookup(feats), antialias=False).double()
+    idx = torch.arange(len(feats))[:, None, None, None].expand(-1, 3, 1, 1).contiguous()
+    tm.update(idx[:300].float(), real=True)
+    tm.update(idx[300:].float(), real=False)
+    ours = M.fid(M.statistics(a), M.statistics(b))
+    assert abs(ours - tm.compute().item()) / abs(ours) < 1e-3
+
+
+def _kid_numpy(x: np.ndarray, y: np.ndarray, subsets: int, size: int, seed: int) -> float:
+    """Unbiased MMD^2, kernel (x.y/d + 1)^3, over the same subsets torch-fidelity draws."""
+    rng = np.random.RandomState(seed)
+    d = x.shape[1]
+    vals = []
+    for _ in range(subsets):
+        xs = x[rng.choice(len(x), size, replace=False)]
+        ys = y[rng.choice(len(y), size, replace=False)]
+        kxx = (xs @ xs.T / d + 1) ** 3
+        kyy = (ys @ ys.T / d + 1) ** 3
+        kxy = (xs @ ys.T / d + 1) ** 3
+        m = size
+        vals.append(
+            (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
+            + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+            - 2 * kxy.mean()
+        )
+    return float(np.mean(vals))
+
+
+def test_kid_equals_numpy_unbiased_estimator_and_caps_subset() -> None:
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(80, 16)), rng.normal(0.2, 1.0, size=(60, 16))
+    mean, _, size = M.kid(x, y, subset_size=1000, subsets=7, seed=3)
+    assert size == 60  # capped at the smaller set
+    assert mean == pytest.approx(_kid_numpy(x, y, 7, 60, 3), rel=1e-6)
+
+
+def test_precision_recall_against_direct_knn() -> None:
+    rng = np.random.default_rng(2)
+    real, fake = rng.normal(size=(40, 5)), rng.normal(0.5, 1.0, size=(30, 5))
+    k = 3
+
+    def radii(f):
+        dist = np.linalg.norm(f[:, None] - f[None], axis=-1)
+        return np.sort(dist, axis=1)[:, k]  # k-th neighbour, itself at index 0
+
+    d_fr = np.linalg.norm(fake[:, None] - real[None], axis=-1)
+    precision = np.mean((d_fr <= radii(real)[None]).any(1))
+    recall = np.mean((d_fr.T <= radii(fake)[None]).any(1))
+    p, r = M.precision_recall(real, fake, k)
+    assert (p, r) == pytest.approx((precision, recall))
+
+
+def test_too_few_images_is_a_clear_error() -> None:
+    with pytest.raises(M.TooFewImagesError, match="at least 6"):
+        M.precision_recall(np.zeros((4, 3)), np.zeros((10, 3)), k=5)
+
+
+def test_protocol_counts_every_generated_image_in_its_label_split() -> None:
+    protocol = OmegaConf.create(
+        {
+            "overall": {"generated": 50000},
+            "per_split": {"generated": 20000},
+            "per_class": {"generated": 0},
+        }
+    )
+    splits = ["many"] * 33 + ["medium"] * 33 + ["few"] * 34
+    comps = {c.name: c for c in comparisons(protocol, 100, splits)}
+    assert comps["overall"].per_class == 500
+    for name in ("many", "medium", "few"):
+        comp = comps[name]
+        assert all(splits[c] == name for c in comp.classes)
+        assert comp.per_class * len(comp.classes) <= 20000
+    assert comps["many"].classes == tuple(range(33)) and comps["few"].classes == tuple(
+        range(66, 100)
+    )
+    need = images_per_class(list(comps.values()), 100)
+    assert need[0] == 20000 // 33 and need[99] == 20000 // 34
+
+
+def test_reference_cache_is_keyed_and_survives_corruption(tmp_path) -> None:
+    calls = []
+
+    def compute(v):
+        calls.append(v)
+        return np.full((2, 3), v, np.float32)
+
+    k1, k2 = cache_key(dataset="d", classes=[0]), cache_key(dataset="d", classes=[1])
+    assert cached_features(k1, lambda: compute(1.0), tmp_path)[0, 0] == 1.0
+    assert cached_features(k1, lambda: compute(9.0), tmp_path)[0, 0] == 1.0  # cached
+    assert cached_features(k2, lambda: compute(2.0), tmp_path)[0, 0] == 2.0  # other subset
+    for f in (tmp_path / "real_features").iterdir():
+        f.write_bytes(b"garbage")
+    assert cached_features(k1, lambda: compute(3.0), tmp_path)[0, 0] == 3.0  # recomputed
+    assert calls == [1.0, 2.0, 3.0]
