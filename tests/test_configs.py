@@ -16,7 +16,9 @@ GROUPS = sorted(
 
 
 def _options(group: str) -> list[str]:
-    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+    """Every option of a group, sub-folders included (``experiment=cm/cifar10_lt_ir100_cm``)."""
+    root = Path(CONFIG_DIR) / group
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
 
 
 def _resolve(cfg) -> dict:
@@ -34,6 +36,16 @@ def test_every_group_option_composes_into_train(group: str, option: str) -> None
     resolved = _resolve(cfg)
     assert resolved["run_name"]
     assert resolved["model"]["num_classes"] == resolved["dataset"]["num_classes"]
+
+
+def test_cm_table_rows_set_the_papers_budget() -> None:
+    rows = [o for o in _options("experiment") if o.startswith("cm/") and "budget" not in o]
+    assert len(rows) == 35  # Tables 2/3 (28), Table 7 ablations (2), Table 1 (4), E.2 (1)
+    for row in rows:
+        cfg = compose_config("train", [f"experiment={row}"])
+        assert cfg.model.ch == 128 and cfg.train.warmup_steps in (5000, 1000)
+        assert cfg.data.batch_size == 64 and cfg.sampler.sampler.steps == 50
+        assert row.split("/")[1] == f"{cfg.dataset.name}_{cfg.imbalance.name}_{cfg.method.name}"
 
 
 def test_train_config_has_the_design_groups() -> None:
