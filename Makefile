@@ -27,9 +27,12 @@ setup: $(STAMP) data
 weights: setup
 	$(PY) -m lt_diffusion.evaluation.inception
 
-# The main job: a small class-conditional DDPM on Imb. Fashion-MNIST (IR 100), on the CPU.
+# The main job: a small class-conditional DDPM on Imb. Fashion-MNIST (IR 100), on the CPU,
+# then its Many / Medium / Few table under the quick protocol.
+DEMO_RUN := outputs/runs/fashion_mnist_lt-ir100-ddpm-seed0-demo
 demo: setup
 	$(PY) -m lt_diffusion.train experiment=fashion_mnist_demo
+	$(PY) -m lt_diffusion.evaluate checkpoint=$(DEMO_RUN)/checkpoints/last.ckpt eval=quick
 
 test: setup
 	$(PY) -m ruff check .
