@@ -1,7 +1,13 @@
 """Data: sources in their published formats, long-tail profiles, splits, the datamodule."""
 
-from lt_diffusion.data.datamodule import BatchStream, LongTailDataModule
-from lt_diffusion.data.longtail import longtail_counts, longtail_indices, order_by_count
+from lt_diffusion.data.datamodule import BatchStream, LongTailDataModule, resize_uint8
+from lt_diffusion.data.longtail import (
+    PROFILES,
+    longtail_counts,
+    longtail_indices,
+    native_counts,
+    order_by_count,
+)
 from lt_diffusion.data.sources import (
     CIFAR10Source,
     CIFAR100Source,
@@ -9,9 +15,11 @@ from lt_diffusion.data.sources import (
     ImageArrays,
     Source,
 )
-from lt_diffusion.data.splits import SPLITS, classes_in_split, split_map
+from lt_diffusion.data.splits import RULES, SPLITS, classes_in_split, split_map
 
 __all__ = [
+    "PROFILES",
+    "RULES",
     "SPLITS",
     "BatchStream",
     "CIFAR10Source",
@@ -23,6 +31,8 @@ __all__ = [
     "classes_in_split",
     "longtail_counts",
     "longtail_indices",
+    "native_counts",
     "order_by_count",
+    "resize_uint8",
     "split_map",
 ]

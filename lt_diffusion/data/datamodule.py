@@ -1,8 +1,12 @@
 """The long-tailed datamodule: an imbalanced training stream and the balanced reference set.
 
-The training set is small (tens of thousands of small images), so it is kept as one uint8
-tensor, on the GPU when ``on_device``, and batches are gathered by index on that device: no
-worker processes, no per-batch host transfer, no host sync.
+The training sets here are small (tens of thousands of small images), so the subset is kept
+as one uint8 tensor, on the GPU when ``on_device``, and batches are gathered by index on that
+device: no worker processes, no per-batch host transfer, no host-device sync.
+
+The stream is a pure function of ``(seed, rank, batch index)``: batch ``k`` is the same
+whether the run started at step 0 or resumed at step ``k``, so a resumed run sees exactly the
+batches an uninterrupted one would have seen.
 """
 
 from __future__ import annotations
@@ -23,31 +27,47 @@ from lt_diffusion.data.longtail import (
     check_ratio,
     longtail_counts,
     longtail_indices,
+    native_counts,
     order_by_count,
 )
 from lt_diffusion.data.sources import Source
-from lt_diffusion.data.splits import RULES, SPLITS, split_map
+from lt_diffusion.data.splits import SPLITS, check_rule, split_map
 
 SAMPLERS = ("uniform", "class_balanced")
+ON_DEVICE = (True, False, "auto")
+# Independent random streams derived from one seed (see stream_seed).
+_PERMUTATION, _DRAW, _FLIP = 0, 1, 2
 
 
 def resize_uint8(images: Tensor, size: int) -> Tensor:
-    """Resize uint8 ``(N, C, H, W)`` once (bilinear, antialiased), back to uint8."""
-    if images.shape[-1] == size and images.shape[-2] == size:
-        return images
+    """Resize uint8 ``(N, C, H, W)`` to ``size`` x ``size`` (bilinear, antialiased), as uint8."""
+    if images.shape[-2:] == (size, size):
+        return images.contiguous()
     out = []
-    for chunk in images.split(1024):
+    for chunk in images.split(1024):  # bounds the float32 copy's memory
         x = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True)
-        out.append(x.round().clamp(0, 255).to(torch.uint8))
-    return torch.cat(out)
+        out.append(x.round_().clamp_(0, 255).to(torch.uint8))
+    return torch.cat(out).contiguous()
+
+
+def stream_seed(*parts: int) -> int:
+    """A 63-bit seed for ``torch.Generator`` derived from integers (seed, rank, stream, k).
+
+    NumPy's SeedSequence hashes the parts, so nearby tuples give unrelated streams (a plain
+    ``seed * 1000 + rank`` would make seed 1 / rank 0 equal seed 0 / rank 1000).
+    """
+    entropy = [int(p) & (2**64 - 1) for p in parts]  # SeedSequence takes non-negative ints
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]) >> 1
 
 
 class BatchStream(IterableDataset):
     """An endless stream of ``(x in [-1, 1], y)`` batches drawn on the data's own device.
 
-    "uniform" walks through fresh random permutations (epochs without replacement);
-    "class_balanced" (RS) draws with probability proportional to ``1 / N_{y_i}``, so every
-    class is equally likely.
+    "uniform" walks through fresh random permutations of the whole set, one per epoch, batches
+    running on across epoch ends (every image once per epoch); "class_balanced" (RS, Mahajan
+    et al. 2018) draws with replacement with probability proportional to ``1 / N_{y_i}``:
+    a class uniformly among those present, then an image uniformly inside it. ``start_batch``
+    skips the first batches without computing them (resume).
     """
 
     def __init__(
@@ -58,28 +78,71 @@ class BatchStream(IterableDataset):
         sampler: str = "uniform",
         hflip: bool = True,
         seed: int = 0,
+        rank: int = 0,
+        start_batch: int = 0,
     ) -> None:
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown data sampler {sampler!r}: choose one of {SAMPLERS}")
+        if len(labels) == 0 or len(images) != len(labels):
+            raise ValueError(
+                f"BatchStream needs as many images as labels, at least one: got "
+                f"{len(images)} and {len(labels)}"
+            )
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.images, self.labels = images, labels
-        self.batch_size, self.sampler, self.hflip, self.seed = batch_size, sampler, hflip, seed
+        self.batch_size, self.sampler, self.hflip = int(batch_size), sampler, bool(hflip)
+        self.seed, self.rank, self.start_batch = int(seed), int(rank), int(start_batch)
+
+    def _generator(self, stream: int, k: int) -> torch.Generator:
+        device = self.images.device
+        return torch.Generator(device=device).manual_seed(
+            stream_seed(self.seed, self.rank, stream, k)
+        )
+
+    def _uniform_indices(self) -> Iterator[Tensor]:
+        n, b, device = len(self.labels), self.batch_size, self.labels.device
+        current, perm = -1, torch.empty(0, dtype=torch.long, device=device)
+        k = self.start_batch
+        while True:
+            pieces, pos, end = [], k * b, (k + 1) * b
+            while pos < end:  # a batch may run across one or more epoch ends
+                epoch, offset = divmod(pos, n)
+                if epoch != current:  # positions only grow: the last epoch's order is done
+                    g = self._generator(_PERMUTATION, epoch)
+                    current, perm = epoch, torch.randperm(n, generator=g, device=device)
+                take = min(end - pos, n - offset)
+                pieces.append(perm[offset : offset + take])
+                pos += take
+            yield pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+            k += 1
+
+    def _balanced_indices(self) -> Iterator[Tensor]:
+        b, labels = self.batch_size, self.labels
+        counts = torch.bincount(labels)
+        present = torch.nonzero(counts).flatten()  # one sync, before the first batch only
+        order = torch.argsort(labels, stable=True)  # images grouped by class
+        offsets = torch.cumsum(counts, 0) - counts
+        k = self.start_batch
+        while True:
+            g = self._generator(_DRAW, k)
+            cls = present[torch.randint(len(present), (b,), generator=g, device=labels.device)]
+            size = counts[cls]
+            u = torch.rand(b, generator=g, device=labels.device, dtype=torch.float64)
+            within = torch.minimum((u * size).long(), size - 1)  # guard against u * size == size
+            yield order[offsets[cls] + within]
+            k += 1
+
+    def indices(self) -> Iterator[Tensor]:
+        """The stream of batch indices into ``images`` (from ``start_batch`` on)."""
+        return self._uniform_indices() if self.sampler == "uniform" else self._balanced_indices()
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        device = self.images.device
-        g = torch.Generator(device=device).manual_seed(self.seed)
-        n, b = len(self.labels), self.batch_size
-        if self.sampler == "class_balanced":
-            counts = torch.bincount(self.labels).float()
-            weights = (1.0 / counts)[self.labels]
-        perm, pos = torch.empty(0, dtype=torch.long, device=device), 0
-        while True:
-            if self.sampler == "class_balanced":
-                idx = torch.multinomial(weights, b, replacement=True, generator=g)
-            else:
-                if pos + b > len(perm):  # start a new epoch; the tail of the last one is dropped
-                    perm, pos = torch.randperm(n, generator=g, device=device), 0
-                idx, pos = perm[pos : pos + b], pos + b
+        b = self.batch_size
+        for k, idx in enumerate(self.indices(), start=self.start_batch):
             x = self.images[idx].float().div_(127.5).sub_(1.0)
             if self.hflip:
-                flip = torch.rand(b, generator=g, device=device) < 0.5
+                flip = torch.rand(b, generator=self._generator(_FLIP, k), device=x.device) < 0.5
                 x = torch.where(flip[:, None, None, None], x.flip(3), x)
             yield x, self.labels[idx]
 
@@ -88,7 +151,9 @@ class LongTailDataModule(L.LightningDataModule):
     """A dataset made long-tailed by a profile, with Many / Medium / Few splits.
 
     Class 0 is the most frequent class after construction (classes are relabelled by count
-    when the source's order is not already so).
+    when the source's order is not already so; the exp and step profiles keep the order).
+    ``on_device``: True holds the training set on the trainer's device, "auto" only when that
+    device is a GPU.
     """
 
     def __init__(
@@ -103,101 +168,170 @@ class LongTailDataModule(L.LightningDataModule):
         batch_size: int = 64,
         sampler: str = "uniform",
         hflip: bool = True,
-        on_device: bool = False,
+        on_device: bool | str = False,
         split_rule: str = "thirds",
         seed: int = 0,
         name: str = "",
     ) -> None:
         super().__init__()
+        # Cheap checks only: a bad config stops here, before any file is read.
+        for attr in ("load", "num_classes", "channels", "name"):
+            if not hasattr(source, attr):
+                raise TypeError(
+                    f"data.source must be a dataset source (lt_diffusion.data.sources), got "
+                    f"{type(source).__name__} without {attr!r}: check dataset.source._target_"
+                )
         check_profile(profile)
-        check_ratio(ratio)
+        ratio = check_ratio(ratio)
+        check_rule(split_rule)
         if sampler not in SAMPLERS:
-            raise ValueError(f"unknown data sampler {sampler!r}: choose one of {SAMPLERS}")
-        if split_rule not in RULES:
-            raise ValueError(f"unknown split rule {split_rule!r}: choose one of {RULES}")
-        if batch_size < 1:
+            raise ValueError(
+                f"unknown data sampler {sampler!r}: choose one of {', '.join(SAMPLERS)} "
+                "(data.sampler)"
+            )
+        if on_device not in ON_DEVICE or not isinstance(on_device, bool | str):
+            raise ValueError(f"data.on_device must be true, false or auto, got {on_device!r}")
+        if int(batch_size) < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if int(image_size) < 1:
+            raise ValueError(f"dataset.image_size must be >= 1, got {image_size}")
         if source.num_classes != num_classes or source.channels != channels:
             raise ValueError(
-                f"dataset config says {num_classes} classes / {channels} channels but the "
-                f"{source.name} source has {source.num_classes} / {source.channels}: fix "
-                "dataset.num_classes / dataset.channels"
+                f"the dataset config says {num_classes} classes and {channels} channels but "
+                f"the {source.name} source has {source.num_classes} classes and "
+                f"{source.channels} channels: fix dataset.num_classes / dataset.channels, or "
+                "dataset.source"
             )
-        self.source, self.image_size = source, int(image_size)
-        self.num_classes, self.channels = num_classes, channels
-        self.profile, self.ratio, self.subset_seed = profile, float(ratio), subset_seed
-        self.batch_size, self.sampler, self.hflip = batch_size, sampler, hflip
-        self.on_device, self.split_rule, self.seed = on_device, split_rule, seed
+        self.source = source
+        self.image_size, self.num_classes, self.channels = int(image_size), num_classes, channels
+        self.profile, self.ratio, self.subset_seed = profile, ratio, int(subset_seed)
+        self.batch_size, self.sampler, self.hflip = int(batch_size), sampler, bool(hflip)
+        self.on_device, self.split_rule, self.seed = on_device, split_rule, int(seed)
         self.name = name or source.name
         self.train_images: Tensor | None = None
         self.train_labels: Tensor | None = None
+        self.class_counts: list[int] = []
+        self.class_names: list[str] = []
+        self.splits: list[str] = []
         self._full: tuple[np.ndarray, np.ndarray] | None = None
+        self._reference: tuple[Tensor, Tensor] | None = None
 
     # -- construction -------------------------------------------------------------------
-    def _load_full(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._full is None:
-            arrays = self.source.load("train")
-            self._full = (arrays.images, arrays.labels)
-        return self._full
+    def _check_arrays(self, images: np.ndarray, labels: np.ndarray, split: str) -> None:
+        ok = images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] == self.channels
+        if not ok or labels.shape != (len(images),):
+            raise ValueError(
+                f"the {self.source.name} source's {split} split gave images {images.dtype} "
+                f"{images.shape} and labels {labels.shape}; expected uint8 (N, H, W, "
+                f"{self.channels}) and (N,): the source is broken"
+            )
 
     def setup(self, stage: str | None = None) -> None:
+        """Build the long-tailed subset once; move it to the trainer's device when asked."""
         if self.train_images is None:
-            images, labels = self._load_full()
+            self._build()
+        trainer = self.trainer
+        if trainer is not None and self.on_device is not False:
+            device = trainer.strategy.root_device
+            if self.on_device is True or device.type == "cuda":
+                self.train_images = self.train_images.to(device)
+                self.train_labels = self.train_labels.to(device)
+
+    def _build(self) -> None:
+        arrays = self.source.load("train")
+        images, labels = arrays.images, np.asarray(arrays.labels, dtype=np.int64)
+        self._check_arrays(images, labels, "train")
+        if self.profile == "native":
+            counts = native_counts(labels, self.num_classes)
+            idx = np.arange(len(labels))
+        else:
             n_max = int(np.bincount(labels, minlength=self.num_classes).max())
             counts = longtail_counts(self.profile, n_max, self.num_classes, self.ratio)
             idx = longtail_indices(labels, counts, self.subset_seed)
-            # perm[new] = old: relabel so that class 0 is the most frequent.
-            self.perm = order_by_count(counts)
-            self.old_to_new = np.argsort(self.perm)
-            self.class_counts = [int(counts[o]) for o in self.perm]
-            names = self.source.class_names
-            self.class_names = [str(names[o]) for o in self.perm]
-            self.splits = split_map(self.class_counts, self.split_rule)
-            x = torch.from_numpy(images[idx]).permute(0, 3, 1, 2).contiguous()
-            self.train_images = resize_uint8(x, self.image_size)
-            self.train_labels = torch.from_numpy(self.old_to_new[labels[idx]]).long()
-        trainer = getattr(self, "trainer", None)
-        if self.on_device and trainer is not None:
-            device = trainer.strategy.root_device
-            self.train_images = self.train_images.to(device)
-            self.train_labels = self.train_labels.to(device)
+        names = list(self.source.class_names)
+        if len(names) != self.num_classes:
+            raise ValueError(
+                f"the {self.source.name} source names {len(names)} classes, expected "
+                f"{self.num_classes}: the source is broken"
+            )
+        # perm[new] = old; old_to_new[old] = new: class 0 becomes the most frequent.
+        self.perm = order_by_count(counts)
+        self.old_to_new = np.argsort(self.perm)
+        self.class_counts = [int(counts[o]) for o in self.perm]
+        self.class_names = [str(names[o]) for o in self.perm]
+        self.splits = split_map(self.class_counts, self.split_rule)
+        x = torch.from_numpy(np.ascontiguousarray(images[idx])).permute(0, 3, 1, 2)
+        self.train_images = resize_uint8(x, self.image_size)
+        self.train_labels = torch.from_numpy(self.old_to_new[labels[idx]]).long()
+        self._full = (images, labels)
+
+    def _ensure_setup(self) -> None:
+        if self.train_images is None:
+            self.setup()
 
     def train_dataloader(self) -> DataLoader:
-        if self.train_images is None:
-            self.setup("fit")
-        rank = self.trainer.global_rank if getattr(self, "trainer", None) else 0
+        """An endless stream of ``(x, y)`` batches (see :class:`BatchStream`)."""
+        self._ensure_setup()
+        trainer = self.trainer
+        rank, start = 0, 0
+        if trainer is not None:
+            rank = int(trainer.global_rank)
+            # Resume where the checkpoint left off: batches consumed so far.
+            start = int(trainer.global_step) * int(getattr(trainer, "accumulate_grad_batches", 1))
         stream = BatchStream(
             self.train_images,
             self.train_labels,
             self.batch_size,
             self.sampler,
             self.hflip,
-            seed=self.seed * 1000 + rank,  # each DDP rank draws its own batches
+            seed=self.seed,
+            rank=rank,  # each DDP rank draws its own batches
+            start_batch=start,
         )
         return DataLoader(stream, batch_size=None, num_workers=0)
 
     # -- evaluation ----------------------------------------------------------------------
     def reference_set(self, classes: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
-        """The balanced real set (the full, not long-tailed, training split), resized like
-        training, labels in this module's class order; optionally only some classes."""
-        if self.train_images is None:
-            self.setup()
-        images, labels = self._load_full()
-        new_labels = self.old_to_new[labels]
-        keep = np.ones(len(labels), bool) if classes is None else np.isin(new_labels, classes)
-        x = torch.from_numpy(images[keep]).permute(0, 3, 1, 2).contiguous()
-        return resize_uint8(x, self.image_size), torch.from_numpy(new_labels[keep]).long()
+        """The balanced real images for evaluation: uint8 ``(N, C, H, W)`` and int64 labels
+        on the CPU, in this module's class order, optionally only some classes.
+
+        For a profile-made long tail this is the full (not long-tailed) training split,
+        resized like training. Computed once and cached: do not modify it in place.
+        """
+        self._ensure_setup()
+        if self._reference is None:
+            split = getattr(self.source, "reference_split", "train")
+            if split == "train" and self._full is not None:
+                images, labels = self._full
+            else:
+                arrays = self.source.load(split)
+                images, labels = arrays.images, np.asarray(arrays.labels, dtype=np.int64)
+                self._check_arrays(images, labels, split)
+            x = resize_uint8(torch.from_numpy(images).permute(0, 3, 1, 2), self.image_size)
+            self._reference = (x, torch.from_numpy(self.old_to_new[labels]).long())
+            self._full = None  # the resized copy replaces it
+        x, y = self._reference
+        if classes is None:
+            return x, y
+        wanted = [int(c) for c in classes]
+        bad = [c for c in wanted if not 0 <= c < self.num_classes]
+        if bad:
+            raise ValueError(
+                f"reference_set: classes {bad} are outside 0..{self.num_classes - 1} "
+                f"({self.name} has {self.num_classes} classes)"
+            )
+        keep = torch.isin(y, torch.tensor(wanted, dtype=torch.long))
+        return x[keep], y[keep]
 
     def info(self) -> dict[str, Any]:
         """A JSON-able description stored in checkpoints and records."""
-        if self.train_images is None:
-            self.setup()
+        self._ensure_setup()
         return {
             "name": self.name,
             "num_classes": self.num_classes,
-            "class_names": self.class_names,
-            "class_counts": self.class_counts,
-            "splits": self.splits,
+            "class_names": list(self.class_names),
+            "class_counts": list(self.class_counts),
+            "splits": list(self.splits),
             "split_rule": self.split_rule,
             "image_size": self.image_size,
             "channels": self.channels,
@@ -208,29 +342,36 @@ class LongTailDataModule(L.LightningDataModule):
         }
 
     def summary(self) -> str:
-        """Per-class counts and splits as a table (plain text)."""
+        """Every class (index, name, training images, split), per-split totals, the total
+        and the actual imbalance ratio, as a plain-text table."""
         from rich.console import Console
         from rich.table import Table
 
         info = self.info()
-        counts = info["class_counts"]
+        counts, splits = info["class_counts"], info["splits"]
+        nonzero = [k for k in counts if k > 0]
+        actual = max(counts) / min(nonzero) if nonzero else float("nan")
         table = Table(
-            title=f"Imb. {self.name}: {info['total']} images, {self.num_classes} classes, "
-            f"profile {self.profile}, IR {counts[0] / max(1, counts[-1]):g}"
+            title=f"{self.name}: {info['total']} training images, {self.num_classes} classes",
+            caption=f"profile {self.profile}, IR {self.ratio:g} (actual max/min {actual:.4g})",
         )
         for col in ("class", "name", "train images", "split"):
-            table.add_column(col, justify="right" if col != "name" else "left")
-        for c, (name, n, s) in enumerate(zip(info["class_names"], counts, info["splits"])):
+            table.add_column(col, justify="left" if col == "name" else "right")
+        for c, (name, n, s) in enumerate(zip(info["class_names"], counts, splits)):
             table.add_row(str(c), name, str(n), s)
+        table.add_section()
         for s in SPLITS:
-            members = [c for c in range(self.num_classes) if info["splits"][c] == s]
+            members = [c for c in range(self.num_classes) if splits[c] == s]
+            span = f"{members[0]}-{members[-1]}" if members else "-"
             total = sum(counts[c] for c in members)
-            table.add_row("", f"[b]{s}[/b] ({len(members)} classes)", str(total), "")
-        console = Console(width=120, record=True, force_terminal=False)
+            table.add_row(span, f"{s} ({len(members)} classes)", str(total), s)
+        table.add_row("", "total", str(info["total"]), "")
+        console = Console(width=120, force_terminal=False, color_system=None)
         with console.capture() as cap:
             console.print(table)
         return cap.get()
 
     @rank_zero_only
     def print_summary(self) -> None:
+        """Print :meth:`summary` (global rank 0 only)."""
         print(self.summary(), flush=True)
