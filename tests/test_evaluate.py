@@ -24,6 +24,7 @@ PROTOCOL = [
     "eval.overall.real_per_class=3",
     "eval.per_split.generated=12",
     "eval.per_split.real_per_class=3",
+    "eval.per_class.generated=0",
     "eval.metrics=[fid,kid,precision,recall]",
     "eval.pr_k=2",
     "eval.kid_subset_size=5",

@@ -9,6 +9,7 @@ same features.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -49,6 +50,21 @@ def _batches(images: Tensor | Iterable[Any], batch_size: int) -> Iterator[Tensor
         yield from _check(batch, f"extract_features, batch {i}").split(batch_size)
 
 
+@contextlib.contextmanager
+def _full_fp32(device: torch.device, allow_tf32: bool) -> Iterator[None]:
+    """Switch TF32 off on CUDA for the duration (PyTorch enables it for cuDNN convolutions by
+    default; it rounds inputs to 10 mantissa bits, so features stop being float32-exact)."""
+    if device.type != "cuda" or allow_tf32:
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @torch.inference_mode()
 def extract_features(
     images: Tensor | Iterable[Any],
@@ -56,6 +72,7 @@ def extract_features(
     batch_size: int = 64,
     device: str | torch.device | None = None,
     progress: bool = False,
+    allow_tf32: bool = False,
 ) -> dict[str, np.ndarray | None]:
     """Inception features of ``images``.
 
@@ -66,6 +83,8 @@ def extract_features(
         batch_size: images per forward pass (larger incoming batches are split).
         device: where to run; default: the extractor's device.
         progress: show a progress bar.
+        allow_tf32: on CUDA, let convolutions use TF32 (faster on Ampere and later, but the
+            features are no longer float32-exact); default off.
 
     Returns:
         ``{"pool": float64 (N, 2048), "logits": float64 (N, 1008) or None}``; logits when the
@@ -80,18 +99,20 @@ def extract_features(
             f"the extractor yields {layers}, not the 2048-d pool features: build it with "
             "lt_diffusion.evaluation.inception.load_extractor"
         )
-    if device is None:
-        device = next(extractor.parameters()).device
+    device = torch.device(device) if device is not None else next(extractor.parameters()).device
     want_logits = LOGITS_LAYER in layers
     total = len(images) if isinstance(images, Tensor) else None
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, desc="Inception features", unit="img", leave=False)
     pools: list[Tensor] = []
     logits: list[Tensor] = []
-    try:
+    with contextlib.ExitStack() as stack:
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = stack.enter_context(
+                tqdm(total=total, desc="Inception features", unit="img", leave=False)
+            )
+        stack.enter_context(_full_fp32(device, allow_tf32))
         for batch in _batches(images, batch_size):
             x = batch.to(device, non_blocking=True)
             if x.shape[1] == 1:
@@ -102,9 +123,6 @@ def extract_features(
                 logits.append(out[LOGITS_LAYER].double().cpu())
             if bar is not None:
                 bar.update(len(batch))
-    finally:
-        if bar is not None:
-            bar.close()
     pool = torch.cat(pools).numpy() if pools else np.zeros((0, POOL_DIM))
     if not want_logits:
         return {"pool": pool, "logits": None}

