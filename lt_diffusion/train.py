@@ -77,7 +77,14 @@ def build_logger(cfg: DictConfig) -> Any:
 
 def initial_weights(cfg: DictConfig, resume: Path | None) -> dict[str, torch.Tensor] | None:
     """Backbone weights from ``train.init_from`` for a fresh run (a resumed run has its own)."""
-    if resume is not None or not cfg.train.get("init_from"):
+    if resume is not None:
+        return None
+    if not cfg.train.get("init_from"):
+        if cfg.method.get("requires_init_from"):
+            raise ValueError(
+                f"method={cfg.method.name} fine-tunes a trained model: set train.init_from to its "
+                "checkpoint (e.g. the CBDM run's checkpoints/last.ckpt)"
+            )
         return None
     ckpt = read_checkpoint(cfg.train.init_from)
     if ckpt[META_KEY]["config"]["method"].get("model_transform") is not None:

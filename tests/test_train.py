@@ -162,3 +162,8 @@ def test_sampling_a_foreign_file_says_what_is_wrong(tmp_path: Path) -> None:
         sample.run(compose_config("sample", [f"checkpoint={bad}", "device=cpu"]))
     with pytest.raises(FileNotFoundError, match="No checkpoint"):
         sample.run(compose_config("sample", [f"checkpoint={tmp_path / 'no.ckpt'}"]))
+
+
+def test_fine_tuning_method_without_init_from_is_refused(train_overrides, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="train.init_from"):
+        _train_in_process(train_overrides("method=cbdm_lora", "train.max_steps=1"), tmp_path / "r")

@@ -9,6 +9,7 @@ from lt_diffusion.methods.ada import (
 )
 from lt_diffusion.methods.base import NoisedBatch, Objective, ObjectiveOutput
 from lt_diffusion.methods.cbdm import CBDMObjective
+from lt_diffusion.methods.cm import CMObjective, cm_class_weights
 from lt_diffusion.methods.common import (
     TARGET_DISTS,
     BaseContext,
@@ -17,6 +18,14 @@ from lt_diffusion.methods.common import (
 )
 from lt_diffusion.methods.ddpm import DDPMObjective
 from lt_diffusion.methods.focal import FocalObjective
+from lt_diffusion.methods.group_expert import GroupExpertObjective, group_expert_lora
+from lt_diffusion.methods.lora import (
+    expert_switch,
+    merge_lowrank,
+    reserve_capacity,
+    set_expert_enabled,
+    theta_g_only,
+)
 from lt_diffusion.methods.oc import (
     OCObjective,
     oc_gate,
@@ -26,6 +35,15 @@ from lt_diffusion.methods.oc import (
 )
 
 __all__ = [
+    "CMObjective",
+    "GroupExpertObjective",
+    "cm_class_weights",
+    "expert_switch",
+    "group_expert_lora",
+    "merge_lowrank",
+    "reserve_capacity",
+    "set_expert_enabled",
+    "theta_g_only",
     "ADAObjective",
     "AUG_DIM",
     "AugmentParams",
