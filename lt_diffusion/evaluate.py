@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from lt_diffusion.evaluation.distributed import init_from_env, world
 from lt_diffusion.evaluation.evaluator import build_record, run_protocol, save_record
 from lt_diffusion.evaluation.plots import plot_fid_vs_count
+from lt_diffusion.evaluation.record import record_filename
 from lt_diffusion.sample import resolve_device
 from lt_diffusion.train import CONFIG_DIR, code_version
 from lt_diffusion.training.builders import build_datamodule, build_sampler, build_schedule
@@ -48,8 +49,8 @@ def check_dataset(cfg: DictConfig, train_cfg: DictConfig, source: str) -> None:
 def record_path(cfg: DictConfig, run_dir: Path, guidance: float) -> Path:
     if cfg.record:
         return Path(cfg.record)
-    suffix = "-theta_g" if cfg.theta_g_only else ""
-    return run_dir / "records" / f"{cfg.eval.name}-{cfg.sampler.name}-w{guidance:g}{suffix}.json"
+    name = record_filename(cfg.eval.name, cfg.sampler.name, guidance, bool(cfg.theta_g_only))
+    return run_dir / "records" / name
 
 
 def print_table(record: dict[str, Any]) -> None:

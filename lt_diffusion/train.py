@@ -69,6 +69,16 @@ def _auto(value: Any, default: bool) -> bool:
     return default if value == "auto" else bool(value)
 
 
+def cluster_plugins() -> list[Any]:
+    """Under SLURM, Lightning's own auto-requeue (on SIGUSR1) is switched off: the launcher
+    (submitit) owns requeueing, and the run resumes from ``last.ckpt`` when it restarts."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    if SLURMEnvironment.detect():
+        return [SLURMEnvironment(auto_requeue=False)]
+    return []
+
+
 def build_logger(cfg: DictConfig) -> Any:
     if cfg.get("logger") is None or cfg.logger.get("_target_") is None:
         return False
@@ -146,7 +156,7 @@ def run(cfg: DictConfig) -> Path:
         cfg.trainer,
         logger=build_logger(cfg),
         callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *cluster_plugins()],
         default_root_dir=str(run_dir),
     )
     if trainer.is_global_zero:

@@ -57,6 +57,15 @@ REQUIRED = (
 _CLASS_KEY = re.compile(r"^(?:class_)?(\d+)$")
 
 
+def record_filename(
+    eval_name: str, sampler_name: str, guidance: float, theta_g_only: bool = False
+) -> str:
+    """The file name of a run's record under ``<run_dir>/records/``: one per protocol, sampler,
+    guidance weight and model variant, so evaluations of one run never overwrite each other."""
+    suffix = "-theta_g" if theta_g_only else ""
+    return f"{eval_name}-{sampler_name}-w{float(guidance):g}{suffix}.json"
+
+
 class RecordError(ValueError):
     """A record is malformed (or not a record at all)."""
 

@@ -1,0 +1,167 @@
+"""The launch side of a table sweep: the manifest of pending jobs, the launcher checks, and the
+Hydra multirun that runs the jobs (locally or through hydra-submitit-launcher on SLURM).
+
+A *job* is one training run followed by every evaluation a table needs from it, in one process
+group (:mod:`lt_diffusion.job`). The table command writes the pending jobs into a manifest,
+a JSON file that never changes afterwards, and starts ``python -m lt_diffusion.job --multirun
+manifest=<file> job=0,1,...`` with the launcher the user chose; a requeued SLURM job reads the
+same manifest again, so it resumes exactly the run it was given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lt_diffusion.utils.io import atomic_write_json
+
+MANIFEST_VERSION = 1
+FAILED = "failed.json"  # in a run directory: the last failure of its job (removed on success)
+
+
+class LauncherConfigError(ValueError):
+    """A launcher setting contradicts the runs it would launch."""
+
+
+@dataclass
+class EvalJob:
+    """One evaluation of a job's run: the evaluate overrides and the record it writes."""
+
+    overrides: list[str]
+    record: str
+
+
+@dataclass
+class Job:
+    """One training run of a table and its evaluations."""
+
+    key: str
+    train_overrides: list[str]
+    run_dir: str
+    devices: int
+    num_nodes: int
+    evaluations: list[EvalJob] = field(default_factory=list)
+
+    @property
+    def world_size(self) -> int:
+        return self.devices * self.num_nodes
+
+
+def _launcher_kind(launcher: Mapping[str, Any]) -> str:
+    target = str(launcher.get("_target_", ""))
+    if target.endswith("SlurmLauncher"):
+        return "slurm"
+    if target.endswith("submitit_launcher.LocalLauncher"):
+        return "submitit_local"
+    return "local"
+
+
+def check_launcher(launcher: Mapping[str, Any], jobs: Sequence[Job]) -> None:
+    """Refuse a launcher that cannot run ``jobs`` as configured, before anything is submitted.
+
+    Under SLURM every task is one training process, so ``tasks_per_node`` must equal the
+    trainer's ``devices`` and ``nodes`` its ``num_nodes`` (Lightning reads its rank from SLURM).
+    """
+    kind = _launcher_kind(launcher)
+    if kind == "local":
+        return
+    for name in ("timeout_min", "tasks_per_node", "nodes"):
+        value = launcher.get(name)
+        if not isinstance(value, int) or value < 1:
+            raise LauncherConfigError(
+                f"hydra.launcher.{name} must be a positive integer, got {value!r}: set "
+                f"hydra.launcher.{name}=<n>"
+            )
+    mem = launcher.get("mem_gb")
+    if mem is not None and (not isinstance(mem, int) or mem < 1):
+        raise LauncherConfigError(
+            f"hydra.launcher.mem_gb must be a positive integer or null, got {mem!r}"
+        )
+    if kind == "slurm":
+        if int(launcher.get("array_parallelism", 1)) < 1:
+            raise LauncherConfigError("hydra.launcher.array_parallelism must be >= 1")
+        setup = launcher.get("setup")
+        if setup is not None and not all(isinstance(s, str) for s in setup):
+            raise LauncherConfigError("hydra.launcher.setup must be a list of shell lines")
+    tasks, nodes = int(launcher["tasks_per_node"]), int(launcher["nodes"])
+    for job in jobs:
+        if (job.devices, job.num_nodes) != (tasks, nodes):
+            raise LauncherConfigError(
+                f"run {job.key} trains on trainer.devices={job.devices} x trainer.num_nodes="
+                f"{job.num_nodes}, but the launcher starts tasks_per_node={tasks} x nodes={nodes}: "
+                f"set hydra.launcher.tasks_per_node={job.devices} hydra.launcher.nodes="
+                f"{job.num_nodes} (or change the trainer)"
+            )
+
+
+def write_manifest(path: Path, table: str, jobs: Sequence[Job]) -> Path:
+    """The jobs of one sweep, written once (atomically) before anything is launched."""
+    body = {
+        "version": MANIFEST_VERSION,
+        "table": table,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "jobs": [asdict(job) for job in jobs],
+    }
+    return atomic_write_json(path, body)
+
+
+def read_manifest(path: str | Path) -> tuple[str, list[Job]]:
+    """``(table name, jobs)`` of a manifest written by :func:`write_manifest`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"sweep manifest {path} not found: start sweeps with lt_diffusion.table"
+        )
+    body = json.loads(path.read_text())
+    if body.get("version") != MANIFEST_VERSION:
+        raise ValueError(f"{path} is not a version-{MANIFEST_VERSION} sweep manifest")
+    jobs = []
+    for j in body["jobs"]:
+        evals = [EvalJob(**e) for e in j.pop("evaluations")]
+        jobs.append(Job(**j, evaluations=evals))
+    return body["table"], jobs
+
+
+def read_failure(run_dir: str | Path) -> dict[str, Any] | None:
+    """The failure a run's last job left (``None`` when its last job did not fail)."""
+    path = Path(run_dir) / FAILED
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {"error": f"unreadable {path}", "log": str(path)}
+
+
+def launch(
+    manifest: Path,
+    n_jobs: int,
+    hydra_overrides: Sequence[str],
+    sweep_dir: Path,
+) -> int:
+    """Run the manifest's jobs as one Hydra multirun of :mod:`lt_diffusion.job` and wait.
+
+    ``hydra_overrides`` are the user's ``hydra/launcher=...`` and ``hydra.launcher.*``
+    overrides, passed on unchanged. Returns the multirun's exit code; the jobs themselves
+    record their failures in their run directories, so one failed job never stops the others.
+    """
+    if n_jobs < 1:
+        return 0
+    cmd = [
+        sys.executable,
+        "-m",
+        "lt_diffusion.job",
+        "--multirun",
+        f"manifest={manifest}",
+        "job=" + ",".join(str(i) for i in range(n_jobs)),
+        f"hydra.sweep.dir={sweep_dir}",
+        *hydra_overrides,
+    ]
+    return subprocess.run(cmd, env=os.environ.copy(), check=False).returncode

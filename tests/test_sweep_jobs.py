@@ -1,0 +1,180 @@
+"""Sweep jobs without a table: the launcher checks, the manifest, and one job's life (train,
+evaluate, skip when done, record a failure without raising, two gloo processes -> one record)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
+from omegaconf import OmegaConf
+
+from lt_diffusion.sweep import (
+    FAILED,
+    EvalJob,
+    Job,
+    LauncherConfigError,
+    check_launcher,
+    read_failure,
+    read_manifest,
+    write_manifest,
+)
+from lt_diffusion.training.checkpoint import read_checkpoint
+from tests.conftest import ROOT
+
+# A ~40-image evaluation: enough for every metric, cheap on two cores.
+TINY_EVAL = [
+    "eval=quick",
+    "eval.overall.generated=10",
+    "eval.overall.real_per_class=3",
+    "eval.per_split.generated=0",
+    "eval.per_class.generated=0",
+    "eval.metrics=[fid,kid,precision,recall]",
+    "eval.pr_k=2",
+    "eval.kid_subset_size=5",
+    "eval.kid_subsets=3",
+    "eval.batch_size=10",
+    "sampler.sampler.steps=3",
+    "device=cpu",
+]
+
+
+def slurm_launcher(**overrides) -> dict:
+    """configs/hydra/launcher/slurm.yaml over the plugin's defaults, as Hydra composes it."""
+    body = yaml.safe_load((ROOT / "configs/hydra/launcher/slurm.yaml").read_text())
+    body.pop("defaults")
+    cfg = OmegaConf.merge(OmegaConf.structured(SlurmQueueConf), body, overrides)
+    return OmegaConf.to_container(cfg, resolve=False)
+
+
+def job(key: str = "x/seed0", devices: int = 1, nodes: int = 1, run_dir: str = "r") -> Job:
+    return Job(key=key, train_overrides=[], run_dir=run_dir, devices=devices, num_nodes=nodes)
+
+
+def test_slurm_tasks_and_nodes_must_match_the_trainer() -> None:
+    check_launcher(slurm_launcher(tasks_per_node=2), [job(devices=2)])
+    with pytest.raises(LauncherConfigError, match=r"tasks_per_node=2 hydra.launcher.nodes=1"):
+        check_launcher(slurm_launcher(), [job("a/seed0"), job("b/seed0", devices=2)])
+    with pytest.raises(LauncherConfigError, match="trainer.num_nodes=2"):
+        check_launcher(slurm_launcher(), [job(nodes=2)])
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"timeout_min": 0}, "timeout_min must be a positive integer"),
+        ({"nodes": 0}, "nodes must be a positive integer"),
+        ({"mem_gb": -4}, "mem_gb must be a positive integer"),
+        ({"array_parallelism": 0}, "array_parallelism must be >= 1"),
+    ],
+)
+def test_bad_launcher_settings_are_refused(setting: dict, message: str) -> None:
+    with pytest.raises(LauncherConfigError, match=message):
+        check_launcher(slurm_launcher(**setting), [job()])
+
+
+def test_the_local_launcher_accepts_multi_device_runs() -> None:
+    check_launcher(
+        {"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}, [job(devices=4)]
+    )
+
+
+def test_manifest_round_trip(tmp_path: Path) -> None:
+    jobs = [
+        Job(
+            "a/seed0",
+            ["experiment=a", "seed=0"],
+            "runs/a",
+            1,
+            1,
+            [EvalJob(["eval=quick"], "r.json")],
+        ),
+        Job("b/seed1", ["experiment=b", "seed=1"], "runs/b", 2, 1),
+    ]
+    path = write_manifest(tmp_path / "m.json", "t", jobs)
+    assert read_manifest(path) == ("t", jobs)
+    assert jobs[1].world_size == 2
+    with pytest.raises(FileNotFoundError, match="lt_diffusion.table"):
+        read_manifest(tmp_path / "missing.json")
+
+
+def _job_for(train_overrides, run_dir: Path, *extra: str, devices: int = 1) -> Job:
+    record = run_dir / "records" / "quick.json"
+    overrides = [
+        *train_overrides(*extra), "train.max_steps=3", "train.grid_per_class=1",
+        "train.grid_steps=2", f"paths.cache_dir={run_dir.parent.parent / 'cache'}",
+    ]  # fmt: skip
+    return Job(
+        key=f"{run_dir.name}/seed0",
+        train_overrides=overrides,
+        run_dir=str(run_dir),
+        devices=devices,
+        num_nodes=1,
+        evaluations=[
+            EvalJob([*TINY_EVAL, f"paths.cache_dir={run_dir.parent.parent / 'cache'}"], str(record))
+        ],
+    )
+
+
+def _run_job(manifest: Path, index: int, tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lt_diffusion.job", f"manifest={manifest}", f"job={index}",
+         f"paths.output_dir={tmp_path / 'outputs'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+def test_a_failing_job_records_its_failure_and_a_done_job_is_skipped(
+    train_overrides, tmp_path: Path
+) -> None:
+    runs = tmp_path / "outputs" / "runs"
+    bad = _job_for(train_overrides, runs / "bad", "imbalance.ratio=0.5")
+    good = _job_for(train_overrides, runs / "good")
+    Path(good.evaluations[0].record).parent.mkdir(parents=True)
+    Path(good.evaluations[0].record).write_text("{}")  # its record exists: nothing to do
+    manifest = write_manifest(tmp_path / "manifest.json", "t", [bad, good])
+
+    out = _run_job(manifest, 0, tmp_path)
+    assert out.returncode == 0, out.stderr  # a failed run never stops the sweep
+    failure = read_failure(bad.run_dir)
+    assert failure is not None and "ratio" in failure["error"]
+    assert "Traceback" in failure["traceback"] and failure["log"].endswith(".log")
+
+    out = _run_job(manifest, 1, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert not (Path(good.run_dir) / "checkpoints").exists()  # skipped: no training
+    assert read_failure(good.run_dir) is None
+
+
+def test_two_gloo_processes_train_evaluate_and_write_one_record(
+    train_overrides, tmp_path: Path
+) -> None:
+    """A two-device job on the local launcher runs under torchrun (gloo on the CPU)."""
+    run_dir = tmp_path / "outputs" / "runs" / "ddp"
+    ddp = [
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+    ]
+    j = _job_for(train_overrides, run_dir, *ddp, devices=2)
+    (run_dir).mkdir(parents=True)
+    (run_dir / FAILED).write_text("{}")  # an earlier failure, cleared by success
+    manifest = write_manifest(tmp_path / "manifest.json", "t", [j])
+    out = _run_job(manifest, 0, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Starting with 2 processes" in out.stdout + out.stderr
+    records = list((run_dir / "records").glob("*.json"))
+    assert [r.name for r in records] == ["quick.json"]
+    record = json.loads(records[0].read_text())
+    assert (
+        record["checkpoint"]["step"]
+        == 3
+        == read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"]
+    )
+    assert record["config"]["trainer"]["devices"] == 2
+    assert not (run_dir / FAILED).exists()
