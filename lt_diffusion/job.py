@@ -23,17 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from lt_diffusion.sweep import FAILED, Job, read_manifest
+from lt_diffusion.sweep import FAILED, SWEEP_LOG_ENV, Job, read_manifest
 from lt_diffusion.train import CONFIG_DIR
 from lt_diffusion.utils.config import compose_config
 from lt_diffusion.utils.io import atomic_write_json
 
 
 def _log_path() -> str | None:
-    """Where this job's output goes: submitit's log under SLURM, else Hydra's job log."""
+    """Where this job's output goes: submitit's log under SLURM, else the sweep's log."""
     if "SUBMITIT_EXECUTOR" in os.environ:
         try:
             import submitit
@@ -41,10 +40,7 @@ def _log_path() -> str | None:
             return str(submitit.JobEnvironment().paths.stdout)
         except RuntimeError:
             pass
-    if HydraConfig.initialized():
-        hc = HydraConfig.get()
-        return str(Path(hc.runtime.output_dir) / f"{hc.job.name}.log")
-    return None
+    return os.environ.get(SWEEP_LOG_ENV)
 
 
 def _in_process_group() -> bool:

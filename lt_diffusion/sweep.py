@@ -140,6 +140,9 @@ def read_failure(run_dir: str | Path) -> dict[str, Any] | None:
         return {"error": f"unreadable {path}", "log": str(path)}
 
 
+SWEEP_LOG_ENV = "LT_DIFFUSION_SWEEP_LOG"
+
+
 def launch(
     manifest: Path,
     n_jobs: int,
@@ -149,8 +152,10 @@ def launch(
     """Run the manifest's jobs as one Hydra multirun of :mod:`lt_diffusion.job` and wait.
 
     ``hydra_overrides`` are the user's ``hydra/launcher=...`` and ``hydra.launcher.*``
-    overrides, passed on unchanged. Returns the multirun's exit code; the jobs themselves
-    record their failures in their run directories, so one failed job never stops the others.
+    overrides, passed on unchanged. The multirun's output is shown and kept in
+    ``<sweep_dir>/jobs.log`` (the log of jobs that run here; SLURM jobs have their own).
+    Returns the multirun's exit code; the jobs record their failures in their run directories,
+    so one failed job never stops the others.
     """
     if n_jobs < 1:
         return 0
@@ -164,4 +169,14 @@ def launch(
         f"hydra.sweep.dir={sweep_dir}",
         *hydra_overrides,
     ]
-    return subprocess.run(cmd, env=os.environ.copy(), check=False).returncode
+    log_path = Path(sweep_dir) / "jobs.log"
+    env = {**os.environ, SWEEP_LOG_ENV: str(log_path)}
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert proc.stdout is not None
+        for chunk in iter(lambda: proc.stdout.read1(65536), b""):
+            log.write(chunk)
+            log.flush()
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+        return proc.wait()

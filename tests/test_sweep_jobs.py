@@ -4,6 +4,7 @@ evaluate, skip when done, record a failure without raising, two gloo processes -
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from omegaconf import OmegaConf
 
 from lt_diffusion.sweep import (
     FAILED,
+    SWEEP_LOG_ENV,
     EvalJob,
     Job,
     LauncherConfigError,
@@ -25,22 +27,7 @@ from lt_diffusion.sweep import (
 )
 from lt_diffusion.training.checkpoint import read_checkpoint
 from tests.conftest import ROOT
-
-# A ~40-image evaluation: enough for every metric, cheap on two cores.
-TINY_EVAL = [
-    "eval=quick",
-    "eval.overall.generated=10",
-    "eval.overall.real_per_class=3",
-    "eval.per_split.generated=0",
-    "eval.per_class.generated=0",
-    "eval.metrics=[fid,kid,precision,recall]",
-    "eval.pr_k=2",
-    "eval.kid_subset_size=5",
-    "eval.kid_subsets=3",
-    "eval.batch_size=10",
-    "sampler.sampler.steps=3",
-    "device=cpu",
-]
+from tests.tables_fixture import TINY_EVAL
 
 
 def slurm_launcher(**overrides) -> dict:
@@ -125,6 +112,7 @@ def _run_job(manifest: Path, index: int, tmp_path: Path) -> subprocess.Completed
         [sys.executable, "-m", "lt_diffusion.job", f"manifest={manifest}", f"job={index}",
          f"paths.output_dir={tmp_path / 'outputs'}"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, SWEEP_LOG_ENV: str(tmp_path / "jobs.log")},
     )  # fmt: skip
 
 
@@ -142,7 +130,7 @@ def test_a_failing_job_records_its_failure_and_a_done_job_is_skipped(
     assert out.returncode == 0, out.stderr  # a failed run never stops the sweep
     failure = read_failure(bad.run_dir)
     assert failure is not None and "ratio" in failure["error"]
-    assert "Traceback" in failure["traceback"] and failure["log"].endswith(".log")
+    assert "Traceback" in failure["traceback"] and failure["log"] == str(tmp_path / "jobs.log")
 
     out = _run_job(manifest, 1, tmp_path)
     assert out.returncode == 0, out.stderr

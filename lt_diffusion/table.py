@@ -1,0 +1,118 @@
+"""Reproduce a paper table with one command:
+
+    python -m lt_diffusion.table table=cm_table2                        # here, one job at a time
+    python -m lt_diffusion.table table=cm_table2 hydra/launcher=slurm \
+        hydra.launcher.partition=gpu 'train_overrides=[trainer=gpu]'     # on a SLURM cluster
+
+Everything is checked before any job starts: the table spec and every experiment it names
+(each run's config is composed), the launcher against each run's trainer. Runs whose records
+all exist are skipped, so running the command again launches nothing, and deleting one record
+relaunches only that run. The jobs (train, then evaluate) go through a Hydra multirun of
+:mod:`lt_diffusion.job`; afterwards the records are aggregated into the table (mean ± std over
+seeds, best and second best marked, the published value and our difference beside each cell),
+written as Markdown, LaTeX and CSV under ``<output_dir>/tables/``. A failed run shows as failed
+with the path of its log; it never stops the others.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from lt_diffusion.sweep import (
+    EvalJob,
+    Job,
+    check_launcher,
+    launch,
+    read_failure,
+    write_manifest,
+)
+from lt_diffusion.tables import (
+    ResolvedRun,
+    TableSpec,
+    collect,
+    load_table,
+    resolve,
+    to_markdown,
+    write_table,
+)
+from lt_diffusion.train import CONFIG_DIR
+
+
+def _launcher_overrides() -> list[str]:
+    """The user's launcher choice and settings, to hand on to the jobs' multirun."""
+    task = HydraConfig.get().overrides.hydra
+    return [o for o in task if o.startswith(("hydra/launcher", "hydra.launcher"))]
+
+
+def _overrides(cfg: DictConfig) -> tuple[list[str], list[str]]:
+    """Overrides of every run and every evaluation: the sweep's own paths (data, outputs,
+    caches), then the user's ``train_overrides`` / ``eval_overrides``."""
+    paths = [
+        f"paths.{k}={Path(cfg.paths[k]).resolve()}"
+        for k in ("data_root", "output_dir", "cache_dir")
+    ]
+    return [*paths, *cfg.train_overrides], [*paths, *cfg.eval_overrides]
+
+
+def plan(cfg: DictConfig) -> tuple[TableSpec, list[ResolvedRun], list[Job]]:
+    """The table spec, its resolved runs, and one job per run (all checks done here)."""
+    spec = load_table(cfg.table)
+    train_overrides, eval_overrides = _overrides(cfg)
+    resolved = resolve(spec, train_overrides, eval_overrides)
+    jobs = [
+        Job(
+            key=r.run.key,
+            train_overrides=[*r.run.train_overrides(), *train_overrides],
+            run_dir=str(r.run_dir),
+            devices=int(r.config.trainer.devices),
+            num_nodes=int(r.config.trainer.num_nodes),
+            evaluations=[
+                EvalJob(overrides=[*ev.eval_overrides(), *eval_overrides], record=str(path))
+                for ev, path in r.records.items()
+            ],
+        )
+        for r in resolved
+    ]
+    return spec, resolved, jobs
+
+
+def run(cfg: DictConfig, hydra_overrides: list[str], launcher: Any, sweep_dir: Path) -> Path:
+    """Launch what is missing, then write the table; returns the Markdown file."""
+    spec, resolved, jobs = plan(cfg)
+    check_launcher(OmegaConf.to_container(launcher, resolve=True), jobs)
+    pending = [job for job, r in zip(jobs, resolved) if not r.done]
+    print(f"{spec.name}: {len(jobs)} runs, {len(jobs) - len(pending)} done, {len(pending)} to run")
+    if pending and cfg.launch:
+        manifest = write_manifest(sweep_dir / "manifest.json", spec.name, pending)
+        for i, job in enumerate(pending):
+            print(f"  job {i}: {job.key} -> {job.run_dir}")
+        code = launch(manifest, len(pending), hydra_overrides, sweep_dir)
+        if code != 0:
+            print(f"The sweep exited with code {code}; failed runs are marked in the table.")
+    failures = {}
+    for job, r in zip(jobs, resolved):
+        failure = None if r.done else read_failure(job.run_dir)
+        if failure is not None:
+            failures[job.key] = str(failure.get("log") or Path(job.run_dir) / "failed.json")
+    result = collect(spec, resolved, failures)
+    paths = write_table(result, Path(cfg.paths.output_dir) / "tables")
+    print(to_markdown(result))
+    print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))
+    return paths["md"]
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sweep")
+def main(cfg: DictConfig) -> None:
+    os.environ.setdefault("WANDB_SILENT", "true")
+    hc = HydraConfig.get()
+    run(cfg, _launcher_overrides(), hc.launcher, Path(hc.runtime.output_dir))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,344 @@
+"""Table specs (``configs/table/<name>.yaml``): which runs make a paper table's cells, the
+metric of each column and the published numbers; and their expansion into runs and records.
+
+A spec::
+
+    name: cm_table2
+    title: ...                 source: ...          seeds: [0, 1, 2]
+    eval: cm_paper             # protocol of every cell (a row may override eval / sampler /
+    sampler: ddim              #   guidance / theta_g_only)
+    columns:                   # key, label, metric path in the record, better, digits
+      - {key: fid, label: FID, metric: overall.fid, better: lower, digits: 2}
+    blocks:                    # row groups, as the paper's table has them
+      - label: CIFAR-10-LT, IR=100
+        rows:
+          - {label: DDPM, experiment: cm/cifar10_lt_ir100_ddpm, published: [10.697]}
+
+A row's ``experiment`` is one experiment for all columns or a mapping ``column key ->
+experiment`` (tables whose columns are datasets); ``published`` is a list aligned with the
+columns or a mapping; ``missing: <reason>`` keeps a row the project cannot run in the table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from lt_diffusion.evaluation.record import record_filename
+from lt_diffusion.utils.config import CONFIG_DIR, compose_config
+
+_METRIC = re.compile(
+    r"^(overall|per_split\.(many|medium|few)|per_class\.(class_)?\d+)\."
+    r"(fid|kid|precision|recall|is)$"
+)
+BETTER = ("lower", "higher")
+
+
+class TableSpecError(ValueError):
+    """A table spec that cannot be run as written."""
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """One training run: an experiment row file at a seed (plus rare extra overrides)."""
+
+    experiment: str
+    seed: int
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        key = f"{self.experiment}/seed{self.seed}"
+        if self.overrides:
+            key += "/" + hashlib.sha1("\n".join(self.overrides).encode()).hexdigest()[:8]
+        return key
+
+    def train_overrides(self) -> list[str]:
+        return [f"experiment={self.experiment}", f"seed={self.seed}", *self.overrides]
+
+
+@dataclass(frozen=True)
+class EvalRef:
+    """One evaluation of a run: one record."""
+
+    run: RunRef
+    eval: str
+    sampler: str
+    guidance: float | None = None
+    theta_g_only: bool = False
+
+    def eval_overrides(self) -> list[str]:
+        out = [
+            f"eval={self.eval}",
+            f"sampler={self.sampler}",
+            f"theta_g_only={str(self.theta_g_only).lower()}",
+        ]
+        if self.guidance is not None:
+            out.append(f"guidance={self.guidance}")
+        return out
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str
+    label: str
+    metric: str
+    better: str = "lower"
+    digits: int = 2
+
+
+@dataclass
+class Row:
+    label: str
+    experiments: dict[str, str]  # column key -> experiment
+    published: dict[str, float | None]
+    missing: str | None = None
+    eval: str | None = None
+    sampler: str | None = None
+    guidance: float | None = None
+    theta_g_only: bool = False
+    overrides: tuple[str, ...] = ()
+
+
+@dataclass
+class Block:
+    label: str
+    rows: list[Row]
+
+
+@dataclass
+class TableSpec:
+    name: str
+    title: str
+    source: str
+    seeds: list[int]
+    eval: str
+    sampler: str
+    columns: list[Column]
+    blocks: list[Block] = field(default_factory=list)
+
+    def cell_evals(self, row: Row, column: Column) -> list[EvalRef]:
+        """The evaluations (one per seed) behind one cell; empty for a missing row."""
+        if row.missing is not None:
+            return []
+        return [
+            EvalRef(
+                run=RunRef(row.experiments[column.key], seed, row.overrides),
+                eval=row.eval or self.eval,
+                sampler=row.sampler or self.sampler,
+                guidance=row.guidance,
+                theta_g_only=row.theta_g_only,
+            )
+            for seed in self.seeds
+        ]
+
+    def evaluations(self) -> list[EvalRef]:
+        """Every record the table needs, each once, in table order."""
+        seen: dict[EvalRef, None] = {}
+        for block in self.blocks:
+            for row in block.rows:
+                for column in self.columns:
+                    for ev in self.cell_evals(row, column):
+                        seen.setdefault(ev, None)
+        return list(seen)
+
+    def runs(self) -> list[RunRef]:
+        """Every training run, each once (a run evaluated twice is trained once)."""
+        return list(dict.fromkeys(ev.run for ev in self.evaluations()))
+
+    def evaluations_of(self, run: RunRef) -> list[EvalRef]:
+        return [ev for ev in self.evaluations() if ev.run == run]
+
+
+def _fail(name: str, where: str, what: str) -> TableSpecError:
+    return TableSpecError(f"table {name}: {where}: {what}")
+
+
+def _columns(name: str, raw: Any) -> list[Column]:
+    if not raw:
+        raise _fail(name, "columns", "list at least one column {key, label, metric, better}")
+    cols = []
+    for i, c in enumerate(raw):
+        c = dict(c)
+        where = f"column {i} ({c.get('key', '?')})"
+        missing = [k for k in ("key", "metric") if k not in c]
+        if missing:
+            raise _fail(name, where, f"needs {missing}")
+        if not _METRIC.match(str(c["metric"])):
+            raise _fail(
+                name, where,
+                f"metric {c['metric']!r} is not a record metric path such as overall.fid, "
+                "per_split.few.fid or per_class.class_001.kid",
+            )  # fmt: skip
+        if c.get("better", "lower") not in BETTER:
+            raise _fail(name, where, f"better must be one of {BETTER}")
+        cols.append(Column(str(c["key"]), str(c.get("label", c["key"])), str(c["metric"]),
+                           str(c.get("better", "lower")), int(c.get("digits", 2))))  # fmt: skip
+    keys = [c.key for c in cols]
+    if len(set(keys)) != len(keys):
+        raise _fail(name, "columns", f"column keys must be unique, got {keys}")
+    return cols
+
+
+def _row(name: str, raw: Mapping[str, Any], columns: list[Column], config_dir: Path) -> Row:
+    raw = dict(raw)
+    label = str(raw.get("label", "?"))
+    where = f"row {label!r}"
+    keys = [c.key for c in columns]
+    exp = raw.get("experiment")
+    if isinstance(exp, str):
+        experiments = dict.fromkeys(keys, exp)
+    elif isinstance(exp, Mapping):
+        experiments = {str(k): str(v) for k, v in exp.items()}
+        if sorted(experiments) != sorted(keys):
+            raise _fail(
+                name, where, f"experiment maps columns {sorted(experiments)}, the table has {keys}"
+            )
+    else:
+        raise _fail(
+            name, where, "needs experiment: <row file under configs/experiment> (or one per column)"
+        )
+    pub = raw.get("published")
+    if pub is None:
+        published = dict.fromkeys(keys)
+    elif isinstance(pub, Mapping):
+        unknown = set(map(str, pub)) - set(keys)
+        if unknown:
+            raise _fail(name, where, f"published names unknown columns {sorted(unknown)}")
+        published = {k: pub.get(k) for k in keys}
+    else:
+        pub = list(pub)
+        if len(pub) != len(keys):
+            raise _fail(
+                name, where, f"published has {len(pub)} values for {len(keys)} columns {keys}"
+            )
+        published = dict(zip(keys, pub))
+    missing = raw.get("missing")
+    if missing is None:
+        for e in set(experiments.values()):
+            if not (config_dir / "experiment" / f"{e}.yaml").is_file():
+                raise _fail(
+                    name, where,
+                    f"experiment {e!r} has no file {config_dir / 'experiment' / (e + '.yaml')}: "
+                    "fix the name, add the row file, or mark the row `missing: <reason>`",
+                )  # fmt: skip
+    return Row(
+        label=label,
+        experiments=experiments,
+        published={k: None if v is None else float(v) for k, v in published.items()},
+        missing=None if missing is None else str(missing),
+        eval=raw.get("eval"),
+        sampler=raw.get("sampler"),
+        guidance=None if raw.get("guidance") is None else float(raw["guidance"]),
+        theta_g_only=bool(raw.get("theta_g_only", False)),
+        overrides=tuple(str(o) for o in raw.get("overrides", ())),
+    )
+
+
+def load_table(
+    node: Mapping[str, Any] | DictConfig, config_dir: str | Path = CONFIG_DIR
+) -> TableSpec:
+    """A validated :class:`TableSpec` from a table config node (``cfg.table``)."""
+    raw = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    name = str(raw.get("name") or "?")
+    for key in ("name", "columns", "blocks"):
+        if not raw.get(key):
+            raise _fail(name, key, "missing")
+    seeds = [int(s) for s in raw.get("seeds", [0])]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise _fail(name, "seeds", f"give at least one seed, each once (got {seeds})")
+    columns = _columns(name, raw["columns"])
+    blocks = [
+        Block(
+            str(b.get("label", "")), [_row(name, r, columns, Path(config_dir)) for r in b["rows"]]
+        )
+        for b in raw["blocks"]
+    ]
+    return TableSpec(
+        name=name,
+        title=str(raw.get("title", name)),
+        source=str(raw.get("source", "")),
+        seeds=seeds,
+        eval=str(raw.get("eval", "cm_paper")),
+        sampler=str(raw.get("sampler", "ddim")),
+        columns=columns,
+        blocks=blocks,
+    )
+
+
+def available_tables(config_dir: str | Path = CONFIG_DIR) -> list[str]:
+    return sorted(p.stem for p in (Path(config_dir) / "table").glob("*.yaml"))
+
+
+def load_table_by_name(name: str, config_dir: str | Path = CONFIG_DIR) -> TableSpec:
+    path = Path(config_dir) / "table" / f"{name}.yaml"
+    if not path.is_file():
+        raise TableSpecError(
+            f"unknown table {name!r}; available: {', '.join(available_tables(config_dir))}"
+        )
+    return load_table(OmegaConf.load(path), config_dir)
+
+
+@dataclass
+class ResolvedRun:
+    """A run with its composed training config, its directory and its records' paths."""
+
+    run: RunRef
+    config: DictConfig
+    run_dir: Path
+    records: dict[EvalRef, Path]
+
+    @property
+    def done(self) -> bool:
+        return all(p.is_file() for p in self.records.values())
+
+
+def resolve(
+    spec: TableSpec,
+    train_overrides: Sequence[str] = (),
+    eval_overrides: Sequence[str] = (),
+    config_dir: str | Path = CONFIG_DIR,
+) -> list[ResolvedRun]:
+    """Compose every run's training config (as ``lt_diffusion.train`` would) and name its
+    directory and records; any composition error names the run."""
+    names: dict[tuple, tuple[str, str, float | None]] = {}
+
+    def eval_names(ev: EvalRef) -> tuple[str, str, float | None]:
+        key = (ev.eval, ev.sampler, ev.guidance, ev.theta_g_only)
+        if key not in names:
+            try:
+                cfg = compose_config(
+                    "evaluate", [*ev.eval_overrides(), *eval_overrides], config_dir
+                )
+            except Exception as err:
+                raise TableSpecError(
+                    f"table {spec.name}: evaluation {ev.eval_overrides()}: {err}"
+                ) from err
+            names[key] = (str(cfg.eval.name), str(cfg.sampler.name), cfg.get("guidance"))
+        return names[key]
+
+    out = []
+    for run in spec.runs():
+        try:
+            cfg = compose_config("train", [*run.train_overrides(), *train_overrides], config_dir)
+        except Exception as err:
+            raise TableSpecError(
+                f"table {spec.name}: run {run.key} does not compose: {err}"
+            ) from err
+        run_dir = Path(cfg.paths.output_dir) / "runs" / str(cfg.run_name)
+        records = {}
+        for ev in spec.evaluations_of(run):
+            eval_name, sampler_name, guidance = eval_names(ev)
+            g = ev.guidance if ev.guidance is not None else guidance
+            g = float(cfg.sampler.guidance if g is None else g)
+            records[ev] = (
+                run_dir / "records" / record_filename(eval_name, sampler_name, g, ev.theta_g_only)
+            )
+        out.append(ResolvedRun(run, cfg, run_dir, records))
+    return out
