@@ -1,0 +1,27 @@
+"""The papers' diagnostic analyses of a trained run: each reads a checkpoint, writes one JSON
+record and one PNG under ``<run_dir>/analyses/`` (``python -m lt_diffusion.analyze``).
+
+* :mod:`~lt_diffusion.analysis.pruning`: per-class loss change after magnitude pruning
+  (CM paper, Fig. 1(b)).
+* :mod:`~lt_diffusion.analysis.imba_distance`: IMBA distance per class at t = T (IMBA loss).
+* :mod:`~lt_diffusion.analysis.feature_overlap`: k-NN label purity of bottleneck features
+  (CORAL).
+* :mod:`~lt_diffusion.analysis.gradient_dominance`: share of parameter tensors whose gradient
+  the majority classes dominate (CM paper, Theorem 2.1).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from lt_diffusion.analysis import feature_overlap, gradient_dominance, imba_distance, pruning
+
+# analysis.name -> (module with compute() and plot(), its settings dataclass)
+ANALYSES: dict[str, tuple[ModuleType, type]] = {
+    pruning.NAME: (pruning, pruning.PruningSettings),
+    imba_distance.NAME: (imba_distance, imba_distance.ImbaDistanceSettings),
+    feature_overlap.NAME: (feature_overlap, feature_overlap.FeatureOverlapSettings),
+    gradient_dominance.NAME: (gradient_dominance, gradient_dominance.GradientDominanceSettings),
+}
+
+__all__ = ["ANALYSES"]

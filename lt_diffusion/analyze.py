@@ -1,0 +1,88 @@
+"""Run one of the papers' diagnostic analyses on a trained checkpoint and write its record
+(JSON) and plot (PNG) next to the run:
+
+    python -m lt_diffusion.analyze analysis=pruning checkpoint=outputs/runs/<run>/checkpoints/last.ckpt
+
+Analyses (configs/analysis/): ``pruning`` (CM paper, Fig. 1(b)), ``imba_distance`` (IMBA loss),
+``feature_overlap`` (CORAL), ``gradient_dominance`` (CM paper, Theorem 2.1). The record goes to
+``<run_dir>/analyses/<analysis>[-theta_g].json``, the plot beside it. See docs/analyses.md.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from lt_diffusion.analysis import ANALYSES
+from lt_diffusion.analysis.common import (
+    build_record,
+    load_run,
+    record_paths,
+    save_record,
+    settings_from_config,
+)
+from lt_diffusion.train import CONFIG_DIR, code_version
+
+
+def _summary_lines(record: dict[str, Any]) -> list[str]:
+    """A few lines of the results for the terminal."""
+    res = record["results"]
+    keys = ("per_split", "spearman_vs_count", "overall_purity", "majority_ratio")
+    lines = [f"  {key}: {res[key]}" for key in keys if key in res]
+    for part, summary in res.get("parts", {}).items():
+        lines.append(
+            f"  {part}: {summary['dominated_fraction']} of {summary['n_defined']} tensors "
+            "dominated by the majority"
+        )
+    return lines
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Validate the settings, load the run, compute, write the record and the plot; returns
+    the record."""
+    name = cfg.analysis.get("name")
+    if name not in ANALYSES:
+        raise ValueError(f"unknown analysis {name!r}: choose analysis= one of {sorted(ANALYSES)}")
+    module, settings_cls = ANALYSES[name]
+    settings = settings_from_config(settings_cls, cfg.analysis)  # before any loading
+    if int(cfg.batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.theta_g_only and not getattr(module, "SUPPORTS_THETA_G_ONLY", True):
+        raise ValueError(
+            f"{name} measures the full model (theta_g and the low-rank part separately): "
+            "run it without theta_g_only"
+        )
+    if not cfg.checkpoint:
+        raise ValueError("give checkpoint=<run_dir>/checkpoints/last.ckpt (the run to analyse)")
+    started = time.time()
+    loaded = load_run(
+        cfg.checkpoint, cfg.device, bool(cfg.ema), cfg.data_root, bool(cfg.theta_g_only)
+    )
+    print(
+        f"Analysis {name} of {loaded.meta['checkpoint']} (step {loaded.meta['global_step']}, "
+        f"{loaded.info['name']}, {loaded.info['num_classes']} classes) on {loaded.device}",
+        flush=True,
+    )
+    json_path, png_path = record_paths(
+        loaded.run_dir, name, loaded.theta_g_only, cfg.get("out_dir")
+    )
+    results = module.compute(loaded, settings, int(cfg.batch_size), bool(cfg.progress))
+    results["seconds"] = round(time.time() - started, 2)
+    record = build_record(name, settings, loaded, results, code_version())
+    save_record(json_path, record)
+    module.plot(record, png_path)
+    print("\n".join(_summary_lines(record)))
+    print(f"Record: {json_path}\nPlot: {png_path}")
+    return record
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="analyze")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
