@@ -192,7 +192,9 @@ def _row(name: str, raw: Mapping[str, Any], columns: list[Column], config_dir: P
     where = f"row {label!r}"
     keys = [c.key for c in columns]
     exp = raw.get("experiment")
-    if isinstance(exp, str):
+    if exp is None and raw.get("missing") is not None:
+        experiments = {}
+    elif isinstance(exp, str):
         experiments = dict.fromkeys(keys, exp)
     elif isinstance(exp, Mapping):
         experiments = {str(k): str(v) for k, v in exp.items()}
