@@ -166,3 +166,20 @@ def test_two_gloo_processes_train_evaluate_and_write_one_record(
     )
     assert record["config"]["trainer"]["devices"] == 2
     assert not (run_dir / FAILED).exists()
+
+
+def test_wandb_runs_are_grouped_by_table_and_experiment(tmp_path: Path) -> None:
+    from lt_diffusion.job import train_config
+
+    j = Job(
+        "cm/cifar10_lt_ir100_cm/seed2",
+        ["experiment=cm/cifar10_lt_ir100_cm", "seed=2"],
+        str(tmp_path),
+        1,
+        1,
+    )
+    cfg = train_config(j, "cm_table2")
+    assert cfg.logger.group == "cm_table2" and cfg.logger.job_type == "cm/cifar10_lt_ir100_cm"
+    assert cfg.logger.offline is True and cfg.paths.run_dir == str(tmp_path)
+    csv = train_config(Job("a/seed0", ["logger=csv"], str(tmp_path), 1, 1), "t")
+    assert "group" not in csv.logger
