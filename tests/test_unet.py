@@ -300,7 +300,7 @@ def test_scalar_timestep_is_broadcast() -> None:
         (dict(image_size=32, attn_resolutions=(12,)), r"\[12\].*\[32, 16, 8, 4\]"),
         (dict(ch=48), r"multiple of 32"),
         (dict(num_classes=0), r"num_classes must be >= 1"),
-        (dict(attention="tsa"), r"unknown attention 'tsa'.*\['self'\]"),
+        (dict(attention="flash"), r"unknown attention 'flash'.*\['self', 'tsa'\]"),
         (dict(ch_mult=()), r"non-empty"),
         (dict(ch_mult=2), r"list of integers"),
         (dict(attn_resolutions=16), r"list of integers"),

@@ -16,9 +16,11 @@ from lt_diffusion.methods.common import (
     ComposableObjective,
     label_distribution,
 )
+from lt_diffusion.methods.coral import CORALObjective, supcon_loss
 from lt_diffusion.methods.ddpm import DDPMObjective
 from lt_diffusion.methods.focal import FocalObjective
 from lt_diffusion.methods.group_expert import GroupExpertObjective, group_expert_lora
+from lt_diffusion.methods.imba import IMBAObjective, imba_distance
 from lt_diffusion.methods.lora import (
     expert_switch,
     merge_lowrank,
@@ -33,8 +35,24 @@ from lt_diffusion.methods.oc import (
     oc_selection_probs,
     oc_target,
 )
+from lt_diffusion.methods.overlap import (
+    OverlapObjective,
+    negative_labels,
+    overlap_timestep_weights,
+)
+from lt_diffusion.methods.pd_cbdm import PDCBDMObjective, head_tail_split, reverse_mean_from_eps
 
 __all__ = [
+    "CORALObjective",
+    "IMBAObjective",
+    "OverlapObjective",
+    "PDCBDMObjective",
+    "head_tail_split",
+    "imba_distance",
+    "negative_labels",
+    "overlap_timestep_weights",
+    "reverse_mean_from_eps",
+    "supcon_loss",
     "CMObjective",
     "GroupExpertObjective",
     "cm_class_weights",

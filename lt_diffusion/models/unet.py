@@ -92,9 +92,40 @@ class SelfAttention(nn.Module):
         return x + self.out(a)
 
 
+class TimestepSelfAttention(SelfAttention):
+    """PD-CBDM's timestep-dependent self-attention (TSA; PD-CBDM paper Sec. 3.4, eqs. 13-14).
+
+    ``Q = W_q h + P_q temb``, ``K = W_k h + P_k temb``, ``V = W_v h + P_v temb``: a linear
+    projection of the block's conditioning vector ``temb`` (B, temb_dim) is added to each of
+    the 1x1 projections, broadcast over the H*W positions; then plain scaled dot-product
+    attention as in :class:`SelfAttention`. The three ``P`` start at zero, so a fresh TSA block
+    computes exactly what :class:`SelfAttention` with the same weights computes.
+    """
+
+    def __init__(self, channels: int, temb_dim: int) -> None:
+        super().__init__(channels, temb_dim)
+        self.q_t = nn.Linear(temb_dim, channels)
+        self.k_t = nn.Linear(temb_dim, channels)
+        self.v_t = nn.Linear(temb_dim, channels)
+        for layer in (self.q_t, self.k_t, self.v_t):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def project_qkv(self, h: Tensor, temb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        temb = temb.to(h.dtype)
+        return (
+            self.q(h) + self.q_t(temb)[:, :, None, None],
+            self.k(h) + self.k_t(temb)[:, :, None, None],
+            self.v(h) + self.v_t(temb)[:, :, None, None],
+        )
+
+
 # Attention variants by name: the ``attention`` argument of :class:`UNet`. A variant is a
 # module ``cls(channels, temb_dim)`` whose forward is ``(x, temb) -> x``.
-ATTENTION_BLOCKS: dict[str, type[nn.Module]] = {"self": SelfAttention}
+ATTENTION_BLOCKS: dict[str, type[nn.Module]] = {
+    "self": SelfAttention,
+    "tsa": TimestepSelfAttention,
+}
 
 
 def attention_class(name: str) -> type[nn.Module]:
@@ -204,6 +235,9 @@ class UNet(nn.Module):
         num_classes: number of real classes; embedding row ``num_classes`` is the null label.
         augment_dim: width of ADA's augmentation labels (9 in EDM's pipeline); 0 disables.
         attention: name of the attention block in :data:`ATTENTION_BLOCKS`.
+        tsa_resolutions: resolutions whose residual blocks get PD-CBDM's
+            :class:`TimestepSelfAttention` instead (``[16]`` for PD-CBDM); other
+            ``attn_resolutions`` keep the ``attention`` block. Default empty: no TSA.
 
     Module layout: ``head`` conv, ``down`` (res / attention / downsample blocks), ``mid``
     (two res blocks), ``up`` (the up-sampling half: res blocks on skip-concatenated features
@@ -222,10 +256,19 @@ class UNet(nn.Module):
         num_classes: int = 10,
         augment_dim: int = 0,
         attention: str = "self",
+        tsa_resolutions: Sequence[int] = (),
     ) -> None:
         super().__init__()
         ch_mult = _as_int_tuple(ch_mult, "model.ch_mult")
         attn_resolutions = _as_int_tuple(attn_resolutions, "model.attn_resolutions")
+        tsa_resolutions = _as_int_tuple(tsa_resolutions, "model.tsa_resolutions")
+        visited = [image_size // 2**i for i in range(len(ch_mult))] if image_size > 0 else []
+        bad_tsa = [r for r in tsa_resolutions if r not in visited]
+        if bad_tsa:
+            raise ValueError(
+                f"model.tsa_resolutions {list(tsa_resolutions)} contains {bad_tsa}, which the "
+                f"network never visits; the resolutions are {visited} (use a subset, or [])"
+            )
         self._validate(
             image_size,
             in_channels,
@@ -238,6 +281,11 @@ class UNet(nn.Module):
             augment_dim,
         )
         attn_cls = attention_class(attention)
+
+        def block_attn(res: int) -> type[nn.Module] | None:
+            if res in tsa_resolutions:
+                return TimestepSelfAttention
+            return attn_cls if res in attn_resolutions else None
 
         self.image_size = int(image_size)
         self.in_channels = int(in_channels)
@@ -267,7 +315,7 @@ class UNet(nn.Module):
             res = image_size // 2**level
             out_ch = ch * mult
             for _ in range(num_res_blocks):
-                attn = attn_cls if res in attn_resolutions else None
+                attn = block_attn(res)
                 self.down.append(ResBlock(now_ch, out_ch, temb_dim, dropout, attn))
                 now_ch = out_ch
                 skip_chs.append(now_ch)
@@ -288,7 +336,7 @@ class UNet(nn.Module):
             res = image_size // 2**level
             out_ch = ch * mult
             for _ in range(num_res_blocks + 1):
-                attn = attn_cls if res in attn_resolutions else None
+                attn = block_attn(res)
                 self.up.append(ResBlock(skip_chs.pop() + now_ch, out_ch, temb_dim, dropout, attn))
                 now_ch = out_ch
             if level != 0:

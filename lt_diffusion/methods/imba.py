@@ -1,0 +1,177 @@
+"""IMBA loss (the IMBA-loss paper, ICCV 2025, Sec. 3 / Algorithm 1).
+
+With ``eps_c = eps_theta(x_t, y, t)``, ``eps_u = eps_theta(x_t, null, t)`` and the true noise
+``eps``, the *IMBA distance* is ``D = sg(|eps - eps_u|)^gamma``, a proxy of the inverse
+frequency of the concept a token shows. For a pixel U-Net a token is a pixel position, so with
+the default (token, elementwise) reading::
+
+    D[b, h, w] = mean_c |eps - eps_u|[b, c, h, w] ** gamma
+    L*  = mean_{b,h,w}( D[b,h,w] * mean_c (eps - eps_c)[b, c, h, w]^2 )
+    L_u = mean (eps - eps_u)^2
+    L   = lam L* + (1 - lam) L_u
+
+The unconditional branch is trained on every sample (weight ``1 - lam``), which *replaces*
+random label dropout (``cond_drop_prob = 0``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from lt_diffusion.diffusion import NoiseSchedule
+from lt_diffusion.methods.base import ObjectiveOutput, mse
+from lt_diffusion.methods.common import BaseContext, ComposableObjective, call_model
+
+IMBA_GRANULARITIES = ("token", "sample")
+IMBA_POWERS = ("elementwise", "after_mean")
+IMBA_NORMALIZE = ("none", "batch_mean")
+
+
+def imba_distance(
+    noise: Tensor,
+    eps_uncond: Tensor,
+    gamma: float = 0.8,
+    granularity: str = "token",
+    power: str = "elementwise",
+) -> Tensor:
+    """The IMBA distance (IMBA paper, ``D = ||eps - eps_theta(x_t, null, t)||^gamma``).
+
+    Args:
+        noise: the true noise ``eps``, (B, C, H, W).
+        eps_uncond: the unconditional prediction ``eps_theta(x_t, null, t)``, same shape.
+        gamma: the exponent (paper: 0.8).
+        granularity: ``"token"``: one weight per pixel position, (B, H, W), the mean over
+            channels; ``"sample"``: one weight per image, (B,), the mean over C, H, W.
+        power: ``"elementwise"``: ``mean |d|^gamma`` (the paper's (B, N, C) distance averaged
+            over channels); ``"after_mean"``: ``(mean |d|)^gamma``.
+
+    Returns the distance in at least float32, *without* a stop-gradient (callers detach).
+    """
+    if granularity not in IMBA_GRANULARITIES:
+        raise ValueError(
+            f"granularity must be one of {IMBA_GRANULARITIES}, got {granularity!r}: set "
+            "method.objective.granularity accordingly"
+        )
+    if power not in IMBA_POWERS:
+        raise ValueError(
+            f"power must be one of {IMBA_POWERS}, got {power!r}: set method.objective.power"
+        )
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    if noise.shape != eps_uncond.shape or noise.ndim != 4:
+        raise ValueError(
+            f"noise and eps_uncond must both be (B, C, H, W), got {tuple(noise.shape)} and "
+            f"{tuple(eps_uncond.shape)}"
+        )
+    dtype = torch.promote_types(torch.promote_types(noise.dtype, eps_uncond.dtype), torch.float32)
+    d = (noise.to(dtype) - eps_uncond.to(dtype)).abs()
+    dims = (1,) if granularity == "token" else (1, 2, 3)
+    if power == "elementwise":
+        return d.pow(gamma).mean(dim=dims)
+    return d.mean(dim=dims).pow(gamma)
+
+
+class IMBAObjective(ComposableObjective):
+    """IMBA loss: IMBA-distance-weighted conditional loss plus an unconditional loss.
+
+    Args:
+        gamma: exponent of the IMBA distance (paper: 0.8).
+        lam: weight ``lambda`` of the conditional term (paper: 0.9).
+        granularity: ``"token"`` (paper) or ``"sample"`` (the granularity ablation).
+        power: ``"elementwise"`` (default) or ``"after_mean"``, see :func:`imba_distance`.
+        normalize: ``"none"`` (default; the paper states no normalisation, and ``gamma -> 0``
+            must give the standard loss) or ``"batch_mean"`` (``D / mean(D)`` over the batch's
+            tokens, so the conditional term keeps the scale of the plain MSE).
+        fused_forward: run the conditional and unconditional predictions as one forward over
+            the concatenated batch (speed only; GroupNorm is per sample).
+        cond_drop_prob, cond_drop_mode: must be 0 / ``"none"``: the unconditional term
+            replaces label dropout.
+    """
+
+    name = "imba"
+
+    def __init__(
+        self,
+        gamma: float = 0.8,
+        lam: float = 0.9,
+        granularity: str = "token",
+        power: str = "elementwise",
+        normalize: str = "none",
+        fused_forward: bool = True,
+        cond_drop_prob: float = 0.0,
+        cond_drop_mode: str = "none",
+    ) -> None:
+        if cond_drop_prob != 0.0:
+            raise ValueError(
+                "IMBA trains the unconditional model through its (1 - lam) L_u term, which "
+                f"replaces random label dropout: set method.objective.cond_drop_prob=0 (got "
+                f"{cond_drop_prob})"
+            )
+        super().__init__(cond_drop_prob=0.0, cond_drop_mode=cond_drop_mode)
+        if granularity not in IMBA_GRANULARITIES:
+            raise ValueError(
+                f"granularity must be one of {IMBA_GRANULARITIES}, got {granularity!r}"
+            )
+        if power not in IMBA_POWERS:
+            raise ValueError(f"power must be one of {IMBA_POWERS}, got {power!r}")
+        if normalize not in IMBA_NORMALIZE:
+            raise ValueError(
+                f"normalize must be one of {IMBA_NORMALIZE}, got {normalize!r}: set "
+                "method.objective.normalize"
+            )
+        if gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma}")
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"lam must be in [0, 1], got {lam}")
+        self.gamma = float(gamma)
+        self.lam = float(lam)
+        self.granularity = granularity
+        self.power = power
+        self.normalize = normalize
+        self.fused_forward = bool(fused_forward)
+
+    def compute(
+        self,
+        model: Callable[..., Tensor],
+        x0: Tensor,
+        y: Tensor,
+        schedule: NoiseSchedule,
+        aug_labels: Tensor | None = None,
+    ) -> tuple[ObjectiveOutput, BaseContext]:
+        b = self.noised(x0, schedule)
+        y_null = torch.full_like(y, model.null_label)
+        if self.fused_forward:
+            aug2 = None if aug_labels is None else torch.cat([aug_labels, aug_labels])
+            out = call_model(
+                model,
+                torch.cat([b.x_t, b.x_t]),
+                torch.cat([b.t, b.t]),
+                torch.cat([y, y_null]),
+                aug2,
+            )
+            eps_c, eps_u = out.chunk(2)
+        else:
+            eps_c = call_model(model, b.x_t, b.t, y, aug_labels)
+            eps_u = call_model(model, b.x_t, b.t, y_null, aug_labels)
+
+        dist = imba_distance(
+            b.noise, eps_u.detach(), self.gamma, self.granularity, self.power
+        ).detach()
+        if self.normalize == "batch_mean":
+            dist = dist / dist.mean().clamp_min(torch.finfo(dist.dtype).tiny)
+        dtype = dist.dtype
+        sq = (eps_c.to(dtype) - b.noise.to(dtype)).pow(2)
+        err = sq.mean(dim=1) if self.granularity == "token" else sq.flatten(1).mean(1)
+        cond = (dist * err).mean()
+        uncond = mse(eps_u, b.noise).to(dtype)
+        loss = self.lam * cond + (1.0 - self.lam) * uncond
+        terms = {
+            "imba_cond": cond.detach(),
+            "imba_uncond": uncond.detach(),
+            "imba_dist": dist.mean().detach(),
+        }
+        ctx = BaseContext(b.x_t, b.t, b.noise, y, eps_c, False, b.noise, aug_labels)
+        return ObjectiveOutput(loss, terms), ctx
