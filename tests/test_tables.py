@@ -164,7 +164,10 @@ def test_renderings_carry_the_numbers(filled, tmp_path: Path) -> None:
     md = to_markdown(result)
     assert f"**{np.array(fids['cm/cifar10_lt_ir100_cbdm']).mean():.2f}" in md
     # DDPM is second best: underlined.
-    assert f"<u>{ddpm.mean():.2f} ± {ddpm.std(ddof=1):.2f}</u> (10.70, {ddpm.mean() - 10.7:+.2f})" in md
+    assert (
+        f"<u>{ddpm.mean():.2f} ± {ddpm.std(ddof=1):.2f}</u> (10.70, {ddpm.mean() - 10.7:+.2f})"
+        in md
+    )
     assert "[2/3 seeds]" in md and "pending" in md and "missing: not implemented" in md
     tex = to_latex(result)
     assert r"\textbf{7.75$\pm$1.06}" in tex and r"\underline{" in tex and r"\toprule" in tex
