@@ -39,11 +39,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from lt_diffusion.utils.cache import CACHE_ENV, default_cache_dir
+
 EXTRACTOR_NAME = "inception-v3-compat"
 TF_WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
 TF_WEIGHTS_SHA256_PREFIX = "6726825d"  # torch hub convention: the name carries the hash prefix
 WEIGHTS_ENV = "LT_DIFFUSION_INCEPTION_WEIGHTS"
-CACHE_ENV = "LT_DIFFUSION_CACHE"
 # Bump when the conversion changes: the converted file's name carries it.
 CONVERTER_VERSION = 1
 CONVERTED_PREFIX = f"inception-2015-12-05-from-fid-helper-v{CONVERTER_VERSION}"
@@ -58,12 +59,6 @@ class ISUnavailableError(RuntimeError):
 
 class InceptionWeightsError(RuntimeError):
     """A weights file is missing, corrupt or not the expected network."""
-
-
-def default_cache_dir() -> Path:
-    """``$LT_DIFFUSION_CACHE``, else ``~/.cache/lt_diffusion``."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "lt_diffusion"
 
 
 def file_hash(path: str | Path, algorithm: str = "sha256") -> str:
