@@ -68,6 +68,10 @@ class BatchStream(IterableDataset):
     et al. 2018) draws with replacement with probability proportional to ``1 / N_{y_i}``:
     a class uniformly among those present, then an image uniformly inside it. ``start_batch``
     skips the first batches without computing them (resume).
+
+    ``images`` may also be float features encoded once from the images (a latent backbone's
+    autoencoder posterior): they are served as they are, and ``mirrored`` (the features of the
+    flipped images) replaces the pixel flip.
     """
 
     def __init__(
@@ -80,6 +84,7 @@ class BatchStream(IterableDataset):
         seed: int = 0,
         rank: int = 0,
         start_batch: int = 0,
+        mirrored: Tensor | None = None,
     ) -> None:
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown data sampler {sampler!r}: choose one of {SAMPLERS}")
@@ -90,7 +95,11 @@ class BatchStream(IterableDataset):
             )
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.images, self.labels = images, labels
+        if mirrored is not None and mirrored.shape != images.shape:
+            raise ValueError(
+                f"mirrored features {tuple(mirrored.shape)} must match {tuple(images.shape)}"
+            )
+        self.images, self.labels, self.mirrored = images, labels, mirrored
         self.batch_size, self.sampler, self.hflip = int(batch_size), sampler, bool(hflip)
         self.seed, self.rank, self.start_batch = int(seed), int(rank), int(start_batch)
 
@@ -140,10 +149,13 @@ class BatchStream(IterableDataset):
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         b = self.batch_size
         for k, idx in enumerate(self.indices(), start=self.start_batch):
-            x = self.images[idx].float().div_(127.5).sub_(1.0)
+            x = self.images[idx]
+            if not x.is_floating_point():  # uint8 pixels; encoded features are served as is
+                x = x.float().div_(127.5).sub_(1.0)
             if self.hflip:
                 flip = torch.rand(b, generator=self._generator(_FLIP, k), device=x.device) < 0.5
-                x = torch.where(flip[:, None, None, None], x.flip(3), x)
+                flipped = x.flip(3) if self.mirrored is None else self.mirrored[idx]
+                x = torch.where(flip[:, None, None, None], flipped, x)
             yield x, self.labels[idx]
 
 
@@ -215,6 +227,7 @@ class LongTailDataModule(L.LightningDataModule):
         self.splits: list[str] = []
         self._full: tuple[np.ndarray, np.ndarray] | None = None
         self._reference: tuple[Tensor, Tensor] | None = None
+        self._encoded: tuple[Tensor, Tensor | None] | None = None
 
     # -- construction -------------------------------------------------------------------
     def _check_arrays(self, images: np.ndarray, labels: np.ndarray, split: str) -> None:
@@ -278,8 +291,9 @@ class LongTailDataModule(L.LightningDataModule):
             rank = int(trainer.global_rank)
             # Resume where the checkpoint left off: batches consumed so far.
             start = int(trainer.global_step) * int(getattr(trainer, "accumulate_grad_batches", 1))
+        images, mirrored = self._encoded or (self.train_images, None)
         stream = BatchStream(
-            self.train_images,
+            images,
             self.train_labels,
             self.batch_size,
             self.sampler,
@@ -287,8 +301,31 @@ class LongTailDataModule(L.LightningDataModule):
             seed=self.seed,
             rank=rank,  # each DDP rank draws its own batches
             start_batch=start,
+            mirrored=mirrored,
         )
         return DataLoader(stream, batch_size=None, num_workers=0)
+
+    def use_encoded(self, features: Tensor, mirrored: Tensor | None = None) -> None:
+        """Serve ``features`` (one row per training image, in ``train_images`` order, e.g. a
+        latent backbone's autoencoder posterior) instead of the pixels; ``mirrored`` holds the
+        features of the flipped images, used when ``hflip`` is on. Kept on the device of the
+        training images."""
+        self._ensure_setup()
+        if len(features) != len(self.train_images) or not features.is_floating_point():
+            raise ValueError(
+                f"use_encoded needs float features for the {len(self.train_images)} training "
+                f"images, got {features.dtype} {tuple(features.shape)}"
+            )
+        if self.hflip and mirrored is None:
+            raise ValueError(
+                "hflip is on: pass the features of the mirrored images too (flipping encoded "
+                "features is not flipping the images)"
+            )
+        device = self.train_images.device
+        self._encoded = (
+            features.to(device),
+            mirrored.to(device) if mirrored is not None else None,
+        )
 
     # -- evaluation ----------------------------------------------------------------------
     def reference_set(self, classes: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:

@@ -5,6 +5,11 @@ and every per-step noise from its own generator, seeded by a hash of ``(seed, k)
 sampling device, and rank ``r`` of ``world_size`` takes the chunks with ``k % world_size == r``.
 So the images do not depend on how the work is split: the per-rank outputs put back in chunk
 order (:func:`gather_order`) equal the single-process result exactly, on the same device type.
+
+Latent backbones (``model.latent_shape`` and ``model.decode_latents``,
+:mod:`lt_diffusion.models.latent`) are sampled in latent space and decoded to images: the
+caller still asks for the image shape. Latents are not bounded to ``[-1, 1]``, so their
+reverse process runs without the samplers' pixel-range clamps (:func:`sample_unbounded`).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lt_diffusion.diffusion.samplers import Sampler
+from lt_diffusion.diffusion.samplers import DDIMSampler, DDPMSampler, Sampler, guided_eps
 
 
 def balanced_labels(num_classes: int, n_per_class: int) -> Tensor:
@@ -107,6 +112,62 @@ def gather_order(parts: Sequence[Tensor], n: int, batch_size: int) -> Tensor:
     return torch.cat(out)
 
 
+def is_latent_model(model: nn.Module) -> bool:
+    """Whether ``model`` denoises latents that ``model.decode_latents`` turns into images."""
+    return getattr(model, "latent_shape", None) is not None and callable(
+        getattr(model, "decode_latents", None)
+    )
+
+
+@torch.inference_mode()
+def sample_unbounded(
+    sampler: Sampler,
+    model: nn.Module,
+    noise: Tensor,
+    labels: Tensor,
+    guidance: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The sampler's reverse process without clamping to ``[-1, 1]`` (for latents).
+
+    The same updates as :meth:`DDIMSampler.sample` / :meth:`DDPMSampler.sample` (built from
+    their public step pieces), minus the final clamp; x0-clipping options are refused since
+    they assume pixel data.
+    """
+    labels = sampler._prepare(noise, labels, guidance, generator)
+    if getattr(sampler, "clip_denoised", False):
+        raise ValueError(
+            "clip_denoised clips the predicted x0 to the pixel range [-1, 1], which latents "
+            "do not live in: set sampler.sampler.clip_denoised=false for latent models"
+        )
+    x = noise
+    if isinstance(sampler, DDIMSampler):
+        ts = sampler.timesteps  # descending
+        for i, t_now in enumerate(ts):
+            t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+            t = torch.full((x.shape[0],), t_now, device=x.device, dtype=torch.long)
+            eps = guided_eps(model, x, t, labels, guidance)
+            z = None
+            if sampler.eta > 0.0 and t_prev >= 0:
+                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x, _ = sampler.step(x, eps, t_now, t_prev, z)
+        return x
+    if isinstance(sampler, DDPMSampler):
+        sigmas = sampler.sigmas()
+        for i in reversed(range(sampler.schedule.T)):
+            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+            eps = guided_eps(model, x, t, labels, guidance)
+            x = sampler.schedule.reverse_mean(x, t, eps, clip_denoised=False).to(x.dtype)
+            if i > 0:
+                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                x = x + sigmas[i] * z
+        return x
+    raise TypeError(
+        f"latent models are sampled with DDIM or DDPM; {type(sampler).__name__} clamps its "
+        "output to the pixel range: choose sampler=ddim / ddpm"
+    )
+
+
 def _model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -137,7 +198,7 @@ def generate(
         labels: int64 ``(N,)`` class labels, e.g. :func:`balanced_labels`.
         seed: run seed; chunk ``k`` uses ``chunk_seed(seed, k)``.
         batch_size: chunk size (images per sampler call). Changing it changes the images.
-        image_shape: ``(C, H, W)``.
+        image_shape: ``(C, H, W)`` of the images (of the decoded images for a latent model).
         guidance: classifier-free guidance weight ``w``.
         device: sampling device (default: the model's).
         rank, world_size: this process's share of the chunks.
@@ -154,6 +215,15 @@ def generate(
     if len(image_shape) != 3 or any(int(s) < 1 for s in image_shape):
         raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {image_shape}")
     image_shape = tuple(int(s) for s in image_shape)
+    latent = is_latent_model(model)
+    if latent:
+        own = (int(model.in_channels), int(model.image_size), int(model.image_size))
+        if image_shape != own:
+            raise ValueError(
+                f"image_shape {image_shape} differs from the images this latent model decodes "
+                f"to, {own}: pass (model.in_channels, model.image_size, model.image_size)"
+            )
+    noise_shape = tuple(model.latent_shape) if latent else image_shape
     labels = labels.detach().to("cpu", torch.long)
     num_classes = getattr(model, "num_classes", None)
     if labels.numel() and (
@@ -179,14 +249,13 @@ def generate(
         for start, end in ranges:
             generator = torch.Generator(device=device)
             generator.manual_seed(chunk_seed(seed, start // batch_size))
-            noise = torch.randn((end - start, *image_shape), generator=generator, device=device)
-            x = sampler.sample(
-                model,
-                noise,
-                labels[start:end].to(device),
-                guidance=guidance,
-                generator=generator,
-            )
+            noise = torch.randn((end - start, *noise_shape), generator=generator, device=device)
+            y = labels[start:end].to(device)
+            if latent:
+                z = sample_unbounded(sampler, model, noise, y, guidance, generator)
+                x = model.decode_latents(z)
+            else:
+                x = sampler.sample(model, noise, y, guidance=guidance, generator=generator)
             images.append(to_uint8(x).cpu())
             if bar is not None:
                 bar.update(end - start)

@@ -1,5 +1,14 @@
 """Backbones mapping ``(x_t, t, y)`` to a prediction (DESIGN.md, step 2)."""
 
+from lt_diffusion.models.latent import LatentBackbone, LatentUNet, load_autoencoder
+from lt_diffusion.models.latent_cache import EncodedSet, encoded_training_set
+from lt_diffusion.models.stable_diffusion import (
+    ExpertAdapterSwitch,
+    StableDiffusionBackbone,
+    add_expert_adapter,
+    check_pretrained_folder,
+    merge_lora,
+)
 from lt_diffusion.models.unet import (
     ATTENTION_BLOCKS,
     ResBlock,
@@ -11,9 +20,19 @@ from lt_diffusion.models.unet import (
 
 __all__ = [
     "ATTENTION_BLOCKS",
+    "EncodedSet",
+    "ExpertAdapterSwitch",
+    "LatentBackbone",
+    "LatentUNet",
     "ResBlock",
     "SelfAttention",
+    "StableDiffusionBackbone",
     "UNet",
+    "add_expert_adapter",
     "attention_class",
+    "check_pretrained_folder",
+    "encoded_training_set",
+    "load_autoencoder",
+    "merge_lora",
     "timestep_embedding",
 ]

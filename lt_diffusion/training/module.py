@@ -3,6 +3,11 @@
 Nothing here is method-specific. Speed: the live backbone can run under ``torch.compile`` and
 channels-last; the training step never synchronises with the host (logging is of tensors and
 the progress bar refreshes every ``log_every`` steps).
+
+Latent backbones (:mod:`lt_diffusion.models.latent`) train on autoencoder latents: at fit start
+the datamodule's training images are encoded once (or read from the latent cache) and the batch
+stream serves their posterior moments; each step draws ``x_0`` from them. Backbones conditioned
+on class names (Stable Diffusion's prompts) get the datamodule's names at setup.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from lt_diffusion.diffusion import NoiseSchedule
+from lt_diffusion.diffusion.generate import is_latent_model
 from lt_diffusion.methods import Objective
+from lt_diffusion.models.latent_cache import encoded_training_set
 from lt_diffusion.training.checkpoint import META_KEY
 from lt_diffusion.training.ema import ema_update
 
@@ -73,6 +80,9 @@ class DiffusionModule(L.LightningModule):
         self.channels_last = channels_last
         self.meta = meta or {}
         self._net: Callable[..., Tensor] = model
+        self.latent = is_latent_model(model)
+        # True once the batch stream serves encoded posterior moments instead of pixels.
+        self.encoded_batches = False
 
     def setup(self, stage: str) -> None:
         if self.channels_last:
@@ -81,9 +91,62 @@ class DiffusionModule(L.LightningModule):
         # The compiled wrapper is kept out of the module tree so checkpoints hold plain keys.
         net = torch.compile(self.model) if self.compile_model else self.model
         object.__setattr__(self, "_net", net)
+        self._bind_class_names()
+
+    def _datamodule(self) -> Any:
+        trainer = self._trainer  # None outside a Trainer (self.trainer would raise)
+        return getattr(trainer, "datamodule", None) if trainer is not None else None
+
+    def _bind_class_names(self) -> None:
+        """Give a backbone conditioned on class names (``set_class_names``) the dataset's,
+        in label order; the EMA copy takes the live model's encoding."""
+        dm = self._datamodule()
+        names = list(getattr(dm, "class_names", None) or [])
+        if not names or not hasattr(self.model, "set_class_names"):
+            return
+        self.model.set_class_names(names)
+        self.ema_model.set_class_names(names, like=self.model)
+
+    def on_fit_start(self) -> None:
+        if self.latent:
+            self._use_encoded_training_set()
+
+    def _use_encoded_training_set(self) -> None:
+        """Encode the training images once (rank 0, through the latent cache; the other ranks
+        read its file) and make the datamodule serve the encodings."""
+        dm = self._datamodule()
+        if dm is None or not hasattr(dm, "use_encoded"):
+            return  # pixel batches: encoded at every step instead
+        cache_dir = getattr(self.model, "latent_cache_dir", None)
+        kwargs = {
+            "mirror": bool(getattr(dm, "hflip", False)),
+            "cache_dir": cache_dir,
+            "device": self.device,
+            "batch_size": int(getattr(dm, "batch_size", 64)),
+        }
+        images, labels = dm.train_images, dm.train_labels
+        first = self.trainer.is_global_zero
+        encoded = encoded_training_set(self.model, images, labels, **kwargs) if first else None
+        self.trainer.strategy.barrier("latent_cache")
+        if encoded is None:
+            compute = cache_dir is None  # without a shared cache every rank encodes
+            encoded = encoded_training_set(self.model, images, labels, compute=compute, **kwargs)
+        dm.use_encoded(encoded.moments, encoded.mirrored)
+        self.encoded_batches = True
+
+    def diffusion_input(self, x: Tensor) -> Tensor:
+        """The clean sample ``x_0`` the objective diffuses: ``x`` itself for pixel backbones,
+        one posterior draw of the encoded moments (or of freshly encoded pixels) for latent
+        ones."""
+        if not self.latent:
+            return x
+        if self.encoded_batches:
+            return self.model.latents_from_moments(x)
+        return self.model.encode_images(x)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
+        x = self.diffusion_input(x)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out = self.objective(self._net, x, y, self.schedule)
