@@ -9,6 +9,7 @@ grows with the class index), and files are not sorted by class, as in the real o
 from __future__ import annotations
 
 import gzip
+import json
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
@@ -152,5 +153,148 @@ def write_fashion_mnist(
         images, labels = class_images(n, 10, 28, 1, s)
         write_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}", images[..., 0], gz)
         write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", labels, gz)
+        out[split] = (images, labels)
+    return out
+
+
+# -- image-file datasets (CelebA-HQ, ImageNet-LT, iNaturalist 2018, ArtBench-10) ------------
+
+CELEBA_ATTRIBUTES = [
+    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs",
+    "Big_Lips", "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows",
+    "Chubby", "Double_Chin", "Eyeglasses", "Goatee", "Gray_Hair", "Heavy_Makeup",
+    "High_Cheekbones", "Male", "Mouth_Slightly_Open", "Mustache", "Narrow_Eyes", "No_Beard",
+    "Oval_Face", "Pale_Skin", "Pointy_Nose", "Receding_Hairline", "Rosy_Cheeks", "Sideburns",
+    "Smiling", "Straight_Hair", "Wavy_Hair", "Wearing_Earrings", "Wearing_Hat",
+    "Wearing_Lipstick", "Wearing_Necklace", "Wearing_Necktie", "Young",
+]  # fmt: skip
+ARTBENCH_STYLES = [
+    "art_nouveau", "baroque", "expressionism", "impressionism", "post_impressionism",
+    "realism", "renaissance", "romanticism", "surrealism", "ukiyo_e",
+]  # fmt: skip
+
+
+def _save_image(path: Path, array: np.ndarray) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = "PNG" if path.suffix.lower() == ".png" else "JPEG"
+    Image.fromarray(array).save(path, format=fmt, quality=95)
+
+
+def _file_images(labels: np.ndarray, num_classes: int, hw: tuple[int, int], seed: int):
+    """Class-dependent random RGB images of ``hw = (height, width)``, one per label."""
+    rng = np.random.default_rng(seed)
+    base = (labels * (200 // max(1, num_classes - 1)))[:, None, None, None]
+    noise = rng.integers(0, 56, size=(len(labels), *hw, 3))
+    return (base + noise).clip(0, 255).astype(np.uint8)
+
+
+def write_celeba_hq(
+    root: str | Path, male: Sequence[int], hw: tuple[int, int] = (40, 40), seed: int = 0
+) -> dict[str, Arrays]:
+    """``root/CelebA-HQ-img/<i>.jpg`` and ``root/CelebAMask-HQ-attribute-anno.txt`` (count,
+    the 40 attribute names, then ``<i>.jpg`` and 40 values of 1 / -1 per row)."""
+    root = Path(root)
+    labels = np.asarray(male, dtype=np.int64)
+    images = _file_images(labels, 2, hw, seed)
+    rng = np.random.default_rng(seed + 1)
+    rows = []
+    for i, (img, y) in enumerate(zip(images, labels)):
+        _save_image(root / "CelebA-HQ-img" / f"{i}.jpg", img)
+        values = rng.choice([-1, 1], size=len(CELEBA_ATTRIBUTES))
+        values[CELEBA_ATTRIBUTES.index("Male")] = 1 if y else -1
+        rows.append(f"{i}.jpg " + " ".join(str(v) for v in values))
+    text = "\n".join([str(len(labels)), " ".join(CELEBA_ATTRIBUTES), *rows]) + "\n"
+    (root / "CelebAMask-HQ-attribute-anno.txt").write_text(text)
+    return {"train": (images, labels)}
+
+
+def write_imagenet_lt(
+    root: str | Path,
+    train_counts: Sequence[int],
+    test_per_class: int = 2,
+    hw: tuple[int, int] = (24, 32),
+    seed: int = 0,
+) -> dict[str, Arrays]:
+    """``root/train/<wnid>/<wnid>_<k>.JPEG``, ``root/val/<wnid>/ILSVRC2012_val_<k>.JPEG`` and
+    the split lists ``ImageNet_LT_{train,test}.txt`` (``<path> <label>`` per line, shuffled)."""
+    root = Path(root)
+    num_classes = len(train_counts)
+    wnids = [f"n{1440764 + 1000 * c:08d}" for c in range(num_classes)]
+    out = {}
+    for split, counts in (("train", list(train_counts)), ("test", [test_per_class] * num_classes)):
+        labels = np.repeat(np.arange(num_classes, dtype=np.int64), counts)
+        labels = labels[np.random.default_rng(seed).permutation(len(labels))]
+        images = _file_images(labels, num_classes, hw, seed + len(split))
+        lines = []
+        for k, (img, y) in enumerate(zip(images, labels)):
+            w = wnids[y]
+            rel = (
+                f"train/{w}/{w}_{k}.JPEG"
+                if split == "train"
+                else f"val/{w}/ILSVRC2012_val_{k:08d}.JPEG"
+            )
+            _save_image(root / rel, img)
+            lines.append(f"{rel} {y}")
+        (root / f"ImageNet_LT_{split}.txt").write_text("\n".join(lines) + "\n")
+        out[split] = (images, labels)
+    return out
+
+
+def write_inaturalist(
+    root: str | Path,
+    category_ids: Sequence[int],
+    train_counts: Sequence[int],
+    val_per_class: int = 1,
+    hw: tuple[int, int] = (32, 24),
+    seed: int = 0,
+) -> dict[str, Arrays]:
+    """``root/train2018.json`` / ``root/val2018.json`` (COCO style: images, annotations,
+    categories) over ``root/train_val2018/<kingdom>/<category id>/<hash>.jpg``. Labels in the
+    returned arrays are category ranks (the source's class order: sorted ids)."""
+    root = Path(root)
+    order = np.argsort(category_ids)
+    rank = {int(category_ids[i]): r for r, i in enumerate(order)}
+    cats = [{"id": int(c), "name": f"Species {c}", "kingdom": "Plantae"} for c in category_ids]
+    out = {}
+    for split, counts in (("train", list(train_counts)), ("val", [val_per_class] * len(cats))):
+        ids = np.repeat(np.asarray(category_ids, dtype=np.int64), counts)
+        ids = ids[np.random.default_rng(seed).permutation(len(ids))]
+        labels = np.asarray([rank[int(c)] for c in ids], dtype=np.int64)
+        images = _file_images(labels, len(cats), hw, seed + len(split))
+        data = {"info": {"year": 2018}, "categories": cats, "images": [], "annotations": []}
+        for k, (img, c) in enumerate(zip(images, ids)):
+            rel = f"train_val2018/Plantae/{c}/{split}{k:05d}.jpg"
+            _save_image(root / rel, img)
+            image_id = 1000 * (split == "val") + k
+            data["images"].append(
+                {"id": image_id, "file_name": rel, "width": hw[1], "height": hw[0]}
+            )
+            data["annotations"].append(
+                {"id": image_id, "image_id": image_id, "category_id": int(c)}
+            )
+        (root / f"{split}2018.json").write_text(json.dumps(data))
+        out["train" if split == "train" else "test"] = (images, labels)
+    return out
+
+
+def write_artbench10(
+    root: str | Path,
+    n_per_class: int | Sequence[int] = 4,
+    test_per_class: int = 2,
+    hw: tuple[int, int] = (32, 32),
+    seed: int = 0,
+) -> dict[str, Arrays]:
+    """``root/artbench-10-imagefolder-split/{train,test}/<style>/<artist>_<k>.jpg``; the
+    returned arrays are in the source's order (style, then file name)."""
+    base = Path(root) / "artbench-10-imagefolder-split"
+    out = {}
+    for split, n in (("train", n_per_class), ("test", test_per_class)):
+        counts = [int(n)] * 10 if np.isscalar(n) else list(n)
+        labels = np.repeat(np.arange(10, dtype=np.int64), counts)
+        images = _file_images(labels, 10, hw, seed + len(split))
+        for k, (img, y) in enumerate(zip(images, labels)):
+            _save_image(base / split / ARTBENCH_STYLES[y] / f"artist_{k:05d}.jpg", img)
         out[split] = (images, labels)
     return out

@@ -8,6 +8,13 @@ from lt_diffusion.data.longtail import (
     native_counts,
     order_by_count,
 )
+from lt_diffusion.data.paper_sources import (
+    ArtBench10Source,
+    CelebAHQSource,
+    ImageNetLTSource,
+    INaturalistSource,
+)
+from lt_diffusion.data.prepare import prepared_copy, prepared_root
 from lt_diffusion.data.sources import (
     CIFAR10Source,
     CIFAR100Source,
@@ -21,11 +28,15 @@ __all__ = [
     "PROFILES",
     "RULES",
     "SPLITS",
+    "ArtBench10Source",
     "BatchStream",
     "CIFAR10Source",
+    "CelebAHQSource",
     "CIFAR100Source",
     "FashionMNISTSource",
+    "INaturalistSource",
     "ImageArrays",
+    "ImageNetLTSource",
     "LongTailDataModule",
     "Source",
     "classes_in_split",
@@ -33,6 +44,8 @@ __all__ = [
     "longtail_indices",
     "native_counts",
     "order_by_count",
+    "prepared_copy",
+    "prepared_root",
     "resize_uint8",
     "split_map",
 ]

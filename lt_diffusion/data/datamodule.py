@@ -344,6 +344,8 @@ class LongTailDataModule(L.LightningDataModule):
                 arrays = self.source.load(split)
                 images, labels = arrays.images, np.asarray(arrays.labels, dtype=np.int64)
                 self._check_arrays(images, labels, split)
+            # A prepared copy is a read-only memory map: hold a private writable copy.
+            images = np.require(images, requirements="W")
             x = resize_uint8(torch.from_numpy(images).permute(0, 3, 1, 2), self.image_size)
             self._reference = (x, torch.from_numpy(self.old_to_new[labels]).long())
             self._full = None  # the resized copy replaces it
@@ -390,7 +392,11 @@ class LongTailDataModule(L.LightningDataModule):
         actual = max(counts) / min(nonzero) if nonzero else float("nan")
         table = Table(
             title=f"{self.name}: {info['total']} training images, {self.num_classes} classes",
-            caption=f"profile {self.profile}, IR {self.ratio:g} (actual max/min {actual:.4g})",
+            caption=(
+                f"profile native: the data's own long tail, max/min {actual:.4g}"
+                if self.profile == "native"
+                else f"profile {self.profile}, IR {self.ratio:g} (actual max/min {actual:.4g})"
+            ),
         )
         for col in ("class", "name", "train images", "split"):
             table.add_column(col, justify="left" if col == "name" else "right")
