@@ -68,7 +68,11 @@ def main() -> None:
     base = step_time("ddpm", model_cfg, batch, args.steps, device)
     print(f"{'method':<22}{'ms/step':>10}{'x DDPM':>9}")
     for name in method_names():
-        t = base if name == "ddpm" else step_time(name, model_cfg, batch, args.steps, device)
+        try:
+            t = base if name == "ddpm" else step_time(name, model_cfg, batch, args.steps, device)
+        except (TypeError, ValueError, RuntimeError) as err:  # e.g. a method for another backbone
+            print(f"{name:<22}{'n/a':>10}  ({str(err).splitlines()[0][:90]})")
+            continue
         print(f"{name:<22}{1000 * t:>10.1f}{t / base:>9.2f}")
 
 
