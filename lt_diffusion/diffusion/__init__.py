@@ -1,5 +1,7 @@
-"""Noise schedule, samplers (DDPM ancestral, DDIM, classifier-free guidance) and generation."""
+"""Noise schedule, samplers (DDPM ancestral, DDIM, DPM-Solver++, classifier-free guidance) and
+generation."""
 
+from lt_diffusion.diffusion.dpm_solver import DPMSolverSampler
 from lt_diffusion.diffusion.generate import (
     balanced_labels,
     chunk_ranges,
@@ -21,6 +23,7 @@ from lt_diffusion.diffusion.schedule import NoiseSchedule, make_betas
 __all__ = [
     "DDIMSampler",
     "DDPMSampler",
+    "DPMSolverSampler",
     "NoiseSchedule",
     "Sampler",
     "balanced_labels",

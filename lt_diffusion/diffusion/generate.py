@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from lt_diffusion.diffusion.dpm_solver import DPMSolverSampler
 from lt_diffusion.diffusion.samplers import DDIMSampler, DDPMSampler, Sampler, guided_eps
 
 
@@ -141,6 +142,8 @@ def sample_unbounded(
             "do not live in: set sampler.sampler.clip_denoised=false for latent models"
         )
     x = noise
+    if isinstance(sampler, DPMSolverSampler):
+        return sampler.solve(model, x, labels, guidance)
     if isinstance(sampler, DDIMSampler):
         ts = sampler.timesteps  # descending
         for i, t_now in enumerate(ts):
@@ -163,8 +166,8 @@ def sample_unbounded(
                 x = x + sigmas[i] * z
         return x
     raise TypeError(
-        f"latent models are sampled with DDIM or DDPM; {type(sampler).__name__} clamps its "
-        "output to the pixel range: choose sampler=ddim / ddpm"
+        f"latent models are sampled with DDIM, DDPM or DPM-Solver; {type(sampler).__name__} "
+        "clamps its output to the pixel range: choose sampler=ddim / ddpm / dpm_solver"
     )
 
 
