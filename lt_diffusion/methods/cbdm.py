@@ -28,6 +28,7 @@ from lt_diffusion.methods.common import (
     BaseContext,
     ComposableObjective,
     call_model,
+    call_model_pair,
     label_distribution,
     per_sample_mse,
     sample_labels,
@@ -111,19 +112,7 @@ class CBDMObjective(ComposableObjective):
                 f"model has {num_classes}: check dataset.num_classes"
             )
         y_bal = self.target_labels(y.shape[0])
-        if self.fused_forward:
-            aug2 = None if aug_labels is None else torch.cat([aug_labels, aug_labels])
-            out = call_model(
-                model,
-                torch.cat([b.x_t, b.x_t]),
-                torch.cat([b.t, b.t]),
-                torch.cat([y_in, y_bal]),
-                aug2,
-            )
-            h, h_bal = out.chunk(2)
-        else:
-            h = call_model(model, b.x_t, b.t, y_in, aug_labels)
-            h_bal = call_model(model, b.x_t, b.t, y_bal, aug_labels)
+        h, h_bal = call_model_pair(model, b.x_t, b.t, y_in, y_bal, aug_labels, self.fused_forward)
 
         ddpm = mse(h, b.noise)
         # Only samples fed a real label regularise (all of them under batch-mode dropout).

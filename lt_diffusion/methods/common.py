@@ -58,6 +58,26 @@ def call_model(
     return model(x, t, y, aug_labels=aug_labels)
 
 
+def call_model_pair(
+    model: Callable[..., Tensor],
+    x: Tensor,
+    t: Tensor,
+    y_a: Tensor,
+    y_b: Tensor,
+    aug_labels: Tensor | None,
+    fused: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """The predictions for labels ``y_a`` and ``y_b`` on the same ``(x, t)``: one forward over
+    the concatenated batch when ``fused`` (one kernel launch per layer, the same numbers up to
+    batch-dependent kernels), else two."""
+    if not fused:
+        return call_model(model, x, t, y_a, aug_labels), call_model(model, x, t, y_b, aug_labels)
+    aug2 = None if aug_labels is None else torch.cat([aug_labels, aug_labels])
+    out = call_model(model, torch.cat([x, x]), torch.cat([t, t]), torch.cat([y_a, y_b]), aug2)
+    a, b = out.chunk(2)
+    return a, b
+
+
 def per_sample_mse(a: Tensor, b: Tensor) -> Tensor:
     """Mean squared error per sample, shape (B,), in float32 (bf16 outputs are upcast)."""
     return (a.float() - b.float()).pow(2).flatten(1).mean(1)

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from lt_diffusion.diffusion import NoiseSchedule
 from lt_diffusion.methods.base import ObjectiveOutput, mse
-from lt_diffusion.methods.common import BaseContext, ComposableObjective, call_model
+from lt_diffusion.methods.common import BaseContext, ComposableObjective, call_model_pair
 
 IMBA_GRANULARITIES = ("token", "sample")
 IMBA_POWERS = ("elementwise", "after_mean")
@@ -143,19 +143,7 @@ class IMBAObjective(ComposableObjective):
     ) -> tuple[ObjectiveOutput, BaseContext]:
         b = self.noised(x0, schedule)
         y_null = torch.full_like(y, model.null_label)
-        if self.fused_forward:
-            aug2 = None if aug_labels is None else torch.cat([aug_labels, aug_labels])
-            out = call_model(
-                model,
-                torch.cat([b.x_t, b.x_t]),
-                torch.cat([b.t, b.t]),
-                torch.cat([y, y_null]),
-                aug2,
-            )
-            eps_c, eps_u = out.chunk(2)
-        else:
-            eps_c = call_model(model, b.x_t, b.t, y, aug_labels)
-            eps_u = call_model(model, b.x_t, b.t, y_null, aug_labels)
+        eps_c, eps_u = call_model_pair(model, b.x_t, b.t, y, y_null, aug_labels, self.fused_forward)
 
         dist = imba_distance(
             b.noise, eps_u.detach(), self.gamma, self.granularity, self.power

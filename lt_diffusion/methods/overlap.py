@@ -33,7 +33,12 @@ from torch import Tensor
 
 from lt_diffusion.diffusion import NoiseSchedule
 from lt_diffusion.methods.base import ObjectiveOutput, mse
-from lt_diffusion.methods.common import BaseContext, ComposableObjective, call_model
+from lt_diffusion.methods.common import (
+    BaseContext,
+    ComposableObjective,
+    call_model,
+    call_model_pair,
+)
 
 
 def overlap_timestep_weights(schedule: NoiseSchedule) -> Tensor:
@@ -106,19 +111,9 @@ class OverlapObjective(ComposableObjective):
         num_classes = int(getattr(model, "num_classes", self.class_counts.numel()))
         real = y_in != null
         y_neg = negative_labels(torch.where(real, y_in, torch.zeros_like(y_in)), num_classes)
-        if self.fused_forward:
-            aug2 = None if aug_labels is None else torch.cat([aug_labels, aug_labels])
-            out = call_model(
-                model,
-                torch.cat([b.x_t, b.x_t]),
-                torch.cat([b.t, b.t]),
-                torch.cat([y_in, y_neg]),
-                aug2,
-            )
-            eps, eps_neg = out.chunk(2)
-        else:
-            eps = call_model(model, b.x_t, b.t, y_in, aug_labels)
-            eps_neg = call_model(model, b.x_t, b.t, y_neg, aug_labels)
+        eps, eps_neg = call_model_pair(
+            model, b.x_t, b.t, y_in, y_neg, aug_labels, self.fused_forward
+        )
         if self.detach_negative:
             eps_neg = eps_neg.detach()
 

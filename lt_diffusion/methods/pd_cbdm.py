@@ -34,7 +34,7 @@ from torch import Tensor
 from lt_diffusion.diffusion import NoiseSchedule
 from lt_diffusion.methods.base import ObjectiveOutput
 from lt_diffusion.methods.cbdm import CBDMObjective
-from lt_diffusion.methods.common import BaseContext, call_model, timestep_weight
+from lt_diffusion.methods.common import BaseContext, call_model_pair, timestep_weight
 
 
 def head_tail_split(class_counts: Sequence[int] | Tensor, ratio: float) -> tuple[Tensor, Tensor]:
@@ -136,15 +136,9 @@ class PDCBDMObjective(CBDMObjective):
 
         y_head, y_tail = self.head_tail_labels(y.shape[0])
         x_t, t = ctx.x_t, ctx.t
-        if self.fused_forward:
-            aug2 = None if aug_labels is None else torch.cat([aug_labels, aug_labels])
-            eps = call_model(
-                model, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y_head, y_tail]), aug2
-            )
-            eps_h, eps_t = eps.chunk(2)
-        else:
-            eps_h = call_model(model, x_t, t, y_head, aug_labels)
-            eps_t = call_model(model, x_t, t, y_tail, aug_labels)
+        eps_h, eps_t = call_model_pair(
+            model, x_t, t, y_head, y_tail, aug_labels, self.fused_forward
+        )
         mu_h = reverse_mean_from_eps(schedule, x_t, t, eps_h)
         mu_t = reverse_mean_from_eps(schedule, x_t, t, eps_t)
         dist = (mu_h - mu_t).pow(2).flatten(1).mean(1)
