@@ -74,28 +74,15 @@ class DPMSolverSampler(Sampler):
         """The visited timesteps, descending."""
         return self._ts[::-1]
 
-    @torch.inference_mode()
-    def sample(
-        self,
-        model: Model,
-        noise: Tensor,
-        labels: Tensor,
-        guidance: float = 0.0,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-    ) -> Tensor:
-        labels = self._prepare(noise, labels, guidance, generator)
-        return self.solve(model, noise, labels, guidance, progress).clamp(-1.0, 1.0)
-
     def solve(
         self,
         model: Model,
         x: Tensor,
         labels: Tensor,
         guidance: float = 0.0,
+        generator: torch.Generator | None = None,
         progress: bool = False,
     ) -> Tensor:
-        """The ODE solution from ``x`` (x_T) without the final clamp (latents are unbounded)."""
         abar = self.schedule.host64("alphas_cumprod").tolist()
         ts = self.timesteps
         alpha = [math.sqrt(abar[t]) for t in ts] + [1.0]

@@ -20,8 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lt_diffusion.diffusion.dpm_solver import DPMSolverSampler
-from lt_diffusion.diffusion.samplers import DDIMSampler, DDPMSampler, Sampler, guided_eps
+from lt_diffusion.diffusion.samplers import Sampler
 
 
 def balanced_labels(num_classes: int, n_per_class: int) -> Tensor:
@@ -129,46 +128,15 @@ def sample_unbounded(
     guidance: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """The sampler's reverse process without clamping to ``[-1, 1]`` (for latents).
-
-    The same updates as :meth:`DDIMSampler.sample` / :meth:`DDPMSampler.sample` (built from
-    their public step pieces), minus the final clamp; x0-clipping options are refused since
-    they assume pixel data.
-    """
+    """The sampler's reverse process without the final clamp to ``[-1, 1]`` (for latents);
+    x0-clipping options are refused since they assume pixel data."""
     labels = sampler._prepare(noise, labels, guidance, generator)
     if getattr(sampler, "clip_denoised", False):
         raise ValueError(
             "clip_denoised clips the predicted x0 to the pixel range [-1, 1], which latents "
             "do not live in: set sampler.sampler.clip_denoised=false for latent models"
         )
-    x = noise
-    if isinstance(sampler, DPMSolverSampler):
-        return sampler.solve(model, x, labels, guidance)
-    if isinstance(sampler, DDIMSampler):
-        ts = sampler.timesteps  # descending
-        for i, t_now in enumerate(ts):
-            t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-            t = torch.full((x.shape[0],), t_now, device=x.device, dtype=torch.long)
-            eps = guided_eps(model, x, t, labels, guidance)
-            z = None
-            if sampler.eta > 0.0 and t_prev >= 0:
-                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x, _ = sampler.step(x, eps, t_now, t_prev, z)
-        return x
-    if isinstance(sampler, DDPMSampler):
-        sigmas = sampler.sigmas()
-        for i in reversed(range(sampler.schedule.T)):
-            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            eps = guided_eps(model, x, t, labels, guidance)
-            x = sampler.schedule.reverse_mean(x, t, eps, clip_denoised=False).to(x.dtype)
-            if i > 0:
-                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                x = x + sigmas[i] * z
-        return x
-    raise TypeError(
-        f"latent models are sampled with DDIM, DDPM or DPM-Solver; {type(sampler).__name__} "
-        "clamps its output to the pixel range: choose sampler=ddim / ddpm / dpm_solver"
-    )
+    return sampler.solve(model, noise, labels, guidance, generator)
 
 
 def _model_device(model: nn.Module) -> torch.device:

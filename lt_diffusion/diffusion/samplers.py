@@ -88,7 +88,7 @@ class Sampler(ABC):
     def num_steps(self) -> int:
         """Number of network evaluations per image (before guidance doubling)."""
 
-    @abstractmethod
+    @torch.inference_mode()
     def sample(
         self,
         model: Model,
@@ -111,6 +111,21 @@ class Sampler(ABC):
         Returns:
             x_0 clamped to ``[-1, 1]``, same shape and dtype as ``noise``.
         """
+        labels = self._prepare(noise, labels, guidance, generator)
+        return self.solve(model, noise, labels, guidance, generator, progress).clamp(-1.0, 1.0)
+
+    @abstractmethod
+    def solve(
+        self,
+        model: Model,
+        x: Tensor,
+        labels: Tensor,
+        guidance: float = 0.0,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> Tensor:
+        """The reverse process from ``x`` (x_T) with labels already on ``x``'s device, without
+        :meth:`sample`'s checks and final clamp (latents are not bounded to ``[-1, 1]``)."""
 
     def _prepare(
         self, noise: Tensor, labels: Tensor, guidance: float, generator: torch.Generator | None
@@ -180,26 +195,23 @@ class DDPMSampler(Sampler):
             var = torch.cat([post_var[1:2], post_var[1:]])
         return var.sqrt().tolist()
 
-    @torch.inference_mode()
-    def sample(
+    def solve(
         self,
         model: Model,
-        noise: Tensor,
+        x: Tensor,
         labels: Tensor,
         guidance: float = 0.0,
         generator: torch.Generator | None = None,
         progress: bool = False,
     ) -> Tensor:
-        labels = self._prepare(noise, labels, guidance, generator)
         sigmas = self.sigmas()
-        x = noise
         T = self.schedule.T
         for i in _progress(reversed(range(T)), progress, "DDPM", T):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             eps = guided_eps(model, x, t, labels, guidance)
             mean = self.schedule.reverse_mean(x, t, eps, self.clip_denoised).to(x.dtype)
             x = (mean + sigmas[i] * _randn_like(x, generator)) if i > 0 else mean
-        return x.clamp(-1.0, 1.0)
+        return x
 
 
 def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform") -> list[int]:
@@ -317,22 +329,19 @@ class DDIMSampler(Sampler):
         a_prev = 1.0 if t_prev < 0 else float(abar[t_prev])
         return self._update(x_t, eps, float(abar[t]), a_prev, noise)
 
-    @torch.inference_mode()
-    def sample(
+    def solve(
         self,
         model: Model,
-        noise: Tensor,
+        x: Tensor,
         labels: Tensor,
         guidance: float = 0.0,
         generator: torch.Generator | None = None,
         progress: bool = False,
     ) -> Tensor:
-        labels = self._prepare(noise, labels, guidance, generator)
         # Host float64 scalars: the loop never syncs, and 1 - abar keeps its digits near t = 0.
         abar = self.schedule.host64("alphas_cumprod").tolist()
         ts = self._ts
-        x = noise
-        x0 = noise
+        x0 = x
         for i in _progress(reversed(range(len(ts))), progress, f"DDIM{len(ts)}", len(ts)):
             t = torch.full((x.shape[0],), ts[i], device=x.device, dtype=torch.long)
             eps = guided_eps(model, x, t, labels, guidance)
@@ -341,4 +350,4 @@ class DDIMSampler(Sampler):
             z = _randn_like(x, generator) if self.eta > 0.0 and i > 0 else None
             x, x0 = self._update(x, eps, a_t, a_prev, z)
         # After the last step abar_prev = 1, so x equals the x0 prediction.
-        return x0.clamp(-1.0, 1.0)
+        return x0
