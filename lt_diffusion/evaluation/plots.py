@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,51 @@ from lt_diffusion.evaluation.record import SPLIT_NAMES, class_index  # noqa: E40
 from lt_diffusion.utils.io import atomic_write_bytes  # noqa: E402
 
 SPLIT_COLORS = {"many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
+
+
+def scatter_vs_count(
+    ax: Any,
+    values: Sequence[float | None],
+    counts: Sequence[int],
+    splits: Sequence[str],
+    names: Sequence[str] | None = None,
+    marker: str = "o",
+    label_prefix: str = "",
+) -> None:
+    """Scatter the defined per-class ``values`` against ``counts`` (log x), one colour a split;
+    class names are written next to the points when at most 20 are drawn."""
+    for split in SPLIT_NAMES:
+        cs = [c for c, v in enumerate(values) if v is not None and splits[c] == split]
+        if cs:
+            ax.scatter(
+                [max(counts[c], 1) for c in cs],
+                [values[c] for c in cs],
+                color=SPLIT_COLORS[split],
+                marker=marker,
+                label=f"{label_prefix}{split}",
+                zorder=3,
+            )
+    defined = [(c, v) for c, v in enumerate(values) if v is not None]
+    if names is not None and len(defined) <= 20:  # labels stay readable
+        for c, v in defined:
+            ax.annotate(
+                names[c], (max(counts[c], 1), v), fontsize=7, xytext=(3, 3),
+                textcoords="offset points",
+            )  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("training images of the class (log scale)")
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Render ``fig`` to PNG in memory, close it, then write the file atomically."""
+    try:
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+    finally:
+        plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def _fid(entry: Any) -> float | None:
@@ -42,22 +88,8 @@ def plot_fid_vs_count(record: dict[str, Any], path: str | Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     try:
         if per_class:
-            for split in SPLIT_NAMES:
-                cs = [c for c in sorted(per_class) if splits[c] == split]
-                if cs:
-                    ax.scatter(
-                        [max(counts[c], 1) for c in cs],
-                        [per_class[c] for c in cs],
-                        color=SPLIT_COLORS[split],
-                        label=split,
-                        zorder=3,
-                    )
-            if len(per_class) <= 20:  # labels stay readable
-                for c, v in per_class.items():
-                    ax.annotate(
-                        names[c], (max(counts[c], 1), v), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points",
-                    )  # fmt: skip
+            values = [per_class.get(c) for c in range(len(counts))]
+            scatter_vs_count(ax, values, counts, splits, names)
             n = next(iter(metrics["per_class"].values())).get("n_generated")
             what = f"per-class FID ({n} generated per class)"
         else:
@@ -83,9 +115,7 @@ def plot_fid_vs_count(record: dict[str, Any], path: str | Path) -> Path | None:
         ax.set_title(f"{dataset['name']}: {what}", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-    finally:
+    except BaseException:
         plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+        raise
+    return save_figure(fig, path)
