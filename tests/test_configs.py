@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 from hydra.errors import MissingConfigException
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from lt_diffusion.diffusion.schedule import SCHEDULE_KINDS
 from tests.conftest import CONFIG_DIR, compose_config
 
 GROUPS = sorted(
@@ -36,6 +38,9 @@ def test_every_group_option_composes_into_train(group: str, option: str) -> None
     resolved = _resolve(cfg)
     assert resolved["run_name"]
     assert resolved["model"]["num_classes"] == resolved["dataset"]["num_classes"]
+    # The noise schedule a row names must exist (CM Table 6's scaled_linear once did not).
+    assert resolved["diffusion"]["kind"] in SCHEDULE_KINDS
+    assert instantiate(cfg.diffusion).T == resolved["diffusion"]["num_timesteps"]
 
 
 def test_cm_table_rows_set_the_papers_budget() -> None:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from lt_diffusion.diffusion import NoiseSchedule
+from lt_diffusion.diffusion.schedule import SCHEDULE_KINDS
+from tests.conftest import CONFIG_DIR, compose_config
 
 
 def _np_linear(T: int = 1000, b0: float = 1e-4, b1: float = 0.02) -> dict[str, np.ndarray]:
@@ -169,3 +174,65 @@ def test_sample_t_is_uniform_and_seeded() -> None:
 def test_bad_schedule_is_refused(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         NoiseSchedule(**kwargs)
+
+
+# (our kind, diffusers' beta_schedule, beta_start, beta_end) for the schedules both define.
+DIFFUSERS_SCHEDULES = [
+    ("linear", "linear", 1e-4, 0.02),  # Ho et al.
+    ("scaled_linear", "scaled_linear", 0.00085, 0.012),  # Stable Diffusion 1.x
+    ("cosine", "squaredcos_cap_v2", 1e-4, 0.02),  # Nichol & Dhariwal (betas ignored)
+]
+
+
+@pytest.mark.parametrize("kind,theirs,b0,b1", DIFFUSERS_SCHEDULES)
+def test_schedule_matches_diffusers(kind: str, theirs: str, b0: float, b1: float) -> None:
+    """The float64 constants against diffusers' DDPMScheduler, which builds them in float32."""
+    from diffusers import DDPMScheduler
+
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_start=b0, beta_end=b1, beta_schedule=theirs)
+    s = NoiseSchedule(1000, b0, b1, kind)
+    # Betas: float32 rounding of diffusers' values; alphas_cumprod: their float32 cumprod over
+    # 1000 steps drifts by up to ~1e-5 relative where abar is tiny (cosine's last steps).
+    np.testing.assert_allclose(s.host64("betas"), ref.betas.double(), rtol=5e-7, atol=0)
+    np.testing.assert_allclose(
+        s.host64("alphas_cumprod"), ref.alphas_cumprod.double(), rtol=3e-5, atol=0
+    )
+
+
+def test_scaled_linear_is_the_square_of_a_linear_root() -> None:
+    b0, b1 = 0.00085, 0.012
+    s = NoiseSchedule(1000, b0, b1, "scaled_linear")
+    ref = [(math.sqrt(b0) + (math.sqrt(b1) - math.sqrt(b0)) * i / 999) ** 2 for i in range(1000)]
+    np.testing.assert_allclose(s.host64("betas"), ref, rtol=1e-13)
+    assert s.host64("betas")[0] == pytest.approx(b0) and s.host64("betas")[-1] == pytest.approx(b1)
+    # Not the linear schedule with the same ends: the middle betas are smaller.
+    assert s.host64("betas")[500] < (b0 + b1) / 2 - 1e-4
+
+
+@pytest.mark.parametrize(
+    "option", sorted(p.stem for p in (Path(CONFIG_DIR) / "diffusion").glob("*.yaml"))
+)
+def test_every_diffusion_config_builds(option: str) -> None:
+    """Each option of the ``diffusion`` group names a known kind and builds (every composed
+    experiment's schedule is built in tests/test_configs.py)."""
+    cfg = OmegaConf.load(Path(CONFIG_DIR) / "diffusion" / f"{option}.yaml")
+    assert cfg.kind in SCHEDULE_KINDS
+    schedule = instantiate(cfg)
+    assert isinstance(schedule, NoiseSchedule) and schedule.kind == cfg.kind
+
+
+def test_stable_diffusion_rows_train_with_stable_diffusions_schedule() -> None:
+    """CM Table 6's rows fine-tune miniSD: its schedule must be SD's own (scaled_linear,
+    0.00085 .. 0.012, T = 1000), the one diffusers' StableDiffusionPipeline trains with."""
+    from diffusers import DDPMScheduler
+
+    cfg = compose_config("train", ["experiment=cm/artbench10_ir100_cm"])
+    schedule = instantiate(cfg.diffusion)
+    assert (schedule.kind, schedule.T) == ("scaled_linear", 1000)
+    sd = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+    )
+    np.testing.assert_allclose(schedule.host64("betas"), sd.betas.double(), rtol=5e-7)
+    assert dict(cfg.model.schedule) == {
+        "num_timesteps": 1000, "kind": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012
+    }  # fmt: skip

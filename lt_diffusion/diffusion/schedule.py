@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-SCHEDULE_KINDS = ("linear", "cosine")
+SCHEDULE_KINDS = ("linear", "scaled_linear", "cosine")
 
 # Names of the per-timestep buffers, all of shape (T,).
 BUFFER_NAMES = (
@@ -38,12 +38,20 @@ def make_betas(
     """The float64 beta sequence of length ``num_timesteps``.
 
     ``"linear"``: ``linspace(beta_start, beta_end, T)`` (Ho et al.).
+    ``"scaled_linear"``: ``linspace(sqrt(beta_start), sqrt(beta_end), T)^2``, the schedule of
+    latent diffusion / Stable Diffusion 1.x (Rombach et al. 2022, ``beta_start = 0.00085``,
+    ``beta_end = 0.012``; diffusers' ``beta_schedule="scaled_linear"``).
     ``"cosine"``: Nichol & Dhariwal (2021), ``abar(t) = cos^2(((t/T) + s) / (1 + s) * pi/2)``
     with ``s = 0.008``, ``beta_t = min(1 - abar(t+1)/abar(t), 0.999)``; it ignores
     ``beta_start`` / ``beta_end``.
     """
     if kind == "linear":
         return np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
+    if kind == "scaled_linear":
+        root = np.linspace(
+            math.sqrt(beta_start), math.sqrt(beta_end), num_timesteps, dtype=np.float64
+        )
+        return root**2
     if kind == "cosine":
         s = 0.008
         steps = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
@@ -66,9 +74,10 @@ class NoiseSchedule(nn.Module):
 
     Args:
         num_timesteps: T, the number of diffusion steps (>= 2).
-        beta_start: beta of the first step (linear kind).
-        beta_end: beta of the last step (linear kind).
-        kind: ``"linear"`` (Ho et al.) or ``"cosine"`` (Nichol & Dhariwal).
+        beta_start: beta of the first step (linear and scaled_linear kinds).
+        beta_end: beta of the last step (linear and scaled_linear kinds).
+        kind: ``"linear"`` (Ho et al.), ``"scaled_linear"`` (Stable Diffusion) or
+            ``"cosine"`` (Nichol & Dhariwal); see :func:`make_betas`.
     """
 
     betas: Tensor
