@@ -94,6 +94,10 @@ def test_cifar_config_has_the_papers_size() -> None:
     n = sum(p.numel() for p in model.parameters())
     assert abs(n - 35.7e6) / 35.7e6 < 0.01, n
     assert n == _ho_unet_param_count(128, (1, 2, 2, 2), {1}, 2, 3, 10)
+    # Ho et al.'s normalisation: 32 groups in every GroupNorm (4 channels each at 128).
+    norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+    assert norms and all(m.num_groups == 32 for m in norms)
+    assert min(m.num_channels for m in norms) == 128
 
 
 def test_small_config_param_count_matches_layout() -> None:
@@ -197,8 +201,9 @@ def test_attention_matches_explicit_softmax_in_float64() -> None:
     x = torch.randn(2, c, hw, hw, dtype=torch.float64)
     out = block(x, torch.randn(2, 128, dtype=torch.float64))
 
-    # Independent computation: tokens as rows, 1x1 convs as matrices.
-    h = F.group_norm(x, 32, block.norm.weight, block.norm.bias, eps=block.norm.eps)
+    # Independent computation: tokens as rows, 1x1 convs as matrices. 64 channels: 16 groups
+    # of 4 (at most 32 groups, at least 4 channels each).
+    h = F.group_norm(x, 16, block.norm.weight, block.norm.bias, eps=block.norm.eps)
     tokens = h.flatten(2).transpose(1, 2)  # (B, HW, C)
 
     def lin(conv: nn.Conv2d, z: torch.Tensor) -> torch.Tensor:
@@ -298,7 +303,9 @@ def test_scalar_timestep_is_broadcast() -> None:
     [
         (dict(image_size=28, ch_mult=(1, 2, 2, 2)), r"divisible by 8.*at most 3 entries"),
         (dict(image_size=32, attn_resolutions=(12,)), r"\[12\].*\[32, 16, 8, 4\]"),
-        (dict(ch=48), r"multiple of 32"),
+        (dict(ch=33), r"model.ch must be a positive even number.*try 34"),
+        (dict(ch=2), r"model.ch=2 is narrower.*norm_group_min_channels=4"),
+        (dict(norm_groups=0), r"model.norm_groups"),
         (dict(num_classes=0), r"num_classes must be >= 1"),
         (dict(attention="flash"), r"unknown attention 'flash'.*\['self', 'tsa'\]"),
         (dict(ch_mult=()), r"non-empty"),
@@ -333,8 +340,8 @@ def test_registry_makes_a_new_attention_one_entry() -> None:
     class TimeAttention(SelfAttention):
         """A stand-in for TSA: q, k, v each get a projection of temb added."""
 
-        def __init__(self, channels: int, temb_dim: int) -> None:
-            super().__init__(channels, temb_dim)
+        def __init__(self, channels: int, temb_dim: int, **kwargs) -> None:
+            super().__init__(channels, temb_dim, **kwargs)
             self.tq, self.tk, self.tv = (nn.Linear(temb_dim, channels) for _ in range(3))
 
         def project_qkv(self, h, temb):

@@ -12,22 +12,27 @@ Hooks the methods use:
 * ``aug_labels``: ADA's augmentation description, ``None`` at sampling time.
 * ``return_bottleneck=True``: also return the feature map after the middle blocks (CORAL).
 * ``attention``: the attention block class, picked by name from :data:`ATTENTION_BLOCKS`, so a
-  timestep-dependent variant (PD-CBDM's TSA) is one registry entry; every block's forward
-  takes ``(x, temb)``.
+  timestep-dependent variant (PD-CBDM's TSA) is one registry entry; every block is built as
+  ``cls(channels, temb_dim, norm=...)`` and its forward takes ``(x, temb)``.
 * ``model.up``: the up-sampling half as one ``ModuleList`` (CM decomposes only these weights).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Ho et al. use GroupNorm with 32 groups everywhere; every channel count must divide by it.
+# GroupNorm: at most 32 groups (Ho et al.) and at least 4 channels in each. Ho et al. run at
+# widths >= 128, where the two agree (32 groups of >= 4). At narrower widths 32 groups would
+# be one channel each: the norm then removes any per-channel constant, so the time / class
+# shift a residual block adds before its second norm would vanish (t and y ignored).
 NORM_GROUPS = 32
+NORM_GROUP_MIN_CHANNELS = 4
 # Output layers of residual branches start near zero, so every block starts near identity.
 SMALL_GAIN = 1e-5
 
@@ -37,6 +42,32 @@ def _xavier(module: nn.Conv2d | nn.Linear, gain: float = 1.0) -> None:
     nn.init.xavier_uniform_(module.weight, gain=gain)
     if module.bias is not None:
         nn.init.zeros_(module.bias)
+
+
+def norm_group_count(
+    channels: int, max_groups: int = NORM_GROUPS, min_channels: int = NORM_GROUP_MIN_CHANNELS
+) -> int:
+    """GroupNorm's group count for a width: the most groups, at most ``max_groups``, that divide
+    ``channels`` and leave at least ``min_channels`` channels in each (32 groups of 4 at
+    Ho et al.'s 128 channels; 8 groups of 4 at 32 channels)."""
+    for groups in range(min(max_groups, channels // min_channels), 0, -1):
+        if channels % groups == 0:
+            return groups
+    raise ValueError(
+        f"a GroupNorm over {channels} channels cannot keep {min_channels} channels per group: "
+        f"lower model.norm_group_min_channels or widen the model (model.ch)"
+    )
+
+
+def group_norm(
+    channels: int, max_groups: int = NORM_GROUPS, min_channels: int = NORM_GROUP_MIN_CHANNELS
+) -> nn.GroupNorm:
+    """``nn.GroupNorm`` with :func:`norm_group_count` groups."""
+    return nn.GroupNorm(norm_group_count(channels, max_groups, min_channels), channels)
+
+
+# Builds the GroupNorm for a width: what the blocks take as ``norm``.
+NormFactory = Callable[[int], nn.GroupNorm]
 
 
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:
@@ -62,13 +93,14 @@ class SelfAttention(nn.Module):
     :meth:`project_qkv` (PD-CBDM's TSA adds a projection of ``temb`` to each).
 
     Args:
-        channels: feature channels C (divisible by 32 for the GroupNorm).
+        channels: feature channels C.
         temb_dim: width of the time embedding; unused here, part of the block interface.
+        norm: builds the GroupNorm for ``channels`` (default: :func:`group_norm`).
     """
 
-    def __init__(self, channels: int, temb_dim: int) -> None:
+    def __init__(self, channels: int, temb_dim: int, norm: NormFactory = group_norm) -> None:
         super().__init__()
-        self.norm = nn.GroupNorm(NORM_GROUPS, channels)
+        self.norm = norm(channels)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -102,8 +134,8 @@ class TimestepSelfAttention(SelfAttention):
     computes exactly what :class:`SelfAttention` with the same weights computes.
     """
 
-    def __init__(self, channels: int, temb_dim: int) -> None:
-        super().__init__(channels, temb_dim)
+    def __init__(self, channels: int, temb_dim: int, norm: NormFactory = group_norm) -> None:
+        super().__init__(channels, temb_dim, norm)
         self.q_t = nn.Linear(temb_dim, channels)
         self.k_t = nn.Linear(temb_dim, channels)
         self.v_t = nn.Linear(temb_dim, channels)
@@ -121,7 +153,7 @@ class TimestepSelfAttention(SelfAttention):
 
 
 # Attention variants by name: the ``attention`` argument of :class:`UNet`. A variant is a
-# module ``cls(channels, temb_dim)`` whose forward is ``(x, temb) -> x``.
+# module ``cls(channels, temb_dim, norm=...)`` whose forward is ``(x, temb) -> x``.
 ATTENTION_BLOCKS: dict[str, type[nn.Module]] = {
     "self": SelfAttention,
     "tsa": TimestepSelfAttention,
@@ -145,7 +177,9 @@ class ResBlock(nn.Module):
 
     ``GN -> SiLU -> conv3x3``, plus ``Linear(SiLU(temb))`` per channel, then
     ``GN -> SiLU -> Dropout -> conv3x3`` (small-gain init) and a 1x1 shortcut when the width
-    changes.
+    changes. ``attn(out_ch, temb_dim)`` builds the attention block after it (``None``: none).
+    The per-channel time shift reaches the output only if the second GroupNorm has more than
+    one channel per group.
     """
 
     def __init__(
@@ -154,13 +188,14 @@ class ResBlock(nn.Module):
         out_ch: int,
         temb_dim: int,
         dropout: float,
-        attn: type[nn.Module] | None = None,
+        attn: Callable[[int, int], nn.Module] | None = None,
+        norm: NormFactory = group_norm,
     ) -> None:
         super().__init__()
-        self.norm1 = nn.GroupNorm(NORM_GROUPS, in_ch)
+        self.norm1 = norm(in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.temb_proj = nn.Linear(temb_dim, out_ch)
-        self.norm2 = nn.GroupNorm(NORM_GROUPS, out_ch)
+        self.norm2 = norm(out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -224,7 +259,8 @@ class UNet(nn.Module):
     Args:
         image_size: input height = width in pixels.
         in_channels: image channels (1 or 3); the output has the same number.
-        ch: base width; multiple of 32 (GroupNorm with 32 groups).
+        ch: base width; even (the sinusoidal time embedding has ``ch`` features) and at least
+            ``norm_group_min_channels``.
         ch_mult: width multiplier per resolution level; level ``i`` runs at
             ``image_size / 2**i``, so ``image_size`` must divide by ``2**(len(ch_mult)-1)``.
         attn_resolutions: resolutions (in pixels) whose residual blocks get an attention block
@@ -238,6 +274,11 @@ class UNet(nn.Module):
         tsa_resolutions: resolutions whose residual blocks get PD-CBDM's
             :class:`TimestepSelfAttention` instead (``[16]`` for PD-CBDM); other
             ``attn_resolutions`` keep the ``attention`` block. Default empty: no TSA.
+        norm_groups: the most GroupNorm groups a width gets (32: Ho et al.).
+        norm_group_min_channels: the fewest channels a group keeps (4). Each GroupNorm takes
+            :func:`norm_group_count` groups: 32 groups at Ho et al.'s widths (>= 128), fewer at
+            narrow ones (8 groups of 4 at 32 channels), so a block's time / class shift is not
+            normalised away.
 
     Module layout: ``head`` conv, ``down`` (res / attention / downsample blocks), ``mid``
     (two res blocks), ``up`` (the up-sampling half: res blocks on skip-concatenated features
@@ -257,6 +298,8 @@ class UNet(nn.Module):
         augment_dim: int = 0,
         attention: str = "self",
         tsa_resolutions: Sequence[int] = (),
+        norm_groups: int = NORM_GROUPS,
+        norm_group_min_channels: int = NORM_GROUP_MIN_CHANNELS,
     ) -> None:
         super().__init__()
         ch_mult = _as_int_tuple(ch_mult, "model.ch_mult")
@@ -281,11 +324,29 @@ class UNet(nn.Module):
             augment_dim,
         )
         attn_cls = attention_class(attention)
+        if norm_groups < 1 or norm_group_min_channels < 1:
+            raise ValueError(
+                f"model.norm_groups and model.norm_group_min_channels must be >= 1, got "
+                f"{norm_groups} and {norm_group_min_channels} (defaults: 32 and 4)"
+            )
+        if ch < norm_group_min_channels:
+            raise ValueError(
+                f"model.ch={ch} is narrower than one GroupNorm group of "
+                f"model.norm_group_min_channels={norm_group_min_channels} channels: raise "
+                "model.ch or lower model.norm_group_min_channels"
+            )
+        norm = partial(group_norm, max_groups=norm_groups, min_channels=norm_group_min_channels)
 
         def block_attn(res: int) -> type[nn.Module] | None:
             if res in tsa_resolutions:
                 return TimestepSelfAttention
             return attn_cls if res in attn_resolutions else None
+
+        def attn_factory(res: int | None) -> Callable[[int, int], nn.Module] | None:
+            cls = SelfAttention if res is None else block_attn(res)
+            if cls is None:
+                return None
+            return partial(cls, norm=norm)
 
         self.image_size = int(image_size)
         self.in_channels = int(in_channels)
@@ -315,8 +376,8 @@ class UNet(nn.Module):
             res = image_size // 2**level
             out_ch = ch * mult
             for _ in range(num_res_blocks):
-                attn = block_attn(res)
-                self.down.append(ResBlock(now_ch, out_ch, temb_dim, dropout, attn))
+                attn = attn_factory(res)
+                self.down.append(ResBlock(now_ch, out_ch, temb_dim, dropout, attn, norm))
                 now_ch = out_ch
                 skip_chs.append(now_ch)
             if level != len(ch_mult) - 1:
@@ -325,8 +386,8 @@ class UNet(nn.Module):
 
         self.mid = nn.ModuleList(
             [
-                ResBlock(now_ch, now_ch, temb_dim, dropout, SelfAttention),
-                ResBlock(now_ch, now_ch, temb_dim, dropout),
+                ResBlock(now_ch, now_ch, temb_dim, dropout, attn_factory(None), norm),
+                ResBlock(now_ch, now_ch, temb_dim, dropout, None, norm),
             ]
         )
         self.bottleneck_channels = now_ch
@@ -336,15 +397,16 @@ class UNet(nn.Module):
             res = image_size // 2**level
             out_ch = ch * mult
             for _ in range(num_res_blocks + 1):
-                attn = block_attn(res)
-                self.up.append(ResBlock(skip_chs.pop() + now_ch, out_ch, temb_dim, dropout, attn))
+                attn = attn_factory(res)
+                in_ch = skip_chs.pop() + now_ch
+                self.up.append(ResBlock(in_ch, out_ch, temb_dim, dropout, attn, norm))
                 now_ch = out_ch
             if level != 0:
                 self.up.append(Upsample(now_ch))
         assert not skip_chs, "every saved skip feature must be consumed"
 
         self.tail = nn.Sequential(
-            nn.GroupNorm(NORM_GROUPS, now_ch),
+            norm(now_ch),
             nn.SiLU(),
             nn.Conv2d(now_ch, in_channels, 3, padding=1),
         )
@@ -372,10 +434,10 @@ class UNet(nn.Module):
             raise ValueError(f"model.image_size must be positive, got {image_size}")
         if in_channels < 1:
             raise ValueError(f"model.in_channels must be positive, got {in_channels}")
-        if ch < NORM_GROUPS or ch % NORM_GROUPS != 0:
+        if ch < 2 or ch % 2 != 0:
             raise ValueError(
-                f"model.ch must be a positive multiple of {NORM_GROUPS} (GroupNorm uses "
-                f"{NORM_GROUPS} groups), got {ch}; try {max(NORM_GROUPS, ch // NORM_GROUPS * NORM_GROUPS)}"
+                f"model.ch must be a positive even number (the sinusoidal time embedding has "
+                f"ch features), got {ch}; try {max(2, ch + ch % 2)}"
             )
         if not ch_mult or any(m < 1 for m in ch_mult):
             raise ValueError(
