@@ -279,10 +279,11 @@ def test_pd_cbdm_switches(sched) -> None:
 # TSA
 
 
-def test_tsa_with_zero_projections_is_plain_attention() -> None:
+@pytest.mark.parametrize("heads", [1, 8])
+def test_tsa_with_zero_projections_is_plain_attention(heads: int) -> None:
     torch.manual_seed(0)
-    plain = SelfAttention(32, 16).double()
-    tsa = TimestepSelfAttention(32, 16).double()
+    plain = SelfAttention(32, 16, num_heads=heads).double()
+    tsa = TimestepSelfAttention(32, 16, num_heads=heads).double()
     missing, unexpected = tsa.load_state_dict(plain.state_dict(), strict=False)
     assert not unexpected and sorted(missing) == sorted(
         f"{p}_t.{w}" for p in "qkv" for w in ("weight", "bias")
@@ -299,13 +300,22 @@ def test_tsa_with_zero_projections_is_plain_attention() -> None:
     out1, out2 = tsa(x, temb), tsa(x, temb * 2.0)
     assert not torch.allclose(out1, out2)  # the output depends on temb
     assert not torch.allclose(out1, plain(x, temb))
-    # q, k, v written out: each projection plus its temb projection, broadcast over positions.
+    # q, k, v written out: each projection plus its temb projection, broadcast over positions;
+    # then each head (channels n d .. (n+1) d - 1, d = 32 / heads) attends with 1 / sqrt(d).
     h = tsa.norm(x)
     qkv = [getattr(tsa, n)(h) + getattr(tsa, n + "_t")(temb)[:, :, None, None] for n in "qkv"]
     q, k, v = (z.flatten(2).transpose(1, 2) for z in qkv)  # (B, N, C)
-    att = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(32), dim=-1) @ v
+    d = 32 // heads
+    att = torch.cat(
+        [
+            torch.softmax(q[..., p] @ k[..., p].transpose(1, 2) / math.sqrt(d), dim=-1) @ v[..., p]
+            for p in (slice(n * d, (n + 1) * d) for n in range(heads))
+        ],
+        dim=-1,
+    )
     ref = x + tsa.out(att.transpose(1, 2).reshape(2, 32, 4, 4))
     torch.testing.assert_close(out1, ref)
+    assert TimestepSelfAttention(32, 16).num_heads == 8  # the PD-CBDM authors' head count
 
 
 def test_unet_tsa_resolutions() -> None:

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from lt_diffusion.models import ATTENTION_BLOCKS, SelfAttention, UNet, timestep_embedding
+from lt_diffusion.models.unet import TimestepSelfAttention
 
 MODEL_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "model"
 TINY = dict(ch=32, ch_mult=(1, 2), attn_resolutions=(), num_res_blocks=1, dropout=0.0)
@@ -171,7 +172,8 @@ def test_return_bottleneck() -> None:
     torch.testing.assert_close(eps, model(x, t, y))
 
 
-def test_channels_last_matches_contiguous() -> None:
+@pytest.mark.parametrize("heads", [1, 4])
+def test_channels_last_matches_contiguous(heads: int) -> None:
     model = _wake(
         UNet(
             image_size=32,
@@ -180,6 +182,7 @@ def test_channels_last_matches_contiguous() -> None:
             ch_mult=(1, 2),
             attn_resolutions=(16,),
             num_res_blocks=1,
+            attn_heads=heads,
         )
     )
     model.eval()
@@ -214,6 +217,82 @@ def test_attention_matches_explicit_softmax_in_float64() -> None:
     expected = x + lin(block.out, weights @ v).transpose(1, 2).reshape(2, c, hw, hw)
     assert (expected - x).abs().mean() > 1e-2
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+def _multi_head_reference(
+    block: SelfAttention, x: torch.Tensor, temb: torch.Tensor, heads: int
+) -> torch.Tensor:
+    """Multi-head attention written out head by head (Vaswani et al. 2017, Sec. 3.2.2): head
+    ``n`` attends with channels ``n d .. (n+1) d - 1`` of q, k, v, scale ``1 / sqrt(d)``; the
+    heads' outputs are concatenated along channels before the output projection."""
+    b, c, hw = x.shape[0], x.shape[1], x.shape[-1]
+    d = c // heads
+    groups = block.norm.num_groups
+    h = F.group_norm(x, groups, block.norm.weight, block.norm.bias, eps=block.norm.eps)
+    q, k, v = (z.flatten(2).transpose(1, 2) for z in block.project_qkv(h, temb))  # (B, N, C)
+    outs = []
+    for n in range(heads):
+        part = slice(n * d, (n + 1) * d)
+        w = torch.softmax(q[..., part] @ k[..., part].transpose(1, 2) / math.sqrt(d), dim=-1)
+        outs.append(w @ v[..., part])
+    a = torch.cat(outs, dim=-1)  # (B, N, C)
+    out = a @ block.out.weight[:, :, 0, 0].T + block.out.bias
+    return x + out.transpose(1, 2).reshape(b, c, hw, hw)
+
+
+@pytest.mark.parametrize("heads", [1, 4, 8])
+def test_multi_head_attention_matches_float64_reference(heads: int) -> None:
+    torch.manual_seed(0)
+    c, hw = 64, 5
+    block = _wake(SelfAttention(c, temb_dim=16, num_heads=heads)).double()
+    nn.init.normal_(block.norm.weight, 1.0, 0.2)
+    x = torch.randn(2, c, hw, hw, dtype=torch.float64)
+    temb = torch.randn(2, 16, dtype=torch.float64)
+    out = block(x, temb)
+    expected = _multi_head_reference(block, x, temb, heads)
+    assert (expected - x).abs().mean() > 1e-2
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+    # A second implementation: torch's nn.MultiheadAttention with the same projections.
+    mha = nn.MultiheadAttention(c, heads, batch_first=True, dtype=torch.float64)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(
+            torch.cat([m.weight[:, :, 0, 0] for m in (block.q, block.k, block.v)])
+        )
+        mha.in_proj_bias.copy_(torch.cat([m.bias for m in (block.q, block.k, block.v)]))
+        mha.out_proj.weight.copy_(block.out.weight[:, :, 0, 0])
+        mha.out_proj.bias.copy_(block.out.bias)
+    tokens = block.norm(x).flatten(2).transpose(1, 2)
+    theirs, _ = mha(tokens, tokens, tokens, need_weights=False)
+    torch.testing.assert_close(
+        out, x + theirs.transpose(1, 2).reshape_as(x), rtol=1e-10, atol=1e-10
+    )
+
+
+def test_multi_head_is_not_single_head() -> None:
+    torch.manual_seed(0)
+    one = _wake(SelfAttention(64, temb_dim=16, num_heads=1)).double()
+    eight = SelfAttention(64, temb_dim=16, num_heads=8).double()
+    eight.load_state_dict(one.state_dict())
+    x, temb = torch.randn(2, 64, 4, 4, dtype=torch.float64), torch.randn(2, 16, dtype=torch.float64)
+    assert (one(x, temb) - eight(x, temb)).abs().max() > 1e-3
+
+
+def test_unet_gives_each_attention_kind_its_head_count() -> None:
+    model = UNet(image_size=16, in_channels=1, ch=32, ch_mult=(1, 2), attn_resolutions=(16,),
+                 num_res_blocks=1, tsa_resolutions=(8,), attn_heads=2, tsa_heads=4)  # fmt: skip
+    blocks = [m for m in model.modules() if isinstance(m, SelfAttention)]
+    tsa = [m for m in blocks if isinstance(m, TimestepSelfAttention)]
+    plain = [m for m in blocks if not isinstance(m, TimestepSelfAttention)]
+    assert len(tsa) == 3 and {m.num_heads for m in tsa} == {4}  # one down, two up at 8 px
+    assert len(plain) == 3 + 1 and {m.num_heads for m in plain} == {2}  # 16 px + the middle
+    # Defaults: Ho et al.'s single head for plain attention, 8 heads (PD-CBDM's code) for TSA.
+    default = UNet(image_size=16, in_channels=1, ch=32, ch_mult=(1, 2), attn_resolutions=(16,),
+                   num_res_blocks=1, tsa_resolutions=(8,))  # fmt: skip
+    heads = {
+        type(m).__name__: m.num_heads for m in default.modules() if isinstance(m, SelfAttention)
+    }
+    assert heads == {"SelfAttention": 1, "TimestepSelfAttention": 8}
 
 
 def test_attention_blocks_sit_at_the_requested_resolutions() -> None:
@@ -306,6 +385,9 @@ def test_scalar_timestep_is_broadcast() -> None:
         (dict(ch=33), r"model.ch must be a positive even number.*try 34"),
         (dict(ch=2), r"model.ch=2 is narrower.*norm_group_min_channels=4"),
         (dict(norm_groups=0), r"model.norm_groups"),
+        (dict(attn_heads=3), r"model.attn_heads=3 does not divide the width 256"),
+        (dict(tsa_resolutions=[16], tsa_heads=5), r"model.tsa_heads=5 does not divide.*256"),
+        (dict(attn_heads=0), r"model.attn_heads must be a positive integer"),
         (dict(num_classes=0), r"num_classes must be >= 1"),
         (dict(attention="flash"), r"unknown attention 'flash'.*\['self', 'tsa'\]"),
         (dict(ch_mult=()), r"non-empty"),

@@ -3,8 +3,9 @@
 Layout follows the PyTorch port of Ho et al.'s TF code that CBDM / OC build on: a sinusoidal
 timestep embedding through a two-layer MLP, a class embedding (plus one null row for
 classifier-free guidance) and an optional augmentation-label projection (ADA) *added* to it,
-GroupNorm / SiLU residual blocks with a per-channel time projection, single-head self-attention
-at chosen resolutions, strided-conv downsampling and nearest + conv upsampling.
+GroupNorm / SiLU residual blocks with a per-channel time projection, self-attention at chosen
+resolutions (single-head as in Ho et al. by default), strided-conv downsampling and nearest +
+conv upsampling.
 
 Hooks the methods use:
 
@@ -13,7 +14,7 @@ Hooks the methods use:
 * ``return_bottleneck=True``: also return the feature map after the middle blocks (CORAL).
 * ``attention``: the attention block class, picked by name from :data:`ATTENTION_BLOCKS`, so a
   timestep-dependent variant (PD-CBDM's TSA) is one registry entry; every block is built as
-  ``cls(channels, temb_dim, norm=...)`` and its forward takes ``(x, temb)``.
+  ``cls(channels, temb_dim, num_heads=..., norm=...)`` and its forward takes ``(x, temb)``.
 * ``model.up``: the up-sampling half as one ``ModuleList`` (CM decomposes only these weights).
 """
 
@@ -86,20 +87,32 @@ def timestep_embedding(t: Tensor, dim: int) -> Tensor:
 
 
 class SelfAttention(nn.Module):
-    """Single-head self-attention over the H*W positions, with a residual connection.
+    """Multi-head self-attention over the H*W positions, with a residual connection.
 
-    ``x + W_o softmax(Q K^T / sqrt(C)) V`` with ``Q, K, V`` 1x1 projections of
-    ``GroupNorm(x)``. Subclasses change how Q, K, V are formed by overriding
-    :meth:`project_qkv` (PD-CBDM's TSA adds a projection of ``temb`` to each).
+    ``x + W_o concat_n softmax(Q_n K_n^T / sqrt(d)) V_n`` (Vaswani et al. 2017, eq. 1 and
+    Sec. 3.2.2) with ``Q, K, V`` 1x1 projections of ``GroupNorm(x)`` split along channels into
+    ``num_heads`` heads of ``d = C / num_heads`` channels (head ``n`` takes channels
+    ``n d .. (n+1) d - 1``). One head is Ho et al.'s attention (scale ``1 / sqrt(C)``).
+    Subclasses change how Q, K, V are formed by overriding :meth:`project_qkv` (PD-CBDM's TSA
+    adds a projection of ``temb`` to each).
 
     Args:
-        channels: feature channels C.
+        channels: feature channels C (divisible by ``num_heads``).
         temb_dim: width of the time embedding; unused here, part of the block interface.
+        num_heads: attention heads (1: Ho et al.).
         norm: builds the GroupNorm for ``channels`` (default: :func:`group_norm`).
     """
 
-    def __init__(self, channels: int, temb_dim: int, norm: NormFactory = group_norm) -> None:
+    def __init__(
+        self, channels: int, temb_dim: int, num_heads: int = 1, norm: NormFactory = group_norm
+    ) -> None:
         super().__init__()
+        if num_heads < 1 or channels % num_heads != 0:
+            raise ValueError(
+                f"attention over {channels} channels cannot be split into {num_heads} heads: "
+                "the head count (model.attn_heads / model.tsa_heads) must divide the width"
+            )
+        self.num_heads = int(num_heads)
         self.norm = norm(channels)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
@@ -116,11 +129,14 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
         b, c, height, width = x.shape
         q, k, v = self.project_qkv(self.norm(x), temb)
-        # (B, C, H, W) -> (B, 1 head, H*W, C). permute+flatten instead of .view: free on
+        # (B, C, H, W) -> (B, heads, H*W, C / heads). permute+flatten instead of .view: free on
         # channels_last tensors, a copy only where needed on contiguous ones.
-        q, k, v = (z.permute(0, 2, 3, 1).flatten(1, 2).unsqueeze(1) for z in (q, k, v))
-        a = F.scaled_dot_product_attention(q, k, v)  # default scale 1/sqrt(C), as Ho et al.
-        a = a.squeeze(1).reshape(b, height, width, c).permute(0, 3, 1, 2)
+        q, k, v = (
+            z.permute(0, 2, 3, 1).flatten(1, 2).unflatten(2, (self.num_heads, -1)).transpose(1, 2)
+            for z in (q, k, v)
+        )
+        a = F.scaled_dot_product_attention(q, k, v)  # default scale 1/sqrt(C / heads)
+        a = a.transpose(1, 2).reshape(b, height, width, c).permute(0, 3, 1, 2)
         return x + self.out(a)
 
 
@@ -129,13 +145,17 @@ class TimestepSelfAttention(SelfAttention):
 
     ``Q = W_q h + P_q temb``, ``K = W_k h + P_k temb``, ``V = W_v h + P_v temb``: a linear
     projection of the block's conditioning vector ``temb`` (B, temb_dim) is added to each of
-    the 1x1 projections, broadcast over the H*W positions; then plain scaled dot-product
-    attention as in :class:`SelfAttention`. The three ``P`` start at zero, so a fresh TSA block
-    computes exactly what :class:`SelfAttention` with the same weights computes.
+    the 1x1 projections, broadcast over the H*W positions; then multi-head scaled dot-product
+    attention as in :class:`SelfAttention` (the paper calls TSA multi-head, Sec. 1; the
+    authors' code uses 8 heads, :class:`UNet`'s ``tsa_heads`` default). The three ``P`` start at
+    zero, so a fresh TSA block computes exactly what :class:`SelfAttention` with the same
+    weights and head count computes.
     """
 
-    def __init__(self, channels: int, temb_dim: int, norm: NormFactory = group_norm) -> None:
-        super().__init__(channels, temb_dim, norm)
+    def __init__(
+        self, channels: int, temb_dim: int, num_heads: int = 8, norm: NormFactory = group_norm
+    ) -> None:
+        super().__init__(channels, temb_dim, num_heads, norm)
         self.q_t = nn.Linear(temb_dim, channels)
         self.k_t = nn.Linear(temb_dim, channels)
         self.v_t = nn.Linear(temb_dim, channels)
@@ -153,7 +173,8 @@ class TimestepSelfAttention(SelfAttention):
 
 
 # Attention variants by name: the ``attention`` argument of :class:`UNet`. A variant is a
-# module ``cls(channels, temb_dim, norm=...)`` whose forward is ``(x, temb) -> x``.
+# module ``cls(channels, temb_dim, num_heads=..., norm=...)`` whose forward is
+# ``(x, temb) -> x``.
 ATTENTION_BLOCKS: dict[str, type[nn.Module]] = {
     "self": SelfAttention,
     "tsa": TimestepSelfAttention,
@@ -274,6 +295,10 @@ class UNet(nn.Module):
         tsa_resolutions: resolutions whose residual blocks get PD-CBDM's
             :class:`TimestepSelfAttention` instead (``[16]`` for PD-CBDM); other
             ``attn_resolutions`` keep the ``attention`` block. Default empty: no TSA.
+        attn_heads: heads of every plain attention block, the middle block's included
+            (1: Ho et al.'s single-head attention).
+        tsa_heads: heads of every :class:`TimestepSelfAttention` block (8: the PD-CBDM
+            authors' code; the paper says multi-head without a number).
         norm_groups: the most GroupNorm groups a width gets (32: Ho et al.).
         norm_group_min_channels: the fewest channels a group keeps (4). Each GroupNorm takes
             :func:`norm_group_count` groups: 32 groups at Ho et al.'s widths (>= 128), fewer at
@@ -298,6 +323,8 @@ class UNet(nn.Module):
         augment_dim: int = 0,
         attention: str = "self",
         tsa_resolutions: Sequence[int] = (),
+        attn_heads: int = 1,
+        tsa_heads: int = 8,
         norm_groups: int = NORM_GROUPS,
         norm_group_min_channels: int = NORM_GROUP_MIN_CHANNELS,
     ) -> None:
@@ -337,16 +364,35 @@ class UNet(nn.Module):
             )
         norm = partial(group_norm, max_groups=norm_groups, min_channels=norm_group_min_channels)
 
+        def heads_key(cls: type[nn.Module]) -> tuple[int, str]:
+            if issubclass(cls, TimestepSelfAttention):
+                return tsa_heads, "model.tsa_heads"
+            return attn_heads, "model.attn_heads"
+
         def block_attn(res: int) -> type[nn.Module] | None:
             if res in tsa_resolutions:
                 return TimestepSelfAttention
             return attn_cls if res in attn_resolutions else None
 
+        # Every attention width must split into its heads: check them all before building.
+        placed = [(block_attn(image_size // 2**lvl), ch * m) for lvl, m in enumerate(ch_mult)]
+        for cls, width in [*placed, (SelfAttention, ch * ch_mult[-1])]:
+            if cls is None:
+                continue
+            heads, key = heads_key(cls)
+            if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+                raise ValueError(f"{key} must be a positive integer, got {heads!r}")
+            if width % heads != 0:
+                raise ValueError(
+                    f"{key}={heads} does not divide the width {width} of an attention block "
+                    f"({cls.__name__}); use a divisor of {width}"
+                )
+
         def attn_factory(res: int | None) -> Callable[[int, int], nn.Module] | None:
             cls = SelfAttention if res is None else block_attn(res)
             if cls is None:
                 return None
-            return partial(cls, norm=norm)
+            return partial(cls, num_heads=heads_key(cls)[0], norm=norm)
 
         self.image_size = int(image_size)
         self.in_channels = int(in_channels)
