@@ -229,9 +229,12 @@ def test_pd_cbdm_loss_and_gradients_equal_formula(sched, fused: bool) -> None:
     cdf = torch.cumsum(inv / inv.sum(), 0)
     u = torch.rand(8) * cdf[-1]
     y_bal = (u[:, None] >= cdf[None, :]).sum(1)
-    head, tail = torch.tensor([1, 0, 3]), torch.tensor([2])
-    y_head = head[torch.randint(0, 3, (8,))]
-    y_tail = tail[torch.randint(0, 1, (8,))]
+    # Head classes 1, 0, 3 (counts 5, 3, 2), tail class 2: each label drawn in proportion to
+    # its class count within the group, by inverse CDF on the same uniform draws.
+    head_cdf = torch.tensor([5.0, 8.0, 10.0])
+    y_head = torch.tensor([1, 0, 3])[(torch.rand(8) * 10.0)[:, None].ge(head_cdf).sum(1)]
+    torch.rand(8)  # the tail draw: one class, so always class 2
+    y_tail = torch.full((8,), 2)
     x_t = noised(x0, t, eps)
     h, h_bal = model.formula(x_t, t, y), model.formula(x_t, t, y_bal)
     w = (t.double() / T)[:, None, None, None]
@@ -254,6 +257,28 @@ def test_pd_cbdm_loss_and_gradients_equal_formula(sched, fused: bool) -> None:
     _assert_grads(model, out.loss, ref)
 
 
+def test_pd_cbdm_head_and_tail_labels_follow_the_counts_within_each_group() -> None:
+    """Algorithm 1, line 7: y_h ~ the head data's distribution, y_t ~ the tail data's, i.e. in
+    proportion to the class counts inside each group; never a class of the other group."""
+    counts = [5, 100, 1, 60, 30, 2, 20, 8, 10, 3]  # not sorted by index: grouping is by count
+    obj = PDCBDMObjective()
+    obj.setup(counts)
+    head = [1, 3, 4, 6, 8, 7, 0]  # the 7 most frequent: 100, 60, 30, 20, 10, 8, 5
+    assert obj.head_classes.tolist() == head and obj.tail_classes.tolist() == [9, 5, 2]
+    torch.manual_seed(0)
+    n = 200_000
+    y_head, y_tail = obj.head_tail_labels(n)
+    assert y_head.dtype == y_tail.dtype == torch.long and y_head.shape == y_tail.shape == (n,)
+    for labels, group in ((y_head, head), (y_tail, [9, 5, 2])):
+        assert set(labels.unique().tolist()) == set(group)  # every class of the group, no other
+        observed = torch.bincount(labels, minlength=10)[group].double()
+        expected = torch.tensor([counts[c] for c in group], dtype=torch.float64)
+        expected = n * expected / expected.sum()
+        chi2 = float(((observed - expected) ** 2 / expected).sum())
+        dof = len(group) - 1
+        assert chi2 < dof + 6 * math.sqrt(2 * dof), (group, chi2)  # chi-square, ~6 sigma
+
+
 def test_pd_cbdm_switches(sched) -> None:
     """Without the distinguish loss PD-CBDM is CBDM with inverse-frequency target labels."""
     model = TinyNet()
@@ -273,6 +298,8 @@ def test_pd_cbdm_switches(sched) -> None:
         PDCBDMObjective(head_ratio=0.0)
     with pytest.raises(ValueError, match="pd_weight"):
         PDCBDMObjective(pd_weight=-1.0)
+    with pytest.raises(ValueError, match=r"tail group \[2\] has no training images.*head_ratio"):
+        PDCBDMObjective().setup([5, 3, 0])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,9 +6,11 @@ Three parts on top of CBDM (:class:`~lt_diffusion.methods.cbdm.CBDMObjective`):
    proportional to ``1 / N_y`` (``target_dist: inverse``).
 2. *Perceptual distinguish loss* (eqs. 10-11): classes sorted by training count (class 0 the
    most frequent) are split into head = the first ``round(ratio * C)`` classes (at least 1, at
-   most ``C - 1``; paper: 7:3) and tail = the rest. Per sample a head label ``y_h`` and a tail
-   label ``y_t`` are drawn uniformly from their groups; on CBDM's ``x_t, t`` the reverse-process
-   means (eq. 7)::
+   most ``C - 1``; paper Sec. 4.3.2: 7:3) and tail = the rest. Per sample a head label ``y_h``
+   and a tail label ``y_t`` are drawn from the data distribution of their group (Algorithm 1,
+   line 7: "the distribution of head / tail data after segmentation"), i.e. with probability
+   proportional to the class's training count within the group; on CBDM's ``x_t, t`` the
+   reverse-process means (eq. 7)::
 
        mu(x_t, t, y) = (x_t - beta_t / sqrt(1 - abar_t) eps_theta(x_t, t, y)) / sqrt(alpha_t)
 
@@ -34,7 +36,12 @@ from torch import Tensor
 from lt_diffusion.diffusion import NoiseSchedule
 from lt_diffusion.methods.base import ObjectiveOutput
 from lt_diffusion.methods.cbdm import CBDMObjective
-from lt_diffusion.methods.common import BaseContext, call_model_pair, timestep_weight
+from lt_diffusion.methods.common import (
+    BaseContext,
+    call_model_pair,
+    sample_labels,
+    timestep_weight,
+)
 
 
 def head_tail_split(class_counts: Sequence[int] | Tensor, ratio: float) -> tuple[Tensor, Tensor]:
@@ -102,22 +109,34 @@ class PDCBDMObjective(CBDMObjective):
         self.use_pd_loss = bool(use_pd_loss)
         self.pd_weight = float(pd_weight)
         self.head_ratio = float(head_ratio)
-        self.register_buffer("head_classes", torch.zeros(0, dtype=torch.long), persistent=False)
-        self.register_buffer("tail_classes", torch.zeros(0, dtype=torch.long), persistent=False)
+        # Each group's classes and their training counts (the weights of the draw), in step.
+        for name in ("head_classes", "tail_classes"):
+            self.register_buffer(name, torch.zeros(0, dtype=torch.long), persistent=False)
+        for name in ("head_counts", "tail_counts"):
+            self.register_buffer(name, torch.zeros(0), persistent=False)
 
     def setup(self, class_counts: Sequence[int], seed: int = 0) -> None:
         super().setup(class_counts, seed)
         head, tail = head_tail_split(class_counts, self.head_ratio)
-        self.head_classes = head.to(self.class_counts.device)
-        self.tail_classes = tail.to(self.class_counts.device)
+        dev = self.class_counts.device
+        self.head_classes, self.tail_classes = head.to(dev), tail.to(dev)
+        self.head_counts = self.class_counts[self.head_classes]
+        self.tail_counts = self.class_counts[self.tail_classes]
+        if float(self.tail_counts.sum()) <= 0:
+            raise ValueError(
+                f"the tail group {tail.tolist()} has no training images, so no tail label can "
+                "be drawn: raise method.objective.head_ratio or check the class counts"
+            )
 
     def head_tail_labels(self, n: int) -> tuple[Tensor, Tensor]:
-        """One head and one tail label per sample, each uniform over its group."""
+        """One head and one tail label per sample, each from its group's data distribution
+        (probability proportional to the class count within the group; Algorithm 1, line 7).
+        Drawn by inverse CDF on the device (no host synchronisation); an index into the group,
+        so a label outside the group is never drawn."""
         if self.head_classes.numel() == 0:
             raise RuntimeError("objective.setup(class_counts) must be called before training")
-        dev = self.head_classes.device
-        ih = torch.randint(0, self.head_classes.numel(), (n,), device=dev)
-        it = torch.randint(0, self.tail_classes.numel(), (n,), device=dev)
+        ih = sample_labels(self.head_counts, n)
+        it = sample_labels(self.tail_counts, n)
         return self.head_classes[ih], self.tail_classes[it]
 
     def compute(
