@@ -4,9 +4,11 @@ their formulas written out here, their settings' errors, and a short training ru
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from lt_diffusion.diffusion import NoiseSchedule
 from lt_diffusion.methods import (
@@ -22,6 +24,7 @@ from lt_diffusion.methods import (
     supcon_loss,
 )
 from lt_diffusion.models.unet import SelfAttention, TimestepSelfAttention, UNet
+from tests.conftest import CONFIG_DIR, compose_config
 
 T = 1000
 
@@ -300,6 +303,26 @@ def test_pd_cbdm_switches(sched) -> None:
         PDCBDMObjective(pd_weight=-1.0)
     with pytest.raises(ValueError, match=r"tail group \[2\] has no training images.*head_ratio"):
         PDCBDMObjective().setup([5, 3, 0])
+
+
+PD_CBDM_GUIDANCE = {"cifar100_lt": 1.4, "cifar10_lt": 1.2}  # the paper's Sec. 4.3.4
+
+
+@pytest.mark.parametrize(
+    "row", sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment" / "pd_cbdm").glob("*.yaml"))
+)
+def test_pd_cbdm_rows_sample_with_the_papers_guidance(row: str) -> None:
+    cfg = compose_config("train", [f"experiment=pd_cbdm/{row}"])
+    assert cfg.sampler.guidance == PD_CBDM_GUIDANCE[cfg.dataset.name], row
+    if "tsa_resolutions" in cfg.model and list(cfg.model.tsa_resolutions):
+        assert list(cfg.model.tsa_resolutions) == [16] and cfg.model.tsa_heads == 8
+
+
+def test_pd_cbdm_ablation_table_rows_are_cifar100_lt_rows() -> None:
+    """The ablation (paper Sec. 4.3.1, CIFAR-100-LT) samples all its rows at 1.4."""
+    table = OmegaConf.load(Path(CONFIG_DIR) / "table" / "pd_cbdm_ablation.yaml")
+    rows = [r.experiment for block in table.blocks for r in block.rows]
+    assert len(rows) == 5 and all(r.startswith("pd_cbdm/cifar100_lt_ir100_") for r in rows)
 
 
 # ----------------------------------------------------------------------------------------------
