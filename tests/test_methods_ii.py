@@ -282,6 +282,20 @@ def test_pd_cbdm_head_and_tail_labels_follow_the_counts_within_each_group() -> N
         assert chi2 < dof + 6 * math.sqrt(2 * dof), (group, chi2)  # chi-square, ~6 sigma
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pd_cbdm_label_draw_never_syncs_with_the_host() -> None:
+    obj = PDCBDMObjective().to("cuda")
+    obj.setup([100, 60, 30, 20, 10, 8, 5, 3, 2, 1])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y_head, y_tail = obj.head_tail_labels(64)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert y_head.is_cuda and bool((y_head < 7).all()) and bool((y_tail >= 7).all())
+
+
 def test_pd_cbdm_switches(sched) -> None:
     """Without the distinguish loss PD-CBDM is CBDM with inverse-frequency target labels."""
     model = TinyNet()
