@@ -100,7 +100,7 @@ def run(cfg: DictConfig, hydra_overrides: list[str], launcher: Any, sweep_dir: P
         failure = None if r.done else read_failure(job.run_dir)
         if failure is not None:
             failures[job.key] = str(failure.get("log") or Path(job.run_dir) / "failed.json")
-    result = collect(spec, resolved, failures)
+    result = collect(spec, resolved, failures, list(cfg.train_overrides), list(cfg.eval_overrides))
     paths = write_table(result, Path(cfg.paths.output_dir) / "tables")
     print(to_markdown(result))
     print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))

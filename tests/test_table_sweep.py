@@ -49,6 +49,12 @@ def test_sweep_runs_once_relaunches_only_a_deleted_record_and_shows_failures(
     for r in records:
         assert f"{json.loads(r.read_text())['metrics']['overall']['fid']:.2f}" in md
     assert (out / "tables" / "tiny.tex").is_file() and (out / "tables" / "tiny.csv").is_file()
+    # The runs are at IR 10 under a block labelled IR=100: the table says what it ran with.
+    assert "**Run with overrides**" in md and "train `imbalance=ir10` `model=unet_tiny`" in md
+    assert (
+        r"Run with overrides: train \texttt{imbalance=ir10}"
+        in (out / "tables" / "tiny.tex").read_text()
+    )
 
     # Everything is done: nothing is launched.
     again = _table(configs, out, *train)

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import csv
 import io
+import re
+import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +21,7 @@ from lt_diffusion.tables import (
     collect,
     load_table,
     load_table_by_name,
+    metric_entry,
     metric_value,
     resolve,
     to_csv,
@@ -73,6 +78,7 @@ def _spec(**row_extra) -> dict:
             {"key": "few", "metric": "per_split.few.fid", "better": "lower"},
             {"key": "male", "metric": "per_class.class_001.fid", "better": "lower"},
             {"key": "recall", "metric": "overall.recall", "better": "higher"},
+            {"key": "is", "label": "IS", "metric": "overall.is", "better": "higher"},
         ],
         "blocks": [
             {
@@ -81,18 +87,19 @@ def _spec(**row_extra) -> dict:
                     {
                         "label": "DDPM",
                         "experiment": "cm/cifar10_lt_ir100_ddpm",
-                        "published": [10.7, 15.9, None, 0.47],
+                        "published": [10.7, 15.9, None, 0.47, 9.39],
                     },
                     {
                         "label": "CBDM",
                         "experiment": "cm/cifar10_lt_ir100_cbdm",
                         "published": {"fid": 8.2},
                     },
+                    {"label": "CM", "experiment": "cm/cifar10_lt_ir100_cm", "published": [7.7] * 5},
                     {"label": "OC", "experiment": "cm/cifar10_lt_ir100_oc", **row_extra},
                     {
                         "label": "CM++",
                         "missing": "not implemented",
-                        "published": [6.0, None, None, None],
+                        "published": [6.0, None, None, None, None],
                     },
                 ],
             }
@@ -100,27 +107,45 @@ def _spec(**row_extra) -> dict:
     }
 
 
+# What an evaluation without Inception logits writes instead of an IS (evaluation/evaluator.py).
+IS_WHY = (
+    "no logits layer in the offline Inception weights: stage torch-fidelity's weights file to "
+    "get IS"
+)
+
+
 def _entry(v: float) -> dict:
-    return {"n_generated": 10, "n_real": 10, "fid": v, "recall": v / 100, "pr_k": 3}
+    return {"n_generated": 10, "n_real": 10, "fid": v, "recall": v / 100, "pr_k": 3,
+            "is": None, "is_unavailable": IS_WHY}  # fmt: skip
 
 
 def _record(fid: float) -> dict:
     return {
         "schema": SCHEMA_VERSION, "code_version": "test", "config": {},
         "dataset": {"name": "d", "class_counts": [5, 1], "splits": ["many", "few"]},
-        "checkpoint": {"path": "x", "step": 1}, "sampler": {"guidance": 1.0}, "protocol": {},
+        "checkpoint": {"path": "x", "step": 1}, "sampler": {"guidance": 1.5}, "protocol": {},
         "extractor": {"weights_sha256": "0", "has_logits": False},
         "metrics": {"overall": _entry(fid), "per_split": {"few": _entry(fid + 1)},
                     "per_class": {"class_001": _entry(fid + 2)}},
     }  # fmt: skip
 
 
+# The best FID mean is CBDM's, but only 2 of its 3 seeds have a record: among the complete cells
+# CM is best and DDPM second.
+FIDS = {
+    "cm/cifar10_lt_ir100_ddpm": [9.0, 10.0, 12.5],
+    "cm/cifar10_lt_ir100_cbdm": [7.0, 8.5],
+    "cm/cifar10_lt_ir100_cm": [8.0, 8.5, 9.0],
+}
+
+
 @pytest.fixture
 def filled(tmp_path: Path):
-    """The spec above resolved under tmp_path, with records: DDPM 3 seeds, CBDM 2, OC none."""
+    """The spec above resolved under tmp_path, with records: DDPM and CM 3 seeds, CBDM 2 (seeds
+    0, 1), OC none."""
     spec = load_table(_spec())
     resolved = resolve(spec, [f"paths.output_dir={tmp_path}"])
-    fids = {"cm/cifar10_lt_ir100_ddpm": [9.0, 10.0, 12.5], "cm/cifar10_lt_ir100_cbdm": [7.0, 8.5]}
+    fids = FIDS
     for r in resolved:
         values = fids.get(r.run.experiment, [])
         if r.run.seed < len(values):
@@ -129,11 +154,15 @@ def filled(tmp_path: Path):
     return spec, resolved, fids
 
 
+def _cells(result) -> dict:
+    ((_, rows),) = result.blocks
+    return {row.label: c for row, c in rows}
+
+
 def test_mean_std_published_difference_and_ranks(filled) -> None:
     spec, resolved, fids = filled
     result = collect(spec, resolved, failures={"cm/cifar10_lt_ir100_oc/seed1": "/logs/oc.log"})
-    ((_, rows),) = result.blocks
-    cells = {row.label: c for row, c in rows}
+    cells = _cells(result)
 
     ddpm = np.array(fids["cm/cifar10_lt_ir100_ddpm"])
     c = cells["DDPM"]["fid"]
@@ -147,37 +176,201 @@ def test_mean_std_published_difference_and_ranks(filled) -> None:
     cbdm = np.array(fids["cm/cifar10_lt_ir100_cbdm"])
     assert cells["CBDM"]["fid"].status == "partial" and cells["CBDM"]["fid"].n_expected == 3
     assert cells["CBDM"]["fid"].mean == pytest.approx(cbdm.mean())
-    # Lower FID is better: CBDM best, DDPM second; higher recall is better: DDPM best.
-    assert (cells["CBDM"]["fid"].rank, cells["DDPM"]["fid"].rank) == (1, 2)
-    assert (cells["DDPM"]["recall"].rank, cells["CBDM"]["recall"].rank) == (1, 2)
+    # Only complete cells compete: CBDM's lower 2-seed mean gets no rank. Lower FID is better:
+    # CM best, DDPM second; higher recall is better: DDPM best, CM second.
+    assert [cells[r]["fid"].rank for r in ("CM", "DDPM", "CBDM")] == [1, 2, None]
+    assert [cells[r]["recall"].rank for r in ("DDPM", "CM", "CBDM")] == [1, 2, None]
 
-    assert cells["OC"]["fid"].status == "failed" and cells["OC"]["fid"].log == "/logs/oc.log"
+    assert cells["OC"]["fid"].status == "failed" and cells["OC"]["fid"].failed == {
+        1: "/logs/oc.log"
+    }
     assert (
         cells["CM++"]["fid"].status == "missing" and cells["CM++"]["fid"].note == "not implemented"
     )
+    assert result.guidance == (1.5,)
 
 
 def test_renderings_carry_the_numbers(filled, tmp_path: Path) -> None:
     spec, resolved, fids = filled
     result = collect(spec, resolved)
-    ddpm = np.array(fids["cm/cifar10_lt_ir100_ddpm"])
+    ddpm, cm = np.array(fids["cm/cifar10_lt_ir100_ddpm"]), np.array(fids["cm/cifar10_lt_ir100_cm"])
+    cbdm = np.array(fids["cm/cifar10_lt_ir100_cbdm"])
     md = to_markdown(result)
-    assert f"**{np.array(fids['cm/cifar10_lt_ir100_cbdm']).mean():.2f}" in md
-    # DDPM is second best: underlined.
+    assert f"| CM | **{cm.mean():.2f} ± {cm.std(ddof=1):.2f}** (7.70, {cm.mean() - 7.7:+.2f})" in md
     assert (
         f"<u>{ddpm.mean():.2f} ± {ddpm.std(ddof=1):.2f}</u> (10.70, {ddpm.mean() - 10.7:+.2f})"
         in md
     )
+    # The partial cell is neither bold nor underlined.
+    assert f"| CBDM | {cbdm.mean():.2f} ± {cbdm.std(ddof=1):.2f} (8.20, " in md
     assert "[2/3 seeds]" in md and "pending" in md and "missing: not implemented" in md
+    assert "guidance w=1.5" in md
     tex = to_latex(result)
-    assert r"\textbf{7.75$\pm$1.06}" in tex and r"\underline{" in tex and r"\toprule" in tex
+    assert rf"\textbf{{{cm.mean():.2f}$\pm${cm.std(ddof=1):.2f}}}" in tex
+    assert rf"\underline{{{ddpm.mean():.2f}$\pm${ddpm.std(ddof=1):.2f}}}" in tex
+    # The partial cell keeps its seed count and is not ranked in the .tex either.
+    assert (
+        rf"CBDM & {cbdm.mean():.2f}$\pm${cbdm.std(ddof=1):.2f} {{\scriptsize (8.20)}}"
+        r" {\scriptsize [2/3 seeds]} & " in tex
+    )
     rows = list(csv.DictReader(io.StringIO(to_csv(result))))
-    assert len(rows) == 4 * 4
+    assert len(rows) == 5 * 5
     ddpm_fid = next(r for r in rows if r["row"] == "DDPM" and r["column"] == "fid")
     assert float(ddpm_fid["mean"]) == pytest.approx(ddpm.mean()) and ddpm_fid["status"] == "ok"
+    cbdm_fid = next(r for r in rows if r["row"] == "CBDM" and r["column"] == "fid")
+    assert (cbdm_fid["status"], cbdm_fid["rank"]) == ("partial", "")
     paths = write_table(result, tmp_path / "tables")
     assert {p.name for p in paths.values()} == {"t.md", "t.tex", "t.csv"}
     assert paths["md"].read_text() == md
+
+
+def test_an_unavailable_metric_says_why_in_every_form(filled) -> None:
+    """Records without an IS (no Inception logits) make `n/a: <why>` cells, not `pending`."""
+    spec, resolved, _ = filled
+    result = collect(spec, resolved)
+    cells = _cells(result)
+    for row in ("DDPM", "CBDM", "CM"):  # CBDM's third seed is pending: it will not have IS either
+        assert (cells[row]["is"].status, cells[row]["is"].note) == ("unavailable", IS_WHY)
+    assert cells["OC"]["is"].status == "pending"  # no record: nothing is known yet
+    md = to_markdown(result)
+    assert "| n/a: no logits layer in the offline Inception weights (paper 9.39) |" in md
+    tex = to_latex(result)
+    mark = r"$^{\mathrm{a}}$"
+    assert rf"\emph{{n/a}}{mark} {{\scriptsize (9.39)}}" in tex
+    assert rf"{mark}\,IS not available: no logits layer in the offline Inception weights" in tex
+    rows = [r for r in csv.DictReader(io.StringIO(to_csv(result))) if r["column"] == "is"]
+    assert [(r["row"], r["status"]) for r in rows] == [
+        ("DDPM", "unavailable"), ("CBDM", "unavailable"), ("CM", "unavailable"),
+        ("OC", "pending"), ("CM++", "missing"),
+    ]  # fmt: skip
+    assert rows[0]["note"] == IS_WHY
+
+
+def test_a_failed_seed_shows_in_its_partial_cell(filled) -> None:
+    spec, resolved, fids = filled
+    log = "/logs/cbdm_seed2.log"
+    result = collect(spec, resolved, failures={"cm/cifar10_lt_ir100_cbdm/seed2": log})
+    cell = _cells(result)["CBDM"]["fid"]
+    assert cell.status == "partial" and cell.failed == {2: log}
+    assert f"(8.20, {cell.diff:+.2f}) [2/3 seeds; seed 2 failed: {log}]" in to_markdown(result)
+    tex = to_latex(result)
+    mark = r"$^{\mathrm{b}}$"  # note a: DDPM's IS, the table's first cell with a note
+    assert r"{\scriptsize [2/3 seeds]}" + mark in tex
+    assert rf"{mark}\,seed 2 failed, log \texttt{{/logs/cbdm\_seed2.log}}.\par" in tex
+    row = next(
+        r
+        for r in csv.DictReader(io.StringIO(to_csv(result)))
+        if (r["row"], r["column"]) == ("CBDM", "fid")
+    )
+    assert row["log"] == f"seed 2: {log}"
+
+
+def test_the_overrides_the_table_ran_with_are_shown(filled) -> None:
+    spec, resolved, _ = filled
+    train, evals = ["imbalance=ir10", "train.max_steps=3"], ["eval.overall.generated=10"]
+    result = collect(spec, resolved, train_overrides=train, eval_overrides=evals)
+    md = to_markdown(result)
+    assert "train `imbalance=ir10` `train.max_steps=3`; eval `eval.overall.generated=10`" in md
+    tex = to_latex(result)
+    caption = tex[tex.index(r"\caption") : tex.index(r"\label")]
+    assert (
+        r"Run with overrides: train \texttt{imbalance=ir10}, \texttt{train.max\_steps=3}; "
+        r"eval \texttt{eval.overall.generated=10}." in caption
+    )
+    for row in csv.DictReader(io.StringIO(to_csv(result))):
+        assert shlex.split(row["train_overrides"]) == train
+        assert shlex.split(row["eval_overrides"]) == evals
+    # Without overrides nothing claims there were any.
+    assert "overrides" not in to_markdown(collect(spec, resolved)).lower()
+
+
+def _tex_balanced(tex: str) -> None:
+    """Braces balance, every \\begin has its \\end, every line has an even number of $, no
+    math holds an escaped underscore (a label that should have been typeset as math)."""
+    plain = re.sub(r"\\[{}$%&#_]", "", tex)
+    plain = "\n".join(line.split("%")[0] for line in plain.splitlines())  # comments
+    depth = 0
+    for ch in plain:
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        assert depth >= 0, "a } closes nothing"
+    assert depth == 0, "unclosed {"
+    stack = []
+    for kind, env in re.findall(r"\\(begin|end)\{(\w+)\}", plain):
+        if kind == "begin":
+            stack.append(env)
+        else:
+            assert stack.pop() == env
+    assert not stack
+    for line in plain.splitlines():
+        assert line.count("$") % 2 == 0, line
+        for math in re.findall(r"\$([^$]*)\$", line):
+            assert "\\_" not in math and "textbackslash" not in math, math
+
+
+def _compile(tmp_path: Path, body: str) -> None:
+    """pdflatex a document holding ``body`` (skipped where no LaTeX is installed)."""
+    if shutil.which("pdflatex") is None:
+        pytest.skip("no pdflatex (apt-get install texlive-latex-recommended)")
+    doc = tmp_path / "doc.tex"
+    doc.write_text(
+        "\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n"
+        + body
+        + "\\end{document}\n"
+    )
+    res = subprocess.run(
+        ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", doc.name],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:]
+
+
+def test_latex_is_a_complete_float_that_compiles(filled, tmp_path: Path) -> None:
+    spec, resolved, _ = filled
+    result = collect(
+        spec, resolved, {"cm/cifar10_lt_ir100_oc/seed0": "/runs/oc_x/job.log"},
+        train_overrides=["train.max_steps=3"],
+    )  # fmt: skip
+    tex = to_latex(result)
+    _tex_balanced(tex)
+    lines = tex.splitlines()
+    assert lines[1].startswith(r"% Needs \usepackage{booktabs} in the preamble")
+    assert lines[3] == r"\begin{table}[t]" and lines[-1] == r"\end{table}"
+    assert r"\label{tab:t}" in tex and r"\toprule" in tex and r"\bottomrule" in tex
+    caption = tex[tex.index(r"\caption") : tex.index(r"\label")]
+    for part in ("seeds 0, 1, 2", r"Protocol \texttt{quick}", r"sampler \texttt{ddim}",
+                 "guidance $w=1.5$", "in parentheses the published value"):  # fmt: skip
+        assert part in caption, part
+    header = next(line for line in lines if line.startswith("Method & "))
+    assert header == (
+        r"Method & fid$\downarrow$ & few$\downarrow$ & male$\downarrow$ & recall$\uparrow$ & "
+        r"IS$\uparrow$ \\"
+    )
+    # Cells without a number are short italic marks; their reasons are notes under the table.
+    oc = next(line for line in lines if line.startswith("OC & "))
+    assert oc.count(r"\emph{failed}$^{\mathrm{b}}$") == 5
+    assert r"$^{\mathrm{b}}$\,seed 0 failed, log \texttt{/runs/oc\_x/job.log}.\par" in tex
+    assert r"CM++ & \emph{missing}$^{\mathrm{c}}$ {\scriptsize (6.00)}" in tex
+    assert r"$^{\mathrm{c}}$\,not run here: not implemented.\par" in tex
+    _compile(tmp_path, tex)
+
+
+def test_tex_labels_are_typeset_as_math_and_every_table_compiles(tmp_path: Path) -> None:
+    texs = [to_latex(collect(load_table_by_name(name), [])) for name in ALL_TABLES]
+    for tex in texs:
+        _tex_balanced(tex)
+    cm7 = texs[ALL_TABLES.index("cm_table7")]
+    assert r"\multicolumn{8}{l}{\emph{$\theta^g$ only (per split)}} \\" in cm7
+    assert "\nCM ($\\theta^g$) & " in cm7
+    assert "\nCM w/o $\\mathcal{L}_{\\mathrm{Con}}$ & " in cm7
+    assert "theta\\_g" not in "".join(texs) and "L\\_Con" not in cm7
+    _compile(tmp_path, "\n".join(texs))
+
+
+def test_a_tex_label_that_would_break_the_document_is_refused() -> None:
+    spec = _spec()
+    spec["blocks"][0]["rows"][0]["tex"] = r"CM w/o $\mathcal{L}_{Con$"
+    with pytest.raises(TableSpecError, match=r"row 'DDPM': tex label .* braces"):
+        load_table(spec)
 
 
 def test_metric_paths_read_the_record() -> None:
@@ -187,6 +380,11 @@ def test_metric_paths_read_the_record() -> None:
     assert metric_value(rec, "per_class.1.fid") == 5.0
     assert metric_value(rec, "per_split.many.fid") is None
     assert metric_value(rec, "overall.is") is None
+    assert metric_entry(rec, "overall.is") == (None, IS_WHY)
+    assert metric_entry(rec, "per_split.many.fid") == (
+        None,
+        "the record holds no per_split.many.fid",
+    )
 
 
 @pytest.mark.parametrize(
@@ -196,7 +394,7 @@ def test_metric_paths_read_the_record() -> None:
         ({"seeds": []}, "at least one seed"),
         ({"blocks": [{"rows": [{"label": "X", "experiment": "cm/nope"}]}]}, "cm/nope"),
         ({"blocks": [{"rows": [{"label": "X", "experiment": "cm/cifar10_lt_ir100_ddpm", "published": [1, 2]}]}]},
-         "2 values for 4 columns"),
+         "2 values for 5 columns"),
         ({"blocks": [{"rows": [{"label": "X"}]}]}, "needs experiment"),
     ],
 )  # fmt: skip

@@ -12,14 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from lt_diffusion.evaluation.record import RecordError, class_index, read_record
-from lt_diffusion.tables.spec import Column, ResolvedRun, Row, TableSpec
+from lt_diffusion.tables.spec import Block, Column, ResolvedRun, Row, TableSpec
 
-STATUSES = ("ok", "partial", "pending", "failed", "missing", "invalid")
+STATUSES = ("ok", "partial", "pending", "failed", "unavailable", "missing", "invalid")
 
 
-def metric_value(record: Mapping[str, Any], path: str) -> float | None:
+def metric_entry(record: Mapping[str, Any], path: str) -> tuple[float | None, str | None]:
     """The number at ``path`` (``overall.fid``, ``per_split.few.kid``,
-    ``per_class.class_001.fid``) of a record; ``None`` when the record holds none there."""
+    ``per_class.class_001.fid``) of a record, or ``None`` with the reason there is none: the
+    record's ``<metric>_unavailable`` (e.g. IS without Inception logits), else that the record
+    does not hold the path (its protocol did not compute it)."""
     parts = path.split(".")
     metrics = record["metrics"]
     if parts[0] == "overall":
@@ -31,21 +33,37 @@ def metric_value(record: Mapping[str, Any], path: str) -> float | None:
         entry = next(
             (e for k, e in metrics.get("per_class", {}).items() if class_index(k) == want), {}
         )
-    value = entry.get(parts[-1])
-    return None if value is None or not math.isfinite(float(value)) else float(value)
+    name = parts[-1]
+    value = entry.get(name)
+    if value is not None and math.isfinite(float(value)):
+        return float(value), None
+    if value is not None:
+        return None, f"not finite ({value})"
+    return None, entry.get(f"{name}_unavailable") or f"the record holds no {path}"
+
+
+def metric_value(record: Mapping[str, Any], path: str) -> float | None:
+    """The number at ``path`` of a record; ``None`` when the record holds none there."""
+    return metric_entry(record, path)[0]
 
 
 @dataclass
 class Cell:
-    """One (row, column) of the table."""
+    """One (row, column) of the table.
+
+    Status: ``ok`` (every seed has its number), ``partial`` (some seeds do), and without a
+    number ``pending`` (no record yet), ``failed`` (the runs' jobs failed), ``unavailable`` (the
+    records exist but cannot hold this metric, ``note`` says why), ``missing`` (the project
+    cannot run the row), ``invalid`` (a record is malformed).
+    """
 
     status: str
     values: list[float] = field(default_factory=list)
     n_expected: int = 0
     published: float | None = None
-    log: str | None = None  # failed: the failed job's log
-    note: str | None = None  # missing: why; invalid: what is wrong with a record
-    rank: int | None = None  # 1 best, 2 second best in its block and column
+    failed: dict[int, str] = field(default_factory=dict)  # seed -> its failed job's log
+    note: str | None = None  # missing / unavailable: why; invalid: what is wrong with a record
+    rank: int | None = None  # 1 best, 2 second best among the complete cells of its block
 
     @property
     def mean(self) -> float | None:
@@ -61,16 +79,47 @@ class Cell:
             return None
         return self.mean - self.published
 
+    @property
+    def log(self) -> str | None:
+        """The failed seeds' logs, ``seed <s>: <log>`` joined by ``; ``."""
+        return "; ".join(f"seed {s}: {log}" for s, log in self.failed.items()) or None
+
 
 @dataclass
 class TableResult:
     spec: TableSpec
-    # block label -> list of (row, {column key: Cell})
-    blocks: list[tuple[str, list[tuple[Row, dict[str, Cell]]]]]
+    # per block of the spec: its rows, each with {column key: Cell}
+    blocks: list[tuple[Block, list[tuple[Row, dict[str, Cell]]]]]
+    # What the table command added to every run / evaluation (not the sweep's own paths): the
+    # cells were made under these settings, whatever the block labels say.
+    train_overrides: tuple[str, ...] = ()
+    eval_overrides: tuple[str, ...] = ()
+    # The classifier-free guidance weights the records were sampled with.
+    guidance: tuple[float, ...] = ()
 
     @property
     def columns(self) -> list[Column]:
         return self.spec.columns
+
+
+class _Records:
+    """Each record read once: its content, or the error that makes it invalid."""
+
+    def __init__(self) -> None:
+        self._read: dict[Path, dict[str, Any] | str] = {}
+
+    def __call__(self, path: Path) -> dict[str, Any] | str:
+        if path not in self._read:
+            try:
+                self._read[path] = read_record(path)
+            except RecordError as err:
+                self._read[path] = f"{path}: {err}"
+        return self._read[path]
+
+    def guidance(self) -> tuple[float, ...]:
+        return tuple(sorted({
+            float(r["sampler"]["guidance"]) for r in self._read.values() if isinstance(r, dict)
+        }))  # fmt: skip
 
 
 def _cell(
@@ -79,63 +128,82 @@ def _cell(
     column: Column,
     records: Mapping[Any, Path],
     failures: Mapping[str, str],
+    read: _Records,
 ) -> Cell:
     published = row.published.get(column.key)
     if row.missing is not None:
         return Cell("missing", published=published, note=row.missing)
     evals = spec.cell_evals(row, column)
-    values, failed_log, invalid = [], None, None
+    values: list[float] = []
+    failed: dict[int, str] = {}
+    unavailable, invalid = None, None
     for ev in evals:
         path = records.get(ev)
         if path is not None and path.is_file():
+            record = read(path)
+            if isinstance(record, str):
+                invalid = record
+                continue
             try:
-                value = metric_value(read_record(path), column.metric)
+                value, why = metric_entry(record, column.metric)
             except (RecordError, KeyError) as err:
                 invalid = f"{path}: {err}"
                 continue
-            if value is not None:
+            if value is None:
+                unavailable = why
+            else:
                 values.append(value)
         elif ev.run.key in failures:
-            failed_log = failures[ev.run.key]
+            failed[ev.run.seed] = failures[ev.run.key]
     n = len(evals)
     if len(values) == n:
-        status = "ok"
+        status, note = "ok", None
     elif values:
-        status = "partial"
+        status, note = "partial", invalid or unavailable
     elif invalid:
-        status = "invalid"
-    elif failed_log:
-        status = "failed"
+        status, note = "invalid", invalid
+    elif unavailable:
+        # A record exists and has no number: rerunning the seeds still pending will not give one.
+        status, note = "unavailable", unavailable
+    elif failed:
+        status, note = "failed", None
     else:
-        status = "pending"
-    return Cell(status, values, n, published, failed_log, invalid)
+        status, note = "pending", None
+    return Cell(status, values, n, published, failed, note)
 
 
 def _mark_ranks(rows: list[tuple[Row, dict[str, Cell]]], columns: Sequence[Column]) -> None:
     for column in columns:
-        cells = [c[column.key] for _, c in rows if c[column.key].mean is not None]
-        sign = 1.0 if column.better == "lower" else -1.0
-        # Ties share a rank; a rank exists only where there is something to compare with.
-        distinct = sorted({round(sign * c.mean, 12) for c in cells})
-        if len(cells) < 2:
+        # Only complete cells compete: a mean over some of the seeds is not comparable.
+        cells = [c[column.key] for _, c in rows if c[column.key].status == "ok"]
+        if len(cells) < 2:  # a rank exists only where there is something to compare with
             continue
+        sign = 1.0 if column.better == "lower" else -1.0
+        distinct = sorted({round(sign * c.mean, 12) for c in cells})  # ties share a rank
         for cell in cells:
             pos = distinct.index(round(sign * cell.mean, 12))
             cell.rank = pos + 1 if pos < 2 else None
 
 
 def collect(
-    spec: TableSpec, resolved: Sequence[ResolvedRun], failures: Mapping[str, str] | None = None
+    spec: TableSpec,
+    resolved: Sequence[ResolvedRun],
+    failures: Mapping[str, str] | None = None,
+    train_overrides: Sequence[str] = (),
+    eval_overrides: Sequence[str] = (),
 ) -> TableResult:
-    """The table from the records of ``resolved`` (``failures``: run key -> its job's log)."""
+    """The table from the records of ``resolved`` (``failures``: run key -> its job's log;
+    ``train_overrides`` / ``eval_overrides``: what the runs were made with beyond the spec,
+    shown with the table)."""
     records = {ev: path for r in resolved for ev, path in r.records.items()}
     failures = failures or {}
+    read = _Records()
     blocks = []
     for block in spec.blocks:
         rows = [
-            (row, {c.key: _cell(spec, row, c, records, failures) for c in spec.columns})
+            (row, {c.key: _cell(spec, row, c, records, failures, read) for c in spec.columns})
             for row in block.rows
         ]
         _mark_ranks(rows, spec.columns)
-        blocks.append((block.label, rows))
-    return TableResult(spec, blocks)
+        blocks.append((block, rows))
+    return TableResult(spec, blocks, tuple(train_overrides), tuple(eval_overrides), read.guidance())

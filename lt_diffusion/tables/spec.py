@@ -13,10 +13,13 @@ A spec::
       - label: CIFAR-10-LT, IR=100
         rows:
           - {label: DDPM, experiment: cm/cifar10_lt_ir100_ddpm, published: [10.697]}
+          - {label: 'CM, theta_g only', tex: 'CM ($\\theta^g$)', ...}
 
 A row's ``experiment`` is one experiment for all columns or a mapping ``column key ->
 experiment`` (tables whose columns are datasets); ``published`` is a list aligned with the
 columns or a mapping; ``missing: <reason>`` keeps a row the project cannot run in the table.
+A column, block or row may add ``tex:``, its label as LaTeX (written into the ``.tex`` as is),
+where the plain ``label`` (Markdown, CSV, and escaped into the ``.tex`` otherwise) holds math.
 """
 
 from __future__ import annotations
@@ -91,6 +94,7 @@ class Column:
     metric: str
     better: str = "lower"
     digits: int = 2
+    tex: str | None = None  # the label as LaTeX, where ``label`` holds math
 
 
 @dataclass
@@ -104,12 +108,14 @@ class Row:
     guidance: float | None = None
     theta_g_only: bool = False
     overrides: tuple[str, ...] = ()
+    tex: str | None = None
 
 
 @dataclass
 class Block:
     label: str
     rows: list[Row]
+    tex: str | None = None
 
 
 @dataclass
@@ -160,6 +166,28 @@ def _fail(name: str, where: str, what: str) -> TableSpecError:
     return TableSpecError(f"table {name}: {where}: {what}")
 
 
+def _tex(name: str, where: str, raw: Mapping[str, Any]) -> str | None:
+    """The optional ``tex:`` label, refused here when it could not compile: unbalanced braces
+    or an odd number of ``$`` would break the whole ``.tex``, not just this label."""
+    tex = raw.get("tex")
+    if tex is None:
+        return None
+    tex = str(tex)
+    plain = re.sub(r"\\.", "", tex)  # escaped characters (\{, \$, \\) do not count
+    depth = 0
+    for ch in plain:
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        if depth < 0:
+            break
+    if depth != 0 or plain.count("$") % 2:
+        raise _fail(
+            name, where,
+            f"tex label {tex!r} does not balance its braces {{...}} and $...$; fix its `tex:` "
+            "(YAML: single-quote it so that backslashes stay as written)",
+        )  # fmt: skip
+    return tex
+
+
 def _columns(name: str, raw: Any) -> list[Column]:
     if not raw:
         raise _fail(name, "columns", "list at least one column {key, label, metric, better}")
@@ -179,7 +207,8 @@ def _columns(name: str, raw: Any) -> list[Column]:
         if c.get("better", "lower") not in BETTER:
             raise _fail(name, where, f"better must be one of {BETTER}")
         cols.append(Column(str(c["key"]), str(c.get("label", c["key"])), str(c["metric"]),
-                           str(c.get("better", "lower")), int(c.get("digits", 2))))  # fmt: skip
+                           str(c.get("better", "lower")), int(c.get("digits", 2)),
+                           _tex(name, where, c)))  # fmt: skip
     keys = [c.key for c in cols]
     if len(set(keys)) != len(keys):
         raise _fail(name, "columns", f"column keys must be unique, got {keys}")
@@ -240,6 +269,7 @@ def _row(name: str, raw: Mapping[str, Any], columns: list[Column], config_dir: P
         guidance=None if raw.get("guidance") is None else float(raw["guidance"]),
         theta_g_only=bool(raw.get("theta_g_only", False)),
         overrides=tuple(str(o) for o in raw.get("overrides", ())),
+        tex=_tex(name, where, raw),
     )
 
 
@@ -258,7 +288,9 @@ def load_table(
     columns = _columns(name, raw["columns"])
     blocks = [
         Block(
-            str(b.get("label", "")), [_row(name, r, columns, Path(config_dir)) for r in b["rows"]]
+            str(b.get("label", "")),
+            [_row(name, r, columns, Path(config_dir)) for r in b["rows"]],
+            _tex(name, f"block {b.get('label', '')!r}", b),
         )
         for b in raw["blocks"]
     ]
