@@ -35,13 +35,15 @@ from lt_diffusion.sweep import (
 from lt_diffusion.tables import (
     ResolvedRun,
     TableSpec,
+    TableSpecError,
+    available_tables,
     collect,
     load_table,
     resolve,
     to_markdown,
     write_table,
 )
-from lt_diffusion.train import CONFIG_DIR
+from lt_diffusion.utils.config import CONFIG_DIR
 
 
 def _launcher_overrides() -> list[str]:
@@ -62,6 +64,10 @@ def _overrides(cfg: DictConfig) -> tuple[list[str], list[str]]:
 
 def plan(cfg: DictConfig) -> tuple[TableSpec, list[ResolvedRun], list[Job]]:
     """The table spec, its resolved runs, and one job per run (all checks done here)."""
+    if cfg.get("table") is None:  # no default table, so that --help composes without one
+        raise TableSpecError(
+            f"choose the table to reproduce: table=<name>, one of {', '.join(available_tables())}"
+        )
     spec = load_table(cfg.table)
     train_overrides, eval_overrides = _overrides(cfg)
     resolved = resolve(spec, train_overrides, eval_overrides)
@@ -107,7 +113,7 @@ def run(cfg: DictConfig, hydra_overrides: list[str], launcher: Any, sweep_dir: P
     return paths["md"]
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sweep")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="sweep")
 def main(cfg: DictConfig) -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     hc = HydraConfig.get()
