@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lt_diffusion.diffusion import DDIMSampler, DPMSolverSampler, NoiseSchedule
-from lt_diffusion.training.builders import build_sampler
+from lt_diffusion.training.builders import build_sampler, resolve_sampler
 from tests.conftest import compose_config
 
 
@@ -113,10 +113,36 @@ def test_equals_diffusers_dpm_solver_multistep(schedule, order: int) -> None:
 
 def test_guidance_and_config(schedule) -> None:
     cfg = compose_config("train", ["sampler=dpm_solver"])
-    sampler = build_sampler(cfg.sampler, schedule)
+    sampler = build_sampler(resolve_sampler(cfg.sampler, torch.nn.Identity()), schedule)
     assert isinstance(sampler, DPMSolverSampler) and sampler.num_steps == 15
+    assert sampler.clip_denoised  # auto: a pixel model's x0 is clipped
     assert sampler.timesteps[0] == 999 and cfg.sampler.name == "dpm15"
     with pytest.raises(ValueError, match="order must be 1 or 2"):
         DPMSolverSampler(schedule, order=3)
     with pytest.raises(ValueError, match="unknown spacing"):
         DPMSolverSampler(schedule, spacing="karras")
+
+
+def test_clipped_x0_equals_diffusers_static_thresholding(schedule) -> None:
+    from diffusers import DPMSolverMultistepScheduler
+
+    # thresholding with sample_max_value = 1 clamps x0 to [-1, 1] (the quantile is clamped to 1)
+    scheduler = DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+        solver_order=2, algorithm_type="dpmsolver++", timestep_spacing="trailing",
+        final_sigmas_type="zero", thresholding=True, sample_max_value=1.0,
+        dynamic_thresholding_ratio=0.995,
+    )  # fmt: skip
+    scheduler.set_timesteps(10)
+    ours = DPMSolverSampler(schedule, steps=10, order=2, clip_denoised=True)
+    loud = lambda x, t, y=None: 3.0 * toy_model(x, t)  # noqa: E731 - x0 predictions leave [-1, 1]
+    noise = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    x = noise.clone().float()
+    for t in scheduler.timesteps:
+        tt = torch.full((len(x),), int(t), dtype=torch.long)
+        x = scheduler.step(loud(x, tt), t, x).prev_sample
+    got = ours.solve(loud, noise, torch.zeros(2, dtype=torch.long))
+    torch.testing.assert_close(got, x.to(torch.float64), rtol=1e-4, atol=1e-4)
+    y = torch.zeros(2, dtype=torch.long)
+    unclipped = DPMSolverSampler(schedule, steps=10, order=2).solve(loud, noise, y)
+    assert (got - unclipped).abs().max() > 0.1  # the clip is active in this case

@@ -46,6 +46,9 @@ class DPMSolverSampler(Sampler):
         order: 2 (DPM-Solver++(2M), the default) or 1 (DDIM).
         spacing: the visited timesteps, as for DDIM (:func:`ddim_timesteps`); ``"trailing"``
             starts at ``T - 1``, the fully noised step.
+        clip_denoised: clip every data prediction ``x0`` to ``[-1, 1]`` before it enters the
+            update (DPM-Solver++ integrates in x0, so this is its natural thresholding; it
+            equals diffusers' ``thresholding=True`` with ``sample_max_value=1``).
     """
 
     name = "dpm_solver"
@@ -56,6 +59,7 @@ class DPMSolverSampler(Sampler):
         steps: int = 15,
         order: int = 2,
         spacing: str = "trailing",
+        clip_denoised: bool = False,
     ) -> None:
         super().__init__(schedule)
         if order not in (1, 2):
@@ -63,6 +67,7 @@ class DPMSolverSampler(Sampler):
         if spacing not in DDIM_SPACINGS:
             raise ValueError(f"unknown spacing {spacing!r}: use one of {DDIM_SPACINGS}")
         self.order, self.spacing = int(order), spacing
+        self.clip_denoised = bool(clip_denoised)
         self._ts = ddim_timesteps(schedule.T, steps, spacing)
 
     @property
@@ -93,6 +98,8 @@ class DPMSolverSampler(Sampler):
             t = torch.full((x.shape[0],), ts[i], device=x.device, dtype=torch.long)
             eps = guided_eps(model, x, t, labels, guidance)
             x0 = (x - sigma[i] * eps) / alpha[i]
+            if self.clip_denoised:
+                x0 = x0.clamp(-1.0, 1.0)
             if i == len(ts) - 1:  # to the data: sigma = 0, the update is x0 itself
                 return x0
             h = lam[i + 1] - lam[i]

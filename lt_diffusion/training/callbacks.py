@@ -13,6 +13,7 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 from lt_diffusion.diffusion import DDIMSampler, generate
+from lt_diffusion.diffusion.generate import is_latent_model
 from lt_diffusion.training.checkpoint import LAST
 from lt_diffusion.utils.io import atomic_write_bytes
 
@@ -92,7 +93,11 @@ class SampleGrid(L.Callback):
         model = pl_module.ema_model
         classes = min(model.num_classes, self.max_classes)
         labels = torch.arange(classes).repeat_interleave(self.per_class)
-        sampler = DDIMSampler(pl_module.schedule, steps=self.steps)
+        # x0 clipped to the pixel range: early checkpoints overshoot it far from the data,
+        # and unclipped DDIM then diverges into noise (latents have no fixed range).
+        sampler = DDIMSampler(
+            pl_module.schedule, steps=self.steps, clip_denoised=not is_latent_model(model)
+        )
         shape = (model.in_channels, model.image_size, model.image_size)
         images = generate(
             model,
