@@ -7,6 +7,8 @@ feature extraction are split across the processes; the record is the same as wit
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +18,27 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from lt_diffusion.evaluation.distributed import init_from_env, world
-from lt_diffusion.evaluation.evaluator import build_record, run_protocol, save_record
+from lt_diffusion.evaluation.evaluator import run_protocol, save_record
 from lt_diffusion.evaluation.plots import plot_fid_vs_count
-from lt_diffusion.evaluation.record import record_filename
+from lt_diffusion.evaluation.protocol import protocol_sampler
+from lt_diffusion.evaluation.record import build_record, record_filename
+from lt_diffusion.methods.lora import set_expert_enabled
 from lt_diffusion.sample import resolve_device
 from lt_diffusion.train import CONFIG_DIR, code_version
-from lt_diffusion.training.builders import build_datamodule, build_sampler, build_schedule
+from lt_diffusion.training.builders import (
+    build_datamodule,
+    build_sampler,
+    build_schedule,
+    check_guidance,
+    resolve_sampler,
+)
 from lt_diffusion.training.checkpoint import (
     META_KEY,
     CheckpointError,
     load_sampling_model,
     read_checkpoint,
 )
+from lt_diffusion.utils.identity import evaluation_identity
 from lt_diffusion.utils.imagefolder import read_image_folder
 
 
@@ -44,13 +55,6 @@ def check_dataset(cfg: DictConfig, train_cfg: DictConfig, source: str) -> None:
                 f"{want.image_size}px: evaluate it against its own dataset, or pick the "
                 "matching checkpoint"
             )
-
-
-def record_path(cfg: DictConfig, run_dir: Path, guidance: float) -> Path:
-    if cfg.record:
-        return Path(cfg.record)
-    name = record_filename(cfg.eval.name, cfg.sampler.name, guidance, bool(cfg.theta_g_only))
-    return run_dir / "records" / name
 
 
 def print_table(record: dict[str, Any]) -> None:
@@ -92,28 +96,111 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
             dist.destroy_process_group()
 
 
-def _run(cfg: DictConfig) -> dict[str, Any] | None:
-    rank, _ = world()
-    device = resolve_device(cfg.device)
-    if device.type == "cuda" and world()[1] > 1:
-        device = torch.device("cuda", torch.cuda.current_device())
-    model = folder = None
-    if cfg.checkpoint:
-        model, meta = load_sampling_model(cfg.checkpoint, device)
-        source = str(cfg.checkpoint)
-    else:
-        images, labels, fmeta = read_image_folder(cfg.images)
-        if "checkpoint" not in fmeta:
-            raise ValueError(f"{cfg.images}/meta.json names no checkpoint: cannot tell its dataset")
-        ckpt = read_checkpoint(fmeta["checkpoint"])
-        meta = {
-            **ckpt[META_KEY],
-            "checkpoint": fmeta["checkpoint"],
-            "global_step": ckpt["global_step"],
-        }
-        folder, source = (images, labels), str(cfg.images)
+@dataclass
+class Evaluated:
+    """What one evaluation compares with the real images: a model with the sampler the protocol
+    names, or a folder of images with the provenance its ``meta.json`` states."""
+
+    meta: dict[str, Any]  # the training checkpoint's metadata (config, dataset, step, path)
+    model: torch.nn.Module | None = None
+    sampler: dict[str, Any] | None = None  # the sampler node that runs (model) or ran (folder)
+    requested: dict[str, Any] | None = None  # the protocol's sampler node before auto settings
+    guidance: float | None = None
+    folder: tuple[torch.Tensor, torch.Tensor] | None = None
+    images: dict[str, Any] | None = None  # a folder's provenance (identity of the images)
+
+    @property
+    def train_cfg(self) -> DictConfig:
+        return OmegaConf.create(self.meta["config"])
+
+
+def from_checkpoint(cfg: DictConfig, device: torch.device) -> Evaluated:
+    """The model of ``cfg.checkpoint`` and the sampler / guidance of the protocol, checked."""
+    model, meta = load_sampling_model(cfg.checkpoint, device)
     train_cfg = OmegaConf.create(meta["config"])
-    check_dataset(cfg, train_cfg, source)
+    check_dataset(cfg, train_cfg, str(cfg.checkpoint))
+    if cfg.theta_g_only and set_expert_enabled(model, False) == 0:
+        raise ValueError(
+            f"theta_g_only=true but {cfg.checkpoint} has no reserved low-rank capacity (method "
+            f"{train_cfg.method.name}): it applies to CM checkpoints only"
+        )
+    guidance = cfg.eval.get("guidance")
+    guidance = float(train_cfg.sampler.guidance if guidance is None else guidance)
+    check_guidance(train_cfg, guidance, str(cfg.checkpoint))
+    node = protocol_sampler(cfg.eval)
+    resolved = resolve_sampler(node, model)
+    return Evaluated(
+        meta,
+        model,
+        sampler=OmegaConf.to_container(resolved, resolve=True),
+        requested=OmegaConf.to_container(node, resolve=True),
+        guidance=guidance,
+    )
+
+
+def from_folder(cfg: DictConfig) -> Evaluated:
+    """The images of ``cfg.images`` with their own sampler, guidance and seed (meta.json)."""
+    if cfg.theta_g_only:
+        raise ValueError(
+            "theta_g_only applies when evaluate generates from a checkpoint; an image folder "
+            "was generated already (lt_diffusion.sample writes what it sampled with)"
+        )
+    images, labels, fmeta = read_image_folder(cfg.images)
+    if "checkpoint" not in fmeta:
+        raise ValueError(f"{cfg.images}/meta.json names no checkpoint: cannot tell its dataset")
+    ckpt = read_checkpoint(fmeta["checkpoint"])
+    meta = {**ckpt[META_KEY], "checkpoint": fmeta["checkpoint"], "global_step": ckpt["global_step"]}
+    check_dataset(cfg, OmegaConf.create(meta["config"]), str(cfg.images))
+    provenance = {
+        "folder": str(Path(cfg.images).resolve()),
+        "sha256": images_digest(images, labels),
+        **{k: fmeta[k] for k in ("global_step", "seed", "n_per_class") if k in fmeta},
+    }
+    guidance = fmeta.get("guidance")
+    return Evaluated(
+        meta,
+        sampler=fmeta.get("sampler"),
+        guidance=None if guidance is None else float(guidance),
+        folder=(images, labels),
+        images=provenance,
+    )
+
+
+def images_digest(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """SHA-256 of a folder's decoded pixels and labels: the images' identity, wherever they
+    are and however their PNG files were encoded."""
+    h = hashlib.sha256()
+    h.update(labels.numpy().tobytes())
+    h.update(images.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def record_path(cfg: DictConfig, ev: Evaluated, identity: dict[str, Any]) -> Path:
+    """``record=`` when given, else ``<run_dir>/records/<name>`` named by the settings."""
+    if cfg.record:
+        return Path(cfg.record)
+    label = "images" if ev.images is not None else str(ev.sampler["name"])  # type: ignore[index]
+    name = record_filename(
+        str(cfg.eval.name), label, ev.guidance, bool(cfg.theta_g_only), identity["digest"]
+    )
+    return Path(ev.meta["checkpoint"]).resolve().parent.parent / "records" / name
+
+
+def _run(cfg: DictConfig) -> dict[str, Any] | None:
+    rank, size = world()
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and size > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
+    ev = from_checkpoint(cfg, device) if cfg.checkpoint else from_folder(cfg)
+    train_cfg = ev.train_cfg
+    identity = evaluation_identity(
+        train_config=train_cfg,
+        protocol=cfg.eval,
+        sampler=ev.requested,
+        guidance=ev.guidance,
+        theta_g_only=bool(cfg.theta_g_only),
+        images=ev.images,
+    )
     if cfg.data_root:
         root = Path(train_cfg.dataset.source.root)
         train_cfg.dataset.source.root = str(Path(cfg.data_root) / root.name)
@@ -121,47 +208,39 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
     datamodule = build_datamodule(train_cfg)
     datamodule.setup()
     info = datamodule.info()
-    if folder is not None and tuple(folder[0].shape[1:]) != (
-        info["channels"],
-        info["image_size"],
-        info["image_size"],
-    ):
+    want = (info["channels"], info["image_size"], info["image_size"])
+    if ev.folder is not None and tuple(ev.folder[0].shape[1:]) != want:
         raise ValueError(
-            f"images in {cfg.images} are {tuple(folder[0].shape[1:])}, the dataset is "
-            f"{info['channels']}x{info['image_size']}x{info['image_size']}"
+            f"images in {cfg.images} are {tuple(ev.folder[0].shape[1:])}, the dataset is "
+            f"{want[0]}x{want[1]}x{want[2]}"
         )
-    guidance = float(train_cfg.sampler.guidance if cfg.guidance is None else cfg.guidance)
     sampler = None
-    if model is not None:
-        if cfg.theta_g_only:
-            from lt_diffusion.methods.lora import set_expert_enabled
-
-            set_expert_enabled(model, False)
-        sampler = build_sampler(cfg.sampler, build_schedule(train_cfg).to(device))
+    if ev.model is not None:
+        sampler = build_sampler(OmegaConf.create(ev.sampler), build_schedule(train_cfg).to(device))
     result = run_protocol(
         protocol=cfg.eval,
         dataset_info=info,
         datamodule=datamodule,
         cache_dir=Path(cfg.paths.cache_dir),
         device=device,
-        model=model,
+        model=ev.model,
         sampler=sampler,
-        guidance=guidance,
-        folder=folder,
+        guidance=ev.guidance or 0.0,
+        folder=ev.folder,
     )
     if rank != 0:
         return None
     record = build_record(
-        result=result,
         config=OmegaConf.to_container(train_cfg, resolve=True),
-        dataset_info=info,
-        checkpoint={"path": meta["checkpoint"], "step": meta["global_step"],
-                    "theta_g_only": bool(cfg.theta_g_only), "images": cfg.images},
-        sampler={**OmegaConf.to_container(cfg.sampler, resolve=True), "guidance": guidance},
+        dataset=info,
+        checkpoint={"path": ev.meta["checkpoint"], "step": ev.meta["global_step"],
+                    "theta_g_only": bool(cfg.theta_g_only), "images": ev.images},
+        sampler={**(ev.sampler or {}), "guidance": ev.guidance},
+        identity=identity,
         code_version=code_version(),
+        **result,
     )  # fmt: skip
-    run_dir = Path(meta["checkpoint"]).resolve().parent.parent
-    path = save_record(record_path(cfg, run_dir, guidance), record)
+    path = save_record(record_path(cfg, ev, identity), record)
     plot = plot_fid_vs_count(record, path.with_suffix(".png"))
     print_table(record)
     print(f"Record: {path}" + (f"\nPlot: {plot}" if plot else ""))

@@ -11,7 +11,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from lt_diffusion.diffusion import balanced_labels, generate
 from lt_diffusion.train import CONFIG_DIR
-from lt_diffusion.training.builders import build_sampler, build_schedule
+from lt_diffusion.training.builders import (
+    build_sampler,
+    build_schedule,
+    check_guidance,
+    resolve_sampler,
+    sampler_label,
+)
 from lt_diffusion.training.checkpoint import load_sampling_model
 from lt_diffusion.utils.imagefolder import write_image_folder
 
@@ -29,12 +35,14 @@ def run(cfg: DictConfig) -> Path:
     device = resolve_device(cfg.device)
     model, meta = load_sampling_model(cfg.checkpoint, device)
     train_cfg = OmegaConf.create(meta["config"])
-    guidance = train_cfg.sampler.guidance if cfg.guidance is None else cfg.guidance
-    sampler = build_sampler(cfg.sampler, build_schedule(train_cfg).to(device))
+    guidance = float(train_cfg.sampler.guidance if cfg.guidance is None else cfg.guidance)
+    check_guidance(train_cfg, guidance, str(cfg.checkpoint), setting="guidance")
+    node = resolve_sampler(cfg.sampler, model)
+    sampler = build_sampler(node, build_schedule(train_cfg).to(device))
     out = cfg.out_dir or (
         Path(cfg.checkpoint).resolve().parent.parent
         / "samples"
-        / f"{cfg.sampler.name}-w{guidance}-seed{cfg.seed}-n{cfg.n_per_class}"
+        / f"{sampler_label(node)}-w{guidance:g}-seed{cfg.seed}-n{cfg.n_per_class}"
     )
     if Path(out).exists() and not cfg.overwrite:
         raise FileExistsError(f"{out} exists: pass out_dir=... or overwrite=true")
@@ -53,8 +61,8 @@ def run(cfg: DictConfig) -> Path:
     info = {
         "checkpoint": meta["checkpoint"],
         "global_step": meta["global_step"],
-        "sampler": OmegaConf.to_container(cfg.sampler, resolve=True),
-        "guidance": float(guidance),
+        "sampler": OmegaConf.to_container(node, resolve=True),
+        "guidance": guidance,
         "seed": int(cfg.seed),
         "n_per_class": int(cfg.n_per_class),
     }

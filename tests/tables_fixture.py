@@ -18,7 +18,7 @@ TINY_EVAL = [
     "eval.kid_subset_size=5",
     "eval.kid_subsets=3",
     "eval.batch_size=10",
-    "sampler.sampler.steps=3",
+    "eval.sampler.steps=3",
     "device=cpu",
 ]
 

@@ -30,7 +30,7 @@ PROTOCOL = [
     "eval.kid_subset_size=5",
     "eval.kid_subsets=3",
     "eval.batch_size=8",
-    "sampler.sampler.steps=3",
+    "eval.sampler.steps=3",
     "device=cpu",
 ]
 
@@ -55,12 +55,12 @@ def checkpoint(tmp_path_factory) -> Path:
     return tmp / "run" / "checkpoints" / "last.ckpt"
 
 
-def _evaluate(checkpoint: Path, tmp_path: Path, *extra: str):
+def _evaluate(checkpoint: Path | None, tmp_path: Path, *extra: str):
     from lt_diffusion import evaluate
 
+    source = [f"checkpoint={checkpoint}"] if checkpoint is not None else []
     cfg = compose_config(
-        "evaluate",
-        [f"checkpoint={checkpoint}", f"paths.cache_dir={tmp_path / 'cache'}", *PROTOCOL, *extra],
+        "evaluate", [*source, f"paths.cache_dir={tmp_path / 'cache'}", *PROTOCOL, *extra]
     )
     return evaluate.run(cfg)
 
@@ -144,3 +144,89 @@ def test_checkpoint_of_another_dataset_is_refused(checkpoint: Path, tmp_path: Pa
         _evaluate(checkpoint, tmp_path, "dataset=fashion_mnist_lt")
     with pytest.raises(CheckpointError, match="64px"):
         _evaluate(checkpoint, tmp_path, "dataset=cifar10_lt", "dataset.image_size=64")
+
+
+def test_the_protocols_sampler_runs_and_names_the_record(
+    checkpoint: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from lt_diffusion.diffusion import samplers
+
+    calls = []
+    real_guided_eps = samplers.guided_eps
+
+    def counting(model, x, t, y, guidance):
+        calls.append(int(t[0]))
+        return real_guided_eps(model, x, t, y, guidance)
+
+    monkeypatch.setattr(samplers, "guided_eps", counting)
+    record = _evaluate(checkpoint, tmp_path, "eval.per_split.generated=0")
+    chunks = -(-10 // 8)  # 10 images in batches of 8
+    assert len(calls) == 3 * chunks  # eval.sampler.steps=3, not the sampler group's 50
+    node = record["sampler"]
+    assert node["name"] == "ddim3" and node["group"] == "ddim"
+    assert node["sampler"]["steps"] == 3 and node["sampler"]["clip_denoised"] is True  # auto
+    records = sorted((checkpoint.parent.parent / "records").glob("quick-ddim3-w0-*.json"))
+    assert len(records) == 1 and record["identity"]["digest"] in records[0].name
+
+
+def test_records_under_other_settings_never_overwrite_each_other(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    first = _evaluate(checkpoint, tmp_path, "eval.per_split.generated=0")
+    other = _evaluate(checkpoint, tmp_path, "eval.per_split.generated=0", "eval.kid_subsets=2")
+    assert first["identity"]["digest"] != other["identity"]["digest"]
+    assert first["identity"]["train"] == other["identity"]["train"]
+    names = {p.name for p in (checkpoint.parent.parent / "records").glob("quick-ddim3-*.json")}
+    assert {f"quick-ddim3-w0-{r['identity']['digest']}.json" for r in (first, other)} <= names
+
+
+def test_theta_g_only_needs_the_reserved_capacity(checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no reserved low-rank capacity"):
+        _evaluate(checkpoint, tmp_path, "theta_g_only=true")
+
+
+def test_guidance_needs_a_trained_null_label(train_overrides, tmp_path: Path) -> None:
+    from lt_diffusion import sample, train
+
+    run_dir = tmp_path / "nodrop"
+    cfg = compose_config(
+        "train",
+        train_overrides(
+            "train.max_steps=2", "method.objective.cond_drop_prob=0", f"paths.run_dir={run_dir}"
+        ),
+    )
+    train.run(cfg)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    with pytest.raises(ValueError, match="without label dropout.*eval.guidance=0"):
+        _evaluate(last, tmp_path, "eval.guidance=1.5")
+    with pytest.raises(ValueError, match="without label dropout.*guidance=0"):
+        sample.run(compose_config("sample", [f"checkpoint={last}", "guidance=1", "device=cpu"]))
+
+
+def test_an_image_folder_records_its_own_provenance(checkpoint: Path, tmp_path: Path) -> None:
+    from lt_diffusion import sample
+
+    folder = sample.run(
+        compose_config(
+            "sample",
+            [
+                f"checkpoint={checkpoint}",
+                "n_per_class=2",
+                "sampler.sampler.steps=2",
+                "seed=5",
+                "device=cpu",
+                f"out_dir={tmp_path / 'imgs'}",
+            ],
+        )  # fmt: skip
+    )
+    own = _evaluate(checkpoint, tmp_path, "eval.per_split.generated=0")
+    record = _evaluate(
+        None, tmp_path, f"images={folder}", "checkpoint=null", "eval.per_split.generated=0"
+    )
+    assert record["sampler"]["name"] == "ddim2" and record["sampler"]["sampler"]["steps"] == 2
+    assert record["checkpoint"]["images"]["seed"] == 5
+    assert len(record["checkpoint"]["images"]["sha256"]) == 64
+    assert record["identity"]["digest"] != own["identity"]["digest"]
+    names = {p.name for p in (checkpoint.parent.parent / "records").glob("quick-*.json")}
+    assert f"quick-images-w0-{record['identity']['digest']}.json" in names
+    assert f"quick-ddim3-w0-{own['identity']['digest']}.json" in names

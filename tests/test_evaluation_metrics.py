@@ -14,7 +14,11 @@ from omegaconf import OmegaConf
 from lt_diffusion.evaluation import metrics as M
 from lt_diffusion.evaluation.features import extract_features
 from lt_diffusion.evaluation.inception import load_extractor, load_torchscript
-from lt_diffusion.evaluation.protocol import comparisons, images_per_class
+from lt_diffusion.evaluation.protocol import (
+    comparisons,
+    images_per_class,
+    real_images_per_class,
+)
 from lt_diffusion.evaluation.reference import cache_key, cached_features
 
 FMNIST_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
@@ -140,26 +144,61 @@ def test_too_few_images_is_a_clear_error() -> None:
         M.precision_recall(np.zeros((4, 3)), np.zeros((10, 3)), k=5)
 
 
-def test_protocol_counts_every_generated_image_in_its_label_split() -> None:
-    protocol = OmegaConf.create(
+def _protocol(overall: int, per_split: int, per_class: int = 0, real=None) -> OmegaConf:
+    return OmegaConf.create(
         {
-            "overall": {"generated": 50000},
-            "per_split": {"generated": 20000},
-            "per_class": {"generated": 0},
+            "overall": {"generated": overall, "real_per_class": real},
+            "per_split": {"generated": per_split, "real_per_class": real},
+            "per_class": {"generated": per_class, "real_per_class": real},
         }
     )
+
+
+def test_protocol_counts_every_generated_image_in_its_label_split() -> None:
     splits = ["many"] * 33 + ["medium"] * 33 + ["few"] * 34
-    comps = {c.name: c for c in comparisons(protocol, 100, splits)}
-    assert comps["overall"].per_class == 500
+    comps = {c.name: c for c in comparisons(_protocol(50000, 20000), 100, splits, [500] * 100)}
+    assert comps["overall"].generated == (500,) * 100
     for name in ("many", "medium", "few"):
         comp = comps[name]
         assert all(splits[c] == name for c in comp.classes)
-        assert comp.per_class * len(comp.classes) <= 20000
-    assert comps["many"].classes == tuple(range(33)) and comps["few"].classes == tuple(
-        range(66, 100)
-    )
+        # Exactly the protocol's count, as balanced as it divides: 20000 = 33 * 606 + 2.
+        assert comp.n_generated == 20000 and max(comp.generated) - min(comp.generated) <= 1
+    assert comps["many"].generated[:3] == (607, 607, 606)
+    assert comps["many"].classes == tuple(range(33))
+    assert comps["few"].classes == tuple(range(66, 100))
     need = images_per_class(list(comps.values()), 100)
-    assert need[0] == 20000 // 33 and need[99] == 20000 // 34
+    assert need[0] == 607 and need[99] == 20000 // 34 + (33 < 20000 % 34)
+
+
+def test_inaturalist_counts_are_exactly_the_protocols() -> None:
+    # 8,142 classes: 50,000 // 8,142 * 8,142 = 48,852 and 20,000 // C * C fall short.
+    counts = np.sort(np.random.default_rng(0).integers(2, 1000, 8142))[::-1]
+    splits = ["many" if n > 100 else "few" if n < 20 else "medium" for n in counts]
+    comps = comparisons(_protocol(50000, 20000), 8142, splits, [3] * 8142)
+    assert [c.n_generated for c in comps] == [50000, 20000, 20000, 20000]
+    assert all(max(c.generated) - min(c.generated) <= 1 for c in comps)
+    assert comps[0].n_real == 3 * 8142
+
+
+def test_an_unbalanced_reference_is_balanced_like_the_generated_images() -> None:
+    # CelebA-HQ: 18,943 women, 11,057 men; generated 25k / 25k.
+    protocol = _protocol(50000, 0, per_class=20000)
+    comps = {c.name: c for c in comparisons(protocol, 2, ["many", "few"], [18943, 11057])}
+    assert comps["overall"].real == (11057, 11057) and comps["overall"].generated == (25000,) * 2
+    assert comps["class_000"].real == (18943,) and comps["class_001"].real == (11057,)
+    assert real_images_per_class(list(comps.values())) == {0: 18943, 1: 11057}
+    capped = comparisons(_protocol(100, 0, real=20), 2, ["many", "few"], [18943, 11057])
+    assert capped[0].real == (20, 20)
+
+
+def test_a_comparison_needing_fewer_real_images_takes_a_seeded_random_subset() -> None:
+    from lt_diffusion.evaluation.evaluator import _real_of
+
+    feats = {0: np.arange(100, dtype=np.float64)[:, None]}
+    a = _real_of(feats, 0, 10, seed=0)
+    assert len(a) == 10 and np.array_equal(a, _real_of(feats, 0, 10, seed=0))
+    assert a.max() > 10  # not the first ten, which follow the file order
+    assert np.array_equal(_real_of(feats, 0, 100, seed=0), feats[0])
 
 
 def test_reference_cache_is_keyed_and_survives_corruption(tmp_path) -> None:

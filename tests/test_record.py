@@ -63,6 +63,7 @@ def make_record(per_class: bool = True) -> dict:
         protocol={"name": "quick", "pr_k": 5},
         extractor={"name": "inception-v3-compat", "weights_sha256": "0" * 64, "has_logits": False},
         metrics=metrics,
+        identity={"digest": "0123abcd", "train": "t", "protocol": "p", "generation": "g"},
         code_version="v0-test",
         seconds={"total": 1.0},
     )

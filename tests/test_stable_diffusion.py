@@ -264,7 +264,7 @@ PROTOCOL = [
     "eval.kid_subset_size=5",
     "eval.kid_subsets=3",
     "eval.batch_size=10",
-    "sampler.sampler.steps=2",
+    "eval.sampler.steps=2",
     "device=cpu",
 ]
 

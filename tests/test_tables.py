@@ -62,7 +62,12 @@ def test_table7_evaluates_the_cm_run_twice_but_trains_it_once(tmp_path: Path) ->
     resolved = {r.run: r for r in resolve(spec, [f"paths.output_dir={tmp_path}"])}
     records = resolved[cm_runs[0]].records
     names = sorted(p.name for p in records.values())
-    assert names == ["cm_paper-ddim50-w1.5-theta_g.json", "cm_paper-ddim50-w1.5.json"]
+    assert [n.rsplit("-", 1)[0] for n in names] == [
+        "cm_paper-ddim50-w1.5",
+        "cm_paper-ddim50-w1.5-theta_g",
+    ]
+    digests = resolved[cm_runs[0]].digests.values()
+    assert len(set(digests)) == 2  # the variant is part of what defines a record
     assert resolved[cm_runs[0]].run_dir == tmp_path / "runs" / "cifar100_lt-ir100-cm-seed0"
     assert not resolved[cm_runs[0]].done
 
@@ -119,11 +124,12 @@ def _entry(v: float) -> dict:
             "is": None, "is_unavailable": IS_WHY}  # fmt: skip
 
 
-def _record(fid: float) -> dict:
+def _record(fid: float, digest: str = "0", step: int = 1) -> dict:
     return {
         "schema": SCHEMA_VERSION, "code_version": "test", "config": {},
+        "identity": {"digest": digest},
         "dataset": {"name": "d", "class_counts": [5, 1], "splits": ["many", "few"]},
-        "checkpoint": {"path": "x", "step": 1}, "sampler": {"guidance": 1.5}, "protocol": {},
+        "checkpoint": {"path": "x", "step": step}, "sampler": {"guidance": 1.5}, "protocol": {},
         "extractor": {"weights_sha256": "0", "has_logits": False},
         "metrics": {"overall": _entry(fid), "per_split": {"few": _entry(fid + 1)},
                     "per_class": {"class_001": _entry(fid + 2)}},
@@ -149,8 +155,8 @@ def filled(tmp_path: Path):
     for r in resolved:
         values = fids.get(r.run.experiment, [])
         if r.run.seed < len(values):
-            for path in r.records.values():
-                write_record(path, _record(values[r.run.seed]))
+            for ev, path in r.records.items():
+                write_record(path, _record(values[r.run.seed], r.digests[ev], r.max_steps))
     return spec, resolved, fids
 
 

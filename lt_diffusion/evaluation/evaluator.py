@@ -30,7 +30,7 @@ from lt_diffusion.evaluation.protocol import (
     images_per_class,
     real_images_per_class,
 )
-from lt_diffusion.evaluation.record import SCHEMA_VERSION, write_record
+from lt_diffusion.evaluation.record import write_record
 from lt_diffusion.evaluation.reference import cache_key, cached_features, choose_real
 
 METRICS = ("fid", "kid", "precision", "recall", "is")
@@ -111,20 +111,20 @@ def folder_features(
 
 def real_features(
     datamodule: Any,
-    classes: list[int],
     protocol: DictConfig,
     extractor: torch.nn.Module,
     extractor_info: dict[str, Any],
-    real_per_class: dict[int, int | None],
+    real_per_class: dict[int, int],
     cache_dir: Path,
     device: torch.device,
 ) -> dict[int, np.ndarray]:
-    """Per-class pool features of the balanced real set, cached."""
+    """Pool features of ``real_per_class[c]`` real images of each class ``c`` (a seeded
+    choice among the reference images of ``c``), cached."""
     info = datamodule.info()
     out = {}
-    for c in classes:
+    for c, n in real_per_class.items():
         images, _ = datamodule.reference_set([c])
-        idx = choose_real(len(images), real_per_class[c], int(protocol.seed) + c)
+        idx = choose_real(len(images), n, int(protocol.seed) + c)
         key = cache_key(
             dataset=info["name"],
             class_name=info["class_names"][c],
@@ -146,6 +146,15 @@ def real_features(
     return out
 
 
+def _real_of(real: dict[int, np.ndarray], c: int, n: int, seed: int) -> np.ndarray:
+    """``n`` of the real features of class ``c``: all, or a seeded choice when a comparison
+    needs fewer than the largest one (not the first ``n``: those follow the file order)."""
+    feats = real[c]
+    if n >= len(feats):
+        return feats
+    return feats[choose_real(len(feats), n, seed + c).numpy()]
+
+
 def compare(
     comp: Comparison,
     gen: Generated,
@@ -154,11 +163,13 @@ def compare(
     protocol: DictConfig,
 ) -> dict[str, Any]:
     """Every wanted metric of one comparison, with the counts it used."""
-    fake = np.concatenate([gen.pool[c][: comp.per_class] for c in comp.classes])
-    # Real features are computed once per class, for the largest count any comparison needs;
-    # each comparison takes its own number of them.
-    ref = np.concatenate([real[c][: comp.real_per_class] for c in comp.classes])
+    fake = np.concatenate([gen.pool[c][:n] for c, n in zip(comp.classes, comp.generated)])
+    seed = int(protocol.seed)
+    ref = np.concatenate([_real_of(real, c, n, seed) for c, n in zip(comp.classes, comp.real)])
     out: dict[str, Any] = {"n_generated": len(fake), "n_real": len(ref)}
+    if len(set(comp.generated)) > 1 or len(set(comp.real)) > 1:
+        out["generated_per_class"] = list(comp.generated)
+    out["real_per_class"] = comp.real[0] if len(set(comp.real)) == 1 else list(comp.real)
     if "fid" in wanted:
         out["fid"] = M.fid(M.statistics(ref), M.statistics(fake))
     if "kid" in wanted:
@@ -177,14 +188,18 @@ def compare(
                 "weights file to get IS"
             )
         else:
-            logits = np.concatenate([gen.logits[c][: comp.per_class] for c in comp.classes])
+            logits = np.concatenate(
+                [gen.logits[c][:n] for c, n in zip(comp.classes, comp.generated)]
+            )
             out["is"], out["is_std"] = M.inception_score(logits, int(protocol.is_splits))
     return out
 
 
+_SETTING = {"overall": "overall", "split": "per_split", "class": "per_class"}
+
+
 def check_counts(
     comps: list[Comparison],
-    real_available: list[int],
     wanted: list[str],
     protocol: DictConfig,
     generated_available: list[int] | None = None,
@@ -193,22 +208,25 @@ def check_counts(
     k = int(protocol.pr_k)
     minimum = max(2, k + 1 if ("precision" in wanted or "recall" in wanted) else 2)
     for comp in comps:
-        n_real = sum(
-            min(real_available[c], comp.real_per_class or real_available[c]) for c in comp.classes
-        )
-        n_fake = comp.per_class * len(comp.classes)
-        for what, n in (("real", n_real), ("generated", n_fake)):
+        setting = f"eval.{_SETTING[comp.kind]}"
+        for what, n, key in (
+            ("real", comp.n_real, "real_per_class"),
+            ("generated", comp.n_generated, "generated"),
+        ):
             if n < minimum:
                 raise M.TooFewImagesError(
                     f"'{comp.name}' would compare only {n} {what} images; {'/'.join(wanted)} "
-                    f"need at least {minimum}: raise eval.{comp.kind}.generated / real_per_class"
-                )
+                    f"need at least {minimum}: raise {setting}.{key}"
+                    + (" (the dataset has no more real images of these classes)"
+                       if what == "real" else "")
+                )  # fmt: skip
         if generated_available is not None:
-            short = [c for c in comp.classes if generated_available[c] < comp.per_class]
+            short = [c for c, n in zip(comp.classes, comp.generated) if generated_available[c] < n]
             if short:
                 raise M.TooFewImagesError(
-                    f"'{comp.name}' needs {comp.per_class} generated images per class, the "
-                    f"folder has {[generated_available[c] for c in short]} for classes {short}"
+                    f"'{comp.name}' needs {max(comp.generated)} generated images per class, "
+                    f"the folder has {[generated_available[c] for c in short]} for classes "
+                    f"{short}: sample more (n_per_class) or lower {setting}.generated"
                 )
 
 
@@ -227,15 +245,15 @@ def run_protocol(
     """Run the protocol; returns ``{"metrics": ..., "protocol": ..., "extractor": ...}``."""
     wanted = check_metrics(list(protocol.metrics))
     num_classes = dataset_info["num_classes"]
-    comps = comparisons(protocol, num_classes, dataset_info["splits"])
-    per_class = images_per_class(comps, num_classes)
-    real_per_class = real_images_per_class(comps, num_classes)
     _, ref_labels = datamodule.reference_set()
     real_available = torch.bincount(ref_labels, minlength=num_classes).tolist()
+    comps = comparisons(protocol, num_classes, dataset_info["splits"], real_available)
+    per_class = images_per_class(comps, num_classes)
+    real_per_class = real_images_per_class(comps)
     gen_available = None
     if folder is not None:
         gen_available = torch.bincount(folder[1], minlength=num_classes).tolist()
-    check_counts(comps, real_available, wanted, protocol, gen_available)
+    check_counts(comps, wanted, protocol, gen_available)
 
     need_is = "is" in wanted
     extractor, ext_info = load_extractor(
@@ -251,9 +269,8 @@ def run_protocol(
     result: dict[str, Any] = {}
     if rank == 0:  # real features are cached: one process computes them
         real = real_features(
-            datamodule, list(real_per_class), protocol, extractor, ext_info,
-            real_per_class, cache_dir, device,
-        )  # fmt: skip
+            datamodule, protocol, extractor, ext_info, real_per_class, cache_dir, device
+        )
         metrics: dict[str, Any] = {"overall": {}, "per_split": {}, "per_class": {}}
         for comp in comps:
             values = compare(comp, gen, real, wanted, protocol)
@@ -272,27 +289,6 @@ def run_protocol(
         }
     barrier()
     return result
-
-
-def build_record(
-    *,
-    result: dict[str, Any],
-    config: dict[str, Any],
-    dataset_info: dict[str, Any],
-    checkpoint: dict[str, Any],
-    sampler: dict[str, Any],
-    code_version: str,
-) -> dict[str, Any]:
-    return {
-        "schema": SCHEMA_VERSION,
-        "code_version": code_version,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "config": config,
-        "dataset": dataset_info,
-        "checkpoint": checkpoint,
-        "sampler": sampler,
-        **result,
-    }
 
 
 def save_record(path: Path, record: dict[str, Any]) -> Path:

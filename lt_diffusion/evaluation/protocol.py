@@ -2,46 +2,90 @@
 
 One generation pass serves every comparison: class ``c`` gets the largest number of images any
 comparison needs from it, and each comparison takes the first ``n`` images of its classes.
-Generated labels are exactly class-balanced inside every comparison.
+Every comparison has exactly the protocol's number of generated images, spread over its
+classes as evenly as the count divides (per-class counts differ by at most one), and the same
+number of real images of each of its classes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lt_diffusion.data import SPLITS
+from lt_diffusion.training.builders import sampler_label
+from lt_diffusion.utils.config import CONFIG_DIR
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """Generated images of ``classes`` (``per_class`` each) against their real images."""
+    """Generated images of ``classes`` against real images of the same classes.
+
+    ``generated[i]`` / ``real[i]`` are the numbers of generated / real images of
+    ``classes[i]``: generated images sum to exactly the protocol's count (split as evenly as
+    it divides, the first classes taking one more), real images are equally many per class
+    (as balanced as the generated ones)."""
 
     name: str  # "overall", "many", ..., "class_003"
     kind: str  # "overall" | "split" | "class"
     classes: tuple[int, ...]
-    per_class: int  # generated images per class
-    real_per_class: int | None  # None: every real image of the class
+    generated: tuple[int, ...]
+    real: tuple[int, ...]
+
+    @property
+    def n_generated(self) -> int:
+        return sum(self.generated)
+
+    @property
+    def n_real(self) -> int:
+        return sum(self.real)
 
 
-def comparisons(protocol: DictConfig, num_classes: int, splits: Sequence[str]) -> list[Comparison]:
-    """The protocol's comparisons for a dataset with ``splits[c]`` the split of class c."""
+def split_evenly(total: int, parts: int) -> tuple[int, ...]:
+    """``total`` as ``parts`` counts that differ by at most one, larger ones first."""
+    base, extra = divmod(int(total), int(parts))
+    return tuple(base + (i < extra) for i in range(parts))
+
+
+def comparisons(
+    protocol: DictConfig,
+    num_classes: int,
+    splits: Sequence[str],
+    real_available: Sequence[int],
+) -> list[Comparison]:
+    """The protocol's comparisons for a dataset with ``splits[c]`` the split of class c and
+    ``real_available[c]`` real reference images of class c.
+
+    Each comparison has exactly ``generated`` images; its real set takes the same number of
+    images of every class: ``real_per_class`` (null: as many as its smallest class has), so
+    a reference that is not class-balanced (CelebA-HQ: more women than men) is balanced like
+    the generated images.
+    """
     out: list[Comparison] = []
     all_classes = tuple(range(num_classes))
 
     def add(name: str, kind: str, classes: tuple[int, ...], spec: DictConfig | None) -> None:
         if spec is None or not spec.get("generated"):
             return
-        per_class = int(spec.generated) // len(classes)
-        if per_class < 1:
+        total = int(spec.generated)
+        if total < len(classes):
+            setting = {"overall": "overall", "split": "per_split", "class": "per_class"}[kind]
             raise ValueError(
-                f"eval.{kind}.generated={spec.generated} is fewer than one image per class for "
+                f"eval.{setting}.generated={total} is fewer than one image per class for "
                 f"'{name}' ({len(classes)} classes): raise it"
             )
-        real = spec.get("real_per_class")
-        out.append(Comparison(name, kind, classes, per_class, None if real is None else int(real)))
+        per_class = min(real_available[c] for c in classes)
+        wanted = spec.get("real_per_class")
+        if wanted is not None:
+            per_class = min(per_class, int(wanted))
+        out.append(
+            Comparison(
+                name, kind, classes, split_evenly(total, len(classes)), (per_class,) * len(classes)
+            )
+        )
 
     add("overall", "overall", all_classes, protocol.get("overall"))
     for split in SPLITS:
@@ -65,25 +109,55 @@ def comparisons(protocol: DictConfig, num_classes: int, splits: Sequence[str]) -
 
 
 def images_per_class(comps: Sequence[Comparison], num_classes: int) -> list[int]:
-    """Generated images needed from each class to serve every comparison."""
+    """Generated images needed from each class to serve every comparison (each comparison
+    takes the first ones of its classes)."""
     need = [0] * num_classes
     for comp in comps:
-        for c in comp.classes:
-            need[c] = max(need[c], comp.per_class)
+        for c, n in zip(comp.classes, comp.generated):
+            need[c] = max(need[c], n)
     return need
 
 
-def real_images_per_class(comps: Sequence[Comparison], num_classes: int) -> dict[int, int | None]:
-    """Real images whose features each compared class needs (None: all of them); classes in
-    no comparison are left out."""
-    need: dict[int, int | None] = {}
+def real_images_per_class(comps: Sequence[Comparison]) -> dict[int, int]:
+    """Real images whose features each compared class needs; classes in no comparison are
+    left out."""
+    need: dict[int, int] = {}
     for comp in comps:
-        for c in comp.classes:
-            n = comp.real_per_class
-            if c not in need:
-                need[c] = n
-            elif need[c] is None or n is None:
-                need[c] = None  # some comparison wants every real image of c
-            else:
-                need[c] = max(need[c], n)
+        for c, n in zip(comp.classes, comp.real):
+            need[c] = max(need.get(c, 0), n)
     return dict(sorted(need.items()))
+
+
+def protocol_sampler(protocol: DictConfig, config_dir: str | Path = CONFIG_DIR) -> DictConfig:
+    """The sampler an evaluation generates with: the one source of truth is the protocol's
+    ``sampler`` node, ``{group: <configs/sampler/ file>, <setting>: <value>, ...}``.
+
+    The group file gives the sampler and its defaults; every other key of the node overrides the
+    setting of that name (``steps``, ``clip_denoised``, ...). Returns a sampler group node
+    (``{name, guidance, sampler: {_target_, ...}}``) whose ``name`` says what ran
+    (``ddim20``, ``dpm_solver15``); a setting the sampler does not have is refused.
+    """
+    node = protocol.get("sampler")
+    if not isinstance(node, DictConfig) or not node.get("group"):
+        raise ValueError(
+            f"eval.sampler of protocol '{protocol.get('name')}' must name a sampler group, e.g. "
+            "{group: ddim, steps: 50}; set eval.sampler.group=<a configs/sampler/ file>"
+        )
+    group = str(node.group)
+    path = Path(config_dir) / "sampler" / f"{group}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ValueError(f"eval.sampler.group={group!r} is not a sampler config; known: {known}")
+    out = OmegaConf.load(path)
+    settings = {k: v for k, v in node.items() if k != "group"}
+    unknown = sorted(set(settings) - (set(out.sampler) - {"_target_", "_partial_"}))
+    if unknown:
+        valid = sorted(set(out.sampler) - {"_target_", "_partial_"})
+        raise ValueError(
+            f"eval.sampler sets {unknown}, which sampler '{group}' does not have; its settings: "
+            f"{valid}"
+        )
+    out.sampler.merge_with(settings)
+    out.group = group
+    out.name = sampler_label(out)
+    return out

@@ -5,12 +5,16 @@ Schema (version :data:`SCHEMA_VERSION`); keys marked * are required and validate
     schema*          int, SCHEMA_VERSION
     code_version*    str, ``git describe`` of the source tree, else the package version
     created          str, ISO 8601 time of writing
+    identity*        dict: digest* (names the file), train, protocol, generation: digests of
+                     the settings that define the record (lt_diffusion.utils.identity)
     config*          dict, the composed (resolved) config of the evaluated run
     dataset*         dict: name*, class_counts* (training images per class, class 0 the
                      largest), splits* (split of each class: many | medium | few), class_names,
                      ... (what LongTailDataModule.info() gives)
     checkpoint*      dict: path*, step* (global step; EMA weights are evaluated)
-    sampler*         dict: the sampler config, guidance* (the classifier-free guidance weight used)
+    sampler*         dict: the sampler node that ran (name, its settings under ``sampler``, incl.
+                     clip_denoised), guidance* (the classifier-free guidance weight used; None
+                     for an image folder that does not state it)
     protocol*        dict: the eval protocol config (name, counts, kid/pr/is settings, seed)
     extractor*       dict: name, weights (file), weights_sha256*, has_logits*, is_unavailable
     metrics*         dict:
@@ -40,12 +44,13 @@ from typing import Any
 
 from lt_diffusion.utils.io import atomic_write_json
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: identity (settings digests); the sampler that ran, from the protocol
 SPLIT_NAMES = ("many", "medium", "few")
 METRIC_NAMES = ("fid", "kid", "precision", "recall", "is")
 REQUIRED = (
     "schema",
     "code_version",
+    "identity",
     "config",
     "dataset",
     "checkpoint",
@@ -58,12 +63,20 @@ _CLASS_KEY = re.compile(r"^(?:class_)?(\d+)$")
 
 
 def record_filename(
-    eval_name: str, sampler_name: str, guidance: float, theta_g_only: bool = False
+    eval_name: str,
+    sampler_name: str,
+    guidance: float | None,
+    theta_g_only: bool = False,
+    digest: str | None = None,
 ) -> str:
-    """The file name of a run's record under ``<run_dir>/records/``: one per protocol, sampler,
-    guidance weight and model variant, so evaluations of one run never overwrite each other."""
+    """The file name of a run's record under ``<run_dir>/records/``: the protocol, what sampled
+    (``ddim20``, or ``images`` for a folder), the guidance weight and the model variant for the
+    reader, and the evaluation's settings digest (:mod:`lt_diffusion.utils.identity`), so that
+    evaluations under other settings never overwrite or pass for each other."""
     suffix = "-theta_g" if theta_g_only else ""
-    return f"{eval_name}-{sampler_name}-w{float(guidance):g}{suffix}.json"
+    weight = "" if guidance is None else f"-w{float(guidance):g}"
+    tail = f"-{digest}" if digest else ""
+    return f"{eval_name}-{sampler_name}{weight}{suffix}{tail}.json"
 
 
 class RecordError(ValueError):
@@ -155,6 +168,9 @@ def validate(record: Any, source: str = "record") -> dict[str, Any]:
             problems.append(f"dataset.splits must be among {SPLIT_NAMES}")
         else:
             n_classes = len(counts)
+    ident = record["identity"]
+    if not isinstance(ident, Mapping) or not isinstance(ident.get("digest"), str):
+        problems.append("identity must hold the settings digest")
     ck = record["checkpoint"]
     if not isinstance(ck, Mapping) or "path" not in ck or "step" not in ck:
         problems.append("checkpoint must hold path and step")
@@ -205,6 +221,7 @@ def build_record(
     protocol: dict[str, Any],
     extractor: dict[str, Any],
     metrics: dict[str, Any],
+    identity: dict[str, Any],
     code_version: str | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
@@ -215,6 +232,7 @@ def build_record(
         "schema": SCHEMA_VERSION,
         "code_version": code_version if code_version is not None else _code_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "identity": identity,
         "config": config,
         "dataset": dataset,
         "checkpoint": checkpoint,

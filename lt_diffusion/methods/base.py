@@ -95,6 +95,15 @@ class Objective(nn.Module):
         keep = torch.rand(y.shape, device=y.device) >= self.cond_drop_prob
         return torch.where(keep, y, torch.full_like(y, null_label)), False
 
+    @property
+    def trains_null_label(self) -> bool:
+        """Whether training teaches the model its null label, which classifier-free guidance
+        needs: label dropout here, or the wrapped base objective's."""
+        base = getattr(self, "base", None)
+        if isinstance(base, Objective):
+            return base.trains_null_label
+        return self.cond_drop_prob > 0.0 and self.cond_drop_mode != "none"
+
     def forward(
         self, model: Callable[..., Tensor], x0: Tensor, y: Tensor, schedule: NoiseSchedule
     ) -> ObjectiveOutput:  # pragma: no cover - abstract

@@ -92,6 +92,7 @@ class IMBAObjective(ComposableObjective):
     """
 
     name = "imba"
+    trains_null_label = True  # its unconditional term trains the null label on every sample
 
     def __init__(
         self,

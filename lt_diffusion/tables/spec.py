@@ -6,7 +6,8 @@ A spec::
     name: cm_table2
     title: ...                 source: ...          seeds: [0, 1, 2]
     eval: cm_paper             # protocol of every cell (a row may override eval / sampler /
-    sampler: ddim              #   guidance / theta_g_only)
+    sampler: ddim              #   guidance / theta_g_only); sampler: a configs/sampler/ group,
+                               #   or {group: dpm_solver, steps: 15}; omitted: the protocol's
     columns:                   # key, label, metric path in the record, better, digits
       - {key: fid, label: FID, metric: overall.fid, better: lower, digits: 2}
     blocks:                    # row groups, as the paper's table has them
@@ -24,6 +25,7 @@ where the plain ``label`` (Markdown, CSV, and escaped into the ``.tex`` otherwis
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
@@ -33,8 +35,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lt_diffusion.evaluation.record import record_filename
+from lt_diffusion.evaluation.protocol import protocol_sampler
+from lt_diffusion.evaluation.record import RecordError, read_record, record_filename
 from lt_diffusion.utils.config import CONFIG_DIR, compose_config
+from lt_diffusion.utils.identity import evaluation_identity
 
 _METRIC = re.compile(
     r"^(overall|per_split\.(many|medium|few)|per_class\.(class_)?\d+)\."
@@ -66,24 +70,47 @@ class RunRef:
         return [f"experiment={self.experiment}", f"seed={self.seed}", *self.overrides]
 
 
+# A sampler choice of a spec: ``(("group", "ddim"), ("steps", 50))``, hashable; () for the
+# protocol's own sampler.
+SamplerChoice = tuple[tuple[str, Any], ...]
+
+
+def _sampler_choice(name: str, where: str, raw: Any) -> SamplerChoice:
+    if raw is None:
+        return ()
+    if isinstance(raw, str):
+        return (("group", raw),)
+    if isinstance(raw, Mapping) and all(
+        isinstance(v, (str, int, float, bool)) for v in raw.values()
+    ):
+        return tuple(sorted((str(k), v) for k, v in raw.items()))
+    raise _fail(
+        name, where, f"sampler must be a configs/sampler/ name or a mapping such as "
+        f"{{group: dpm_solver, steps: 15}}, got {raw!r}"
+    )  # fmt: skip
+
+
+def _override_value(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 @dataclass(frozen=True)
 class EvalRef:
     """One evaluation of a run: one record."""
 
     run: RunRef
     eval: str
-    sampler: str
+    sampler: SamplerChoice = ()
     guidance: float | None = None
     theta_g_only: bool = False
 
     def eval_overrides(self) -> list[str]:
-        out = [
-            f"eval={self.eval}",
-            f"sampler={self.sampler}",
-            f"theta_g_only={str(self.theta_g_only).lower()}",
-        ]
+        """The ``lt_diffusion.evaluate`` overrides of this evaluation (the protocol's sampler
+        settings are changed key by key, so a row can change only the steps)."""
+        out = [f"eval={self.eval}", f"theta_g_only={str(self.theta_g_only).lower()}"]
+        out += [f"eval.sampler.{k}={_override_value(v)}" for k, v in self.sampler]
         if self.guidance is not None:
-            out.append(f"guidance={self.guidance}")
+            out.append(f"eval.guidance={self.guidance}")
         return out
 
 
@@ -104,7 +131,7 @@ class Row:
     published: dict[str, float | None]
     missing: str | None = None
     eval: str | None = None
-    sampler: str | None = None
+    sampler: SamplerChoice = ()
     guidance: float | None = None
     theta_g_only: bool = False
     overrides: tuple[str, ...] = ()
@@ -125,7 +152,7 @@ class TableSpec:
     source: str
     seeds: list[int]
     eval: str
-    sampler: str
+    sampler: SamplerChoice
     columns: list[Column]
     blocks: list[Block] = field(default_factory=list)
 
@@ -137,7 +164,7 @@ class TableSpec:
             EvalRef(
                 run=RunRef(row.experiments[column.key], seed, row.overrides),
                 eval=row.eval or self.eval,
-                sampler=row.sampler or self.sampler,
+                sampler=self.sampler + row.sampler,  # the row's keys come last and win
                 guidance=row.guidance,
                 theta_g_only=row.theta_g_only,
             )
@@ -265,7 +292,7 @@ def _row(name: str, raw: Mapping[str, Any], columns: list[Column], config_dir: P
         published={k: None if v is None else float(v) for k, v in published.items()},
         missing=None if missing is None else str(missing),
         eval=raw.get("eval"),
-        sampler=raw.get("sampler"),
+        sampler=_sampler_choice(name, where, raw.get("sampler")),
         guidance=None if raw.get("guidance") is None else float(raw["guidance"]),
         theta_g_only=bool(raw.get("theta_g_only", False)),
         overrides=tuple(str(o) for o in raw.get("overrides", ())),
@@ -300,7 +327,7 @@ def load_table(
         source=str(raw.get("source", "")),
         seeds=seeds,
         eval=str(raw.get("eval", "cm_paper")),
-        sampler=str(raw.get("sampler", "ddim")),
+        sampler=_sampler_choice(name, "sampler", raw.get("sampler")),
         columns=columns,
         blocks=blocks,
     )
@@ -321,16 +348,40 @@ def load_table_by_name(name: str, config_dir: str | Path = CONFIG_DIR) -> TableS
 
 @dataclass
 class ResolvedRun:
-    """A run with its composed training config, its directory and its records' paths."""
+    """A run with its composed training config, its directory and its records: the path and
+    the settings digest each record must carry (a record made under other settings, or of an
+    unfinished run, does not count)."""
 
     run: RunRef
     config: DictConfig
     run_dir: Path
     records: dict[EvalRef, Path]
+    digests: dict[EvalRef, str] = field(default_factory=dict)
+
+    @property
+    def max_steps(self) -> int:
+        return int(self.config.train.max_steps)
+
+    def record_problem(self, ev: EvalRef) -> str | None:
+        """Why the record of ``ev`` cannot be used (None when it can); ``"missing"`` when
+        there is no file yet."""
+        path = self.records[ev]
+        if not path.is_file():
+            return "missing"
+        try:
+            record = read_record(path)
+        except RecordError as err:
+            return str(err)
+        if record["identity"]["digest"] != self.digests.get(ev, record["identity"]["digest"]):
+            return f"{path.name} was made under other settings than the table's"
+        step = int(record["checkpoint"]["step"])
+        if step != self.max_steps:
+            return f"{path.name} is of step {step}, the run trains to {self.max_steps}"
+        return None
 
     @property
     def done(self) -> bool:
-        return all(p.is_file() for p in self.records.values())
+        return all(self.record_problem(ev) is None for ev in self.records)
 
 
 def resolve(
@@ -339,23 +390,25 @@ def resolve(
     eval_overrides: Sequence[str] = (),
     config_dir: str | Path = CONFIG_DIR,
 ) -> list[ResolvedRun]:
-    """Compose every run's training config (as ``lt_diffusion.train`` would) and name its
-    directory and records; any composition error names the run."""
-    names: dict[tuple, tuple[str, str, float | None]] = {}
+    """Compose every run's training config and every evaluation's config (as
+    ``lt_diffusion.train`` / ``evaluate`` would) and name the run's directory and records, by
+    the same settings digest the evaluation writes; any composition error names the run."""
+    evals: dict[EvalRef, DictConfig] = {}
 
-    def eval_names(ev: EvalRef) -> tuple[str, str, float | None]:
-        key = (ev.eval, ev.sampler, ev.guidance, ev.theta_g_only)
-        if key not in names:
+    def eval_config(ev: EvalRef) -> DictConfig:
+        key = dataclasses.replace(ev, run=RunRef("", 0))
+        if key not in evals:
             try:
                 cfg = compose_config(
                     "evaluate", [*ev.eval_overrides(), *eval_overrides], config_dir
                 )
+                cfg.eval.sampler = protocol_sampler(cfg.eval, config_dir)
             except Exception as err:
                 raise TableSpecError(
                     f"table {spec.name}: evaluation {ev.eval_overrides()}: {err}"
                 ) from err
-            names[key] = (str(cfg.eval.name), str(cfg.sampler.name), cfg.get("guidance"))
-        return names[key]
+            evals[key] = cfg
+        return evals[key]
 
     out = []
     for run in spec.runs():
@@ -366,13 +419,26 @@ def resolve(
                 f"table {spec.name}: run {run.key} does not compose: {err}"
             ) from err
         run_dir = Path(cfg.paths.output_dir) / "runs" / str(cfg.run_name)
-        records = {}
+        resolved = ResolvedRun(run, cfg, run_dir, {})
         for ev in spec.evaluations_of(run):
-            eval_name, sampler_name, guidance = eval_names(ev)
-            g = ev.guidance if ev.guidance is not None else guidance
-            g = float(cfg.sampler.guidance if g is None else g)
-            records[ev] = (
-                run_dir / "records" / record_filename(eval_name, sampler_name, g, ev.theta_g_only)
+            ecfg = eval_config(ev)
+            guidance = ecfg.eval.get("guidance")
+            guidance = float(cfg.sampler.guidance if guidance is None else guidance)
+            identity = evaluation_identity(
+                train_config=cfg,
+                protocol=ecfg.eval,
+                sampler=ecfg.eval.sampler,
+                guidance=guidance,
+                theta_g_only=ev.theta_g_only,
             )
-        out.append(ResolvedRun(run, cfg, run_dir, records))
+            name = record_filename(
+                str(ecfg.eval.name),
+                str(ecfg.eval.sampler.name),
+                guidance,
+                ev.theta_g_only,
+                identity["digest"],
+            )
+            resolved.records[ev] = run_dir / "records" / name
+            resolved.digests[ev] = identity["digest"]
+        out.append(resolved)
     return out

@@ -3,6 +3,7 @@ so training, sampling and evaluation rebuild exactly the same pieces."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from hydra.errors import InstantiationException
@@ -49,8 +50,30 @@ def build_schedule(cfg: DictConfig) -> NoiseSchedule:
     return instantiate(cfg.diffusion)
 
 
+def resolve_sampler(sampler_cfg: DictConfig, model: nn.Module) -> DictConfig:
+    """A copy of a ``sampler`` group node with ``clip_denoised: auto`` decided for ``model``:
+    clip x0 to the pixel range for pixel models, never for latent ones (latents have no fixed
+    range), and ``name`` the label of what runs (``ddim20``). Records store the resolved node,
+    so they say what ran."""
+    from lt_diffusion.diffusion.generate import is_latent_model
+
+    out = copy.deepcopy(sampler_cfg)
+    out.name = sampler_label(out)  # what runs, whatever the group file's name says
+    clip = out.sampler.get("clip_denoised")
+    if clip is None:
+        return out
+    if not (isinstance(clip, bool) or clip == "auto"):
+        raise ValueError(f"sampler.sampler.clip_denoised must be true, false or auto, got {clip!r}")
+    if clip == "auto":
+        out.sampler.clip_denoised = not is_latent_model(model)
+    return out
+
+
 def build_sampler(sampler_cfg: DictConfig, schedule: NoiseSchedule) -> Sampler:
-    """``sampler_cfg`` is a ``sampler`` group node: ``{name, guidance, sampler: {_target_...}}``."""
+    """``sampler_cfg`` is a ``sampler`` group node: ``{name, guidance, sampler: {_target_...}}``
+    whose ``clip_denoised`` is decided (:func:`resolve_sampler`)."""
+    if sampler_cfg.sampler.get("clip_denoised") == "auto":
+        raise ValueError("resolve clip_denoised: auto for the model first (resolve_sampler)")
     return instantiate(sampler_cfg.sampler)(schedule=schedule)
 
 
@@ -59,3 +82,30 @@ def build_datamodule(cfg: DictConfig, on_device: bool = False) -> Any:
     # The method may ask for a data-side change (RS: class-balanced sampling).
     sampler = cfg.method.get("data_sampler", None) or cfg.data.sampler
     return instantiate(cfg.data, sampler=sampler, on_device=on_device)
+
+
+def sampler_label(node: DictConfig) -> str:
+    """A short name of what a sampler node runs: its kind and number of steps (``ddim20``)."""
+    target = str(node.sampler._target_).rsplit(".", 1)[-1]
+    kind = {"DDIMSampler": "ddim", "DDPMSampler": "ddpm", "DPMSolverSampler": "dpm_solver"}.get(
+        target, target.lower()
+    )
+    steps = node.sampler.get("steps")
+    return f"{kind}{steps if steps is not None else ''}" if kind != "ddpm" else "ddpm"
+
+
+def check_guidance(
+    train_cfg: DictConfig, guidance: float, source: str, setting: str = "eval.guidance"
+) -> None:
+    """Refuse classifier-free guidance for a model whose training never taught it the null
+    label (``cond_drop_prob = 0``): its unconditional prediction would be noise."""
+    if guidance == 0.0:
+        return
+    objective = build_objective(train_cfg)
+    if not objective.trains_null_label:
+        raise ValueError(
+            f"{source} was trained without label dropout (method {train_cfg.method.name}, "
+            f"cond_drop_prob={train_cfg.method.objective.get('cond_drop_prob')}), so its null "
+            f"label is untrained and guidance {guidance:g} would mix in noise: set {setting}=0, "
+            "or train with method.objective.cond_drop_prob > 0"
+        )
