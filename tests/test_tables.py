@@ -129,7 +129,8 @@ def _record(fid: float, digest: str = "0", step: int = 1) -> dict:
         "schema": SCHEMA_VERSION, "code_version": "test", "config": {},
         "identity": {"digest": digest},
         "dataset": {"name": "d", "class_counts": [5, 1], "splits": ["many", "few"]},
-        "checkpoint": {"path": "x", "step": step}, "sampler": {"guidance": 1.5}, "protocol": {},
+        "checkpoint": {"path": "x", "step": step}, "protocol": {},
+        "sampler": {"name": "ddim20", "guidance": 1.5},
         "extractor": {"weights_sha256": "0", "has_logits": False},
         "metrics": {"overall": _entry(fid), "per_split": {"few": _entry(fid + 1)},
                     "per_class": {"class_001": _entry(fid + 2)}},
@@ -343,7 +344,7 @@ def test_latex_is_a_complete_float_that_compiles(filled, tmp_path: Path) -> None
     assert lines[3] == r"\begin{table}[t]" and lines[-1] == r"\end{table}"
     assert r"\label{tab:t}" in tex and r"\toprule" in tex and r"\bottomrule" in tex
     caption = tex[tex.index(r"\caption") : tex.index(r"\label")]
-    for part in ("seeds 0, 1, 2", r"Protocol \texttt{quick}", r"sampler \texttt{ddim}",
+    for part in ("seeds 0, 1, 2", r"Protocol \texttt{quick}", r"sampler \texttt{ddim20}",
                  "guidance $w=1.5$", "in parentheses the published value"):  # fmt: skip
         assert part in caption, part
     header = next(line for line in lines if line.startswith("Method & "))
@@ -418,3 +419,47 @@ def test_a_run_that_does_not_compose_is_named(tmp_path: Path) -> None:
     spec = load_table(_spec(overrides=["model.no_such_key=1"]))
     with pytest.raises(TableSpecError, match="cm/cifar10_lt_ir100_oc"):
         resolve(spec, [f"paths.output_dir={tmp_path}"])
+
+
+def test_a_record_of_other_settings_or_an_unfinished_run_does_not_count(filled) -> None:
+    spec, resolved, _ = filled
+    ddpm = next(r for r in resolved if r.run.experiment == "cm/cifar10_lt_ir100_ddpm")
+    ev, path = next(iter(ddpm.records.items()))
+    assert ddpm.done
+    write_record(path, _record(1.0, "other-settings", ddpm.max_steps))  # e.g. record=<that path>
+    assert not ddpm.done and "other settings" in ddpm.record_problem(ev)
+    cell = _cells(collect(spec, resolved))["DDPM"]["fid"]
+    assert cell.status == "partial" and 1.0 not in cell.values
+    write_record(path, _record(1.0, ddpm.digests[ev], 5000))  # an evaluation of step 5000
+    assert "is of step 5000, the run trains to 300000" in ddpm.record_problem(ev)
+    assert _cells(collect(spec, resolved))["DDPM"]["fid"].status == "partial"
+
+
+def test_the_records_name_depends_on_every_setting_that_defines_it(tmp_path: Path) -> None:
+    spec = load_table(_spec())
+    spec.seeds = [0]
+    out = [f"paths.output_dir={tmp_path}"]
+
+    def digest(train=(), evals=()) -> str:
+        (run,) = [r for r in resolve(spec, [*out, *train], list(evals)) if r.run.seed == 0][:1]
+        return next(iter(run.digests.values()))
+
+    base = digest()
+    assert digest(["train.max_steps=1000"]) != base  # a longer / shorter budget
+    assert digest(evals=["eval.overall.generated=200"]) != base  # other counts
+    assert digest(evals=["eval.sampler.steps=3"]) != base  # another sampler setting
+    assert digest(evals=["eval.guidance=2.0"]) != base
+    # Where things are and how often a run logs or saves do not define its records.
+    assert digest([f"paths.data_root={tmp_path / 'elsewhere'}", "train.log_every=7"]) == base
+    assert digest(["logger=csv", "train.ckpt_every=100"]) == base
+
+
+def test_table_g10_samples_with_dpm_solver_in_15_steps(tmp_path: Path) -> None:
+    spec = load_table_by_name("cm_table_g10")
+    spec.seeds = [0]
+    run = resolve(spec, [f"paths.output_dir={tmp_path}"])[0]
+    (path,) = run.records.values()
+    assert path.name.startswith("cm_paper-dpm_solver15-")
+    ev = next(iter(run.records))
+    assert "eval.sampler.group=dpm_solver" in ev.eval_overrides()
+    assert "eval.sampler.steps=15" in ev.eval_overrides()

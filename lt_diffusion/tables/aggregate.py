@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lt_diffusion.evaluation.record import RecordError, class_index, read_record
-from lt_diffusion.tables.spec import Block, Column, ResolvedRun, Row, TableSpec
+from lt_diffusion.tables.spec import Block, Column, EvalRef, ResolvedRun, Row, TableSpec
 
 STATUSES = ("ok", "partial", "pending", "failed", "unavailable", "missing", "invalid")
 
@@ -94,8 +94,9 @@ class TableResult:
     # cells were made under these settings, whatever the block labels say.
     train_overrides: tuple[str, ...] = ()
     eval_overrides: tuple[str, ...] = ()
-    # The classifier-free guidance weights the records were sampled with.
+    # The classifier-free guidance weights and the samplers the records were made with.
     guidance: tuple[float, ...] = ()
+    samplers: tuple[str, ...] = ()
 
     @property
     def columns(self) -> list[Column]:
@@ -116,6 +117,12 @@ class _Records:
                 self._read[path] = f"{path}: {err}"
         return self._read[path]
 
+    def samplers(self) -> tuple[str, ...]:
+        return tuple(sorted({
+            str(r["sampler"]["name"])
+            for r in self._read.values() if isinstance(r, dict) and r["sampler"].get("name")
+        }))  # fmt: skip
+
     def guidance(self) -> tuple[float, ...]:
         return tuple(sorted({
             float(r["sampler"]["guidance"]) for r in self._read.values() if isinstance(r, dict)
@@ -126,7 +133,7 @@ def _cell(
     spec: TableSpec,
     row: Row,
     column: Column,
-    records: Mapping[Any, Path],
+    runs: Mapping[EvalRef, ResolvedRun],
     failures: Mapping[str, str],
     read: _Records,
 ) -> Cell:
@@ -136,11 +143,14 @@ def _cell(
     evals = spec.cell_evals(row, column)
     values: list[float] = []
     failed: dict[int, str] = {}
-    unavailable, invalid = None, None
+    unavailable, invalid, stale = None, None, None
     for ev in evals:
-        path = records.get(ev)
-        if path is not None and path.is_file():
-            record = read(path)
+        run = runs.get(ev)
+        path = run.records[ev] if run is not None else None
+        record = read(path) if path is not None and path.is_file() else None
+        if isinstance(record, dict) and (why := run.stale_reason(ev, record)) is not None:
+            stale, record = why, None  # made under other settings: as if not made yet
+        if record is not None:
             if isinstance(record, str):
                 invalid = record
                 continue
@@ -168,7 +178,7 @@ def _cell(
     elif failed:
         status, note = "failed", None
     else:
-        status, note = "pending", None
+        status, note = "pending", stale
     return Cell(status, values, n, published, failed, note)
 
 
@@ -195,15 +205,22 @@ def collect(
     """The table from the records of ``resolved`` (``failures``: run key -> its job's log;
     ``train_overrides`` / ``eval_overrides``: what the runs were made with beyond the spec,
     shown with the table)."""
-    records = {ev: path for r in resolved for ev, path in r.records.items()}
+    runs = {ev: r for r in resolved for ev in r.records}
     failures = failures or {}
     read = _Records()
     blocks = []
     for block in spec.blocks:
         rows = [
-            (row, {c.key: _cell(spec, row, c, records, failures, read) for c in spec.columns})
+            (row, {c.key: _cell(spec, row, c, runs, failures, read) for c in spec.columns})
             for row in block.rows
         ]
         _mark_ranks(rows, spec.columns)
         blocks.append((block, rows))
-    return TableResult(spec, blocks, tuple(train_overrides), tuple(eval_overrides), read.guidance())
+    return TableResult(
+        spec,
+        blocks,
+        tuple(train_overrides),
+        tuple(eval_overrides),
+        read.guidance(),
+        read.samplers(),
+    )

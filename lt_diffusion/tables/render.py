@@ -22,7 +22,7 @@ import shlex
 from pathlib import Path
 
 from lt_diffusion.tables.aggregate import Cell, TableResult
-from lt_diffusion.tables.spec import Column
+from lt_diffusion.tables.spec import Column, sampler_text
 from lt_diffusion.utils.io import atomic_write_text
 
 
@@ -47,6 +47,11 @@ def _short(text: str, limit: int = 60) -> str:
 
 def _seeds_text(seeds: list[int]) -> str:
     return ", ".join(map(str, seeds))
+
+
+def _sampler_text(result: TableResult) -> str:
+    """What the records sampled with (``ddim50``), else the spec's choice."""
+    return ", ".join(result.samplers) or sampler_text(result.spec.sampler)
 
 
 def _guidance_text(result: TableResult, tex: bool = False) -> str:
@@ -81,6 +86,8 @@ def _md_empty(cell: Cell, digits: int) -> str:
         "unavailable": f"n/a: {_short(cell.note or '')}",
         "missing": f"missing: {cell.note}",
         "invalid": "invalid record",
+        # a record exists but was made under other settings (or of an unfinished run)
+        "pending": "pending" + (f": {_short(cell.note)}" if cell.note else ""),
     }.get(cell.status, cell.status)
     return text + pub
 
@@ -109,7 +116,7 @@ def to_markdown(result: TableResult) -> str:
         f"Ours: mean ± std over seeds {_seeds_text(spec.seeds)}; in parentheses the published "
         "value and ours minus it; **best** and <u>second best</u> per block among the cells "
         "with every seed (`[k/n seeds]`: the mean of the k seeds that have a record). "
-        f"Protocol `{spec.eval}`, sampler `{spec.sampler}`, guidance "
+        f"Protocol `{spec.eval}`, sampler `{_sampler_text(result)}`, guidance "
         f"{_guidance_text(result)}. Source: {spec.source}",
     ]
     if result.train_overrides or result.eval_overrides:
@@ -202,6 +209,7 @@ def _tex_cell(cell: Cell, col: Column, notes: _Notes) -> str:
             "unavailable": f"{_tex_escape(col.label)} not available: {_tex_escape(cell.note or '')}",
             "missing": f"not run here: {_tex_escape(cell.note or '')}",
             "invalid": f"invalid record: {_tex_escape(cell.note or '')}",
+            "pending": cell.note and _tex_escape(cell.note),
         }.get(cell.status)
         mark = {"unavailable": "n/a"}.get(cell.status, cell.status)
         return rf"\emph{{{mark}}}" + (notes.mark(why) if why else "") + pub
@@ -228,7 +236,7 @@ def _tex_caption(result: TableResult) -> str:
         r"in parentheses the published value; [$k$/$n$ seeds]: the mean of the $k$ seeds "
         r"that have a record. \textbf{Bold}: best, \underline{underlined}: second best per "
         r"block, among the cells with every seed. \emph{pending}: no record yet. "
-        f"Protocol {_tt(spec.eval)}, sampler {_tt(spec.sampler)}, "
+        f"Protocol {_tt(spec.eval)}, sampler {_tt(_sampler_text(result))}, "
         f"guidance {_guidance_text(result, tex=True)}."
     )
     if spec.source:

@@ -90,6 +90,15 @@ def _sampler_choice(name: str, where: str, raw: Any) -> SamplerChoice:
     )  # fmt: skip
 
 
+def sampler_text(choice: SamplerChoice) -> str:
+    """A spec's sampler choice for people: ``dpm_solver, steps=15``; the protocol's own."""
+    if not choice:
+        return "the protocol's"
+    items = dict(choice)
+    group = items.pop("group", None)
+    return ", ".join([*([str(group)] if group else []), *(f"{k}={v}" for k, v in items.items())])
+
+
 def _override_value(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
@@ -372,11 +381,17 @@ class ResolvedRun:
             record = read_record(path)
         except RecordError as err:
             return str(err)
+        return self.stale_reason(ev, record)
+
+    def stale_reason(self, ev: EvalRef, record: Mapping[str, Any]) -> str | None:
+        """Why a (valid) record at ``ev``'s path does not count for this table: made under
+        other settings than the table's, or of an unfinished run; None when it counts."""
+        name = self.records[ev].name
         if record["identity"]["digest"] != self.digests.get(ev, record["identity"]["digest"]):
-            return f"{path.name} was made under other settings than the table's"
+            return f"{name} was made under other settings than the table's"
         step = int(record["checkpoint"]["step"])
         if step != self.max_steps:
-            return f"{path.name} is of step {step}, the run trains to {self.max_steps}"
+            return f"{name} is of step {step}, the run trains to {self.max_steps}"
         return None
 
     @property
