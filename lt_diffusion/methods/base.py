@@ -70,6 +70,25 @@ class Objective(nn.Module):
         )
         self._host_rng = random.Random(seed)
 
+    def host_rng_state(self) -> dict[str, tuple]:
+        """The host RNG state of this objective and of every objective it wraps (CM, CORAL,
+        ADA ...), by module name, for checkpoints (resuming continues the same coin flips)."""
+        return {name: m._host_rng.getstate() for name, m in self._objectives()}
+
+    def load_host_rng_state(self, state: dict[str, tuple]) -> None:
+        """Restore what :meth:`host_rng_state` returned."""
+        mine = dict(self._objectives())
+        if set(state) != set(mine):
+            raise ValueError(
+                f"checkpoint holds host RNG states for objectives {sorted(state)}, this method "
+                f"has {sorted(mine)}: it was written by another method"
+            )
+        for name, m in mine.items():
+            m._host_rng.setstate(state[name])
+
+    def _objectives(self) -> list[tuple[str, Objective]]:
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, Objective)]
+
     @property
     def class_freq(self) -> Tensor:
         """Empirical training class frequency q(y)."""

@@ -18,6 +18,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -25,6 +26,7 @@ from lt_diffusion.diffusion import NoiseSchedule
 from lt_diffusion.diffusion.generate import is_latent_model
 from lt_diffusion.methods import Objective
 from lt_diffusion.models.latent_cache import encoded_training_set
+from lt_diffusion.training import rng
 from lt_diffusion.training.checkpoint import META_KEY
 from lt_diffusion.training.ema import ema_update
 
@@ -83,6 +85,8 @@ class DiffusionModule(L.LightningModule):
         self.latent = is_latent_model(model)
         # True once the batch stream serves encoded posterior moments instead of pixels.
         self.encoded_batches = False
+        # Random states read from a resumed checkpoint, restored when training starts.
+        self._pending_rng: dict[str, Any] | None = None
 
     def setup(self, stage: str) -> None:
         if self.channels_last:
@@ -155,7 +159,11 @@ class DiffusionModule(L.LightningModule):
             self.log(f"train/{name}", value)
         return out.loss
 
-    def on_train_batch_end(self, *args: Any) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here rather than in on_train_batch_end: callbacks' batch-end hooks (the periodic
+        # checkpoint) run before the module's, so the checkpoint of step k held the EMA of
+        # step k - 1 and a resumed run never made update k.
         ema_update(self.ema_model, self.model, self.ema_decay)
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -170,3 +178,28 @@ class DiffusionModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[META_KEY] = self.meta
+        # Every rank runs this (checkpoint writes are collective): gather all ranks' states.
+        checkpoint[rng.RNG_KEY] = rng.gather(rng.capture(self.objective, self.device))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Restored at train start, not now: building the batch iterator after this point
+        # draws from the global generator, which an uninterrupted run did before step 0.
+        states = checkpoint.get(rng.RNG_KEY)
+        world = self.trainer.world_size
+        if states is None or len(states) != world:
+            why = (
+                "it holds no random state (written by an older version)"
+                if states is None
+                else f"it was written by {len(states)} processes, this run has {world}"
+            )
+            rank_zero_warn(
+                f"The resumed checkpoint cannot continue its random sequence: {why}. Training "
+                "goes on from the seed's initial random states, so it will not repeat an uninterrupted run."
+            )
+            return
+        self._pending_rng = states[self.global_rank]
+
+    def on_train_start(self) -> None:
+        if self._pending_rng is not None:
+            rng.restore(self._pending_rng, self.objective, self.device)
+            self._pending_rng = None

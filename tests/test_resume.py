@@ -1,0 +1,68 @@
+"""A resumed run is the run it continues, bit for bit on the CPU: every random state is in the
+checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lt_diffusion.training.checkpoint import read_checkpoint
+from lt_diffusion.training.rng import RNG_KEY
+from tests.conftest import compose_config
+
+# Cheap runs: a batch of 4, a one-step grid of one image per class at the end.
+FAST = ("data.batch_size=4", "train.grid_per_class=1", "train.grid_steps=1")
+
+
+def _train(overrides: list[str], run_dir: Path) -> Path:
+    from lt_diffusion import train
+
+    train.run(compose_config("train", [*overrides, f"paths.run_dir={run_dir}"]))
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+def assert_same_training_state(a: Path, b: Path) -> None:
+    """Weights, EMA, optimizer, schedule, step and random states are identical (bit for bit)."""
+    ca, cb = read_checkpoint(a), read_checkpoint(b)
+    assert ca["global_step"] == cb["global_step"]
+    assert ca["state_dict"].keys() == cb["state_dict"].keys()
+    differ = [
+        k for k in ca["state_dict"] if not torch.equal(ca["state_dict"][k], cb["state_dict"][k])
+    ]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+    for sa, sb in zip(
+        ca["optimizer_states"][0]["state"].values(), cb["optimizer_states"][0]["state"].values()
+    ):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert ca["lr_schedulers"] == cb["lr_schedulers"]
+    ra, rb = ca[RNG_KEY], cb[RNG_KEY]  # the next step would draw the same numbers too
+    assert torch.equal(ra[0]["torch"], rb[0]["torch"])
+    assert ra[0]["objective"] == rb[0]["objective"]
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        # DDPM with what draws randomness in a step: timesteps and noise (torch), the model's
+        # dropout (torch), the batch-level CFG coin (the objective's host RNG; p = 0.5 so that
+        # a replayed coin sequence shows), the batch stream (seeded per batch).
+        ("method=ddpm", "model.dropout=0.3", "method.objective.cond_drop_prob=0.5"),
+        # CBDM: also the regulariser's target labels y' (torch), per-sample label dropout.
+        pytest.param(
+            ("method=cbdm", "method.objective.cond_drop_prob=0.5"), marks=pytest.mark.slow
+        ),
+        pytest.param(
+            ("method=cbdm", "method.objective.cond_drop_mode=sample"), marks=pytest.mark.slow
+        ),
+    ],
+    ids=["ddpm-dropout", "cbdm-batch-coin", "cbdm-sample-drop"],
+)
+def test_resumed_run_equals_the_uninterrupted_run(train_overrides, tmp_path, method) -> None:
+    # The resumed checkpoint is the periodic one written at a step's end (as after a kill).
+    ov = (*FAST, *method, "train.ckpt_every=3")
+    straight = _train(train_overrides(*ov, "train.max_steps=6"), tmp_path / "a")
+    _train(train_overrides(*ov, "train.max_steps=3"), tmp_path / "b")
+    resumed = _train(train_overrides(*ov, "train.max_steps=6"), tmp_path / "b")
+    assert_same_training_state(straight, resumed)
