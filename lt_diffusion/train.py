@@ -1,8 +1,10 @@
 """Train one run: ``python -m lt_diffusion.train dataset=cifar10_lt imbalance=ir100 method=ddpm``.
 
 Everything that can be checked is checked before the first step (dataset files, ratio, the
-resume checkpoint). The run directory is derived from the config, so launching the same run
-again resumes it from ``<run_dir>/checkpoints/last.ckpt``.
+resume checkpoint). The run directory is derived from the config, so
+launching the same run again resumes it from ``<run_dir>/checkpoints/last.ckpt``, exactly
+(the checkpoint holds every random state). One training at a time writes a run directory: it
+holds ``<run_dir>/train.lock`` (:mod:`lt_diffusion.utils.runlock`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from lt_diffusion.training.checkpoint import (
 )
 from lt_diffusion.training.module import DiffusionModule
 from lt_diffusion.utils.io import atomic_write_text
+from lt_diffusion.utils.runlock import RunLock, describe_holder, hold_run_lock
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
@@ -85,6 +88,18 @@ def build_logger(cfg: DictConfig) -> Any:
     return instantiate(cfg.logger)
 
 
+def is_launch_rank_zero() -> bool:
+    """Whether this process will be global rank 0, from its launcher's environment (the
+    Trainer does not exist yet): torchrun's RANK; Lightning's own launcher gives its children
+    LOCAL_RANK, and a node's first process has only NODE_RANK; else SLURM's SLURM_PROCID."""
+    env = os.environ
+    if "RANK" in env:
+        return int(env["RANK"]) == 0
+    if "LOCAL_RANK" in env or "NODE_RANK" in env:
+        return int(env.get("LOCAL_RANK", 0)) == 0 and int(env.get("NODE_RANK", 0)) == 0
+    return int(env.get("SLURM_PROCID", 0)) == 0
+
+
 def initial_weights(cfg: DictConfig, resume: Path | None) -> dict[str, torch.Tensor] | None:
     """Backbone weights from ``train.init_from`` for a fresh run (a resumed run has its own)."""
     if resume is not None:
@@ -107,10 +122,20 @@ def initial_weights(cfg: DictConfig, resume: Path | None) -> dict[str, torch.Ten
 
 
 def run(cfg: DictConfig) -> Path:
-    """Train the run ``cfg`` describes; returns its run directory."""
+    """Train the run ``cfg`` describes; returns its run directory.
+
+    Rank 0 holds the run directory's lock for the whole training (the other ranks of a
+    distributed run write nothing of their own)."""
     run_dir = Path(cfg.paths.run_dir)
+    with hold_run_lock(run_dir, enabled=is_launch_rank_zero()) as lock:
+        return _train(cfg, run_dir, lock)
+
+
+def _train(cfg: DictConfig, run_dir: Path, lock: RunLock | None) -> Path:
     ckpt_dir = run_dir / "checkpoints"
     on_gpu = _on_gpu(cfg)
+    if lock is not None and lock.took_over:
+        rank_zero_info(f"Took over the run directory from {describe_holder(lock.took_over)}")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     # Cheap checks first: the data source (files, ratio, names) and the resume checkpoint.
@@ -141,7 +166,12 @@ def run(cfg: DictConfig) -> Path:
         meta=meta,
     )
     callbacks = [
-        PeriodicCheckpoint(ckpt_dir, cfg.train.ckpt_every, cfg.train.keep_every),
+        PeriodicCheckpoint(
+            ckpt_dir,
+            cfg.train.ckpt_every,
+            cfg.train.keep_every,
+            lost_run_dir=lock.lost if lock is not None else None,
+        ),
         SampleGrid(
             run_dir / "samples",
             cfg.train.grid_every,

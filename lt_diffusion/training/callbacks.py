@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from lt_diffusion.diffusion import DDIMSampler, generate
 from lt_diffusion.diffusion.generate import is_latent_model
 from lt_diffusion.training.checkpoint import LAST
 from lt_diffusion.utils.io import atomic_write_bytes
+from lt_diffusion.utils.runlock import RunLockedError
 
 # Interrupts leave the state between two steps, so it is safe (and wanted) to save then.
 # Other exceptions (NaN, OOM, bugs) may leave bad weights: the last good checkpoint stays.
@@ -26,21 +28,40 @@ class PeriodicCheckpoint(L.Callback):
     """Write ``last.ckpt`` every ``every_n_steps``, at the end, and when interrupted.
 
     With ``keep_every_n_steps`` a permanent ``step_XXXXXXX.ckpt`` is also kept at that period.
-    Writes go through the trainer's (atomic) checkpoint I/O.
+    Writes go through the trainer's (atomic) checkpoint I/O. ``lost_run_dir`` (rank 0: the run
+    lock's :meth:`~lt_diffusion.utils.runlock.RunLock.lost`) is asked before every write; when
+    another training has taken the run directory over, every rank stops without writing.
     """
 
-    def __init__(self, dirpath: str | Path, every_n_steps: int, keep_every_n_steps: int = 0):
+    def __init__(
+        self,
+        dirpath: str | Path,
+        every_n_steps: int,
+        keep_every_n_steps: int = 0,
+        lost_run_dir: Callable[[], str | None] | None = None,
+    ):
         if every_n_steps < 1:
             raise ValueError(f"train.ckpt_every must be >= 1, got {every_n_steps}")
         self.dirpath = Path(dirpath)
         self.every_n_steps = every_n_steps
         self.keep_every_n_steps = keep_every_n_steps
+        self.lost_run_dir = lost_run_dir
         self._saved_step = -1
+
+    def _check_owner(self, trainer: L.Trainer) -> None:
+        lost = self.lost_run_dir() if self.lost_run_dir is not None else None
+        lost = trainer.strategy.broadcast(lost, src=0)  # every rank stops, or none
+        if lost:
+            raise RunLockedError(
+                f"Stopping without writing to {self.dirpath.parent}: {lost}. That training "
+                "continues the run; this one is redundant."
+            )
 
     def _save(self, trainer: L.Trainer) -> None:
         step = trainer.global_step
         if step == self._saved_step:
             return
+        self._check_owner(trainer)
         trainer.save_checkpoint(self.dirpath / LAST)
         if self.keep_every_n_steps and step % self.keep_every_n_steps == 0:
             trainer.save_checkpoint(self.dirpath / f"step_{step:07d}.ckpt")

@@ -1,0 +1,253 @@
+"""One writer per run directory: a second training is refused with a message naming the
+holder; dead holders and requeues of the same SLURM job take over; races have one winner."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
+
+import pytest
+
+from lt_diffusion.utils.runlock import LOCK_NAME, RunLock, RunLockedError, hold_run_lock
+from tests.conftest import ROOT
+
+HOLD = """
+import sys
+from lt_diffusion.utils.runlock import RunLock
+lock = RunLock(sys.argv[1])
+lock.acquire()
+print("held", flush=True)
+sys.stdin.read()  # until the test closes our stdin
+lock.release()
+"""
+
+
+def _holder(run_dir: Path) -> subprocess.Popen:
+    """A live process (another pid) holding the run directory's lock."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(run_dir)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _write_lock(run_dir: Path, **fields) -> dict:
+    holder = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "pid_start": None,
+        "slurm_job_id": None,
+        "since": "2026-01-01T00:00:00+00:00",
+        "command": "python -m lt_diffusion.train",
+        "token": "theirs",
+        **fields,
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / LOCK_NAME).write_text(json.dumps(holder))
+    return holder
+
+
+def _owner(run_dir: Path) -> dict:
+    return json.loads((run_dir / LOCK_NAME).read_text())
+
+
+def test_a_second_writer_is_refused_naming_the_holder(tmp_path: Path) -> None:
+    holder = _holder(tmp_path)
+    try:
+        with pytest.raises(RunLockedError) as err:
+            RunLock(tmp_path).acquire()
+        msg = str(err.value)
+        assert f"process {holder.pid} on host {socket.gethostname()}" in msg
+        assert str(tmp_path / LOCK_NAME) in msg and "tag=" in msg  # what to do
+        assert _owner(tmp_path)["pid"] == holder.pid  # the holder keeps its lock
+    finally:
+        holder.communicate("")
+    assert holder.returncode == 0 and not (tmp_path / LOCK_NAME).exists()  # released
+
+
+def test_a_second_training_stops_before_any_work(train_overrides, tmp_path: Path) -> None:
+    from lt_diffusion import train
+    from tests.conftest import compose_config
+
+    run_dir = tmp_path / "run"
+    holder = _holder(run_dir)
+    try:
+        cfg = compose_config(
+            "train", [*train_overrides("train.max_steps=2"), f"paths.run_dir={run_dir}"]
+        )
+        with pytest.raises(RunLockedError, match=f"process {holder.pid} on host"):
+            train.run(cfg)
+        assert not (run_dir / "checkpoints").exists() and not (run_dir / "config.yaml").exists()
+    finally:
+        holder.communicate("")
+
+
+def test_the_lock_of_a_dead_process_is_taken_over(tmp_path: Path) -> None:
+    stale = _write_lock(tmp_path, pid=_dead_pid())
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    assert lock.took_over == stale
+    assert _owner(tmp_path)["pid"] == os.getpid() and lock.lost() is None
+    lock.release()
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_a_reused_pid_is_not_mistaken_for_the_holder(tmp_path: Path) -> None:
+    # Our own (live) pid, but a start time that is not ours: the holder died, the pid was reused.
+    _write_lock(tmp_path, pid=os.getpid(), pid_start="1")
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    assert lock.took_over is not None
+
+
+def test_a_requeue_of_the_same_slurm_job_takes_over(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    _write_lock(tmp_path, host="node-17", pid=1, slurm_job_id="4242")  # the job's first run
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    assert lock.took_over["host"] == "node-17"
+    assert _owner(tmp_path)["slurm_job_id"] == "4242" and lock.lost() is None
+
+
+@pytest.mark.parametrize(
+    "holder",
+    [
+        {"host": "node-17", "pid": 1, "slurm_job_id": "999"},  # another job
+        {"host": "node-17", "pid": 1, "slurm_job_id": None},  # another host, no job
+    ],
+)
+def test_a_holder_that_may_be_alive_is_not_taken_over(tmp_path, monkeypatch, holder) -> None:
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    _write_lock(tmp_path, **holder)
+    with pytest.raises(RunLockedError, match="process 1 on host node-17"):
+        RunLock(tmp_path).acquire()
+
+
+def test_a_live_process_of_the_same_slurm_job_is_not_taken_over(tmp_path, monkeypatch) -> None:
+    # Two trainings in one allocation: same job id, the holder alive on this host.
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(tmp_path)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, SLURM_JOB_ID="4242"),
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunLockedError, match="SLURM job 4242"):
+            RunLock(tmp_path).acquire()
+    finally:
+        holder.communicate("")
+
+
+RACE = """
+import sys, time
+from pathlib import Path
+from lt_diffusion.utils.runlock import RunLock, RunLockedError
+while not Path(sys.argv[2]).exists():
+    time.sleep(0.001)
+try:
+    RunLock(sys.argv[1]).acquire()
+    print("won", flush=True)
+    time.sleep(2)  # hold it while the others try
+except RunLockedError:
+    print("refused", flush=True)
+"""
+
+
+def test_processes_racing_for_a_stale_lock_have_one_winner(tmp_path: Path) -> None:
+    run_dir, go = tmp_path / "run", tmp_path / "go"
+    _write_lock(run_dir, pid=_dead_pid())
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACE, str(run_dir), str(go)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(10)
+    ]
+    time.sleep(1.0)  # let them all start waiting
+    go.touch()
+    results = sorted(p.communicate(timeout=60)[0].strip() for p in racers)
+    assert results == ["refused"] * 9 + ["won"]
+
+
+def test_the_lock_is_released_when_training_fails(tmp_path: Path) -> None:
+    with pytest.raises(ZeroDivisionError), hold_run_lock(tmp_path) as lock:
+        assert _owner(tmp_path)["token"] == lock.me["token"]
+        raise ZeroDivisionError("a failing step")
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_other_ranks_take_no_lock(tmp_path: Path) -> None:
+    _write_lock(tmp_path, host="node-17", pid=1)  # rank 0 (elsewhere) holds it
+    with hold_run_lock(tmp_path, enabled=False) as lock:
+        assert lock is None
+    assert _owner(tmp_path)["host"] == "node-17"
+
+
+@pytest.mark.parametrize(
+    "env,zero",
+    [
+        ({}, True),
+        ({"RANK": "0", "LOCAL_RANK": "0"}, True),
+        ({"RANK": "3", "LOCAL_RANK": "1"}, False),  # torchrun
+        ({"LOCAL_RANK": "1"}, False),  # a child of Lightning's own launcher
+        ({"NODE_RANK": "1"}, False),  # the first process of the second node
+        ({"SLURM_PROCID": "2"}, False),  # a SLURM task
+        ({"SLURM_PROCID": "0", "LOCAL_RANK": "1"}, False),  # Lightning spawned inside sbatch
+    ],
+)
+def test_only_global_rank_zero_locks(monkeypatch, env: dict, zero: bool) -> None:
+    from lt_diffusion.train import is_launch_rank_zero
+
+    for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    assert is_launch_rank_zero() is zero
+
+
+def test_a_run_that_lost_its_lock_stops_without_writing(tmp_path: Path) -> None:
+    """A requeue took over while the original still runs: the original's next checkpoint
+    write is refused instead of overwriting the new owner's."""
+    from lt_diffusion.training.callbacks import PeriodicCheckpoint
+
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    callback = PeriodicCheckpoint(tmp_path / "checkpoints", 1, lost_run_dir=lock.lost)
+    trainer = SimpleNamespace(
+        global_step=5,
+        strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj),
+        save_checkpoint=mock.Mock(),
+    )
+    callback.on_train_batch_end(trainer)
+    assert trainer.save_checkpoint.call_count == 1  # still the owner: writes
+
+    _write_lock(tmp_path, host="node-17", pid=1, slurm_job_id="4242")  # the requeue's lock
+    trainer.global_step = 6
+    with pytest.raises(RunLockedError, match="process 1 on host node-17, SLURM job 4242"):
+        callback.on_train_batch_end(trainer)
+    assert trainer.save_checkpoint.call_count == 1
+    lock.release()
+    assert _owner(tmp_path)["host"] == "node-17"  # the new owner's lock stays
