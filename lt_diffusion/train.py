@@ -40,7 +40,7 @@ from lt_diffusion.training.checkpoint import (
     read_checkpoint,
 )
 from lt_diffusion.training.module import DiffusionModule
-from lt_diffusion.utils.io import atomic_write_text
+from lt_diffusion.utils.io import atomic_write_text, remove_temporaries
 from lt_diffusion.utils.runlock import RunLock, describe_holder, hold_run_lock
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -134,8 +134,12 @@ def run(cfg: DictConfig) -> Path:
 def _train(cfg: DictConfig, run_dir: Path, lock: RunLock | None) -> Path:
     ckpt_dir = run_dir / "checkpoints"
     on_gpu = _on_gpu(cfg)
-    if lock is not None and lock.took_over:
-        rank_zero_info(f"Took over the run directory from {describe_holder(lock.took_over)}")
+    if lock is not None:
+        if lock.took_over:
+            rank_zero_info(f"Took over the run directory from {describe_holder(lock.took_over)}")
+        # Under the lock no one else writes here: these are leftovers of killed writes.
+        for tmp in remove_temporaries(ckpt_dir):
+            rank_zero_info(f"Removed {tmp}, a checkpoint write that was killed mid-way")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     # Cheap checks first: the data source (files, ratio, names) and the resume checkpoint.

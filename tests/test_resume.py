@@ -66,3 +66,16 @@ def test_resumed_run_equals_the_uninterrupted_run(train_overrides, tmp_path, met
     _train(train_overrides(*ov, "train.max_steps=3"), tmp_path / "b")
     resumed = _train(train_overrides(*ov, "train.max_steps=6"), tmp_path / "b")
     assert_same_training_state(straight, resumed)
+
+
+def test_leftover_temporary_checkpoints_are_removed_at_start(train_overrides, tmp_path) -> None:
+    run_dir = tmp_path / "r"
+    ckpts = run_dir / "checkpoints"
+    ckpts.mkdir(parents=True)
+    leftover = ckpts / ".last.ckpt.k2j4_x9q.tmp"  # the atomic writer's name, killed mid-write
+    leftover.write_bytes(b"\0" * 1000)
+    keep = ckpts / "notes.tmp"  # not one of ours
+    keep.write_text("mine")
+    _train(train_overrides(*FAST, "train.max_steps=1"), run_dir)
+    assert not leftover.exists() and keep.exists()
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "notes.tmp"]

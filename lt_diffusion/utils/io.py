@@ -11,12 +11,17 @@ import contextlib
 import io
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import torch
+
+# Temporary files are ".<target name>.<mkstemp's 8 random characters>.tmp".
+_TMP_SUFFIX = ".tmp"
+_TMP_NAME = re.compile(r"\..+\.[A-Za-z0-9_]{8}" + re.escape(_TMP_SUFFIX))
 
 
 def _default_mode(path: Path) -> int:
@@ -52,7 +57,7 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     file_mode = _default_mode(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
             yield f
@@ -95,3 +100,19 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def remove_temporaries(directory: str | Path) -> list[Path]:
+    """Delete the temporary files that writes into ``directory`` killed mid-way left behind
+    (each may be as large as the file it was to become); returns them.
+
+    Only call it while no one else can be writing there (e.g. under the run directory's lock):
+    a live writer's temporary file looks the same.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = [p for p in directory.iterdir() if _TMP_NAME.fullmatch(p.name) and p.is_file()]
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
