@@ -39,6 +39,7 @@ from lt_diffusion.training.checkpoint import (
     model_state,
     read_checkpoint,
 )
+from lt_diffusion.training.csvlog import ResumableCSVLogger
 from lt_diffusion.training.module import DiffusionModule
 from lt_diffusion.utils.io import atomic_write_text, remove_temporaries
 from lt_diffusion.utils.runlock import RunLock, describe_holder, hold_run_lock
@@ -82,9 +83,12 @@ def cluster_plugins() -> list[Any]:
     return []
 
 
-def build_logger(cfg: DictConfig) -> Any:
+def build_logger(cfg: DictConfig, resume_step: int = 0) -> Any:
+    """The configured logger; a resuming CSV logger is told where the run resumes."""
     if cfg.get("logger") is None or cfg.logger.get("_target_") is None:
         return False
+    if issubclass(hydra.utils.get_class(cfg.logger._target_), ResumableCSVLogger):
+        return instantiate(cfg.logger, resume_step=resume_step)
     return instantiate(cfg.logger)
 
 
@@ -150,6 +154,7 @@ def _train(cfg: DictConfig, run_dir: Path, lock: RunLock | None) -> Path:
             f"{resume} exists and train.resume=false: refusing to overwrite it. Delete the run "
             "directory, choose another run_name / tag, or set train.resume=true."
         )
+    resume_step = int(read_checkpoint(resume).get("global_step", 0)) if resume else 0
     datamodule.setup("fit")
     if rank_zero_only.rank == 0:
         datamodule.print_summary()
@@ -188,7 +193,7 @@ def _train(cfg: DictConfig, run_dir: Path, lock: RunLock | None) -> Path:
     ]
     trainer: L.Trainer = instantiate(
         cfg.trainer,
-        logger=build_logger(cfg),
+        logger=build_logger(cfg, resume_step),
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO(), *cluster_plugins()],
         default_root_dir=str(run_dir),
@@ -196,8 +201,7 @@ def _train(cfg: DictConfig, run_dir: Path, lock: RunLock | None) -> Path:
     if trainer.is_global_zero:
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
     if resume is not None:
-        step = int(read_checkpoint(resume).get("global_step", 0))
-        rank_zero_info(f"Resuming from {resume} at step {step}")
+        rank_zero_info(f"Resuming from {resume} at step {resume_step}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     rank_zero_info(f"Run directory: {run_dir}\n  checkpoint: {ckpt_dir / LAST}")
     return run_dir

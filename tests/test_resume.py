@@ -3,6 +3,7 @@ checkpoint."""
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,31 @@ def test_resumed_run_equals_the_uninterrupted_run(train_overrides, tmp_path, met
     _train(train_overrides(*ov, "train.max_steps=3"), tmp_path / "b")
     resumed = _train(train_overrides(*ov, "train.max_steps=6"), tmp_path / "b")
     assert_same_training_state(straight, resumed)
+
+
+def _metrics(run_dir: Path) -> tuple[list[str], list[int]]:
+    path = run_dir / "logs" / "metrics.csv"
+    lines = path.read_text().splitlines()
+    steps = [int(float(r["step"])) for r in csv.DictReader(lines)]
+    return lines, steps
+
+
+def test_csv_log_keeps_its_history_across_resumes(train_overrides, tmp_path) -> None:
+    run_dir = tmp_path / "r"
+    ov = (*FAST, "logger=csv", "train.log_every=1", "train.ckpt_every=2")
+    _train(train_overrides(*ov, "train.max_steps=4", "train.keep_every=2"), run_dir)
+    _train(train_overrides(*ov, "train.max_steps=6"), run_dir)
+    lines, steps = _metrics(run_dir)
+    assert steps == list(range(6))
+    assert lines.count(lines[0]) == 1  # one header
+
+    # A killed run logged steps after its checkpoint: the resumed run logs them again, once.
+    ckpts = run_dir / "checkpoints"
+    (ckpts / "step_0000002.ckpt").replace(ckpts / "last.ckpt")
+    with open(run_dir / "logs" / "metrics.csv", "a") as f:
+        f.write("0,0.5")  # and a row cut short by the kill
+    _train(train_overrides(*ov, "train.max_steps=5"), run_dir)
+    assert _metrics(run_dir)[1] == list(range(5))
 
 
 def test_leftover_temporary_checkpoints_are_removed_at_start(train_overrides, tmp_path) -> None:
