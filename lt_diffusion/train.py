@@ -125,12 +125,29 @@ def initial_weights(cfg: DictConfig, resume: Path | None) -> dict[str, torch.Ten
     return model_state(ckpt, ema=cfg.train.get("init_from_ema", True))
 
 
+def _step(ckpt: Path) -> int:
+    return int(read_checkpoint(ckpt).get("global_step", 0))
+
+
+def _say_complete(ckpt: Path) -> None:
+    rank_zero_info(f"Run already complete at step {_step(ckpt)}: {ckpt}")
+
+
 def run(cfg: DictConfig) -> Path:
     """Train the run ``cfg`` describes; returns its run directory.
 
     Rank 0 holds the run directory's lock for the whole training (the other ranks of a
     distributed run write nothing of their own)."""
     run_dir = Path(cfg.paths.run_dir)
+    if cfg.train.max_steps < 1:
+        last = find_resume_checkpoint(run_dir / "checkpoints", cfg)
+        if last is None:
+            raise ValueError(
+                f"train.max_steps={cfg.train.max_steps}: a run needs at least one step. Set "
+                "train.max_steps to the number of optimisation steps to train for."
+            )
+        _say_complete(last)
+        return run_dir
     with hold_run_lock(run_dir, enabled=is_launch_rank_zero()) as lock:
         return _train(cfg, run_dir, lock)
 
@@ -154,7 +171,10 @@ def _train(cfg: DictConfig, run_dir: Path, lock: RunLock | None) -> Path:
             f"{resume} exists and train.resume=false: refusing to overwrite it. Delete the run "
             "directory, choose another run_name / tag, or set train.resume=true."
         )
-    resume_step = int(read_checkpoint(resume).get("global_step", 0)) if resume else 0
+    resume_step = _step(resume) if resume is not None else 0
+    if resume is not None and resume_step >= cfg.train.max_steps:
+        _say_complete(resume)
+        return run_dir
     datamodule.setup("fit")
     if rank_zero_only.rank == 0:
         datamodule.print_summary()

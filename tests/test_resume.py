@@ -1,9 +1,14 @@
 """A resumed run is the run it continues, bit for bit on the CPU: every random state is in the
-checkpoint."""
+checkpoint. Also what a resume must not leave behind or lose: temporary files of killed writes,
+the CSV history; and the runs that need no training at all (``max_steps`` reached or < 1)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -105,3 +110,32 @@ def test_leftover_temporary_checkpoints_are_removed_at_start(train_overrides, tm
     _train(train_overrides(*FAST, "train.max_steps=1"), run_dir)
     assert not leftover.exists() and keep.exists()
     assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "notes.tmp"]
+
+
+def test_max_steps_below_one_is_refused_before_any_work(train_overrides, tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"train.max_steps=0: a run needs at least one step"):
+        _train(train_overrides("train.max_steps=0"), tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
+@contextlib.contextmanager
+def _lightning_messages() -> Iterator[io.StringIO]:
+    """What the run reports through Lightning's logger (rank_zero_info)."""
+    stream, logger = io.StringIO(), logging.getLogger("lightning.pytorch")
+    handler = logging.StreamHandler(stream)
+    logger.addHandler(handler)
+    try:
+        yield stream
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_a_complete_run_says_so_and_names_its_checkpoint(train_overrides, tmp_path) -> None:
+    run_dir = tmp_path / "r"
+    last = _train(train_overrides(*FAST, "train.max_steps=2"), run_dir)
+    before = last.stat().st_mtime_ns
+    for steps in (2, 1, 0):
+        with _lightning_messages() as out:
+            _train(train_overrides(*FAST, f"train.max_steps={steps}"), run_dir)
+        assert f"Run already complete at step 2: {last}" in out.getvalue()
+    assert last.stat().st_mtime_ns == before  # nothing trained, nothing rewritten
