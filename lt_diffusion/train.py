@@ -1,7 +1,7 @@
 """Train one run: ``python -m lt_diffusion.train dataset=cifar10_lt imbalance=ir100 method=ddpm``.
 
-Everything that can be checked is checked before the first step (dataset files, ratio, the
-resume checkpoint). The run directory is derived from the config, so
+Everything that can be checked is checked before the first step (unknown config keys, dataset
+files, ratio, the resume checkpoint). The run directory is derived from the config, so
 launching the same run again resumes it from ``<run_dir>/checkpoints/last.ckpt``, exactly
 (the checkpoint holds every random state). One training at a time writes a run directory: it
 holds ``<run_dir>/train.lock`` (:mod:`lt_diffusion.utils.runlock`).
@@ -39,6 +39,7 @@ from lt_diffusion.training.checkpoint import (
     model_state,
     read_checkpoint,
 )
+from lt_diffusion.training.config_keys import check_known_keys
 from lt_diffusion.training.csvlog import ResumableCSVLogger
 from lt_diffusion.training.module import DiffusionModule
 from lt_diffusion.utils.io import atomic_write_text, remove_temporaries
@@ -139,6 +140,7 @@ def run(cfg: DictConfig) -> Path:
     Rank 0 holds the run directory's lock for the whole training (the other ranks of a
     distributed run write nothing of their own)."""
     run_dir = Path(cfg.paths.run_dir)
+    check_known_keys(cfg)
     if cfg.train.max_steps < 1:
         last = find_resume_checkpoint(run_dir / "checkpoints", cfg)
         if last is None:

@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from lt_diffusion.diffusion.schedule import SCHEDULE_KINDS
+from lt_diffusion.training.config_keys import unknown_keys
 from tests.conftest import CONFIG_DIR, compose_config
 
 GROUPS = sorted(
@@ -35,6 +36,7 @@ def _resolve(cfg) -> dict:
 )
 def test_every_group_option_composes_into_train(group: str, option: str) -> None:
     cfg = compose_config("train", [f"{group}={option}"])
+    assert unknown_keys(cfg) == []  # every key it sets is one training reads
     resolved = _resolve(cfg)
     assert resolved["run_name"]
     assert resolved["model"]["num_classes"] == resolved["dataset"]["num_classes"]
