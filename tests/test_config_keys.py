@@ -1,12 +1,14 @@
 """Config keys nothing reads are refused, naming the closest valid key; the keys shipped
-configs set are all known."""
+configs set are all known; the imbalance group's run names follow the ratio actually used."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from lt_diffusion.training.config_keys import check_known_keys, unknown_keys
-from tests.conftest import compose_config
+from tests.conftest import CONFIG_DIR, compose_config
 
 
 @pytest.mark.parametrize(
@@ -48,3 +50,27 @@ def test_keys_set_only_by_some_configs_are_known() -> None:
     assert unknown_keys(cfg) == []
     cfg = compose_config("train", ["experiment=cm/cifar10_lt_ir100_cm", "optimizer.lr=1e-4"])
     assert unknown_keys(cfg) == []
+
+
+def _imbalance_options() -> list[str]:
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / "imbalance").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("option", _imbalance_options())
+def test_shipped_imbalance_names_are_unchanged(option: str) -> None:
+    # Run directories, table specs and docs name runs by these.
+    assert compose_config("train", [f"imbalance={option}"]).imbalance.name == option
+
+
+@pytest.mark.parametrize(
+    "overrides,name",
+    [
+        (["imbalance=ir100", "imbalance.ratio=50"], "ir50"),
+        (["imbalance=ir10", "imbalance.ratio=20"], "ir20"),
+        (["imbalance=step_ir100", "imbalance.ratio=10"], "step_ir10"),
+    ],
+)
+def test_a_ratio_override_names_the_run_by_that_ratio(overrides: list[str], name: str) -> None:
+    cfg = compose_config("train", ["dataset=cifar10_lt", "method=ddpm", *overrides])
+    assert cfg.imbalance.name == name
+    assert cfg.run_name == f"cifar10_lt-{name}-ddpm-seed0"
