@@ -8,6 +8,12 @@ import contextlib
 import csv
 import io
 import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +22,7 @@ import torch
 
 from lt_diffusion.training.checkpoint import read_checkpoint
 from lt_diffusion.training.rng import RNG_KEY
-from tests.conftest import compose_config
+from tests.conftest import ROOT, compose_config
 
 # Cheap runs: a batch of 4, a one-step grid of one image per class at the end.
 FAST = ("data.batch_size=4", "train.grid_per_class=1", "train.grid_steps=1")
@@ -139,3 +145,76 @@ def test_a_complete_run_says_so_and_names_its_checkpoint(train_overrides, tmp_pa
             _train(train_overrides(*FAST, f"train.max_steps={steps}"), run_dir)
         assert f"Run already complete at step 2: {last}" in out.getvalue()
     assert last.stat().st_mtime_ns == before  # nothing trained, nothing rewritten
+
+
+# --- kill -9 at random moments, restart, until done ------------------------------------------
+
+
+def _start(overrides: list[str]) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="offline")
+    return subprocess.Popen(
+        [sys.executable, "-m", "lt_diffusion.train", *overrides],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _step(last: Path) -> int:
+    return int(read_checkpoint(last)["global_step"]) if last.exists() else 0
+
+
+@pytest.mark.slow
+def test_kill_loop_ends_with_the_uninterrupted_runs_weights(train_overrides, tmp_path) -> None:
+    """SIGKILL at random moments of training and while a checkpoint is being written; the same
+    command restarted each time (taking over the dead process's lock, sweeping its temporary
+    file); the final state equals an uninterrupted run's."""
+    steps = 24
+    ov = train_overrides(
+        *FAST,
+        f"train.max_steps={steps}",
+        "train.ckpt_every=2",
+        "train.log_every=1",
+        "model.dropout=0.3",
+        "method.objective.cond_drop_prob=0.5",
+    )
+    ref = _start([*ov, f"paths.run_dir={tmp_path / 'ref'}"])
+    assert ref.wait(timeout=900) == 0, ref.stdout.read()
+
+    run_dir = tmp_path / "killed"
+    ckpts, last = run_dir / "checkpoints", run_dir / "checkpoints" / "last.ckpt"
+    rng = random.Random(0)
+    kills = mid_write = 0
+    for attempt in range(12):
+        proc = _start([*ov, f"paths.run_dir={run_dir}"])
+        start_step, deadline = _step(last), time.time() + 600
+        if attempt < 8:
+            # Odd attempts: the moment a checkpoint write is under way; even: a random moment
+            # after the run made progress.
+            if attempt % 2:
+                while proc.poll() is None and time.time() < deadline:
+                    if any(p.name.startswith(".last.ckpt.") for p in ckpts.glob("*.tmp")):
+                        mid_write += 1
+                        break
+                    time.sleep(0.002)
+            else:
+                while proc.poll() is None and _step(last) <= start_step and time.time() < deadline:
+                    time.sleep(0.05)
+                time.sleep(rng.uniform(0.0, 3.0))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+        log = proc.communicate(timeout=900)[0]
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL, log
+    else:
+        pytest.fail("the run did not finish after 12 starts")
+
+    assert kills >= 4 and mid_write >= 1, (kills, mid_write)
+    assert_same_training_state(tmp_path / "ref" / "checkpoints" / "last.ckpt", last)
+    assert not list(ckpts.glob("*.tmp")) and not (run_dir / "train.lock").exists()
+    _, logged = _metrics(run_dir)
+    assert len(set(logged)) == len(logged) and logged == sorted(logged)
