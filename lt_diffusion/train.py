@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 import lt_diffusion
+from lt_diffusion.data.datamodule import stream_seed
 from lt_diffusion.training.builders import (
     build_datamodule,
     build_model,
@@ -93,16 +94,24 @@ def build_logger(cfg: DictConfig, resume_step: int = 0) -> Any:
     return instantiate(cfg.logger)
 
 
-def is_launch_rank_zero() -> bool:
-    """Whether this process will be global rank 0, from its launcher's environment (the
-    Trainer does not exist yet): torchrun's RANK; Lightning's own launcher gives its children
-    LOCAL_RANK, and a node's first process has only NODE_RANK; else SLURM's SLURM_PROCID."""
+def launch_rank() -> int:
+    """This process's rank, from its launcher's environment (the Trainer does not exist yet):
+    torchrun's RANK; under Lightning's own launcher LOCAL_RANK (its children) and NODE_RANK (a
+    node's first process has only that); else SLURM's SLURM_PROCID. Distinct per process, and 0
+    only for global rank 0 (with NODE_RANK it is not the Trainer's numbering)."""
     env = os.environ
     if "RANK" in env:
-        return int(env["RANK"]) == 0
+        return int(env["RANK"])
     if "LOCAL_RANK" in env or "NODE_RANK" in env:
-        return int(env.get("LOCAL_RANK", 0)) == 0 and int(env.get("NODE_RANK", 0)) == 0
-    return int(env.get("SLURM_PROCID", 0)) == 0
+        return int(env.get("NODE_RANK", 0)) * 2**16 + int(env.get("LOCAL_RANK", 0))
+    return int(env.get("SLURM_PROCID", 0))
+
+
+def process_seed(seed: int, rank: int) -> int:
+    """Seed of one process's global generators: ``seed`` itself on rank 0 (a one-process run
+    is unchanged), an unrelated stream on the others so that ranks do not draw the same
+    timesteps and noise (DDP makes the initial weights equal anyway)."""
+    return seed if rank == 0 else stream_seed(seed, rank) % 2**32
 
 
 def initial_weights(cfg: DictConfig, resume: Path | None) -> dict[str, torch.Tensor] | None:
@@ -150,7 +159,7 @@ def run(cfg: DictConfig) -> Path:
             )
         _say_complete(last)
         return run_dir
-    with hold_run_lock(run_dir, enabled=is_launch_rank_zero()) as lock:
+    with hold_run_lock(run_dir, enabled=launch_rank() == 0) as lock:
         return _train(cfg, run_dir, lock)
 
 
@@ -163,7 +172,7 @@ def _train(cfg: DictConfig, run_dir: Path, lock: RunLock | None) -> Path:
         # Under the lock no one else writes here: these are leftovers of killed writes.
         for tmp in remove_temporaries(ckpt_dir):
             rank_zero_info(f"Removed {tmp}, a checkpoint write that was killed mid-way")
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    L.seed_everything(process_seed(cfg.seed, launch_rank()), workers=True, verbose=False)
 
     # Cheap checks first: the data source (files, ratio, names) and the resume checkpoint.
     datamodule = build_datamodule(cfg, on_device=_auto(cfg.data.on_device, on_gpu))

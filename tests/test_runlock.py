@@ -219,13 +219,13 @@ def test_other_ranks_take_no_lock(tmp_path: Path) -> None:
     ],
 )
 def test_only_global_rank_zero_locks(monkeypatch, env: dict, zero: bool) -> None:
-    from lt_diffusion.train import is_launch_rank_zero
+    from lt_diffusion.train import launch_rank
 
     for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
         monkeypatch.delenv(var, raising=False)
     for var, value in env.items():
         monkeypatch.setenv(var, value)
-    assert is_launch_rank_zero() is zero
+    assert (launch_rank() == 0) is zero
 
 
 def test_a_run_that_lost_its_lock_stops_without_writing(tmp_path: Path) -> None:
