@@ -14,24 +14,16 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from lt_diffusion.utils.identity import training_settings
 from lt_diffusion.utils.io import atomic_torch_save
 
 META_KEY = "lt_diffusion"
 LAST = "last.ckpt"
 
-# Settings that change what a checkpoint's weights mean: resuming or sampling with a config
-# that differs in any of these would silently mix two experiments.
-FINGERPRINT_KEYS = (
-    "dataset.name",
-    "dataset.image_size",
-    "dataset.channels",
-    "dataset.num_classes",
-    "imbalance.profile",
-    "imbalance.ratio",
-    "imbalance.seed",
-    "method.name",
-    "model",
-)
+# A run may be resumed under another budget (train.max_steps: a longer run continues) and on
+# other hardware (trainer: devices, precision; see docs/training.md on what that changes); every
+# other setting that defines the weights (lt_diffusion.utils.identity) must be the same.
+RESUMABLE_CHANGES = ("train.max_steps", "trainer")
 
 
 class CheckpointError(RuntimeError):
@@ -71,20 +63,24 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def _select(cfg: Any, dotted: str) -> Any:
-    node = OmegaConf.select(cfg, dotted, default=None)
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict) or not tree:
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}{key}."))
+    return {k.rstrip("."): v for k, v in out.items()}
 
 
 def config_differences(saved: dict | DictConfig, current: dict | DictConfig) -> list[str]:
-    """Fingerprint settings on which two configs disagree, as readable lines."""
-    saved_cfg = OmegaConf.create(saved) if isinstance(saved, dict) else saved
-    current_cfg = OmegaConf.create(current) if isinstance(current, dict) else current
+    """The settings that define a run's weights (:func:`training_settings`) on which two
+    configs disagree, as readable lines (budget and hardware may differ: a resume)."""
+    a, b = (_flatten(training_settings(c)) for c in (saved, current))
     diffs = []
-    for key in FINGERPRINT_KEYS:
-        a, b = _select(saved_cfg, key), _select(current_cfg, key)
-        if a != b:
-            diffs.append(f"{key}: checkpoint has {a!r}, config has {b!r}")
+    for key in sorted(set(a) | set(b)):
+        if key.startswith(RESUMABLE_CHANGES) or a.get(key) == b.get(key):
+            continue
+        diffs.append(f"{key}: checkpoint has {a.get(key)!r}, config has {b.get(key)!r}")
     return diffs
 
 
