@@ -25,9 +25,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, open_dict
 
+from lt_diffusion.evaluation.record import RecordError, read_record
 from lt_diffusion.sweep import FAILED, SWEEP_LOG_ENV, Job, read_manifest
-from lt_diffusion.train import CONFIG_DIR
-from lt_diffusion.utils.config import compose_config
+from lt_diffusion.training.checkpoint import read_checkpoint
+from lt_diffusion.utils.config import CONFIG_DIR, compose_config
 from lt_diffusion.utils.io import atomic_write_json
 
 
@@ -68,9 +69,21 @@ def train_config(job: Job, table: str) -> DictConfig:
     return cfg
 
 
-def missing_records(job: Job) -> list[int]:
-    """Indices of the job's evaluations whose record does not exist yet."""
-    return [i for i, ev in enumerate(job.evaluations) if not Path(ev.record).is_file()]
+def missing_records(job: Job, step: int | None = None) -> list[int]:
+    """Indices of the job's evaluations whose record does not exist yet (or, given the
+    trained checkpoint's ``step``, is of another step: an evaluation of an unfinished run)."""
+    out = []
+    for i, ev in enumerate(job.evaluations):
+        path = Path(ev.record)
+        if not path.is_file():
+            out.append(i)
+        elif step is not None:
+            try:
+                if int(read_record(path)["checkpoint"]["step"]) != step:
+                    out.append(i)
+            except RecordError:
+                out.append(i)
+    return out
 
 
 def run_job(job: Job, table: str) -> str:
@@ -80,14 +93,18 @@ def run_job(job: Job, table: str) -> str:
 
     if not missing_records(job):
         return "done"
-    train.run(train_config(job, table))
+    cfg = train_config(job, table)
+    train.run(cfg)
     ckpt = Path(job.run_dir) / "checkpoints" / "last.ckpt"
-    for i in missing_records(job):
+    step = int(read_checkpoint(ckpt)["global_step"])
+    # The data are where this job's run says they are (not where the checkpoint was trained).
+    data_root = f"data_root={Path(cfg.paths.data_root).resolve()}"
+    for i in missing_records(job, step):
         ev = job.evaluations[i]
-        cfg = compose_config(
-            "evaluate", [*ev.overrides, f"checkpoint={ckpt}", f"record={ev.record}"]
+        ecfg = compose_config(
+            "evaluate", [*ev.overrides, f"checkpoint={ckpt}", f"record={ev.record}", data_root]
         )
-        evaluate.run(cfg)
+        evaluate.run(ecfg)
         barrier()  # rank 0 has written the record before any rank moves on
     (Path(job.run_dir) / FAILED).unlink(missing_ok=True)
     return "done"
@@ -127,7 +144,7 @@ def run_under_torchrun(job: Job, manifest: str, index: int) -> str:
     return "done"
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="job")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="job")
 def main(cfg: DictConfig) -> Any:
     os.environ.setdefault("WANDB_SILENT", "true")
     table, jobs = read_manifest(cfg.manifest)
