@@ -161,37 +161,32 @@ def compare(
     real: dict[int, np.ndarray],
     wanted: list[str],
     protocol: DictConfig,
+    is_unavailable: str | None = None,
 ) -> dict[str, Any]:
-    """Every wanted metric of one comparison, with the counts it used."""
-    fake = np.concatenate([gen.pool[c][:n] for c, n in zip(comp.classes, comp.generated)])
+    """Every wanted metric of one comparison, with the counts and settings it used (a record
+    entry, :func:`lt_diffusion.evaluation.metrics.compare_features`)."""
+    pairs = list(zip(comp.classes, comp.generated))
+    fake = np.concatenate([gen.pool[c][:n] for c, n in pairs])
     seed = int(protocol.seed)
     ref = np.concatenate([_real_of(real, c, n, seed) for c, n in zip(comp.classes, comp.real)])
-    out: dict[str, Any] = {"n_generated": len(fake), "n_real": len(ref)}
-    if len(set(comp.generated)) > 1 or len(set(comp.real)) > 1:
+    logits = None
+    if gen.logits is not None:
+        logits = np.concatenate([gen.logits[c][:n] for c, n in pairs])
+    out = M.compare_features(
+        ref,
+        fake,
+        wanted,
+        kid_subset_size=int(protocol.kid_subset_size),
+        kid_subsets=int(protocol.kid_subsets),
+        pr_k=int(protocol.pr_k),
+        seed=seed,
+        fake_logits=logits,
+        is_splits=int(protocol.is_splits),
+        is_unavailable=is_unavailable,
+    )
+    if len(set(comp.generated)) > 1:
         out["generated_per_class"] = list(comp.generated)
     out["real_per_class"] = comp.real[0] if len(set(comp.real)) == 1 else list(comp.real)
-    if "fid" in wanted:
-        out["fid"] = M.fid(M.statistics(ref), M.statistics(fake))
-    if "kid" in wanted:
-        mean, std, size = M.kid(
-            ref, fake, int(protocol.kid_subset_size), int(protocol.kid_subsets), int(protocol.seed)
-        )
-        out.update(kid=mean, kid_std=std, kid_subset_size=size)
-    if "precision" in wanted or "recall" in wanted:
-        p, r = M.precision_recall(ref, fake, int(protocol.pr_k))
-        out.update(precision=p, recall=r, pr_k=int(protocol.pr_k))
-    if "is" in wanted:
-        if gen.logits is None:
-            out["is"] = None
-            out["is_unavailable"] = (
-                "no logits layer in the offline Inception weights: stage torch-fidelity's "
-                "weights file to get IS"
-            )
-        else:
-            logits = np.concatenate(
-                [gen.logits[c][:n] for c, n in zip(comp.classes, comp.generated)]
-            )
-            out["is"], out["is_std"] = M.inception_score(logits, int(protocol.is_splits))
     return out
 
 
@@ -273,7 +268,7 @@ def run_protocol(
         )
         metrics: dict[str, Any] = {"overall": {}, "per_split": {}, "per_class": {}}
         for comp in comps:
-            values = compare(comp, gen, real, wanted, protocol)
+            values = compare(comp, gen, real, wanted, protocol, ext_info.get("is_unavailable"))
             if comp.kind == "overall":
                 metrics["overall"] = values
             elif comp.kind == "split":
