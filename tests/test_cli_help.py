@@ -1,9 +1,10 @@
 """Every command's ``--help`` prints what it does, its main options and its config groups, and
 exits 0 (no traceback), both as ``python -m lt_diffusion.<command>`` and as the installed
-``ltd-*`` script; ``--hydra-help`` works too. Each check is a real subprocess."""
+``ltd-*`` script; ``--hydra-help`` works too. Each check runs in a real subprocess."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -48,9 +49,43 @@ def test_every_script_is_a_command_checked_here() -> None:
     assert set(EXPECTED) - targets == {"job"}  # started by lt_diffusion.table, not by hand
 
 
-@pytest.mark.parametrize("script", sorted(SCRIPTS))
+# Runs every command's main with --help in one interpreter (each a separate Hydra app), so the
+# heavy imports are paid once; prints {command: [exit code, stdout]} as JSON.
+DRIVER = """
+import contextlib, io, json, sys
+from importlib import import_module
+from hydra.core.global_hydra import GlobalHydra
+out = {}
+for command in sys.argv[1:]:
+    GlobalHydra.instance().clear()  # each command is its own Hydra app
+    buf = io.StringIO()
+    sys.argv = [command, "--help"]
+    code = 0
+    with contextlib.redirect_stdout(buf):
+        try:
+            import_module(f"lt_diffusion.{command}").main()
+        except SystemExit as end:
+            code = end.code or 0
+    out[command] = [code, buf.getvalue()]
+print(json.dumps(out))
+"""
+
+
+def test_every_command_prints_its_help_and_exits_0() -> None:
+    """What ``python -m lt_diffusion.<command> --help`` and ``ltd-<command> --help`` run: each
+    command's ``main`` with ``--help`` (one process for all of them)."""
+    res = _run([sys.executable, "-c", DRIVER, *EXPECTED])
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    for command, (code, out) in json.loads(res.stdout.splitlines()[-1]).items():
+        _check_help(subprocess.CompletedProcess([], code, out, ""), command)
+
+
+@pytest.mark.parametrize(
+    "script",
+    [s if s == "ltd-table" else pytest.param(s, marks=pytest.mark.slow) for s in sorted(SCRIPTS)],
+)
 def test_installed_script_help(script: str) -> None:
-    """What ``ltd-<x> --help`` runs (the installed script where there is one)."""
+    """An installed ``ltd-<x>`` script itself (``ltd-table``, whose --help failed, by default)."""
     path = Path(sys.executable).with_name(script)
     module, _ = SCRIPTS[script].split(":")
     cmd = (
@@ -62,7 +97,7 @@ def test_installed_script_help(script: str) -> None:
     _check_help(_run(cmd), module.removeprefix("lt_diffusion."))
 
 
-@pytest.mark.parametrize("command", ["table", "job"])
+@pytest.mark.parametrize("command", ["table", pytest.param("job", marks=pytest.mark.slow)])
 def test_python_m_help(command: str) -> None:
     """``python -m`` for the command without a script and for the one whose --help failed
     (``table: ???`` in configs/sweep.yaml)."""

@@ -1,51 +1,44 @@
-"""Data: sources in their published formats, long-tail profiles, splits, the datamodule."""
+"""Data: sources in their published formats, long-tail profiles, splits, the datamodule.
 
-from lt_diffusion.data.datamodule import BatchStream, LongTailDataModule, resize_uint8
-from lt_diffusion.data.longtail import (
-    PROFILES,
-    longtail_counts,
-    longtail_indices,
-    native_counts,
-    order_by_count,
-)
-from lt_diffusion.data.paper_sources import (
-    ArtBench10Source,
-    CelebAHQSource,
-    ImageNetLTSource,
-    INaturalistSource,
-)
-from lt_diffusion.data.prepare import prepared_copy, prepared_root
-from lt_diffusion.data.sources import (
-    CIFAR10Source,
-    CIFAR100Source,
-    FashionMNISTSource,
-    ImageArrays,
-    Source,
-)
-from lt_diffusion.data.splits import RULES, SPLITS, classes_in_split, split_map
+The public names below are imported lazily, so that ``lt_diffusion.data.splits`` (needed by
+the evaluation protocol and the tables) does not pull Lightning in with the datamodule.
+"""
 
-__all__ = [
-    "PROFILES",
-    "RULES",
-    "SPLITS",
-    "ArtBench10Source",
-    "BatchStream",
-    "CIFAR10Source",
-    "CelebAHQSource",
-    "CIFAR100Source",
-    "FashionMNISTSource",
-    "INaturalistSource",
-    "ImageArrays",
-    "ImageNetLTSource",
-    "LongTailDataModule",
-    "Source",
-    "classes_in_split",
-    "longtail_counts",
-    "longtail_indices",
-    "native_counts",
-    "order_by_count",
-    "prepared_copy",
-    "prepared_root",
-    "resize_uint8",
-    "split_map",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "datamodule": ("BatchStream", "LongTailDataModule", "resize_uint8"),
+    "longtail": (
+        "PROFILES",
+        "longtail_counts",
+        "longtail_indices",
+        "native_counts",
+        "order_by_count",
+    ),
+    "paper_sources": (
+        "ArtBench10Source",
+        "CelebAHQSource",
+        "ImageNetLTSource",
+        "INaturalistSource",
+    ),
+    "prepare": ("prepared_copy", "prepared_root"),
+    "sources": (
+        "CIFAR10Source",
+        "CIFAR100Source",
+        "FashionMNISTSource",
+        "ImageArrays",
+        "Source",
+    ),
+    "splits": ("RULES", "SPLITS", "classes_in_split", "split_map"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
