@@ -115,7 +115,10 @@ def test_record_then_same_record_from_two_gloo_processes(checkpoint: Path, tmp_p
     flat_one, flat_two = _flatten(one["metrics"]), _flatten(two["metrics"])
     assert flat_one.keys() == flat_two.keys()
     for key, value in flat_one.items():
-        assert flat_two[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+        if isinstance(value, float):
+            assert flat_two[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+        else:  # counts, settings, notes
+            assert flat_two[key] == value, key
 
 
 def test_too_few_real_images_stops_before_generation(checkpoint: Path, tmp_path: Path) -> None:
@@ -165,8 +168,8 @@ def test_the_protocols_sampler_runs_and_names_the_record(
     node = record["sampler"]
     assert node["name"] == "ddim3" and node["group"] == "ddim"
     assert node["sampler"]["steps"] == 3 and node["sampler"]["clip_denoised"] is True  # auto
-    records = sorted((checkpoint.parent.parent / "records").glob("quick-ddim3-w0-*.json"))
-    assert len(records) == 1 and record["identity"]["digest"] in records[0].name
+    name = f"quick-ddim3-w0-{record['identity']['digest']}.json"
+    assert (checkpoint.parent.parent / "records" / name).is_file()
 
 
 def test_records_under_other_settings_never_overwrite_each_other(

@@ -5,7 +5,6 @@ sample -> evaluate (with and without theta_g) end to end. Nothing is downloaded.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -22,74 +21,11 @@ from lt_diffusion.models import (
 )
 from lt_diffusion.training.checkpoint import load_sampling_model, read_checkpoint
 from tests.conftest import CONFIG_DIR, compose_config
+from tests.fakedata import SD_MAX_LEN as MAX_LEN
+from tests.fakedata import write_tiny_sd
 
 NAMES = ["art_nouveau", "baroque", "realism"]
 SCHEDULE = {"num_timesteps": 1000, "kind": "linear", "beta_start": 1e-4, "beta_end": 0.02}
-MAX_LEN = 16
-
-
-def write_tiny_sd(root: Path, seed: int = 0) -> Path:
-    """A tiny Stable Diffusion in the standard diffusers layout (unet/ text_encoder/ tokenizer/
-    vae/ scheduler/), every part saved with its library's save_pretrained."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(seed)
-    UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    ).save_pretrained(root / "unet")
-    AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        block_out_channels=[32, 32],
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=32,
-    ).save_pretrained(root / "vae")
-    # A byte-level BPE vocabulary of single letters plus two merges (CLIP's format).
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for token in [*letters, *(c + "</w>" for c in letters), "pa", "in"]:
-        vocab[token] = len(vocab)
-    tok = root / "tokenizer"
-    tok.mkdir(parents=True)
-    (tok / "vocab.json").write_text(json.dumps(vocab))
-    (tok / "merges.txt").write_text("#version: 0.2\np a\ni n\n")
-    (tok / "tokenizer_config.json").write_text(json.dumps({"model_max_length": MAX_LEN}))
-    config = CLIPTextConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        max_position_embeddings=MAX_LEN,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
-    CLIPTextModel(config).save_pretrained(root / "text_encoder")
-    (root / "scheduler").mkdir()
-    scheduler = {
-        "_class_name": "DDIMScheduler",
-        "beta_schedule": "linear",
-        "beta_start": 1e-4,
-        "beta_end": 0.02,
-        "num_train_timesteps": 1000,
-        "prediction_type": "epsilon",
-    }
-    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
-    return root
 
 
 @pytest.fixture(scope="module")

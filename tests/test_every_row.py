@@ -1,0 +1,246 @@
+"""Every row runs: each experiment file, and each row of each table spec, is composed, every
+object it names is instantiated (datamodule, backbone, method transform, objective, schedule,
+the protocol's sampler, the evaluator), one training step is taken through the real training
+path, images are generated with the row's protocol sampler and guidance, and the row's table
+columns are computed into a record.
+
+Everything runs on tiny data that :mod:`tests.fakedata` writes in each dataset's published
+on-disk format (CIFAR pickles, idx files, CelebA-HQ / ImageNet-LT / iNaturalist / ArtBench-10
+image folders and lists) and with the backbone at reduced width; Stable Diffusion rows use a
+tiny randomly initialised Stable Diffusion folder written with diffusers. What is reduced, for
+speed only: the U-Net width and depth, ImageNet-LT / iNaturalist to 3 classes, ArtBench-10 to
+32 px for Stable Diffusion, the protocol's image counts and sampler steps, the trainer (CPU).
+Inception runs for one row per dataset; the other rows use a small fixed random-projection
+extractor (the metric code after the features is the same; the Inception network has its own
+tests in test_inception.py / test_evaluation_metrics.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import DictConfig, open_dict
+from torch import nn
+
+from lt_diffusion.tables import load_table_by_name
+from lt_diffusion.tables.aggregate import metric_entry
+from lt_diffusion.tables.spec import EvalRef, available_tables
+from tests.conftest import CONFIG_DIR, compose_config
+
+EXPERIMENTS = sorted(
+    str(p.relative_to(Path(CONFIG_DIR) / "experiment").with_suffix(""))
+    for p in (Path(CONFIG_DIR) / "experiment").rglob("*.yaml")
+)
+
+
+def _table_evaluations() -> dict[str, list[tuple[EvalRef, list[str]]]]:
+    """experiment -> its evaluations in any table, each with the metric paths it must give."""
+    out: dict[str, dict[EvalRef, set[str]]] = defaultdict(dict)
+    for name in available_tables():
+        spec = load_table_by_name(name)
+        spec.seeds = [0]
+        for block in spec.blocks:
+            for row in block.rows:
+                for column in spec.columns:
+                    for ev in spec.cell_evals(row, column):
+                        out[ev.run.experiment].setdefault(ev, set()).add(column.metric)
+    return {e: [(ev, sorted(m)) for ev, m in evs.items()] for e, evs in out.items()}
+
+
+TABLE_EVALS = _table_evaluations()
+# This row evaluates with the real Inception (tests/test_stable_diffusion.py evaluates the SD
+# path with it too); the others with a stand-in (see above).
+INCEPTION_ROWS = {"cm/cifar10_lt_ir50_focal"}
+# Smaller versions of the paper datasets (what the tiny files hold).
+SMALL_NATIVE = {"imagenet": [120, 40, 8], "inaturalist": [120, 40, 8]}  # Many / Medium / Few
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    """One data root holding every dataset in its published format, a tiny Stable Diffusion,
+    and the outputs / cache every row of this module shares."""
+    from tests import fakedata
+
+    tmp = tmp_path_factory.mktemp("rows")
+    data = tmp / "data"
+    fakedata.write_cifar10(data / "cifar10", n_per_class=100, test_per_class=2)
+    fakedata.write_cifar100(data / "cifar100", n_per_class=100, test_per_class=1)
+    fakedata.write_fashion_mnist(data / "fashion-mnist", n_per_class=100, test_per_class=2)
+    fakedata.write_celeba_hq(data / "celeba_hq", male=[0] * 100 + [1] * 100)
+    fakedata.write_imagenet_lt(data / "imagenet", SMALL_NATIVE["imagenet"], test_per_class=3)
+    fakedata.write_inaturalist(
+        data / "inaturalist", [31, 7, 12], SMALL_NATIVE["inaturalist"], val_per_class=3
+    )
+    fakedata.write_artbench10(data / "artbench10", n_per_class=100, test_per_class=2)
+    sd = fakedata.write_tiny_sd(tmp / "tiny-sd", schedule="scaled_linear")
+    return {"data": data, "out": tmp / "outputs", "cache": tmp / "cache", "sd": sd}
+
+
+def _row_config(experiment: str, world: dict[str, Path]) -> DictConfig:
+    """The row as written, plus what makes it a seconds-long CPU smoke (see the docstring)."""
+    cfg = compose_config(
+        "train",
+        [
+            f"experiment={experiment}",
+            "seed=0",
+            f"paths.data_root={world['data']}",
+            f"paths.output_dir={world['out']}",
+            f"paths.cache_dir={world['cache']}",
+            "trainer=cpu",
+            "logger=none",
+            "data.batch_size=8",
+            "train.max_steps=1",
+            "train.warmup_steps=1",
+            "train.ckpt_every=1",
+            "train.grid_every=0",  # one grid, at the end of the step
+            "train.grid_per_class=1",
+            "train.grid_steps=2",
+            "train.log_every=1",
+        ],
+    )
+    with open_dict(cfg):
+        if cfg.dataset.source.get("download") is not None:
+            cfg.dataset.source.download = False
+        if cfg.dataset.name.startswith(("imagenet_lt", "inaturalist")):
+            cfg.dataset.num_classes = 3
+        target = str(cfg.model._target_)
+        if target.endswith("StableDiffusionBackbone"):
+            cfg.model.pretrained = str(world["sd"])
+            cfg.model.lora.rank = cfg.model.lora.alpha = 4
+            cfg.model.latent_cache_dir = None
+            cfg.model.gradient_checkpointing = False
+            cfg.dataset.image_size = 32
+            transform = cfg.method.get("model_transform") or {}
+            if "rank" in transform:  # below the general rank, as CM's 8 < 128
+                cfg.method.model_transform.rank = 2
+        elif target.endswith(".UNet"):
+            cfg.model.ch = 32
+            cfg.model.ch_mult = [1, 2]
+            cfg.model.num_res_blocks = 1
+            cfg.model.attn_resolutions = [int(cfg.dataset.image_size) // 2]
+        else:  # a new kind of backbone: add its reduction here
+            raise AssertionError(f"{experiment}: no reduced width for {target}")
+    return cfg
+
+
+def _train(experiment: str, world: dict[str, Path]) -> Path:
+    """One training step of the row through lt_diffusion.train; its checkpoint."""
+    from lt_diffusion import train
+
+    cfg = _row_config(experiment, world)
+    init_from = cfg.train.get("init_from")
+    if init_from and not Path(init_from).is_file():  # fine-tuning rows start from another row
+        dependency = Path(init_from).parent.parent.name.replace("-seed0", "")
+        dataset, imbalance, method = dependency.split("-")
+        _train(f"cm/{dataset}_{imbalance}_{method}", world)
+    run_dir = Path(cfg.paths.output_dir) / "runs" / str(cfg.run_name)
+    cfg.paths.run_dir = str(run_dir)
+    train.run(cfg)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert last.is_file(), f"{experiment} wrote no checkpoint"
+    return last
+
+
+class RandomProjection(nn.Module):
+    """A stand-in for the Inception extractor: 8x8 average-pooled pixels through a fixed random
+    projection to 32 features, under the layer name the evaluator reads (``"2048"``). Its
+    32 dimensions keep FID's matrix square root cheap (2048-d costs seconds per comparison)."""
+
+    features_list = ("2048",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("w", torch.randn(3 * 64, 32, generator=g) / 8.0)
+        self.anchor = nn.Parameter(torch.zeros(()))  # gives the module a device
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        x = nn.functional.adaptive_avg_pool2d(x.float() / 255.0, 8).flatten(1)
+        return (torch.tanh(x @ self.w),)
+
+
+def _stand_in(device: Any = "cpu", want_logits: bool = False, require_logits: bool = False):
+    info = {
+        "name": "random-projection (smoke test stand-in)",
+        "weights_sha256": "0" * 64,
+        "has_logits": False,
+        "is_unavailable": "no logits layer in the smoke test's stand-in extractor",
+    }
+    return RandomProjection().to(device), info
+
+
+def _evaluate(checkpoint: Path, ev: EvalRef, world: dict[str, Path]) -> dict[str, Any]:
+    """The row's evaluation with its protocol's comparisons, metrics, sampler and guidance,
+    at one or two images per class and one sampler step."""
+    from lt_diffusion import evaluate
+
+    meta = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)["lt_diffusion"]
+    splits = meta["dataset"]["splits"]
+    cfg = compose_config(
+        "evaluate",
+        [*ev.eval_overrides(), f"checkpoint={checkpoint}", f"paths.cache_dir={world['cache']}",
+         "device=cpu"],
+    )  # fmt: skip
+    smaller = {
+        "overall": max(2, len(splits)),
+        "per_split": max(2, *(splits.count(s) for s in set(splits))),
+        "per_class": 2,
+    }
+    for kind, generated in smaller.items():
+        if cfg.eval[kind].get("generated"):
+            cfg.eval[kind].generated = generated
+            cfg.eval[kind].real_per_class = 2
+    cfg.eval.update(pr_k=1, kid_subset_size=2, kid_subsets=2, is_splits=1, batch_size=128)
+    if "steps" in cfg.eval.sampler:
+        cfg.eval.sampler.steps = 1
+    record = evaluate.run(cfg)
+    assert record is not None
+    return record
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_the_row_builds_trains_samples_and_evaluates(
+    experiment: str, world: dict[str, Path], monkeypatch
+) -> None:
+    from lt_diffusion.evaluation import evaluator
+
+    checkpoint = _train(experiment, world)
+    if experiment not in INCEPTION_ROWS:
+        monkeypatch.setattr(evaluator, "load_extractor", _stand_in)
+    for ev, metrics in TABLE_EVALS.get(experiment, []):
+        record = _evaluate(checkpoint, ev, world)
+        assert record["checkpoint"]["theta_g_only"] == ev.theta_g_only
+        for metric in metrics:
+            value, why = metric_entry(record, metric)
+            if value is None:  # only the Inception Score may be unavailable (no logits offline)
+                assert metric.endswith(".is") and "logits" in str(why), (experiment, metric, why)
+            else:
+                assert math.isfinite(value), (experiment, metric, value)
+
+
+def test_rows_have_their_own_run_directories() -> None:
+    """Two rows in one run directory would resume (and overwrite) each other's runs."""
+    rows = [e for e in EXPERIMENTS if "budget" not in e]  # budget files are bases, not rows
+    names: dict[str, list[str]] = defaultdict(list)
+    for row in rows:
+        names[str(compose_config("train", [f"experiment={row}"]).run_name)].append(row)
+    shared = {name: rows for name, rows in names.items() if len(rows) > 1}
+    assert not shared, shared
+
+
+def test_every_table_row_is_covered() -> None:
+    """Every row of every table names experiments that this module runs (or says missing)."""
+    for name in available_tables():
+        spec = load_table_by_name(name)
+        for block in spec.blocks:
+            for row in block.rows:
+                assert row.missing is not None or set(row.experiments.values()) <= set(
+                    EXPERIMENTS
+                ), (name, row.label)
+    assert len(TABLE_EVALS) > 60 and np.mean([len(v) for v in TABLE_EVALS.values()]) >= 1
