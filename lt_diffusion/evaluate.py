@@ -8,6 +8,7 @@ feature extraction are split across the processes; the record is the same as wit
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from lt_diffusion.training.checkpoint import (
     read_checkpoint,
 )
 from lt_diffusion.utils.identity import evaluation_identity
-from lt_diffusion.utils.imagefolder import read_image_folder
+from lt_diffusion.utils.imagefolder import read_folder_meta, read_image_folder
 
 
 def check_dataset(cfg: DictConfig, train_cfg: DictConfig, source: str) -> None:
@@ -145,10 +146,12 @@ def from_folder(cfg: DictConfig) -> Evaluated:
             "theta_g_only applies when evaluate generates from a checkpoint; an image folder "
             "was generated already (lt_diffusion.sample writes what it sampled with)"
         )
-    images, labels, fmeta = read_image_folder(cfg.images)
+    fmeta = read_folder_meta(cfg.images)
     if "checkpoint" not in fmeta:
         raise ValueError(f"{cfg.images}/meta.json names no checkpoint: cannot tell its dataset")
     ckpt = read_checkpoint(fmeta["checkpoint"])
+    channels = int(ckpt[META_KEY]["config"]["dataset"]["channels"])
+    images, labels, _ = read_image_folder(cfg.images, channels=channels)
     meta = {**ckpt[META_KEY], "checkpoint": fmeta["checkpoint"], "global_step": ckpt["global_step"]}
     check_dataset(cfg, OmegaConf.create(meta["config"]), str(cfg.images))
     provenance = {
@@ -240,11 +243,29 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
         code_version=code_version(),
         **result,
     )  # fmt: skip
-    path = save_record(record_path(cfg, ev, identity), record)
-    plot = plot_fid_vs_count(record, path.with_suffix(".png"))
-    print_table(record)
+    print_table(record)  # the results reach the user before anything can fail on disk
+    path = record_path(cfg, ev, identity)
+    try:
+        save_record(path, record)
+    except OSError as err:
+        print(json.dumps(record, indent=1, allow_nan=False))
+        raise RecordSaveError(
+            f"could not write the record to {path} ({err.strerror or err}); any previous file "
+            "there is untouched. The results are printed above (the table, then the whole "
+            "record as JSON): free space or fix the permissions and run the evaluation again, "
+            "or pass record=<another path>"
+        ) from err
+    try:
+        plot = plot_fid_vs_count(record, path.with_suffix(".png"))
+    except OSError as err:  # the record is safe; the picture can be drawn again from it
+        plot = None
+        print(f"The plot was not written ({err.strerror or err}); the record is complete.")
     print(f"Record: {path}" + (f"\nPlot: {plot}" if plot else ""))
     return record
+
+
+class RecordSaveError(OSError):
+    """The evaluation finished but its record could not be written."""
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")

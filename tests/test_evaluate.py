@@ -233,3 +233,40 @@ def test_an_image_folder_records_its_own_provenance(checkpoint: Path, tmp_path: 
     names = {p.name for p in (checkpoint.parent.parent / "records").glob("quick-*.json")}
     assert f"quick-images-w0-{record['identity']['digest']}.json" in names
     assert f"quick-ddim3-w0-{own['identity']['digest']}.json" in names
+
+
+def test_real_features_are_keyed_by_the_pixels_not_the_dataset_name(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    from tests.fakedata import write_cifar10
+
+    # Same dataset name, same counts, other pixels under another data root: other features.
+    other = tmp_path / "other_root"
+    write_cifar10(other / "cifar10", n_per_class=20, seed=99)
+    a = _evaluate(checkpoint, tmp_path, "eval.per_split.generated=0")
+    b = _evaluate(checkpoint, tmp_path, "eval.per_split.generated=0", f"data_root={other}")
+    assert a["metrics"]["overall"]["fid"] != b["metrics"]["overall"]["fid"]
+    assert a["identity"]["digest"] == b["identity"]["digest"]  # a location defines no record
+    again = _evaluate(checkpoint, tmp_path, "eval.per_split.generated=0")
+    assert again["metrics"]["overall"]["fid"] == a["metrics"]["overall"]["fid"]
+
+
+def test_a_failed_save_keeps_the_old_record_and_shows_the_results(
+    checkpoint: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    from lt_diffusion import evaluate
+
+    target = tmp_path / "kept.json"
+    old = _evaluate(checkpoint, tmp_path, "eval.per_split.generated=0", f"record={target}")
+    before = target.read_bytes()
+
+    def full_disk(path, record):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(evaluate, "save_record", full_disk)
+    capsys.readouterr()
+    with pytest.raises(evaluate.RecordSaveError, match=r"kept.json .*No space left.*untouched"):
+        _evaluate(checkpoint, tmp_path, "eval.per_split.generated=0", f"record={target}")
+    printed = capsys.readouterr().out
+    assert "overall" in printed and '"identity"' in printed  # the table, then the record
+    assert target.read_bytes() == before and old["metrics"]["overall"]["fid"] > 0

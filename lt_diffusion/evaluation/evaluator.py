@@ -9,6 +9,7 @@ the record does not depend on the number of processes.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,13 +120,17 @@ def real_features(
     device: torch.device,
 ) -> dict[int, np.ndarray]:
     """Pool features of ``real_per_class[c]`` real images of each class ``c`` (a seeded
-    choice among the reference images of ``c``), cached."""
+    choice among the reference images of ``c``), cached under a key that holds the SHA-256 of
+    the chosen images' pixels: another data root with other pixels under the same dataset name
+    and counts never reuses them (hashing costs far less than the Inception passes)."""
     info = datamodule.info()
     out = {}
     for c, n in real_per_class.items():
         images, _ = datamodule.reference_set([c])
         idx = choose_real(len(images), n, int(protocol.seed) + c)
+        chosen = images[idx].contiguous()
         key = cache_key(
+            content_sha256=hashlib.sha256(chosen.numpy().tobytes()).hexdigest(),
             dataset=info["name"],
             class_name=info["class_names"][c],
             class_index=c,
@@ -138,8 +143,8 @@ def real_features(
         )
         out[c] = cached_features(
             key,
-            lambda images=images, idx=idx: extract_features(
-                images[idx], extractor, int(protocol.batch_size), device, True
+            lambda chosen=chosen: extract_features(
+                chosen, extractor, int(protocol.batch_size), device, True
             )["pool"],
             cache_dir,
         )

@@ -60,22 +60,73 @@ def write_image_folder(
     return root
 
 
-def read_image_folder(root: str | Path) -> tuple[Tensor, Tensor, dict[str, Any]]:
-    """Read a folder written by :func:`write_image_folder`: uint8 (N, C, H, W), labels, meta."""
-    root = Path(root)
-    meta_path = root / "meta.json"
+def read_folder_meta(root: str | Path) -> dict[str, Any]:
+    """The ``meta.json`` of a folder written by :func:`write_image_folder`."""
+    meta_path = Path(root) / "meta.json"
     if not meta_path.is_file():
         raise FileNotFoundError(
             f"{root} is not an lt-diffusion image folder (no meta.json): expected "
             "<dir>/meta.json and <dir>/class_XXX/*.png as written by python -m lt_diffusion.sample"
         )
-    meta = json.loads(meta_path.read_text())
-    images, labels = [], []
+    try:
+        return json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{meta_path} is not readable JSON ({err})") from err
+
+
+def read_png(path: Path, channels: int | None = None) -> np.ndarray:
+    """One image as uint8 ``(H, W, channels)``, whatever its PNG mode: palette images are
+    expanded to their colours (not read as palette indices), 16-bit grey scaled to 8 bits,
+    alpha dropped, grey / colour converted to ``channels`` (1 or 3; None: as stored).
+
+    A file that cannot be decoded raises :class:`ValueError` naming it."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                wide = np.asarray(im, dtype=np.float64)
+                # 16-bit grey: 0..65535 to 0..255 (round(v / 257) is exact on 8-bit values)
+                im = Image.fromarray(np.rint(wide / 257.0).clip(0, 255).astype(np.uint8), "L")
+            grey = im.mode in ("1", "L", "LA") or (im.mode == "P" and _palette_is_grey(im))
+            target = {1: "L", 3: "RGB"}.get(channels or 0, "L" if grey else "RGB")
+            array = np.asarray(im.convert(target))
+    except (OSError, ValueError, SyntaxError) as err:  # PIL's decoder errors
+        raise ValueError(
+            f"{path} cannot be read as an image ({type(err).__name__}: {err}): replace or remove it"
+        ) from err
+    return array[..., None] if array.ndim == 2 else array
+
+
+def _palette_is_grey(im: Image.Image) -> bool:
+    colors = np.asarray(im.convert("RGB")).reshape(-1, 3)
+    return bool((colors == colors[:, :1]).all())
+
+
+def read_image_folder(
+    root: str | Path, channels: int | None = None
+) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """Read a folder written by :func:`write_image_folder`: uint8 (N, C, H, W), labels, meta.
+
+    Every PNG is converted by its mode (:func:`read_png`) to ``channels`` (the dataset's; None:
+    as the first image is stored); a file that cannot be read, or of another size than the
+    others, stops the reading with its name."""
+    root = Path(root)
+    meta = read_folder_meta(root)
+    images, labels, files = [], [], []
     for c in range(int(meta["num_classes"])):
         for f in sorted(class_dir(root, c).glob("*.png")):
-            a = np.asarray(Image.open(f))
-            images.append(a[..., None] if a.ndim == 2 else a)
+            a = read_png(f, channels)
+            if channels is None:
+                channels = a.shape[-1]
+            if images and a.shape != images[0].shape:
+                raise ValueError(
+                    f"{f} is {a.shape[1]}x{a.shape[0]} with {a.shape[2]} channel(s), but "
+                    f"{files[0]} is {images[0].shape[1]}x{images[0].shape[0]} with "
+                    f"{images[0].shape[2]}: every image of a folder must have the same size"
+                )
+            images.append(a)
             labels.append(c)
+            files.append(f)
     if not images:
         raise FileNotFoundError(f"no PNG images under {root}/class_XXX/")
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
