@@ -24,7 +24,7 @@ from lt_diffusion.analysis.common import (
     save_record,
     settings_from_config,
 )
-from lt_diffusion.train import CONFIG_DIR, code_version
+from lt_diffusion.runtime import CONFIG_DIR, code_version
 
 
 def _summary_lines(record: dict[str, Any]) -> list[str]:

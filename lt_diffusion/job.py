@@ -88,8 +88,9 @@ def missing_records(job: Job, step: int | None = None) -> list[int]:
 
 def run_job(job: Job, table: str) -> str:
     """Train, then evaluate what is missing; returns ``"done"`` (the caller handles failures)."""
-    from lt_diffusion import evaluate, train
+    from lt_diffusion.evaluation import run as evaluate
     from lt_diffusion.evaluation.distributed import barrier
+    from lt_diffusion.training import run as train
 
     if not missing_records(job):
         return "done"

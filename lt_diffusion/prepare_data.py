@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lt_diffusion.utils.config import CONFIG_DIR, compose_config
@@ -38,7 +39,7 @@ def run(overrides: Sequence[str]) -> LongTailDataModule:
 def help_text() -> str:
     """``--help``: what the command does, its main options and the options of its groups."""
     groups = "\n".join(
-        f"  {g}: {', '.join(sorted(p.stem for p in (CONFIG_DIR / g).glob('*.yaml')))}"
+        f"  {g}: {', '.join(sorted(p.stem for p in (Path(CONFIG_DIR) / g).glob('*.yaml')))}"
         for g in _GROUPS
     )
     return (

@@ -6,11 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lt_diffusion.diffusion import balanced_labels, generate
-from lt_diffusion.train import CONFIG_DIR
+from lt_diffusion.runtime import CONFIG_DIR, resolve_device
 from lt_diffusion.training.builders import (
     build_sampler,
     build_schedule,
@@ -20,12 +19,6 @@ from lt_diffusion.training.builders import (
 )
 from lt_diffusion.training.checkpoint import load_sampling_model
 from lt_diffusion.utils.imagefolder import write_image_folder
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def run(cfg: DictConfig) -> Path:

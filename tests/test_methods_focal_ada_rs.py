@@ -22,12 +22,11 @@ from lt_diffusion.methods import (
     enable_augment_labels,
 )
 from lt_diffusion.models.unet import UNet
+from tests.conftest import CONFIG_DIR
 
 COUNTS = [5, 3, 1]
 T = 1000
 METHODS = ["ddpm", "cbdm", "oc", "rs", "focal", "ada"]
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
-
 
 # ----------------------------------------------------------------------------------------------
 # Helpers (test_methods_cbdm_oc.py has the same: each file stands alone)

@@ -19,11 +19,11 @@ from lt_diffusion.evaluation.record import (
     RecordError,
     build_record,
     class_index,
-    code_version,
     read_record,
     validate,
     write_record,
 )
+from lt_diffusion.runtime import code_version
 from lt_diffusion.utils.io import (
     atomic_open,
     atomic_torch_save,

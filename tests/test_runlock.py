@@ -219,7 +219,7 @@ def test_other_ranks_take_no_lock(tmp_path: Path) -> None:
     ],
 )
 def test_only_global_rank_zero_locks(monkeypatch, env: dict, zero: bool) -> None:
-    from lt_diffusion.train import launch_rank
+    from lt_diffusion.training.run import launch_rank
 
     for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
         monkeypatch.delenv(var, raising=False)

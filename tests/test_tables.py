@@ -51,7 +51,7 @@ def test_table_specs_load_and_name_existing_experiments(name: str) -> None:
                 f"{row.label}: no published value"
             )
             for exp in row.experiments.values():
-                assert (CONFIG_DIR / "experiment" / f"{exp}.yaml").is_file()
+                assert (Path(CONFIG_DIR) / "experiment" / f"{exp}.yaml").is_file()
 
 
 def test_table7_evaluates_the_cm_run_twice_but_trains_it_once(tmp_path: Path) -> None:

@@ -305,7 +305,7 @@ def load_run(
     """Rebuild a run from its checkpoint: the model (EMA weights unless ``ema=False``), its
     long-tailed training set (the training config's data, optionally under another data root)
     and its noise schedule. ``theta_g_only`` switches a CM model's reserved capacity off."""
-    from lt_diffusion.sample import resolve_device
+    from lt_diffusion.runtime import resolve_device
     from lt_diffusion.training.builders import build_datamodule, build_schedule
     from lt_diffusion.training.checkpoint import load_sampling_model
 

@@ -36,12 +36,12 @@ from __future__ import annotations
 import json
 import math
 import re
-import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from lt_diffusion import runtime
 from lt_diffusion.utils.io import atomic_write_json
 
 SCHEMA_VERSION = 2  # 2: identity (settings digests); the sampler that ran, from the protocol
@@ -81,26 +81,6 @@ def record_filename(
 
 class RecordError(ValueError):
     """A record is malformed (or not a record at all)."""
-
-
-def code_version() -> str:
-    """``git describe --always --dirty --tags`` of the package's source tree when it is a git
-    checkout, else the installed package version."""
-    try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--tags"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    import lt_diffusion
-
-    return str(getattr(lt_diffusion, "__version__", "unknown"))
 
 
 def class_index(key: str | int) -> int:
@@ -230,7 +210,7 @@ def build_record(
     metrics = {"overall": {}, "per_split": {}, "per_class": {}, **metrics}
     record = {
         "schema": SCHEMA_VERSION,
-        "code_version": code_version if code_version is not None else _code_version(),
+        "code_version": code_version if code_version is not None else runtime.code_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "identity": identity,
         "config": config,
@@ -243,9 +223,6 @@ def build_record(
         **extra,
     }
     return validate(record)
-
-
-_code_version = code_version  # build_record's parameter shadows the function's name
 
 
 def write_record(path: str | Path, record: dict[str, Any]) -> Path:

@@ -26,7 +26,7 @@ import yaml
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
+from lt_diffusion.runtime import CONFIG_DIR
 
 
 def _package(path: Path, group: str) -> str:
@@ -51,8 +51,9 @@ def _paths(node: Any, prefix: str) -> Iterable[str]:
 
 
 @cache
-def defined_keys(config_dir: Path = CONFIG_DIR, root: str = "train") -> frozenset[str]:
+def defined_keys(config_dir: str | Path = CONFIG_DIR, root: str = "train") -> frozenset[str]:
     """Every dotted key that ``<root>.yaml`` or a file of its config groups defines."""
+    config_dir = Path(config_dir)
     top = yaml.safe_load((config_dir / f"{root}.yaml").read_text())
     keys = set(_paths(top, ""))
     for entry in top.get("defaults", []):

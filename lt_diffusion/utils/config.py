@@ -11,7 +11,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.initialize import get_gh_backup, restore_gh_from_backup
 from omegaconf import DictConfig
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
+from lt_diffusion.runtime import CONFIG_DIR
 
 
 def compose_config(

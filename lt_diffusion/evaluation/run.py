@@ -1,0 +1,267 @@
+"""One evaluation, as ``python -m lt_diffusion.evaluate`` (and a table's jobs) run it: a
+checkpoint (EMA weights, generating with the protocol's sampler) or a folder of generated
+images, compared with the real images under a protocol, into one record (docs/evaluation.md).
+
+Under torchrun generation and feature extraction are split across the processes; the record is
+the same as with one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from lt_diffusion.evaluation.distributed import init_from_env, world
+from lt_diffusion.evaluation.evaluator import run_protocol, save_record
+from lt_diffusion.evaluation.plots import plot_fid_vs_count
+from lt_diffusion.evaluation.protocol import protocol_sampler
+from lt_diffusion.evaluation.record import build_record, record_filename
+from lt_diffusion.methods.lora import set_expert_enabled
+from lt_diffusion.runtime import code_version, resolve_device
+from lt_diffusion.training.builders import (
+    build_datamodule,
+    build_sampler,
+    build_schedule,
+    check_guidance,
+    resolve_sampler,
+)
+from lt_diffusion.training.checkpoint import (
+    META_KEY,
+    CheckpointError,
+    load_sampling_model,
+    read_checkpoint,
+)
+from lt_diffusion.utils.identity import evaluation_identity
+from lt_diffusion.utils.imagefolder import read_folder_meta, read_image_folder
+
+
+def check_dataset(cfg: DictConfig, train_cfg: DictConfig, source: str) -> None:
+    """When the user names a dataset, the checkpoint must be of it, at its resolution."""
+    if cfg.get("dataset") is None:
+        return
+    want, have = cfg.dataset, train_cfg.dataset
+    for key in ("name", "image_size", "channels", "num_classes"):
+        if want[key] != have[key]:
+            raise CheckpointError(
+                f"{source} is of dataset {have.name} at {have.image_size}px "
+                f"({have.channels} channels, {have.num_classes} classes), not {want.name} at "
+                f"{want.image_size}px: evaluate it against its own dataset, or pick the "
+                "matching checkpoint"
+            )
+
+
+def print_table(record: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    m = record["metrics"]
+    rows = [("overall", m["overall"])] if m["overall"] else []
+    rows += list(m["per_split"].items()) + list(m["per_class"].items())
+    names = record["dataset"]["class_names"]
+    table = Table(title=f"{record['dataset']['name']} - protocol {record['protocol']['name']}")
+    cols = ("fid", "kid", "precision", "recall", "is")
+    for col in ("", *cols, "generated", "real"):
+        table.add_column(col, justify="right")
+
+    def fmt(v: Any, col: str) -> str:
+        if v is None:
+            return "n/a"
+        return f"{v:.4f}" if col == "kid" else f"{v:.3f}" if col != "fid" else f"{v:.2f}"
+
+    for name, v in rows:
+        label = names[int(name[6:])] if name.startswith("class_") else name
+        table.add_row(
+            label, *[fmt(v.get(c), c) if c in v else "-" for c in cols],
+            str(v["n_generated"]), str(v["n_real"]),
+        )  # fmt: skip
+    Console(width=120).print(table)
+
+
+def run(cfg: DictConfig) -> dict[str, Any] | None:
+    """Evaluate; returns the record on rank 0 (None on other ranks)."""
+    if bool(cfg.checkpoint) == bool(cfg.images):
+        raise ValueError("give exactly one of checkpoint=<.ckpt> or images=<folder>")
+    joined = init_from_env()
+    try:
+        return _run(cfg)
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+@dataclass
+class Evaluated:
+    """What one evaluation compares with the real images: a model with the sampler the protocol
+    names, or a folder of images with the provenance its ``meta.json`` states."""
+
+    meta: dict[str, Any]  # the training checkpoint's metadata (config, dataset, step, path)
+    model: torch.nn.Module | None = None
+    sampler: dict[str, Any] | None = None  # the sampler node that runs (model) or ran (folder)
+    requested: dict[str, Any] | None = None  # the protocol's sampler node before auto settings
+    guidance: float | None = None
+    folder: tuple[torch.Tensor, torch.Tensor] | None = None
+    images: dict[str, Any] | None = None  # a folder's provenance (identity of the images)
+
+    @property
+    def train_cfg(self) -> DictConfig:
+        return OmegaConf.create(self.meta["config"])
+
+
+def from_checkpoint(cfg: DictConfig, device: torch.device) -> Evaluated:
+    """The model of ``cfg.checkpoint`` and the sampler / guidance of the protocol, checked."""
+    model, meta = load_sampling_model(cfg.checkpoint, device)
+    train_cfg = OmegaConf.create(meta["config"])
+    check_dataset(cfg, train_cfg, str(cfg.checkpoint))
+    if cfg.theta_g_only and set_expert_enabled(model, False) == 0:
+        raise ValueError(
+            f"theta_g_only=true but {cfg.checkpoint} has no reserved low-rank capacity (method "
+            f"{train_cfg.method.name}): it applies to CM checkpoints only"
+        )
+    guidance = cfg.eval.get("guidance")
+    guidance = float(train_cfg.sampler.guidance if guidance is None else guidance)
+    check_guidance(train_cfg, guidance, str(cfg.checkpoint))
+    node = protocol_sampler(cfg.eval)
+    resolved = resolve_sampler(node, model)
+    return Evaluated(
+        meta,
+        model,
+        sampler=OmegaConf.to_container(resolved, resolve=True),
+        requested=OmegaConf.to_container(node, resolve=True),
+        guidance=guidance,
+    )
+
+
+def from_folder(cfg: DictConfig) -> Evaluated:
+    """The images of ``cfg.images`` with their own sampler, guidance and seed (meta.json)."""
+    if cfg.theta_g_only:
+        raise ValueError(
+            "theta_g_only applies when evaluate generates from a checkpoint; an image folder "
+            "was generated already (lt_diffusion.sample writes what it sampled with)"
+        )
+    fmeta = read_folder_meta(cfg.images)
+    if "checkpoint" not in fmeta:
+        raise ValueError(f"{cfg.images}/meta.json names no checkpoint: cannot tell its dataset")
+    ckpt = read_checkpoint(fmeta["checkpoint"])
+    channels = int(ckpt[META_KEY]["config"]["dataset"]["channels"])
+    images, labels, _ = read_image_folder(cfg.images, channels=channels)
+    meta = {**ckpt[META_KEY], "checkpoint": fmeta["checkpoint"], "global_step": ckpt["global_step"]}
+    check_dataset(cfg, OmegaConf.create(meta["config"]), str(cfg.images))
+    provenance = {
+        "folder": str(Path(cfg.images).resolve()),
+        "sha256": images_digest(images, labels),
+        **{k: fmeta[k] for k in ("global_step", "seed", "n_per_class") if k in fmeta},
+    }
+    guidance = fmeta.get("guidance")
+    return Evaluated(
+        meta,
+        sampler=fmeta.get("sampler"),
+        guidance=None if guidance is None else float(guidance),
+        folder=(images, labels),
+        images=provenance,
+    )
+
+
+def images_digest(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """SHA-256 of a folder's decoded pixels and labels: the images' identity, wherever they
+    are and however their PNG files were encoded."""
+    h = hashlib.sha256()
+    h.update(labels.numpy().tobytes())
+    h.update(images.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def record_path(cfg: DictConfig, ev: Evaluated, identity: dict[str, Any]) -> Path:
+    """``record=`` when given, else ``<run_dir>/records/<name>`` named by the settings."""
+    if cfg.record:
+        return Path(cfg.record)
+    label = "images" if ev.images is not None else str(ev.sampler["name"])  # type: ignore[index]
+    name = record_filename(
+        str(cfg.eval.name), label, ev.guidance, bool(cfg.theta_g_only), identity["digest"]
+    )
+    return Path(ev.meta["checkpoint"]).resolve().parent.parent / "records" / name
+
+
+def _run(cfg: DictConfig) -> dict[str, Any] | None:
+    rank, size = world()
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and size > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
+    ev = from_checkpoint(cfg, device) if cfg.checkpoint else from_folder(cfg)
+    train_cfg = ev.train_cfg
+    identity = evaluation_identity(
+        train_config=train_cfg,
+        protocol=cfg.eval,
+        sampler=ev.requested,
+        guidance=ev.guidance,
+        theta_g_only=bool(cfg.theta_g_only),
+        images=ev.images,
+    )
+    if cfg.data_root:
+        root = Path(train_cfg.dataset.source.root)
+        train_cfg.dataset.source.root = str(Path(cfg.data_root) / root.name)
+        train_cfg.data.source = train_cfg.dataset.source
+    datamodule = build_datamodule(train_cfg)
+    datamodule.setup()
+    info = datamodule.info()
+    want = (info["channels"], info["image_size"], info["image_size"])
+    if ev.folder is not None and tuple(ev.folder[0].shape[1:]) != want:
+        raise ValueError(
+            f"images in {cfg.images} are {tuple(ev.folder[0].shape[1:])}, the dataset is "
+            f"{want[0]}x{want[1]}x{want[2]}"
+        )
+    sampler = None
+    if ev.model is not None:
+        sampler = build_sampler(OmegaConf.create(ev.sampler), build_schedule(train_cfg).to(device))
+    result = run_protocol(
+        protocol=cfg.eval,
+        dataset_info=info,
+        datamodule=datamodule,
+        cache_dir=Path(cfg.paths.cache_dir),
+        device=device,
+        model=ev.model,
+        sampler=sampler,
+        guidance=ev.guidance or 0.0,
+        folder=ev.folder,
+    )
+    if rank != 0:
+        return None
+    record = build_record(
+        config=OmegaConf.to_container(train_cfg, resolve=True),
+        dataset=info,
+        checkpoint={"path": ev.meta["checkpoint"], "step": ev.meta["global_step"],
+                    "theta_g_only": bool(cfg.theta_g_only), "images": ev.images},
+        sampler={**(ev.sampler or {}), "guidance": ev.guidance},
+        identity=identity,
+        code_version=code_version(),
+        **result,
+    )  # fmt: skip
+    print_table(record)  # the results reach the user before anything can fail on disk
+    path = record_path(cfg, ev, identity)
+    try:
+        save_record(path, record)
+    except OSError as err:
+        print(json.dumps(record, indent=1, allow_nan=False))
+        raise RecordSaveError(
+            f"could not write the record to {path} ({err.strerror or err}); any previous file "
+            "there is untouched. The results are printed above (the table, then the whole "
+            "record as JSON): free space or fix the permissions and run the evaluation again, "
+            "or pass record=<another path>"
+        ) from err
+    try:
+        plot = plot_fid_vs_count(record, path.with_suffix(".png"))
+    except OSError as err:  # the record is safe; the picture can be drawn again from it
+        plot = None
+        print(f"The plot was not written ({err.strerror or err}); the record is complete.")
+    print(f"Record: {path}" + (f"\nPlot: {plot}" if plot else ""))
+    return record
+
+
+class RecordSaveError(OSError):
+    """The evaluation finished but its record could not be written."""

@@ -1,0 +1,218 @@
+"""One training run, as ``python -m lt_diffusion.train`` (and a table's jobs) run it.
+
+Everything that can be checked is checked before the first step (unknown config keys, dataset
+files, ratio, the resume checkpoint). The run directory is derived from the config, so
+launching the same run again resumes it from ``<run_dir>/checkpoints/last.ckpt``, exactly
+(the checkpoint holds every random state). One training at a time writes a run directory: it
+holds ``<run_dir>/train.lock`` (:mod:`lt_diffusion.utils.runlock`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from lt_diffusion.data.datamodule import stream_seed
+from lt_diffusion.runtime import code_version
+from lt_diffusion.training.builders import (
+    build_datamodule,
+    build_model,
+    build_objective,
+    build_schedule,
+)
+from lt_diffusion.training.callbacks import PeriodicCheckpoint, SampleGrid
+from lt_diffusion.training.checkpoint import (
+    LAST,
+    META_KEY,
+    AtomicCheckpointIO,
+    CheckpointError,
+    find_resume_checkpoint,
+    model_state,
+    read_checkpoint,
+)
+from lt_diffusion.training.config_keys import check_known_keys
+from lt_diffusion.training.csvlog import ResumableCSVLogger
+from lt_diffusion.training.module import DiffusionModule
+from lt_diffusion.utils.io import atomic_write_text, remove_temporaries
+from lt_diffusion.utils.runlock import RunLock, describe_holder, hold_run_lock
+
+
+def _on_gpu(cfg: DictConfig) -> bool:
+    accel = str(cfg.trainer.get("accelerator", "cpu"))
+    return accel in ("gpu", "cuda") or (accel == "auto" and torch.cuda.is_available())
+
+
+def _auto(value: Any, default: bool) -> bool:
+    return default if value == "auto" else bool(value)
+
+
+def cluster_plugins() -> list[Any]:
+    """Under SLURM, Lightning's own auto-requeue (on SIGUSR1) is switched off: the launcher
+    (submitit) owns requeueing, and the run resumes from ``last.ckpt`` when it restarts."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    if SLURMEnvironment.detect():
+        return [SLURMEnvironment(auto_requeue=False)]
+    return []
+
+
+def build_logger(cfg: DictConfig, resume_step: int = 0) -> Any:
+    """The configured logger; a resuming CSV logger is told where the run resumes."""
+    if cfg.get("logger") is None or cfg.logger.get("_target_") is None:
+        return False
+    if issubclass(hydra.utils.get_class(cfg.logger._target_), ResumableCSVLogger):
+        return instantiate(cfg.logger, resume_step=resume_step)
+    return instantiate(cfg.logger)
+
+
+def launch_rank() -> int:
+    """This process's rank, from its launcher's environment (the Trainer does not exist yet):
+    torchrun's RANK; under Lightning's own launcher LOCAL_RANK (its children) and NODE_RANK (a
+    node's first process has only that); else SLURM's SLURM_PROCID. Distinct per process, and 0
+    only for global rank 0 (with NODE_RANK it is not the Trainer's numbering)."""
+    env = os.environ
+    if "RANK" in env:
+        return int(env["RANK"])
+    if "LOCAL_RANK" in env or "NODE_RANK" in env:
+        return int(env.get("NODE_RANK", 0)) * 2**16 + int(env.get("LOCAL_RANK", 0))
+    return int(env.get("SLURM_PROCID", 0))
+
+
+def process_seed(seed: int, rank: int) -> int:
+    """Seed of one process's global generators: ``seed`` itself on rank 0 (a one-process run
+    is unchanged), an unrelated stream on the others so that ranks do not draw the same
+    timesteps and noise (DDP makes the initial weights equal anyway)."""
+    return seed if rank == 0 else stream_seed(seed, rank) % 2**32
+
+
+def initial_weights(cfg: DictConfig, resume: Path | None) -> dict[str, torch.Tensor] | None:
+    """Backbone weights from ``train.init_from`` for a fresh run (a resumed run has its own)."""
+    if resume is not None:
+        return None
+    if not cfg.train.get("init_from"):
+        if cfg.method.get("requires_init_from"):
+            raise ValueError(
+                f"method={cfg.method.name} fine-tunes a trained model: set train.init_from to its "
+                "checkpoint (e.g. the CBDM run's checkpoints/last.ckpt)"
+            )
+        return None
+    ckpt = read_checkpoint(cfg.train.init_from)
+    if ckpt[META_KEY]["config"]["method"].get("model_transform") is not None:
+        raise CheckpointError(
+            f"train.init_from={cfg.train.init_from} holds a transformed model (its method has a "
+            "model_transform): initialise from a plain backbone checkpoint instead."
+        )
+    rank_zero_info(f"Initialising the backbone from {cfg.train.init_from}")
+    return model_state(ckpt, ema=cfg.train.get("init_from_ema", True))
+
+
+def _step(ckpt: Path) -> int:
+    return int(read_checkpoint(ckpt).get("global_step", 0))
+
+
+def _say_complete(ckpt: Path) -> None:
+    rank_zero_info(f"Run already complete at step {_step(ckpt)}: {ckpt}")
+
+
+def run(cfg: DictConfig) -> Path:
+    """Train the run ``cfg`` describes; returns its run directory.
+
+    Rank 0 holds the run directory's lock for the whole training (the other ranks of a
+    distributed run write nothing of their own)."""
+    run_dir = Path(cfg.paths.run_dir)
+    check_known_keys(cfg)
+    if cfg.train.max_steps < 1:
+        last = find_resume_checkpoint(run_dir / "checkpoints", cfg)
+        if last is None:
+            raise ValueError(
+                f"train.max_steps={cfg.train.max_steps}: a run needs at least one step. Set "
+                "train.max_steps to the number of optimisation steps to train for."
+            )
+        _say_complete(last)
+        return run_dir
+    with hold_run_lock(run_dir, enabled=launch_rank() == 0) as lock:
+        return _train(cfg, run_dir, lock)
+
+
+def _train(cfg: DictConfig, run_dir: Path, lock: RunLock | None) -> Path:
+    ckpt_dir = run_dir / "checkpoints"
+    on_gpu = _on_gpu(cfg)
+    if lock is not None:
+        if lock.took_over:
+            rank_zero_info(f"Took over the run directory from {describe_holder(lock.took_over)}")
+        # Under the lock no one else writes here: these are leftovers of killed writes.
+        for tmp in remove_temporaries(ckpt_dir):
+            rank_zero_info(f"Removed {tmp}, a checkpoint write that was killed mid-way")
+    L.seed_everything(process_seed(cfg.seed, launch_rank()), workers=True, verbose=False)
+
+    # Cheap checks first: the data source (files, ratio, names) and the resume checkpoint.
+    datamodule = build_datamodule(cfg, on_device=_auto(cfg.data.on_device, on_gpu))
+    resume = find_resume_checkpoint(ckpt_dir, cfg)
+    if resume is not None and not cfg.train.resume:
+        raise CheckpointError(
+            f"{resume} exists and train.resume=false: refusing to overwrite it. Delete the run "
+            "directory, choose another run_name / tag, or set train.resume=true."
+        )
+    resume_step = _step(resume) if resume is not None else 0
+    if resume is not None and resume_step >= cfg.train.max_steps:
+        _say_complete(resume)
+        return run_dir
+    datamodule.setup("fit")
+    if rank_zero_only.rank == 0:
+        datamodule.print_summary()
+
+    objective = build_objective(cfg)
+    objective.setup(datamodule.class_counts, seed=cfg.seed + rank_zero_only.rank)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    meta = {"config": resolved, "dataset": datamodule.info(), "code_version": code_version()}
+    module = DiffusionModule(
+        model=build_model(cfg, init_state=initial_weights(cfg, resume)),
+        objective=objective,
+        schedule=build_schedule(cfg),
+        optimizer=instantiate(cfg.optimizer),
+        warmup_steps=cfg.train.warmup_steps,
+        ema_decay=cfg.train.ema_decay,
+        compile_model=_auto(cfg.train.compile, on_gpu),
+        channels_last=_auto(cfg.train.channels_last, on_gpu),
+        meta=meta,
+    )
+    callbacks = [
+        PeriodicCheckpoint(
+            ckpt_dir,
+            cfg.train.ckpt_every,
+            cfg.train.keep_every,
+            lost_run_dir=lock.lost if lock is not None else None,
+        ),
+        SampleGrid(
+            run_dir / "samples",
+            cfg.train.grid_every,
+            per_class=cfg.train.grid_per_class,
+            steps=cfg.train.grid_steps,
+            guidance=cfg.sampler.guidance,
+            seed=cfg.seed,
+        ),
+        TQDMProgressBar(refresh_rate=max(1, int(cfg.train.log_every))),
+    ]
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        logger=build_logger(cfg, resume_step),
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO(), *cluster_plugins()],
+        default_root_dir=str(run_dir),
+    )
+    if trainer.is_global_zero:
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
+    if resume is not None:
+        rank_zero_info(f"Resuming from {resume} at step {resume_step}")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    rank_zero_info(f"Run directory: {run_dir}\n  checkpoint: {ckpt_dir / LAST}")
+    return run_dir
