@@ -19,7 +19,6 @@ from lt_diffusion.evaluation.protocol import (
     images_per_class,
     real_images_per_class,
 )
-from lt_diffusion.evaluation.reference import cache_key, cached_features
 
 FMNIST_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 
@@ -199,20 +198,3 @@ def test_a_comparison_needing_fewer_real_images_takes_a_seeded_random_subset() -
     assert len(a) == 10 and np.array_equal(a, _real_of(feats, 0, 10, seed=0))
     assert a.max() > 10  # not the first ten, which follow the file order
     assert np.array_equal(_real_of(feats, 0, 100, seed=0), feats[0])
-
-
-def test_reference_cache_is_keyed_and_survives_corruption(tmp_path) -> None:
-    calls = []
-
-    def compute(v):
-        calls.append(v)
-        return np.full((2, 3), v, np.float32)
-
-    k1, k2 = cache_key(dataset="d", classes=[0]), cache_key(dataset="d", classes=[1])
-    assert cached_features(k1, lambda: compute(1.0), tmp_path)[0, 0] == 1.0
-    assert cached_features(k1, lambda: compute(9.0), tmp_path)[0, 0] == 1.0  # cached
-    assert cached_features(k2, lambda: compute(2.0), tmp_path)[0, 0] == 2.0  # other subset
-    for f in (tmp_path / "real_features").iterdir():
-        f.write_bytes(b"garbage")
-    assert cached_features(k1, lambda: compute(3.0), tmp_path)[0, 0] == 3.0  # recomputed
-    assert calls == [1.0, 2.0, 3.0]

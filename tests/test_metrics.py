@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 from lt_diffusion.evaluation import metrics as M
-from lt_diffusion.evaluation.record import _check_entry
+from lt_diffusion.evaluation.record import Entry
 from lt_diffusion.evaluation.reference import (
     StaleCacheWarning,
-    cache_path,
-    full_key,
-    reference_features,
+    cache_key,
+    cached_features,
+    key_hash,
 )
 
 # Small random sets: the rank-deficiency warning is expected here.
@@ -223,16 +223,19 @@ def test_inception_score_equals_numpy() -> None:
     assert M.inception_score(np.tile(logits[:1], (10, 1)), splits=2)[0] == pytest.approx(1.0)
 
 
-# ---------------------------------------------------------------------------- compare_features
+# ---------------------------------------------------------------------------- the registry
 
 
-def test_compare_features_records_counts_settings_and_unavailable_is() -> None:
+def _comparison(real, fake, **settings) -> M.Comparison:
+    base = {"kid_subset_size": 1000, "kid_subsets": 5, "pr_k": 5, "seed": 0, "is_splits": 10}
+    return M.Comparison(
+        real, fake, {**base, **settings}, is_unavailable="no logits layer in these weights"
+    )
+
+
+def test_compare_records_counts_settings_and_unavailable_is() -> None:
     real, fake = _two_sets(30, 20, 16, seed=8)
-    entry = M.compare_features(
-        real, fake, ["fid", "kid", "precision", "recall", "is"],
-        kid_subset_size=1000, kid_subsets=5, pr_k=5, seed=0,
-        is_unavailable="no logits layer in these weights",
-    )  # fmt: skip
+    entry = M.compare(_comparison(real, fake), ["fid", "kid", "precision", "recall", "is"])
     assert entry["n_real"] == 30 and entry["n_generated"] == 20
     assert entry["fid"] == pytest.approx(M.fid(M.statistics(real), M.statistics(fake)))
     assert entry["kid_subset_size"] == 20 and entry["kid_subsets"] == 5
@@ -240,114 +243,58 @@ def test_compare_features_records_counts_settings_and_unavailable_is() -> None:
     assert (entry["precision"], entry["recall"]) == pytest.approx(pr_numpy(real, fake, 5))
     assert entry["is"] is None and "logits" in entry["is_unavailable"]
     assert any("capped" in note for note in entry["notes"])
-    assert _check_entry(entry, "entry") == []
+    Entry.model_validate(entry)  # a valid record entry
 
 
-def test_compare_features_refuses_unknown_metrics_and_too_few_images() -> None:
+def test_compare_refuses_unknown_metrics_and_too_few_images() -> None:
     real, fake = _two_sets(30, 20, 4, seed=9)
     with pytest.raises(ValueError, match="unknown metrics"):
-        M.compare_features(real, fake, ["fid", "fd_dinov2"])
+        M.compare(_comparison(real, fake), ["fid", "fd_dinov2"])
     with pytest.raises(M.TooFewImagesError):
-        M.compare_features(real, fake[:3], ["precision"], pr_k=5)
+        M.compare(_comparison(real, fake[:3]), ["precision"])
 
 
-# ---------------------------------------------------------------------------- reference cache
+def test_a_new_metric_is_one_registry_entry(monkeypatch) -> None:
+    """What docs/extending.md promises: register it, and the evaluator's comparison, the
+    record's validation and the table specs accept it."""
+    from lt_diffusion.evaluation import record
+    from lt_diffusion.tables.spec import metric_path_ok
+
+    mean_gap = M.Metric(
+        "mean_gap", "mean gap", "lower",
+        lambda c: {"mean_gap": float(np.abs(c.real.mean(0) - c.fake.mean(0)).sum())},
+    )  # fmt: skip
+    monkeypatch.setitem(M.METRICS, "mean_gap", mean_gap)  # M.register, undone after the test
+    real, fake = _two_sets(10, 10, 3, seed=1)
+    entry = M.compare(_comparison(real, fake), ["mean_gap"])
+    assert entry["mean_gap"] == pytest.approx(np.abs(real.mean(0) - fake.mean(0)).sum())
+    record.Entry.model_validate(entry)
+    with pytest.raises(ValueError, match="finite number"):
+        record.Entry.model_validate({**entry, "mean_gap": float("nan")})
+    assert metric_path_ok("per_split.few.mean_gap")
 
 
-class _FakeExtractor(nn.Module):
-    """Deterministic stand-in for the Inception extractor (same interface), counting images."""
-
-    features_list = ["2048"]
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Parameter(torch.randn(3, 2048, generator=torch.Generator().manual_seed(0)))
-        self.seen = 0
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
-        self.seen += len(x)
-        return (x.float().mean(dim=(2, 3)) @ self.proj + x.float().std(dim=(1, 2, 3))[:, None],)
+# ---------------------------------------------------------------------------- feature cache
 
 
-INFO = {"name": "fake", "weights_sha256": "a" * 64}
+def test_features_are_cached_under_their_key_and_bad_files_recomputed(tmp_path) -> None:
+    calls = []
 
+    def compute(v):
+        calls.append(v)
+        return np.full((2, 3), v, np.float32)
 
-def _images(n: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=g)
-
-
-def _key(**over) -> dict:
-    return {"dataset": "toy", "subset": {"classes": [0, 1]}, "image_size": 8, "n": 12, **over}
-
-
-def test_reference_features_are_cached_under_their_key(tmp_path) -> None:
-    ext = _FakeExtractor()
-    first = reference_features(_key(), lambda: _images(12, 0), ext, INFO, tmp_path)
-    assert not first.from_cache and ext.seen == 12
-    assert first.pool.dtype == np.float64 and first.pool.shape == (12, 2048)
-    again = reference_features(_key(), lambda: pytest.fail("recomputed"), ext, INFO, tmp_path)
-    assert again.from_cache and ext.seen == 12
-    np.testing.assert_array_equal(again.pool, first.pool)
-    np.testing.assert_allclose(again.stats.sigma, M.statistics(first.pool).sigma, rtol=1e-12)
-    assert again.key["extractor_sha256"] == INFO["weights_sha256"] and again.key["format"] >= 1
-
-
-def test_another_subset_or_extractor_never_reuses_the_statistics(tmp_path) -> None:
-    ext = _FakeExtractor()
-    a = reference_features(_key(), lambda: _images(12, 0), ext, INFO, tmp_path)
-    b = reference_features(
-        _key(subset={"classes": [0, 2]}), lambda: _images(12, 1), ext, INFO, tmp_path
-    )
-    c = reference_features(
-        _key(), lambda: _images(12, 2), ext, {**INFO, "weights_sha256": "b" * 64}, tmp_path
-    )
-    assert len({a.path, b.path, c.path}) == 3
-    assert not b.from_cache and not c.from_cache and ext.seen == 36
-    assert not np.array_equal(a.pool, b.pool)
-
-
-def test_corrupt_or_mismatched_cache_files_are_recomputed(tmp_path) -> None:
-    ext = _FakeExtractor()
-    a = reference_features(_key(), lambda: _images(12, 0), ext, INFO, tmp_path)
-    good = a.path.read_bytes()
-    # 1. garbage
-    a.path.write_bytes(b"not an npz")
+    k1, k2 = cache_key(dataset="d", classes=[0]), cache_key(dataset="d", classes=[1])
+    assert cached_features(k1, lambda: compute(1.0), tmp_path)[0, 0] == 1.0
+    assert cached_features(k1, lambda: compute(9.0), tmp_path)[0, 0] == 1.0  # cached
+    assert cached_features(k2, lambda: compute(2.0), tmp_path)[0, 0] == 2.0  # other key
+    (f1,) = [f for f in (tmp_path / "real_features").iterdir() if key_hash(k1) in f.name]
+    f1.write_bytes(b"garbage")
     with pytest.warns(StaleCacheWarning, match="cannot be read"):
-        r = reference_features(_key(), lambda: _images(12, 0), ext, INFO, tmp_path)
-    assert not r.from_cache
-    np.testing.assert_array_equal(r.pool, a.pool)
-    # 2. another key's file under this key's name (e.g. copied by hand)
-    b = reference_features(_key(n=6), lambda: _images(6, 3), ext, INFO, tmp_path)
-    a.path.write_bytes(b.path.read_bytes())
+        assert cached_features(k1, lambda: compute(3.0), tmp_path)[0, 0] == 3.0
+    # another key's file under this key's name (e.g. copied by hand)
+    (f2,) = [f for f in (tmp_path / "real_features").iterdir() if key_hash(k2) in f.name]
+    f1.write_bytes(f2.read_bytes())
     with pytest.warns(StaleCacheWarning, match="stored key differs"):
-        r = reference_features(_key(), lambda: _images(12, 0), ext, INFO, tmp_path)
-    np.testing.assert_array_equal(r.pool, a.pool)
-    # 3. statistics that do not belong to the features
-    with np.load(a.path) as f:
-        arrays = dict(f)
-    arrays["mu"] = arrays["mu"] + 1.0
-    with open(a.path, "wb") as f:
-        np.savez(f, **arrays)
-    with pytest.warns(StaleCacheWarning, match="mean does not match"):
-        r = reference_features(_key(), lambda: _images(12, 0), ext, INFO, tmp_path)
-    assert not r.from_cache and a.path.read_bytes() == good
-
-
-def test_a_key_that_does_not_describe_the_images_is_refused_before_extraction(tmp_path) -> None:
-    ext = _FakeExtractor()
-    with pytest.raises(ValueError, match="n=12 but images_fn returned 10"):
-        reference_features(_key(), lambda: _images(10, 0), ext, INFO, tmp_path)
-    with pytest.raises(ValueError, match="image_size=32"):
-        reference_features(_key(image_size=32), lambda: _images(12, 0), ext, INFO, tmp_path)
-    with pytest.raises(ValueError, match="lacks \\['subset'\\]"):
-        full_key({"dataset": "toy", "image_size": 8, "n": 12}, INFO)
-    assert ext.seen == 0
-
-
-def test_small_sets_can_skip_stored_statistics(tmp_path) -> None:
-    ext = _FakeExtractor()
-    r = reference_features(_key(), lambda: _images(12, 0), ext, INFO, tmp_path, with_stats=False)
-    with np.load(cache_path(r.key, tmp_path)) as f:
-        assert "mu" not in f.files and f["pool"].dtype == np.float32  # lossless float32
-    np.testing.assert_allclose(r.stats.mu, r.pool.mean(0), rtol=1e-12)
+        assert cached_features(k1, lambda: compute(4.0), tmp_path)[0, 0] == 4.0
+    assert calls == [1.0, 2.0, 3.0, 4.0]

@@ -99,17 +99,23 @@ def test_failed_serialisation_leaves_the_old_record_intact(tmp_path: Path) -> No
 @pytest.mark.parametrize(
     "edit,message",
     [
-        (lambda r: r.pop("extractor"), "lacks \\['extractor'\\]"),
+        (lambda r: r.pop("extractor"), "extractor: Field required"),
         (lambda r: r["metrics"]["overall"].pop("is_unavailable"), "without is_unavailable"),
         (lambda r: r["metrics"]["overall"].pop("kid_subset_size"), "kid_subset_size"),
-        (lambda r: r["metrics"]["per_split"]["few"].pop("pr_k"), "without pr_k"),
+        (lambda r: r["metrics"]["per_split"]["few"].pop("pr_k"), "without the \\['pr_k'\\]"),
         (lambda r: r["metrics"]["per_split"].update(tail=_entry(1.0)), "per_split.tail"),
-        (lambda r: r["metrics"]["per_class"].update(class_012=_entry(1.0)), "no class 12"),
-        (lambda r: r["metrics"]["per_class"].update(cat=_entry(1.0)), "not a class index"),
+        (
+            lambda r: r["metrics"]["per_class"].update(class_012=_entry(1.0)),
+            "the dataset lacks: \\['class_012'\\]",
+        ),
+        (lambda r: r["metrics"]["per_class"].update(cat=_entry(1.0)), "cat.*should match pattern"),
         (lambda r: r["dataset"]["splits"].pop(), "one split per class"),
         (lambda r: r["sampler"].pop("guidance"), "guidance"),
-        (lambda r: r["checkpoint"].pop("step"), "path and step"),
-        (lambda r: r["metrics"]["overall"].update(n_real=-1), "n_real must be a count"),
+        (lambda r: r["checkpoint"].pop("step"), "checkpoint.step: Field required"),
+        (
+            lambda r: r["metrics"]["overall"].update(n_real=-1),
+            "n_real: Input should be greater than or equal to 0",
+        ),
         (lambda r: r.update(schema=99), "schema 99"),
     ],
 )
@@ -189,3 +195,12 @@ def test_plot_fid_vs_count_per_class_then_per_split(tmp_path: Path) -> None:
         entry.pop("fid")
     assert plot_fid_vs_count(no_fid, tmp_path / "none.png") is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plots", "split.png"]
+
+
+def test_the_documented_json_schema_is_the_records() -> None:
+    """docs/record.schema.json is what the model says (regenerate with
+    ``python -m lt_diffusion.evaluation.record > docs/record.schema.json``)."""
+    from lt_diffusion.evaluation.record import json_schema
+    from tests.conftest import ROOT
+
+    assert json.loads((ROOT / "docs" / "record.schema.json").read_text()) == json_schema()

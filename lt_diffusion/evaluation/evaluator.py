@@ -34,8 +34,6 @@ from lt_diffusion.evaluation.protocol import (
 from lt_diffusion.evaluation.record import write_record
 from lt_diffusion.evaluation.reference import cache_key, cached_features, choose_real
 
-METRICS = ("fid", "kid", "precision", "recall", "is")
-
 
 @dataclass
 class Generated:
@@ -43,13 +41,6 @@ class Generated:
 
     pool: dict[int, np.ndarray]
     logits: dict[int, np.ndarray] | None
-
-
-def check_metrics(names: list[str]) -> list[str]:
-    unknown = [m for m in names if m not in METRICS]
-    if unknown:
-        raise ValueError(f"unknown metrics {unknown} in eval.metrics: choose from {METRICS}")
-    return list(names)
 
 
 def class_labels(per_class: list[int]) -> Tensor:
@@ -168,26 +159,24 @@ def compare(
     protocol: DictConfig,
     is_unavailable: str | None = None,
 ) -> dict[str, Any]:
-    """Every wanted metric of one comparison, with the counts and settings it used (a record
-    entry, :func:`lt_diffusion.evaluation.metrics.compare_features`)."""
+    """Every wanted metric of one comparison (a record entry, through the metric registry),
+    with the counts and settings it used."""
     pairs = list(zip(comp.classes, comp.generated))
-    fake = np.concatenate([gen.pool[c][:n] for c, n in pairs])
     seed = int(protocol.seed)
-    ref = np.concatenate([_real_of(real, c, n, seed) for c, n in zip(comp.classes, comp.real)])
     logits = None
     if gen.logits is not None:
         logits = np.concatenate([gen.logits[c][:n] for c, n in pairs])
-    out = M.compare_features(
-        ref,
-        fake,
+    out = M.compare(
+        M.Comparison(
+            real=np.concatenate(
+                [_real_of(real, c, n, seed) for c, n in zip(comp.classes, comp.real)]
+            ),
+            fake=np.concatenate([gen.pool[c][:n] for c, n in pairs]),
+            settings=protocol,
+            fake_logits=logits,
+            is_unavailable=is_unavailable,
+        ),
         wanted,
-        kid_subset_size=int(protocol.kid_subset_size),
-        kid_subsets=int(protocol.kid_subsets),
-        pr_k=int(protocol.pr_k),
-        seed=seed,
-        fake_logits=logits,
-        is_splits=int(protocol.is_splits),
-        is_unavailable=is_unavailable,
     )
     if len(set(comp.generated)) > 1:
         out["generated_per_class"] = list(comp.generated)
@@ -205,8 +194,7 @@ def check_counts(
     generated_available: list[int] | None = None,
 ) -> None:
     """Refuse, before any generation, a comparison with too few real or generated images."""
-    k = int(protocol.pr_k)
-    minimum = max(2, k + 1 if ("precision" in wanted or "recall" in wanted) else 2)
+    minimum = M.minimum_images(wanted, protocol)
     for comp in comps:
         setting = f"eval.{_SETTING[comp.kind]}"
         for what, n, key in (
@@ -243,7 +231,7 @@ def run_protocol(
     folder: tuple[Tensor, Tensor] | None = None,
 ) -> dict[str, Any]:
     """Run the protocol; returns ``{"metrics": ..., "protocol": ..., "extractor": ...}``."""
-    wanted = check_metrics(list(protocol.metrics))
+    wanted = M.check_metrics(list(protocol.metrics))
     num_classes = dataset_info["num_classes"]
     _, ref_labels = datamodule.reference_set()
     real_available = torch.bincount(ref_labels, minlength=num_classes).tolist()

@@ -1,18 +1,21 @@
-"""FID, KID, Precision / Recall and IS from Inception features, through torch-fidelity's own
-metric functions, returning plain floats.
+"""The metrics of an evaluation: FID, KID, Precision / Recall and IS from Inception features
+(through torch-fidelity's own metric functions, returning plain floats), and the **registry**
+:data:`METRICS` that every consumer reads (the evaluator, record validation, table specs, the
+printed table). A new metric is one :class:`Metric` entry plus its function (docs/extending.md).
 
 Conventions: ``real`` first, ``fake`` (generated) second in every signature here (torch-fidelity's
 PRC takes generated first; the swap is done inside). Statistics are float64. Sets too small for
 a metric raise :class:`TooFewImagesError` saying what to change; FID from fewer images than
 feature dimensions works but is rank-deficient and biased upwards, which is warned about and
-noted in :func:`compare_features`' output.
+noted in the record entry (:func:`compare`).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -22,7 +25,6 @@ from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 
-METRICS = ("fid", "kid", "precision", "recall", "is")
 IS_SEED = 2020  # torch-fidelity's default shuffle seed for the IS splits
 
 
@@ -193,90 +195,149 @@ def inception_score(logits: Any, splits: int = 10, seed: int = IS_SEED) -> tuple
     return float(out["inception_score_mean"]), float(out["inception_score_std"])
 
 
-def minimum_images(metrics: Sequence[str], pr_k: int) -> int:
-    """Fewest images per set the given metrics accept (for checks before long work)."""
-    unknown = [m for m in metrics if m not in METRICS]
+# ---------------------------------------------------------------------------- the registry
+
+
+@dataclass
+class Comparison:
+    """One comparison's inputs, shared by every metric computed on it (statistics and the
+    precision / recall pass are computed once). ``settings``: the protocol (``pr_k``,
+    ``kid_subset_size``, ``kid_subsets``, ``is_splits``, ``seed``); ``extra``: anything a
+    metric of another kind of data needs (e.g. a toy dataset's true densities)."""
+
+    real: np.ndarray
+    fake: np.ndarray
+    settings: Mapping[str, Any]
+    fake_logits: np.ndarray | None = None
+    is_unavailable: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    _cache: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def once(self, key: str, fn: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            self._cache[key] = fn()
+        return self._cache[key]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric: how it is computed and how it is read.
+
+    ``compute(comparison) -> {name: value, settings it used...}`` (a value None must come with
+    ``<name>_unavailable``: why); ``min_images(settings)``: the fewest images per set it
+    accepts (checked before any generation); ``requires``: entry keys that must accompany a
+    value (the settings a number depends on); ``better``: ``lower`` or ``higher`` (tables mark
+    the best); ``label`` / ``digits``: how tables and the terminal show it.
+    """
+
+    name: str
+    label: str
+    better: str
+    compute: Callable[[Comparison], dict[str, Any]]
+    min_images: Callable[[Mapping[str, Any]], int] = lambda settings: 2
+    requires: tuple[str, ...] = ()
+    digits: int = 3
+
+
+METRICS: dict[str, Metric] = {}
+
+
+def register(metric: Metric) -> Metric:
+    if metric.better not in ("lower", "higher"):
+        raise ValueError(f"metric {metric.name}: better must be 'lower' or 'higher'")
+    METRICS[metric.name] = metric
+    return metric
+
+
+def _fid(c: Comparison) -> dict[str, Any]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SmallSampleWarning)  # noted in the entry instead
+        value = fid(statistics(c.real), statistics(c.fake))
+    out = _finite({}, "fid", value)
+    n, d = min(len(c.real), len(c.fake)), c.real.shape[1]
+    if n < d:
+        out["notes"] = [
+            f"FID from fewer images than feature dimensions ({n} < {d}): rank-deficient, "
+            "biased upwards; compare only equal n"
+        ]
+    return out
+
+
+def _kid(c: Comparison) -> dict[str, Any]:
+    asked = int(c.settings["kid_subset_size"])
+    k = kid(c.real, c.fake, asked, int(c.settings["kid_subsets"]), int(c.settings["seed"]))
+    out = _finite({}, "kid", k.mean)
+    out.update(
+        kid_std=k.std, kid_subset_size=k.subset_size, kid_subsets=int(c.settings["kid_subsets"])
+    )
+    if k.subset_size < asked:
+        out["notes"] = [f"KID subset size capped at {k.subset_size} (asked {asked})"]
+    return out
+
+
+def _prc(c: Comparison, which: str) -> dict[str, Any]:
+    k = int(c.settings["pr_k"])
+    p, r = c.once("prc", lambda: precision_recall(c.real, c.fake, k))
+    return {which: p if which == "precision" else r, "pr_k": k}
+
+
+def _is(c: Comparison) -> dict[str, Any]:
+    if c.fake_logits is None:
+        return {"is": None, "is_unavailable": c.is_unavailable or "no Inception logits"}
+    splits = int(c.settings["is_splits"])
+    mean, std = inception_score(c.fake_logits, splits)
+    return {**_finite({}, "is", mean), "is_std": std, "is_splits": min(splits, len(c.fake))}
+
+
+def _pr_minimum(settings: Mapping[str, Any]) -> int:
+    return int(settings["pr_k"]) + 1  # k neighbours besides the sample itself
+
+
+register(Metric("fid", "FID", "lower", _fid, digits=2))
+register(Metric("kid", "KID", "lower", _kid, requires=("kid_subset_size",), digits=4))
+register(
+    Metric(
+        "precision", "precision", "higher", lambda c: _prc(c, "precision"), _pr_minimum, ("pr_k",)
+    )
+)
+register(Metric("recall", "recall", "higher", lambda c: _prc(c, "recall"), _pr_minimum, ("pr_k",)))
+register(Metric("is", "IS", "higher", _is))
+
+
+def check_metrics(names: Sequence[str]) -> list[str]:
+    """The names, refused with the registered ones listed when one is unknown."""
+    unknown = [m for m in names if m not in METRICS]
     if unknown:
-        raise ValueError(f"unknown metrics {unknown}: choose from {list(METRICS)}")
-    need = 2
-    if "precision" in metrics or "recall" in metrics:
-        need = max(need, int(pr_k) + 1)
-    return need
+        raise ValueError(f"unknown metrics {unknown} in eval.metrics: choose from {list(METRICS)}")
+    return list(names)
 
 
-def _finite_or_none(out: dict[str, Any], name: str, value: float) -> None:
+def minimum_images(names: Sequence[str], settings: Mapping[str, Any]) -> int:
+    """Fewest images per set the given metrics accept (for checks before long work)."""
+    return max([2, *(METRICS[m].min_images(settings) for m in check_metrics(names))])
+
+
+def _finite(out: dict[str, Any], name: str, value: float) -> dict[str, Any]:
     if math.isfinite(value):
         out[name] = value
     else:  # JSON cannot hold NaN / inf; say why there is no number instead
         out[name] = None
         out[f"{name}_unavailable"] = f"not finite ({value})"
+    return out
 
 
-def compare_features(
-    real: Any,
-    fake: Any,
-    metrics: Sequence[str] = ("fid", "kid", "precision", "recall"),
-    *,
-    kid_subset_size: int = 1000,
-    kid_subsets: int = 100,
-    pr_k: int = 5,
-    seed: int = 0,
-    real_stats: Statistics | None = None,
-    fake_logits: Any = None,
-    is_splits: int = 10,
-    is_unavailable: str | None = None,
-    device: str | torch.device = "cpu",
-) -> dict[str, Any]:
-    """Every requested metric of one comparison, as a record entry (see ``record.py``).
-
-    ``real_stats`` (e.g. from the reference cache) saves recomputing the real covariance. IS
-    is computed from ``fake_logits``; when they are None, ``is`` is None and ``is_unavailable``
-    carries the reason (pass the extractor info's ``is_unavailable``). The entry holds the counts
-    and settings each number depends on: ``n_generated``, ``n_real``, ``kid_subset_size``,
-    ``kid_subsets``, ``pr_k``, ``is_splits``, and ``notes``.
-    """
-    minimum_images(metrics, pr_k)
-    r, f = _features(real, "real"), _features(fake, "fake")
-    _same_dim(r, f)
-    out: dict[str, Any] = {"n_generated": len(f), "n_real": len(r)}
+def compare(comparison: Comparison, names: Sequence[str]) -> dict[str, Any]:
+    """Every requested metric of one comparison, as a record entry: the counts, each metric's
+    value and the settings it used, and the notes of all of them."""
+    need = minimum_images(names, comparison.settings)
+    for what, n in (("real", len(comparison.real)), ("generated", len(comparison.fake))):
+        _need(n, need, f"{'/'.join(names)} ({what})")
+    out: dict[str, Any] = {"n_generated": len(comparison.fake), "n_real": len(comparison.real)}
     notes: list[str] = []
-    if "fid" in metrics:
-        if real_stats is not None and real_stats.n != len(r):
-            raise ValueError(f"real_stats are of {real_stats.n} images, real has {len(r)}")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", SmallSampleWarning)  # noted below instead
-            s_real = real_stats if real_stats is not None else statistics(r)
-            s_fake = statistics(f)
-        _finite_or_none(out, "fid", fid(s_real, s_fake))
-        if min(len(r), len(f)) < r.shape[1]:
-            notes.append(
-                f"FID from fewer images than feature dimensions ({min(len(r), len(f))} < "
-                f"{r.shape[1]}): rank-deficient, biased upwards; compare only equal n"
-            )
-    if "kid" in metrics:
-        k = kid(r, f, kid_subset_size, kid_subsets, seed)
-        _finite_or_none(out, "kid", k.mean)
-        out.update(kid_std=k.std, kid_subset_size=k.subset_size, kid_subsets=int(kid_subsets))
-        if k.subset_size < kid_subset_size:
-            notes.append(f"KID subset size capped at {k.subset_size} (asked {kid_subset_size})")
-    if "precision" in metrics or "recall" in metrics:
-        p, rc = precision_recall(r, f, pr_k, device=device)
-        if "precision" in metrics:
-            out["precision"] = p
-        if "recall" in metrics:
-            out["recall"] = rc
-        out["pr_k"] = int(pr_k)
-    if "is" in metrics:
-        if fake_logits is None:
-            out["is"] = None
-            out["is_unavailable"] = is_unavailable or "no logits were given for the IS"
-        else:
-            logits = _features(fake_logits, "fake_logits")
-            if len(logits) != len(f):
-                raise ValueError(f"{len(logits)} logits for {len(f)} generated feature rows")
-            mean, std = inception_score(logits, is_splits)
-            _finite_or_none(out, "is", mean)
-            out.update(is_std=std, is_splits=min(int(is_splits), len(logits)))
+    for name in names:
+        values = METRICS[name].compute(comparison)
+        notes += values.pop("notes", [])
+        out.update(values)
     if notes:
         out["notes"] = notes
     return out

@@ -1,65 +1,39 @@
-"""One JSON record per evaluated run (DESIGN.md, Records). Tables are built only from these.
+"""One JSON record per evaluation (DESIGN.md, Records). Tables are built only from these.
 
-Schema (version :data:`SCHEMA_VERSION`); keys marked * are required and validated::
-
-    schema*          int, SCHEMA_VERSION
-    code_version*    str, ``git describe`` of the source tree, else the package version
-    created          str, ISO 8601 time of writing
-    identity*        dict: digest* (names the file), train, protocol, generation: digests of
-                     the settings that define the record (lt_diffusion.utils.identity)
-    config*          dict, the composed (resolved) config of the evaluated run
-    dataset*         dict: name*, class_counts* (training images per class, class 0 the
-                     largest), splits* (split of each class: many | medium | few), class_names,
-                     ... (what LongTailDataModule.info() gives)
-    checkpoint*      dict: path*, step* (global step; EMA weights are evaluated)
-    sampler*         dict: the sampler node that ran (name, its settings under ``sampler``, incl.
-                     clip_denoised), guidance* (the classifier-free guidance weight used; None
-                     for an image folder that does not state it)
-    protocol*        dict: the eval protocol config (name, counts, kid/pr/is settings, seed)
-    extractor*       dict: name, weights (file), weights_sha256*, has_logits*, is_unavailable
-    metrics*         dict:
-        overall*     entry or {} (not evaluated)
-        per_split*   {many | medium | few: entry}
-        per_class*   {"<index>" or "class_<index:03d>": entry}
-    ...              anything else (timings, generated_per_class) is kept as is
-
-    entry: n_generated*, n_real* (images in this comparison); fid, kid, precision, recall, is:
-    a float, or None with ``<metric>_unavailable`` saying why (e.g. IS without logits);
-    kid_std, kid_subset_size* (with kid: the size actually used), kid_subsets; pr_k* (with
-    precision or recall); is_std, is_splits; notes (list of str).
-
-:func:`lt_diffusion.evaluation.metrics.compare_features` produces entries in this form.
+The record is a typed model (:class:`Record`), validated on write and on read; its JSON Schema
+is docs/record.schema.json (regenerate with ``python -m lt_diffusion.evaluation.record``).
+Metric entries are checked against the metric registry (:data:`metrics.METRICS`): a value is a
+finite number, or None with ``<metric>_unavailable`` saying why, and comes with the settings it
+depends on (``kid_subset_size`` with KID, ``pr_k`` with precision / recall).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from lt_diffusion import runtime
+from lt_diffusion.evaluation.metrics import METRICS
 from lt_diffusion.utils.io import atomic_write_json
 
 SCHEMA_VERSION = 2  # 2: identity (settings digests); the sampler that ran, from the protocol
 SPLIT_NAMES = ("many", "medium", "few")
-METRIC_NAMES = ("fid", "kid", "precision", "recall", "is")
-REQUIRED = (
-    "schema",
-    "code_version",
-    "identity",
-    "config",
-    "dataset",
-    "checkpoint",
-    "sampler",
-    "protocol",
-    "extractor",
-    "metrics",
-)
 _CLASS_KEY = re.compile(r"^(?:class_)?(\d+)$")
+Split = Literal["many", "medium", "few"]
 
 
 def record_filename(
@@ -91,104 +65,133 @@ def class_index(key: str | int) -> int:
     return int(m.group(1))
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+class _Open(BaseModel):
+    """A part of the record that may hold more than its required keys (kept as they are)."""
+
+    model_config = ConfigDict(extra="allow")
 
 
-def _is_count(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+class Entry(_Open):
+    """One comparison: its image counts and every metric computed on it."""
+
+    n_generated: NonNegativeInt
+    n_real: NonNegativeInt
+    notes: list[str] = []
+
+    @model_validator(mode="after")
+    def _metrics(self) -> Entry:
+        values = self.model_extra or {}
+        for name, metric in METRICS.items():
+            if name not in values:
+                continue
+            v = values[name]
+            if v is None:
+                if not isinstance(values.get(f"{name}_unavailable"), str):
+                    raise ValueError(f"{name} is None without {name}_unavailable saying why")
+            elif (
+                isinstance(v, bool)
+                or not isinstance(v, (int, float))
+                or v != v
+                or abs(v) == float("inf")
+            ):
+                raise ValueError(f"{name} must be a finite number or None, got {v!r}")
+            missing = [k for k in metric.requires if not isinstance(values.get(k), int)]
+            if missing:
+                raise ValueError(f"{name} comes without the {missing} it was computed with")
+        return self
 
 
-def _check_entry(entry: Any, where: str) -> list[str]:
-    if not isinstance(entry, Mapping):
-        return [f"{where} is not a mapping"]
-    problems = []
-    for key in ("n_generated", "n_real"):
-        if not _is_count(entry.get(key)):
-            problems.append(f"{where}.{key} must be a count, got {entry.get(key)!r}")
-    for m in METRIC_NAMES:
-        if m not in entry:
-            continue
-        v = entry[m]
-        if v is None:
-            if not isinstance(entry.get(f"{m}_unavailable"), str):
-                problems.append(f"{where}.{m} is None without {m}_unavailable saying why")
-        elif not _is_number(v):
-            problems.append(f"{where}.{m} must be a finite number or None, got {v!r}")
-    if "kid" in entry and not _is_count(entry.get("kid_subset_size")):
-        problems.append(f"{where} has kid without the kid_subset_size used")
-    if ("precision" in entry or "recall" in entry) and not _is_count(entry.get("pr_k")):
-        problems.append(f"{where} has precision/recall without pr_k")
-    return problems
+def _empty_not_null(schema: dict[str, Any]) -> None:
+    """In the JSON Schema, a comparison that was not evaluated is ``{}`` (as written)."""
+    schema["anyOf"] = [
+        {"type": "object", "maxProperties": 0} if option == {"type": "null"} else option
+        for option in schema["anyOf"]
+    ]
+
+
+class Metrics(BaseModel):
+    overall: Annotated[Entry | None, Field(json_schema_extra=_empty_not_null)]
+    per_split: dict[Split, Entry]
+    per_class: dict[Annotated[str, Field(pattern=_CLASS_KEY.pattern)], Entry]
+
+    @field_validator("overall", mode="before")
+    @classmethod
+    def _not_evaluated(cls, value: Any) -> Any:
+        return None if value == {} else value
+
+
+class Dataset(_Open):
+    name: str
+    class_counts: list[NonNegativeInt]
+    splits: list[Split]
+
+    @model_validator(mode="after")
+    def _one_split_per_class(self) -> Dataset:
+        if len(self.splits) != len(self.class_counts):
+            raise ValueError("splits must list one split per class")
+        return self
+
+
+class Checkpoint(_Open):
+    path: str
+    step: int
+
+
+class Sampler(_Open):
+    guidance: float | None  # None: an image folder that does not say
+
+
+class Extractor(_Open):
+    weights_sha256: str
+    has_logits: bool
+
+
+class Identity(_Open):
+    digest: str
+
+
+class Record(_Open):
+    """The record of one evaluation (docs/evaluation.md)."""
+
+    schema_version: Literal[2] = Field(alias="schema")
+    code_version: str
+    created: str | None = None
+    identity: Identity
+    config: dict[str, Any]
+    dataset: Dataset
+    checkpoint: Checkpoint
+    sampler: Sampler
+    protocol: dict[str, Any]
+    extractor: Extractor
+    metrics: Metrics
+
+    @model_validator(mode="after")
+    def _classes_exist(self) -> Record:
+        n = len(self.dataset.class_counts)
+        bad = [k for k in self.metrics.per_class if class_index(k) >= n]
+        if bad:
+            raise ValueError(f"metrics.per_class names classes the dataset lacks: {bad}")
+        return self
 
 
 def validate(record: Any, source: str = "record") -> dict[str, Any]:
     """Raise :class:`RecordError` listing every problem; returns the record when it is valid."""
     if not isinstance(record, Mapping):
         raise RecordError(f"{source} is not a JSON object")
-    missing = [k for k in REQUIRED if k not in record]
-    if missing:
-        raise RecordError(f"{source} is not an lt-diffusion record: it lacks {missing}")
-    problems: list[str] = []
-    if record["schema"] != SCHEMA_VERSION:
-        problems.append(
-            f"schema {record['schema']!r} is not {SCHEMA_VERSION} (written by another version)"
+    if record.get("schema", SCHEMA_VERSION) != SCHEMA_VERSION:
+        raise RecordError(
+            f"{source} has schema {record['schema']!r}, not {SCHEMA_VERSION} (written by "
+            "another version): evaluate again"
         )
-    ds = record["dataset"]
-    n_classes = None
-    if not isinstance(ds, Mapping) or not {"name", "class_counts", "splits"} <= set(ds):
-        problems.append("dataset must hold name, class_counts and splits")
-    else:
-        counts, splits = ds["class_counts"], ds["splits"]
-        if not isinstance(counts, list) or not all(_is_count(c) for c in counts):
-            problems.append("dataset.class_counts must be a list of counts")
-        elif not isinstance(splits, list) or len(splits) != len(counts):
-            problems.append("dataset.splits must list one split per class")
-        elif any(s not in SPLIT_NAMES for s in splits):
-            problems.append(f"dataset.splits must be among {SPLIT_NAMES}")
-        else:
-            n_classes = len(counts)
-    ident = record["identity"]
-    if not isinstance(ident, Mapping) or not isinstance(ident.get("digest"), str):
-        problems.append("identity must hold the settings digest")
-    ck = record["checkpoint"]
-    if not isinstance(ck, Mapping) or "path" not in ck or "step" not in ck:
-        problems.append("checkpoint must hold path and step")
-    if not isinstance(record["sampler"], Mapping) or "guidance" not in record["sampler"]:
-        problems.append("sampler must hold the guidance weight used")
-    ex = record["extractor"]
-    if not isinstance(ex, Mapping) or not {"weights_sha256", "has_logits"} <= set(ex):
-        problems.append("extractor must hold weights_sha256 and has_logits")
-    metrics = record["metrics"]
-    if not isinstance(metrics, Mapping) or not {"overall", "per_split", "per_class"} <= set(
-        metrics
-    ):
-        problems.append("metrics must hold overall, per_split and per_class")
-    else:
-        if metrics["overall"]:
-            problems += _check_entry(metrics["overall"], "metrics.overall")
-        per_split = metrics["per_split"]
-        if not isinstance(per_split, Mapping):
-            problems.append("metrics.per_split is not a mapping")
-        else:
-            for name, entry in per_split.items():
-                if name not in SPLIT_NAMES:
-                    problems.append(f"metrics.per_split.{name} is not one of {SPLIT_NAMES}")
-                problems += _check_entry(entry, f"metrics.per_split.{name}")
-        per_class = metrics["per_class"]
-        if not isinstance(per_class, Mapping):
-            problems.append("metrics.per_class is not a mapping")
-        else:
-            for name, entry in per_class.items():
-                try:
-                    c = class_index(name)
-                    if n_classes is not None and c >= n_classes:
-                        problems.append(f"metrics.per_class.{name}: no class {c}")
-                except RecordError as err:
-                    problems.append(str(err))
-                problems += _check_entry(entry, f"metrics.per_class.{name}")
-    if problems:
-        raise RecordError(f"{source} is not a valid record: " + "; ".join(problems))
+    try:
+        Record.model_validate(dict(record))
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'] if 'function-after' not in str(p)) or 'record'}"
+            f": {e['msg']}"
+            for e in err.errors()
+        )
+        raise RecordError(f"{source} is not a valid record: {problems}") from None
     return dict(record)
 
 
@@ -205,9 +208,8 @@ def build_record(
     code_version: str | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """A validated record (see the module docstring). ``metrics`` may omit ``per_split`` /
-    ``per_class`` (stored as {}); ``extra`` keys (timings, ...) are kept."""
-    metrics = {"overall": {}, "per_split": {}, "per_class": {}, **metrics}
+    """A validated record. ``metrics`` may omit ``per_split`` / ``per_class`` (stored as {});
+    ``extra`` keys (timings, ...) are kept."""
     record = {
         "schema": SCHEMA_VERSION,
         "code_version": code_version if code_version is not None else runtime.code_version(),
@@ -219,7 +221,7 @@ def build_record(
         "sampler": sampler,
         "protocol": protocol,
         "extractor": extractor,
-        "metrics": metrics,
+        "metrics": {"overall": {}, "per_split": {}, "per_class": {}, **metrics},
         **extra,
     }
     return validate(record)
@@ -245,3 +247,12 @@ def read_record(path: str | Path) -> dict[str, Any]:
             f"{path} is not a readable record ({err}): re-run the evaluation"
         ) from err
     return validate(record, str(path))
+
+
+def json_schema() -> dict[str, Any]:
+    """The record's JSON Schema (docs/record.schema.json)."""
+    return Record.model_json_schema(by_alias=True)
+
+
+if __name__ == "__main__":  # python -m lt_diffusion.evaluation.record > docs/record.schema.json
+    print(json.dumps(json_schema(), indent=2))

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lt_diffusion.evaluation.distributed import init_from_env, world
 from lt_diffusion.evaluation.evaluator import run_protocol, save_record
+from lt_diffusion.evaluation.metrics import METRICS
 from lt_diffusion.evaluation.plots import plot_fid_vs_count
 from lt_diffusion.evaluation.protocol import protocol_sampler
 from lt_diffusion.evaluation.record import build_record, record_filename
@@ -58,6 +59,8 @@ def check_dataset(cfg: DictConfig, train_cfg: DictConfig, source: str) -> None:
 
 
 def print_table(record: dict[str, Any]) -> None:
+    """The record's comparisons as a terminal table: one column per metric the protocol
+    computed (labels and digits from the metric registry)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -66,21 +69,16 @@ def print_table(record: dict[str, Any]) -> None:
     rows += list(m["per_split"].items()) + list(m["per_class"].items())
     names = record["dataset"]["class_names"]
     table = Table(title=f"{record['dataset']['name']} - protocol {record['protocol']['name']}")
-    cols = ("fid", "kid", "precision", "recall", "is")
-    for col in ("", *cols, "generated", "real"):
-        table.add_column(col, justify="right")
-
-    def fmt(v: Any, col: str) -> str:
-        if v is None:
-            return "n/a"
-        return f"{v:.4f}" if col == "kid" else f"{v:.3f}" if col != "fid" else f"{v:.2f}"
-
+    cols = [METRICS[c] for c in record["protocol"].get("metrics", METRICS) if c in METRICS]
+    for label in ("", *(c.label for c in cols), "generated", "real"):
+        table.add_column(label, justify="right")
     for name, v in rows:
         label = names[int(name[6:])] if name.startswith("class_") else name
-        table.add_row(
-            label, *[fmt(v.get(c), c) if c in v else "-" for c in cols],
-            str(v["n_generated"]), str(v["n_real"]),
-        )  # fmt: skip
+        values = [
+            "-" if c.name not in v else "n/a" if v[c.name] is None else f"{v[c.name]:.{c.digits}f}"
+            for c in cols
+        ]
+        table.add_row(label, *values, str(v["n_generated"]), str(v["n_real"]))
     Console(width=120).print(table)
 
 

@@ -35,15 +35,21 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lt_diffusion.evaluation.metrics import METRICS
 from lt_diffusion.evaluation.protocol import protocol_sampler
 from lt_diffusion.evaluation.record import RecordError, read_record, record_filename
 from lt_diffusion.utils.config import CONFIG_DIR, compose_config
 from lt_diffusion.utils.identity import evaluation_identity
 
-_METRIC = re.compile(
-    r"^(overall|per_split\.(many|medium|few)|per_class\.(class_)?\d+)\."
-    r"(fid|kid|precision|recall|is)$"
-)
+_COMPARISON = re.compile(r"^(overall|per_split\.(many|medium|few)|per_class\.(class_)?\d+)$")
+
+
+def metric_path_ok(path: str) -> bool:
+    """Whether ``path`` names a comparison and a registered metric (``per_split.few.fid``)."""
+    where, _, name = str(path).rpartition(".")
+    return bool(_COMPARISON.match(where)) and name in METRICS
+
+
 BETTER = ("lower", "higher")
 
 
@@ -234,7 +240,7 @@ def _columns(name: str, raw: Any) -> list[Column]:
         missing = [k for k in ("key", "metric") if k not in c]
         if missing:
             raise _fail(name, where, f"needs {missing}")
-        if not _METRIC.match(str(c["metric"])):
+        if not metric_path_ok(c["metric"]):
             raise _fail(
                 name, where,
                 f"metric {c['metric']!r} is not a record metric path such as overall.fid, "
