@@ -9,15 +9,14 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from lt_diffusion.diffusion import balanced_labels, generate
-from lt_diffusion.runtime import CONFIG_DIR, resolve_device
+from lt_diffusion.runtime import CONFIG_DIR
 from lt_diffusion.training.builders import (
     build_sampler,
-    build_schedule,
     check_guidance,
     resolve_sampler,
     sampler_label,
 )
-from lt_diffusion.training.checkpoint import load_sampling_model
+from lt_diffusion.training.checkpoint import load_run
 from lt_diffusion.utils.imagefolder import write_image_folder
 
 
@@ -25,13 +24,12 @@ def run(cfg: DictConfig) -> Path:
     """Sample ``cfg.n_per_class`` images of every class; returns the output folder."""
     if cfg.n_per_class < 1:
         raise ValueError(f"n_per_class must be >= 1, got {cfg.n_per_class}")
-    device = resolve_device(cfg.device)
-    model, meta = load_sampling_model(cfg.checkpoint, device)
-    train_cfg = OmegaConf.create(meta["config"])
+    run_ = load_run(cfg.checkpoint, cfg.device)
+    model, meta, train_cfg, device = run_.model, run_.meta, run_.train_cfg, run_.device
     guidance = float(train_cfg.sampler.guidance if cfg.guidance is None else cfg.guidance)
     check_guidance(train_cfg, guidance, str(cfg.checkpoint), setting="guidance")
     node = resolve_sampler(cfg.sampler, model)
-    sampler = build_sampler(node, build_schedule(train_cfg).to(device))
+    sampler = build_sampler(node, run_.schedule)
     out = cfg.out_dir or (
         Path(cfg.checkpoint).resolve().parent.parent
         / "samples"

@@ -42,8 +42,8 @@ from lt_diffusion.analysis.pruning import (
     pruning_sensitivity,
 )
 from lt_diffusion.diffusion import NoiseSchedule
-from lt_diffusion.methods.lora import is_lowrank_param, reserve_capacity
 from lt_diffusion.models import UNet
+from lt_diffusion.models.lowrank import is_lowrank_param, reserve_capacity
 from tests.conftest import compose_config
 
 T = 50  # timesteps of the synthetic schedule

@@ -16,7 +16,8 @@ from lt_diffusion.methods.group_expert import (
     expert_ranks,
     group_expert_lora,
 )
-from lt_diffusion.methods.lora import (
+from lt_diffusion.models import UNet
+from lt_diffusion.models.lowrank import (
     LowRankConv2d,
     LowRankLinear,
     LowRankMixin,
@@ -28,7 +29,6 @@ from lt_diffusion.methods.lora import (
     set_expert_enabled,
     theta_g_only,
 )
-from lt_diffusion.models import UNet
 
 
 @pytest.fixture(autouse=True)

@@ -15,8 +15,8 @@ from lt_diffusion.diffusion import NoiseSchedule
 from lt_diffusion.methods import CBDMObjective, DDPMObjective, OCObjective
 from lt_diffusion.methods.cm import CMObjective, cm_class_weights
 from lt_diffusion.methods.group_expert import GroupExpertObjective, group_expert_lora
-from lt_diffusion.methods.lora import LowRankMixin, lowrank_layers, reserve_capacity
 from lt_diffusion.models import UNet
+from lt_diffusion.models.lowrank import LowRankMixin, lowrank_layers, reserve_capacity
 from tests.conftest import compose_config
 
 COUNTS = [5, 3, 1]
@@ -396,7 +396,7 @@ def test_cbdm_lora_fine_tunes_only_the_factors_of_a_cbdm_checkpoint(train_overri
     """train.init_from loads the CBDM EMA backbone before the transform; with freeze_base only
     B A move, and the saved model reloads (transform re-applied) for sampling."""
     from lt_diffusion import train
-    from lt_diffusion.methods.lora import merge_lowrank
+    from lt_diffusion.models.lowrank import merge_lowrank
     from lt_diffusion.training.checkpoint import load_sampling_model, model_state, read_checkpoint
 
     def run(name: str, *extra: str):

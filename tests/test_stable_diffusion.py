@@ -12,13 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-from lt_diffusion.methods.lora import lowrank_layers, set_expert_enabled, theta_g_only
 from lt_diffusion.models import (
     ExpertAdapterSwitch,
     StableDiffusionBackbone,
     add_expert_adapter,
     merge_lora,
 )
+from lt_diffusion.models.lowrank import lowrank_layers, set_expert_enabled, theta_g_only
 from lt_diffusion.training.checkpoint import load_sampling_model, read_checkpoint
 from tests.conftest import CONFIG_DIR, compose_config
 from tests.fakedata import SD_MAX_LEN as MAX_LEN

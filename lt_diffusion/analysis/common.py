@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from lt_diffusion.data.datamodule import stream_seed
 from lt_diffusion.data.splits import SPLITS
-from lt_diffusion.diffusion import NoiseSchedule
+from lt_diffusion.training.checkpoint import LoadedRun
+from lt_diffusion.training.checkpoint import load_run as load_checkpoint_run
 from lt_diffusion.utils.io import atomic_write_json
 
 # Random streams derived from the analysis seed (see lt_diffusion.data.datamodule.stream_seed).
@@ -254,29 +255,24 @@ def rank_correlation(values: Sequence[float | None], counts: Sequence[int]) -> f
 
 
 @dataclass
-class LoadedRun:
-    """A checkpoint's model with its own data and noise schedule, as evaluation rebuilds them."""
+class AnalysedRun:
+    """A run rebuilt from its checkpoint (:func:`lt_diffusion.training.checkpoint.load_run`)
+    with its long-tailed training set, as the analyses use it."""
 
-    model: nn.Module
-    meta: dict[str, Any]
-    train_cfg: DictConfig
+    run: LoadedRun
     datamodule: Any
     info: dict[str, Any]
-    schedule: NoiseSchedule
-    device: torch.device
-    ema: bool
-    theta_g_only: bool
 
-    @property
-    def run_dir(self) -> Path:
-        """``<run_dir>`` of ``<run_dir>/checkpoints/<file>.ckpt``."""
-        return Path(self.meta["checkpoint"]).resolve().parent.parent
+    def __getattr__(self, name: str) -> Any:  # model, meta, schedule, device, run_dir, ...
+        if name.startswith("__") or name == "run":  # copy / pickle probe a bare instance
+            raise AttributeError(name)
+        return getattr(self.run, name)
 
     @property
     def has_lowrank(self) -> bool:
-        from lt_diffusion.methods.lora import lowrank_layers
+        from lt_diffusion.models.lowrank import lowrank_layers
 
-        return bool(lowrank_layers(self.model))
+        return bool(lowrank_layers(self.run.model))
 
     def samples(
         self, images_per_class: int | None, draws: int, seed: int, t: int | None = None
@@ -290,7 +286,7 @@ class LoadedRun:
             images_per_class,
             draws,
             seed,
-            self.schedule.num_timesteps,
+            self.run.schedule.num_timesteps,
             t,
         )
 
@@ -301,44 +297,17 @@ def load_run(
     ema: bool = True,
     data_root: str | None = None,
     theta_g_only: bool = False,
-) -> LoadedRun:
-    """Rebuild a run from its checkpoint: the model (EMA weights unless ``ema=False``), its
-    long-tailed training set (the training config's data, optionally under another data root)
-    and its noise schedule. ``theta_g_only`` switches a CM model's reserved capacity off."""
-    from lt_diffusion.runtime import resolve_device
-    from lt_diffusion.training.builders import build_datamodule, build_schedule
-    from lt_diffusion.training.checkpoint import load_sampling_model
-
-    if not checkpoint:
-        raise ValueError("give checkpoint=<run_dir>/checkpoints/last.ckpt (the run to analyse)")
-    dev = resolve_device(str(device))
-    model, meta = load_sampling_model(checkpoint, dev, ema=bool(ema))
-    train_cfg = OmegaConf.create(meta["config"])
-    if getattr(model, "latent_shape", None) is not None:
-        # The fixed draws noise training *pixels*; a latent backbone diffuses encoded latents.
+) -> AnalysedRun:
+    """The checkpoint's run with its training set (optionally under another data root);
+    pixel-space backbones only (the analyses noise training *pixels*)."""
+    run = load_checkpoint_run(checkpoint, device, ema=ema, theta_g_only=theta_g_only)
+    if getattr(run.model, "latent_shape", None) is not None:
         raise ValueError(
-            f"{checkpoint} is a latent-diffusion model ({train_cfg.model.get('_target_')}): "
+            f"{checkpoint} is a latent-diffusion model ({run.train_cfg.model.get('_target_')}): "
             "the analyses run on pixel-space backbones (model=unet_*) only"
         )
-    if theta_g_only:
-        from lt_diffusion.methods.lora import set_expert_enabled
-
-        if set_expert_enabled(model, False) == 0:
-            raise ValueError(
-                f"theta_g_only=true but {checkpoint} has no reserved low-rank capacity (method "
-                f"{train_cfg.method.name}): it applies to CM checkpoints only"
-            )
-    if data_root:
-        root = Path(train_cfg.dataset.source.root)
-        train_cfg.dataset.source.root = str(Path(data_root) / root.name)
-        train_cfg.data.source = train_cfg.dataset.source
-    datamodule = build_datamodule(train_cfg)
-    datamodule.setup()
-    info = datamodule.info()
-    schedule = build_schedule(train_cfg).to(dev)
-    return LoadedRun(
-        model, meta, train_cfg, datamodule, info, schedule, dev, bool(ema), bool(theta_g_only)
-    )
+    datamodule = run.datamodule(data_root)
+    return AnalysedRun(run, datamodule, datamodule.info())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,7 +325,7 @@ def record_paths(
 
 
 def build_record(
-    name: str, settings: Any, run: LoadedRun, results: dict[str, Any], code_version: str
+    name: str, settings: Any, run: AnalysedRun, results: dict[str, Any], code_version: str
 ) -> dict[str, Any]:
     """One analysis record: what was analysed (checkpoint, step, config, dataset with its
     per-class counts and split map), with which settings, and the results."""

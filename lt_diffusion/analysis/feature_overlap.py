@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lt_diffusion.analysis.common import (
+    AnalysedRun,
     ClassSamples,
-    LoadedRun,
     check_sampling,
     check_timestep,
     finite_or_none,
@@ -163,7 +163,7 @@ def per_class_purity(purity: Tensor, labels: Tensor, num_classes: int) -> list[f
 
 
 def compute(
-    run: LoadedRun, settings: FeatureOverlapSettings, batch_size: int, show_progress: bool
+    run: AnalysedRun, settings: FeatureOverlapSettings, batch_size: int, show_progress: bool
 ) -> dict[str, Any]:
     """Features, purity per class and per split, chance levels and the overlap matrix."""
     if not hasattr(run.model, "bottleneck_channels"):

@@ -44,8 +44,8 @@ import torch
 from torch import Tensor, nn
 
 from lt_diffusion.analysis.common import (
+    AnalysedRun,
     ClassSamples,
-    LoadedRun,
     check_sampling,
     finite_or_none,
     model_dtype,
@@ -56,7 +56,7 @@ from lt_diffusion.analysis.common import (
 )
 from lt_diffusion.data.splits import SPLITS
 from lt_diffusion.diffusion import NoiseSchedule
-from lt_diffusion.methods.lora import is_lowrank_param
+from lt_diffusion.models.lowrank import is_lowrank_param
 
 NAME = "gradient_dominance"
 SUPPORTS_THETA_G_ONLY = False  # the analysis reports theta_g and the low-rank part itself
@@ -298,7 +298,7 @@ def gradient_dominance(
 
 
 def compute(
-    run: LoadedRun, settings: GradientDominanceSettings, batch_size: int, show_progress: bool
+    run: AnalysedRun, settings: GradientDominanceSettings, batch_size: int, show_progress: bool
 ) -> dict[str, Any]:
     """The analysis on a loaded run, with per-split means of the per-class fractions."""
     if run.theta_g_only:

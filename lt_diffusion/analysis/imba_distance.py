@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from lt_diffusion.analysis.common import (
+    AnalysedRun,
     ClassSamples,
-    LoadedRun,
     check_sampling,
     check_timestep,
     deterministic_kernels,
@@ -95,7 +95,7 @@ def imba_distance_per_class(
 
 
 def compute(
-    run: LoadedRun, settings: ImbaDistanceSettings, batch_size: int, show_progress: bool
+    run: AnalysedRun, settings: ImbaDistanceSettings, batch_size: int, show_progress: bool
 ) -> dict[str, Any]:
     """Per-class distances at the chosen timestep, per-split means, rank correlation."""
     try:

@@ -32,8 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from lt_diffusion.analysis.common import (
+    AnalysedRun,
     ClassSamples,
-    LoadedRun,
     check_sampling,
     deterministic_kernels,
     finite_or_none,
@@ -191,7 +191,7 @@ def pruning_sensitivity(
 
 
 def compute(
-    run: LoadedRun, settings: PruningSettings, batch_size: int, show_progress: bool
+    run: AnalysedRun, settings: PruningSettings, batch_size: int, show_progress: bool
 ) -> dict[str, Any]:
     """The analysis on a loaded run: per-class results, per-split means, and the rank
     correlation of the relative change with the class count."""

@@ -113,10 +113,11 @@ def gather_order(parts: Sequence[Tensor], n: int, batch_size: int) -> Tensor:
 
 
 def is_latent_model(model: nn.Module) -> bool:
-    """Whether ``model`` denoises latents that ``model.decode_latents`` turns into images."""
-    return getattr(model, "latent_shape", None) is not None and callable(
-        getattr(model, "decode_latents", None)
-    )
+    """Whether ``model`` denoises latents that ``model.decode_latents`` turns into images
+    (:class:`lt_diffusion.models.backbone.LatentSpace`)."""
+    from lt_diffusion.models.backbone import LatentSpace
+
+    return isinstance(model, LatentSpace)
 
 
 @torch.inference_mode()

@@ -24,10 +24,8 @@ from lt_diffusion.evaluation.metrics import METRICS
 from lt_diffusion.evaluation.plots import plot_fid_vs_count
 from lt_diffusion.evaluation.protocol import protocol_sampler
 from lt_diffusion.evaluation.record import build_record, record_filename
-from lt_diffusion.methods.lora import set_expert_enabled
 from lt_diffusion.runtime import code_version, resolve_device
 from lt_diffusion.training.builders import (
-    build_datamodule,
     build_sampler,
     build_schedule,
     check_guidance,
@@ -36,8 +34,9 @@ from lt_diffusion.training.builders import (
 from lt_diffusion.training.checkpoint import (
     META_KEY,
     CheckpointError,
-    load_sampling_model,
+    load_run,
     read_checkpoint,
+    run_datamodule,
 )
 from lt_diffusion.utils.identity import evaluation_identity
 from lt_diffusion.utils.imagefolder import read_folder_meta, read_image_folder
@@ -114,23 +113,16 @@ class Evaluated:
 
 def from_checkpoint(cfg: DictConfig, device: torch.device) -> Evaluated:
     """The model of ``cfg.checkpoint`` and the sampler / guidance of the protocol, checked."""
-    model, meta = load_sampling_model(cfg.checkpoint, device)
-    train_cfg = OmegaConf.create(meta["config"])
-    check_dataset(cfg, train_cfg, str(cfg.checkpoint))
-    if cfg.theta_g_only and set_expert_enabled(model, False) == 0:
-        raise ValueError(
-            f"theta_g_only=true but {cfg.checkpoint} has no reserved low-rank capacity (method "
-            f"{train_cfg.method.name}): it applies to CM checkpoints only"
-        )
+    run = load_run(cfg.checkpoint, device, theta_g_only=bool(cfg.theta_g_only))
+    check_dataset(cfg, run.train_cfg, str(cfg.checkpoint))
     guidance = cfg.eval.get("guidance")
-    guidance = float(train_cfg.sampler.guidance if guidance is None else guidance)
-    check_guidance(train_cfg, guidance, str(cfg.checkpoint))
+    guidance = float(run.train_cfg.sampler.guidance if guidance is None else guidance)
+    check_guidance(run.train_cfg, guidance, str(cfg.checkpoint))
     node = protocol_sampler(cfg.eval)
-    resolved = resolve_sampler(node, model)
     return Evaluated(
-        meta,
-        model,
-        sampler=OmegaConf.to_container(resolved, resolve=True),
+        run.meta,
+        run.model,
+        sampler=OmegaConf.to_container(resolve_sampler(node, run.model), resolve=True),
         requested=OmegaConf.to_container(node, resolve=True),
         guidance=guidance,
     )
@@ -201,12 +193,7 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
         theta_g_only=bool(cfg.theta_g_only),
         images=ev.images,
     )
-    if cfg.data_root:
-        root = Path(train_cfg.dataset.source.root)
-        train_cfg.dataset.source.root = str(Path(cfg.data_root) / root.name)
-        train_cfg.data.source = train_cfg.dataset.source
-    datamodule = build_datamodule(train_cfg)
-    datamodule.setup()
+    datamodule = run_datamodule(train_cfg, cfg.data_root)
     info = datamodule.info()
     want = (info["channels"], info["image_size"], info["image_size"])
     if ev.folder is not None and tuple(ev.folder[0].shape[1:]) != want:

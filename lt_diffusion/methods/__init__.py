@@ -21,13 +21,6 @@ from lt_diffusion.methods.ddpm import DDPMObjective
 from lt_diffusion.methods.focal import FocalObjective
 from lt_diffusion.methods.group_expert import GroupExpertObjective, group_expert_lora
 from lt_diffusion.methods.imba import IMBAObjective, imba_distance
-from lt_diffusion.methods.lora import (
-    expert_switch,
-    merge_lowrank,
-    reserve_capacity,
-    set_expert_enabled,
-    theta_g_only,
-)
 from lt_diffusion.methods.oc import (
     OCObjective,
     oc_gate,
@@ -56,12 +49,7 @@ __all__ = [
     "CMObjective",
     "GroupExpertObjective",
     "cm_class_weights",
-    "expert_switch",
     "group_expert_lora",
-    "merge_lowrank",
-    "reserve_capacity",
-    "set_expert_enabled",
-    "theta_g_only",
     "ADAObjective",
     "AUG_DIM",
     "AugmentParams",

@@ -27,8 +27,6 @@ from lt_diffusion.methods.common import (
     TARGET_DISTS,
     BaseContext,
     ComposableObjective,
-    call_model,
-    call_model_pair,
     label_distribution,
     per_sample_mse,
     sample_labels,
@@ -93,17 +91,9 @@ class CBDMObjective(ComposableObjective):
         schedule: NoiseSchedule,
         aug_labels: Tensor | None = None,
     ) -> tuple[ObjectiveOutput, BaseContext]:
-        b = self.noised(x0, schedule)
-        null = model.null_label
-        y_in, dropped = self.drop_condition(y, null)
-
-        if dropped:  # a host-side bool: no synchronisation
-            h = call_model(model, b.x_t, b.t, y_in, aug_labels)
-            ddpm = mse(h, b.noise)
-            zero = torch.zeros((), device=ddpm.device)
-            terms = {"ddpm": ddpm.detach(), "reg": zero, "commit": zero}
-            ctx = BaseContext(b.x_t, b.t, b.noise, y_in, h, True, b.noise, aug_labels)
-            return ObjectiveOutput(ddpm, terms), ctx
+        s = self.begin(model, x0, schedule, y, aug_labels)
+        if s.dropped:  # a host-side bool: no synchronisation
+            return s.plain("ddpm", "reg", "commit")
 
         num_classes = getattr(model, "num_classes", None)
         if num_classes is not None and num_classes != self.target_probs.numel():
@@ -112,15 +102,14 @@ class CBDMObjective(ComposableObjective):
                 f"model has {num_classes}: check dataset.num_classes"
             )
         y_bal = self.target_labels(y.shape[0])
-        h, h_bal = call_model_pair(model, b.x_t, b.t, y_in, y_bal, aug_labels, self.fused_forward)
+        h, h_bal = s.predict_pair(s.y_in, y_bal, self.fused_forward)
 
-        ddpm = mse(h, b.noise)
+        ddpm = mse(h, s.noise)
         # Only samples fed a real label regularise (all of them under batch-mode dropout).
-        keep = (y_in != null).float()
-        w = timestep_weight(b.t, schedule.num_timesteps, self.tau) * keep
+        keep = (s.y_in != model.null_label).float()
+        w = timestep_weight(s.t, schedule.num_timesteps, self.tau) * keep
         reg = (w * per_sample_mse(h, h_bal.detach())).mean()
         commit = (w * per_sample_mse(h.detach(), h_bal)).mean()
         loss = ddpm + reg + self.gamma * commit
         terms = {"ddpm": ddpm.detach(), "reg": reg.detach(), "commit": commit.detach()}
-        ctx = BaseContext(b.x_t, b.t, b.noise, y_in, h, False, b.noise, aug_labels)
-        return ObjectiveOutput(loss, terms), ctx
+        return ObjectiveOutput(loss, terms), s.context(h)

@@ -1,7 +1,7 @@
 """CM, capacity manipulation (the CM paper, Sec. 3.2, eqs. 2-4 and Algorithm C.1).
 
 The model's selected weights are decomposed as ``W = W_g + B A`` by the method's model
-transform (:func:`lt_diffusion.methods.lora.reserve_capacity`). With ``eps = eps_theta(x_t, t, y)``
+transform (:func:`lt_diffusion.models.lowrank.reserve_capacity`). With ``eps = eps_theta(x_t, t, y)``
 (the full model) and ``eps_g = eps_theta_g(x_t, t, y)`` (the ``B A`` parts switched off)::
 
     d       = ||eps - eps_g||^2                      (mean over pixels, per sample)
@@ -32,7 +32,7 @@ from torch import Tensor
 from lt_diffusion.diffusion import NoiseSchedule
 from lt_diffusion.methods.base import ObjectiveOutput
 from lt_diffusion.methods.common import BaseContext, ComposableObjective, call_model
-from lt_diffusion.methods.lora import expert_switch
+from lt_diffusion.models.lowrank import expert_switch
 
 
 def per_sample_sq_dist(a: Tensor, b: Tensor) -> Tensor:
@@ -130,7 +130,7 @@ class CMObjective(ComposableObjective):
             if n_layers == 0:
                 raise ValueError(
                     "CM found no low-rank layers in the model: keep the method's "
-                    "model_transform (lt_diffusion.methods.lora.reserve_capacity)"
+                    "model_transform (lt_diffusion.models.lowrank.reserve_capacity)"
                 )
             eps_g = call_model(model, ctx.x_t, ctx.t, ctx.y_in, ctx.aug_labels)
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from lt_diffusion.diffusion import NoiseSchedule
-from lt_diffusion.methods.base import Objective, ObjectiveOutput
+from lt_diffusion.methods.base import Objective, ObjectiveOutput, mse
 
 # Target-label distributions of the class-balancing regulariser (CBDM, PD-CBDM).
 TARGET_DISTS = ("empirical", "uniform", "inverse")
@@ -132,11 +132,67 @@ def gumbel_argmax(logits: Tensor) -> Tensor:
     return (logits - torch.log(-torch.log(u))).argmax(dim=1)
 
 
+@dataclass
+class Step:
+    """The start every objective shares: one forward-process draw (``x_t``, ``t``, ``noise``)
+    and the labels fed to the model after CFG dropout (``y_in``; ``dropped``: the whole
+    batch's condition was dropped). Its methods call the model on that draw."""
+
+    model: Callable[..., Tensor]
+    x_t: Tensor
+    t: Tensor
+    noise: Tensor
+    y_in: Tensor
+    dropped: bool
+    aug_labels: Tensor | None
+
+    def predict(self, labels: Tensor | None = None) -> Tensor:
+        """``eps_theta(x_t, t, labels)`` (default: ``y_in``)."""
+        y = self.y_in if labels is None else labels
+        return call_model(self.model, self.x_t, self.t, y, self.aug_labels)
+
+    def predict_pair(self, y_a: Tensor, y_b: Tensor, fused: bool) -> tuple[Tensor, Tensor]:
+        return call_model_pair(self.model, self.x_t, self.t, y_a, y_b, self.aug_labels, fused)
+
+    def context(
+        self, eps: Tensor, target: Tensor | None = None, y_in: Tensor | None = None
+    ) -> BaseContext:
+        """What a wrapping objective needs of this step (``target``: default the noise)."""
+        return BaseContext(
+            self.x_t, self.t, self.noise, self.y_in if y_in is None else y_in, eps,
+            self.dropped, self.noise if target is None else target, self.aug_labels,
+        )  # fmt: skip
+
+    def plain(self, term: str, *zeros: str) -> tuple[ObjectiveOutput, BaseContext]:
+        """The DDPM loss of this step alone, logged as ``term`` (``zeros``: the method's other
+        terms, 0 here): what class-dependent methods fall back to on a dropped batch."""
+        eps = self.predict()
+        loss = mse(eps, self.noise)
+        terms = {term: loss.detach(), **{z: torch.zeros((), device=loss.device) for z in zeros}}
+        return ObjectiveOutput(loss, terms), self.context(eps)
+
+
 class ComposableObjective(Objective):
     """An objective that other objectives can wrap (CM, ADA).
 
-    Subclasses implement :meth:`compute`; calling the objective returns only the loss.
+    Subclasses implement :meth:`compute`, usually starting from :meth:`begin`; calling the
+    objective returns only the loss.
     """
+
+    def begin(
+        self,
+        model: Callable[..., Tensor],
+        x0: Tensor,
+        schedule: NoiseSchedule,
+        y: Tensor,
+        aug_labels: Tensor | None = None,
+        drop: bool = True,
+    ) -> Step:
+        """Draw ``t``, the noise and ``x_t``, and apply CFG label dropout (``drop=False``: the
+        labels as they are, for objectives that train the null label themselves)."""
+        b = self.noised(x0, schedule)
+        y_in, dropped = self.drop_condition(y, model.null_label) if drop else (y, False)
+        return Step(model, b.x_t, b.t, b.noise, y_in, dropped, aug_labels)
 
     def compute(
         self,

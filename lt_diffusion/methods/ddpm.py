@@ -7,8 +7,8 @@ from collections.abc import Callable
 from torch import Tensor
 
 from lt_diffusion.diffusion import NoiseSchedule
-from lt_diffusion.methods.base import ObjectiveOutput, mse
-from lt_diffusion.methods.common import BaseContext, ComposableObjective, call_model
+from lt_diffusion.methods.base import ObjectiveOutput
+from lt_diffusion.methods.common import BaseContext, ComposableObjective
 
 
 class DDPMObjective(ComposableObjective):
@@ -24,9 +24,4 @@ class DDPMObjective(ComposableObjective):
         schedule: NoiseSchedule,
         aug_labels: Tensor | None = None,
     ) -> tuple[ObjectiveOutput, BaseContext]:
-        b = self.noised(x0, schedule)
-        y_in, dropped = self.drop_condition(y, model.null_label)
-        eps = call_model(model, b.x_t, b.t, y_in, aug_labels)
-        loss = mse(eps, b.noise)
-        ctx = BaseContext(b.x_t, b.t, b.noise, y_in, eps, dropped, b.noise, aug_labels)
-        return ObjectiveOutput(loss, {"mse": loss.detach()}), ctx
+        return self.begin(model, x0, schedule, y, aug_labels).plain("mse")

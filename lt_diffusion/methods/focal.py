@@ -25,7 +25,7 @@ from torch import Tensor
 
 from lt_diffusion.diffusion import NoiseSchedule
 from lt_diffusion.methods.base import ObjectiveOutput
-from lt_diffusion.methods.common import BaseContext, ComposableObjective, call_model, per_sample_mse
+from lt_diffusion.methods.common import BaseContext, ComposableObjective, per_sample_mse
 
 BASELINES = ("timestep", "batch")
 
@@ -119,16 +119,14 @@ class FocalObjective(ComposableObjective):
         schedule: NoiseSchedule,
         aug_labels: Tensor | None = None,
     ) -> tuple[ObjectiveOutput, BaseContext]:
-        b = self.noised(x0, schedule)
-        y_in, dropped = self.drop_condition(y, model.null_label)
-        eps = call_model(model, b.x_t, b.t, y_in, aug_labels)
-        per_sample = per_sample_mse(eps, b.noise)
-        w = self.weights(per_sample, b.t, schedule.num_timesteps)
+        s = self.begin(model, x0, schedule, y, aug_labels)
+        eps = s.predict()
+        per_sample = per_sample_mse(eps, s.noise)
+        w = self.weights(per_sample, s.t, schedule.num_timesteps)
         loss = (w * per_sample).mean()
         terms = {
             "focal": loss.detach(),
             "mse": per_sample.detach().mean(),
             "weight_max": w.max(),
         }
-        ctx = BaseContext(b.x_t, b.t, b.noise, y_in, eps, dropped, b.noise, aug_labels)
-        return ObjectiveOutput(loss, terms), ctx
+        return ObjectiveOutput(loss, terms), s.context(eps)

@@ -37,7 +37,7 @@ from lt_diffusion.data import SPLITS, split_map
 from lt_diffusion.diffusion import NoiseSchedule
 from lt_diffusion.methods.base import ObjectiveOutput
 from lt_diffusion.methods.common import BaseContext, ComposableObjective
-from lt_diffusion.methods.lora import (
+from lt_diffusion.models.lowrank import (
     INITS,
     LowRankConv2d,
     LowRankLinear,

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from lt_diffusion.diffusion import NoiseSchedule
 from lt_diffusion.methods.base import ObjectiveOutput, mse
-from lt_diffusion.methods.common import BaseContext, ComposableObjective, call_model_pair
+from lt_diffusion.methods.common import BaseContext, ComposableObjective
 
 IMBA_GRANULARITIES = ("token", "sample")
 IMBA_POWERS = ("elementwise", "after_mean")
@@ -142,25 +142,23 @@ class IMBAObjective(ComposableObjective):
         schedule: NoiseSchedule,
         aug_labels: Tensor | None = None,
     ) -> tuple[ObjectiveOutput, BaseContext]:
-        b = self.noised(x0, schedule)
-        y_null = torch.full_like(y, model.null_label)
-        eps_c, eps_u = call_model_pair(model, b.x_t, b.t, y, y_null, aug_labels, self.fused_forward)
+        s = self.begin(model, x0, schedule, y, aug_labels, drop=False)
+        eps_c, eps_u = s.predict_pair(y, torch.full_like(y, model.null_label), self.fused_forward)
 
         dist = imba_distance(
-            b.noise, eps_u.detach(), self.gamma, self.granularity, self.power
+            s.noise, eps_u.detach(), self.gamma, self.granularity, self.power
         ).detach()
         if self.normalize == "batch_mean":
             dist = dist / dist.mean().clamp_min(torch.finfo(dist.dtype).tiny)
         dtype = dist.dtype
-        sq = (eps_c.to(dtype) - b.noise.to(dtype)).pow(2)
+        sq = (eps_c.to(dtype) - s.noise.to(dtype)).pow(2)
         err = sq.mean(dim=1) if self.granularity == "token" else sq.flatten(1).mean(1)
         cond = (dist * err).mean()
-        uncond = mse(eps_u, b.noise).to(dtype)
+        uncond = mse(eps_u, s.noise).to(dtype)
         loss = self.lam * cond + (1.0 - self.lam) * uncond
         terms = {
             "imba_cond": cond.detach(),
             "imba_uncond": uncond.detach(),
             "imba_dist": dist.mean().detach(),
         }
-        ctx = BaseContext(b.x_t, b.t, b.noise, y, eps_c, False, b.noise, aug_labels)
-        return ObjectiveOutput(loss, terms), ctx
+        return ObjectiveOutput(loss, terms), s.context(eps_c)

@@ -27,7 +27,6 @@ from lt_diffusion.methods.base import ObjectiveOutput, mse
 from lt_diffusion.methods.common import (
     BaseContext,
     ComposableObjective,
-    call_model,
     gumbel_argmax,
 )
 
@@ -121,23 +120,21 @@ class OCObjective(ComposableObjective):
         schedule: NoiseSchedule,
         aug_labels: Tensor | None = None,
     ) -> tuple[ObjectiveOutput, BaseContext]:
-        b = self.noised(x0, schedule)
-        y_in, dropped = self.drop_condition(y, model.null_label)
-        j = self.select(b.x_t, x0, y, b.t, schedule)
+        s = self.begin(model, x0, schedule, y, aug_labels)
+        j = self.select(s.x_t, x0, y, s.t, schedule)
         with torch.no_grad():
             # oc_target(x_t, x0[j]) rewritten with x_t = sqrt(abar) x0 + sqrt(1 - abar) eps:
             # eps + sqrt(abar / (1 - abar)) (x0 - x0[j]) has no cancellation at small t, and
             # is exactly eps where the target was not transferred.
             dt = _at_least_f32(x0)
-            sigma = schedule.gather(schedule.sqrt_recipm1_alphas_cumprod, b.t, x0.ndim).to(dt)
-            target = b.noise.to(dt) + (x0.to(dt) - x0[j].to(dt)) / sigma
-        eps = call_model(model, b.x_t, b.t, y_in, aug_labels)
+            sigma = schedule.gather(schedule.sqrt_recipm1_alphas_cumprod, s.t, x0.ndim).to(dt)
+            target = s.noise.to(dt) + (x0.to(dt) - x0[j].to(dt)) / sigma
+        eps = s.predict()
         loss = mse(eps, target)
         with torch.no_grad():
             terms = {
                 "mse": loss.detach(),
-                "ddpm": mse(eps, b.noise),  # the plain DDPM loss, for comparison across methods
+                "ddpm": mse(eps, s.noise),  # the plain DDPM loss, for comparison across methods
                 "transfer": (j != torch.arange(j.shape[0], device=j.device)).float().mean(),
             }
-        ctx = BaseContext(b.x_t, b.t, b.noise, y_in, eps, dropped, target, aug_labels)
-        return ObjectiveOutput(loss, terms), ctx
+        return ObjectiveOutput(loss, terms), s.context(eps, target)

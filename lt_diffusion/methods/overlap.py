@@ -36,8 +36,6 @@ from lt_diffusion.methods.base import ObjectiveOutput, mse
 from lt_diffusion.methods.common import (
     BaseContext,
     ComposableObjective,
-    call_model,
-    call_model_pair,
 )
 
 
@@ -98,31 +96,22 @@ class OverlapObjective(ComposableObjective):
         schedule: NoiseSchedule,
         aug_labels: Tensor | None = None,
     ) -> tuple[ObjectiveOutput, BaseContext]:
-        b = self.noised(x0, schedule)
-        null = model.null_label
-        y_in, dropped = self.drop_condition(y, null)
-        if dropped or self.weight == 0.0:  # host-side decisions: no sync
-            eps = call_model(model, b.x_t, b.t, y_in, aug_labels)
-            ddpm = mse(eps, b.noise)
-            zero = torch.zeros((), device=ddpm.device)
-            ctx = BaseContext(b.x_t, b.t, b.noise, y_in, eps, dropped, b.noise, aug_labels)
-            return ObjectiveOutput(ddpm, {"ddpm": ddpm.detach(), "overlap": zero}), ctx
+        s = self.begin(model, x0, schedule, y, aug_labels)
+        if s.dropped or self.weight == 0.0:  # host-side decisions: no sync
+            return s.plain("ddpm", "overlap")
 
         num_classes = int(getattr(model, "num_classes", self.class_counts.numel()))
-        real = y_in != null
-        y_neg = negative_labels(torch.where(real, y_in, torch.zeros_like(y_in)), num_classes)
-        eps, eps_neg = call_model_pair(
-            model, b.x_t, b.t, y_in, y_neg, aug_labels, self.fused_forward
-        )
+        real = s.y_in != model.null_label
+        y_neg = negative_labels(torch.where(real, s.y_in, torch.zeros_like(s.y_in)), num_classes)
+        eps, eps_neg = s.predict_pair(s.y_in, y_neg, self.fused_forward)
         if self.detach_negative:
             eps_neg = eps_neg.detach()
 
-        ddpm = mse(eps, b.noise)
+        ddpm = mse(eps, s.noise)
         dtype = torch.promote_types(eps.dtype, torch.float32)
         d = (eps.to(dtype) - eps_neg.to(dtype)).pow(2).flatten(1).mean(1)
-        w_t = overlap_timestep_weights(schedule)[b.t].to(dtype) * real.to(dtype)
+        w_t = overlap_timestep_weights(schedule)[s.t].to(dtype) * real.to(dtype)
         overlap = (w_t * torch.relu(self.margin - d)).mean()
         loss = ddpm + self.weight * overlap
         terms = {"ddpm": ddpm.detach(), "overlap": overlap.detach(), "neg_dist": d.mean().detach()}
-        ctx = BaseContext(b.x_t, b.t, b.noise, y_in, eps, False, b.noise, aug_labels)
-        return ObjectiveOutput(loss, terms), ctx
+        return ObjectiveOutput(loss, terms), s.context(eps)

@@ -133,6 +133,8 @@ class LatentBackbone(nn.Module):
             project cache (:func:`resolve_cache_dir`); None: no disk cache.
     """
 
+    augment_dim = 0  # no ADA augmentation labels (check_aug_labels refuses them)
+
     def __init__(
         self,
         vae: nn.Module,

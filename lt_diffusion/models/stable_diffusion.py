@@ -15,7 +15,7 @@ at the pretrained one; everything else is frozen and left out of checkpoints (se
 :mod:`.latent`). CM's LoRA form ``W = W_f + B_g A_g + B_e A_e`` is two adapters: ``general``
 (rank 128, from the model config) and ``expert`` (rank 8, added by the method's model transform
 :func:`add_expert_adapter`). The expert adapter is switched by
-:func:`lt_diffusion.methods.lora.set_expert_enabled` / ``theta_g_only`` like CM's reserved
+:func:`lt_diffusion.models.lowrank.set_expert_enabled` / ``theta_g_only`` like CM's reserved
 capacity in the pixel U-Net (:class:`ExpertAdapterSwitch`), so CM's loss and
 ``evaluate theta_g_only=true`` work unchanged. :func:`merge_lora` folds the adapters into the
 base weights for inference.
@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lt_diffusion.methods.lora import LowRankMixin, replace_module
 from lt_diffusion.models.latent import LatentBackbone, is_diffusers_model_dir, load_autoencoder
+from lt_diffusion.models.lowrank import LowRankMixin, replace_module
 
 # The diffusers layout of a Stable Diffusion folder: what each subfolder must hold.
 SD_LAYOUT = {
@@ -121,8 +121,8 @@ def check_schedule(scheduler: Mapping[str, Any], schedule: Mapping[str, Any], wh
 class ExpertAdapterSwitch(LowRankMixin, nn.Module):
     """CM's reserved-capacity switch for a ``peft`` adapter (no parameters of its own).
 
-    Setting ``expert_enabled`` (what :func:`~lt_diffusion.methods.lora.set_expert_enabled` and
-    ``expert_switch`` do to every :class:`~lt_diffusion.methods.lora.LowRankMixin`) sets the
+    Setting ``expert_enabled`` (what :func:`~lt_diffusion.models.lowrank.set_expert_enabled` and
+    ``expert_switch`` do to every :class:`~lt_diffusion.models.lowrank.LowRankMixin`) sets the
     adapter's scale to 1 or 0 in every LoRA layer. The scale, not peft's ``set_adapter``: that
     one also flips ``requires_grad``, which must not change between the two forwards of CM's
     loss. Not mergeable by ``merge_lowrank``: use :func:`merge_lora`.

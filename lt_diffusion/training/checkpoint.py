@@ -6,6 +6,9 @@ config and the dataset description, so a checkpoint alone is enough to rebuild i
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +129,75 @@ def load_sampling_model(
             f"weights in {path} do not fit the model its config describes: {str(err)[:300]}"
         ) from err
     return model.to(device).eval().requires_grad_(False), meta
+
+
+@dataclass
+class LoadedRun:
+    """A checkpoint's model (EMA weights unless ``ema=False``) with what rebuilds the rest of
+    its run: the one loader that sample, evaluate and the analyses start from."""
+
+    model: nn.Module
+    meta: dict[str, Any]  # the checkpoint's metadata: config, dataset, checkpoint, global_step
+    device: torch.device
+    ema: bool = True
+    theta_g_only: bool = False
+
+    @cached_property
+    def train_cfg(self) -> DictConfig:
+        return OmegaConf.create(self.meta["config"])
+
+    @property
+    def run_dir(self) -> Path:
+        """``<run_dir>`` of ``<run_dir>/checkpoints/<file>.ckpt``."""
+        return Path(self.meta["checkpoint"]).resolve().parent.parent
+
+    @cached_property
+    def schedule(self) -> Any:
+        from lt_diffusion.training.builders import build_schedule
+
+        return build_schedule(self.train_cfg).to(self.device)
+
+    def datamodule(self, data_root: str | Path | None = None) -> Any:
+        return run_datamodule(self.train_cfg, data_root)
+
+
+def run_datamodule(train_cfg: DictConfig, data_root: str | Path | None = None) -> Any:
+    """A trained run's long-tailed data, set up; ``data_root``: the datasets' folder now, when
+    it is not where the run was trained (the dataset's own folder name is kept)."""
+    from lt_diffusion.training.builders import build_datamodule
+
+    if data_root:
+        train_cfg = copy.deepcopy(train_cfg)
+        source = train_cfg.dataset.source
+        source.root = str(Path(data_root) / Path(source.root).name)
+        train_cfg.data.source = source
+    datamodule = build_datamodule(train_cfg)
+    datamodule.setup()
+    return datamodule
+
+
+def load_run(
+    checkpoint: str | Path | None,
+    device: str | torch.device = "auto",
+    ema: bool = True,
+    theta_g_only: bool = False,
+) -> LoadedRun:
+    """Rebuild a checkpoint's model on ``device`` (``auto``: the GPU when there is one);
+    ``theta_g_only`` switches a CM model's reserved low-rank capacity off (refused when it
+    has none)."""
+    from lt_diffusion.models.lowrank import set_expert_enabled
+    from lt_diffusion.runtime import resolve_device
+
+    if not checkpoint:
+        raise ValueError("give checkpoint=<run_dir>/checkpoints/last.ckpt")
+    dev = resolve_device(device)
+    model, meta = load_sampling_model(checkpoint, dev, ema=bool(ema))
+    if theta_g_only and set_expert_enabled(model, False) == 0:
+        raise ValueError(
+            f"theta_g_only=true but {checkpoint} has no reserved low-rank capacity (method "
+            f"{meta['config']['method']['name']}): it applies to CM checkpoints only"
+        )
+    return LoadedRun(model, meta, dev, bool(ema), bool(theta_g_only))
 
 
 def find_resume_checkpoint(ckpt_dir: Path, cfg: DictConfig) -> Path | None:
