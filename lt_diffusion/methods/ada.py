@@ -30,7 +30,6 @@ touched are passed through untouched, so ``p = 0`` is the identity.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,8 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lt_diffusion.diffusion import NoiseSchedule
-from lt_diffusion.methods.base import ObjectiveOutput
-from lt_diffusion.methods.common import BaseContext, ComposableObjective
+from lt_diffusion.methods.common import Aug, ComposableObjective, Model, Result, WrappingObjective
 
 AUG_DIM = 9
 
@@ -237,7 +235,7 @@ def enable_augment_labels(model: nn.Module, augment_dim: int = AUG_DIM) -> nn.Mo
     return model
 
 
-class ADAObjective(ComposableObjective):
+class ADAObjective(WrappingObjective):
     """Wraps a base objective: augments the clean batch and feeds the labels to the model.
 
     Args:
@@ -264,30 +262,15 @@ class ADAObjective(ComposableObjective):
         aniso_std: float = 0.2,
     ) -> None:
         # CFG dropout is the base objective's business.
-        super().__init__(cond_drop_prob=0.0, cond_drop_mode="none")
-        if not isinstance(base, ComposableObjective):
-            raise TypeError(
-                f"ADA needs a composable base objective (DDPM, CBDM, OC, Focal), got "
-                f"{type(base).__name__}"
-            )
-        self.base = base
+        super().__init__(base)
         self.augment = AugmentPipeline(
             p, xflip, yflip, translate, scale, rotate, aniso,
             translate_max, scale_std, rotate_max, aniso_std,
         )  # fmt: skip
 
-    def setup(self, class_counts: Sequence[int], seed: int = 0) -> None:
-        super().setup(class_counts, seed)
-        self.base.setup(class_counts, seed)
-
     def compute(
-        self,
-        model: Callable[..., Tensor],
-        x0: Tensor,
-        y: Tensor,
-        schedule: NoiseSchedule,
-        aug_labels: Tensor | None = None,
-    ) -> tuple[ObjectiveOutput, BaseContext]:
+        self, model: Model, x0: Tensor, y: Tensor, schedule: NoiseSchedule, aug_labels: Aug = None
+    ) -> Result:
         """The base objective's step on the augmented batch (the context holds the labels)."""
         if aug_labels is not None:
             raise ValueError("ADA makes its own augmentation labels; do not nest augmentations")

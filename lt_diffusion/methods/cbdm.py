@@ -16,7 +16,7 @@ the same scale as under batch-mode dropout (each sample regularises with probabi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -25,8 +25,9 @@ from lt_diffusion.diffusion import NoiseSchedule
 from lt_diffusion.methods.base import ObjectiveOutput, mse
 from lt_diffusion.methods.common import (
     TARGET_DISTS,
-    BaseContext,
     ComposableObjective,
+    Result,
+    Step,
     label_distribution,
     per_sample_mse,
     sample_labels,
@@ -83,19 +84,11 @@ class CBDMObjective(ComposableObjective):
             raise RuntimeError("objective.setup(class_counts) must be called before training")
         return sample_labels(self.target_probs, n)
 
-    def compute(
-        self,
-        model: Callable[..., Tensor],
-        x0: Tensor,
-        y: Tensor,
-        schedule: NoiseSchedule,
-        aug_labels: Tensor | None = None,
-    ) -> tuple[ObjectiveOutput, BaseContext]:
-        s = self.begin(model, x0, schedule, y, aug_labels)
+    def loss(self, s: Step, x0: Tensor, y: Tensor, schedule: NoiseSchedule) -> Result:
         if s.dropped:  # a host-side bool: no synchronisation
             return s.plain("ddpm", "reg", "commit")
 
-        num_classes = getattr(model, "num_classes", None)
+        num_classes = getattr(s.model, "num_classes", None)
         if num_classes is not None and num_classes != self.target_probs.numel():
             raise ValueError(
                 f"the objective was set up with {self.target_probs.numel()} classes but the "
@@ -106,7 +99,7 @@ class CBDMObjective(ComposableObjective):
 
         ddpm = mse(h, s.noise)
         # Only samples fed a real label regularise (all of them under batch-mode dropout).
-        keep = (s.y_in != model.null_label).float()
+        keep = (s.y_in != s.model.null_label).float()
         w = timestep_weight(s.t, schedule.num_timesteps, self.tau) * keep
         reg = (w * per_sample_mse(h, h_bal.detach())).mean()
         commit = (w * per_sample_mse(h.detach(), h_bal)).mean()

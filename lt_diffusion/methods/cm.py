@@ -24,14 +24,21 @@ get weight 0 and the sum is still divided by the batch size (as CBDM's regularis
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from lt_diffusion.diffusion import NoiseSchedule
 from lt_diffusion.methods.base import ObjectiveOutput
-from lt_diffusion.methods.common import BaseContext, ComposableObjective, call_model
+from lt_diffusion.methods.common import (
+    Aug,
+    ComposableObjective,
+    Model,
+    Result,
+    WrappingObjective,
+    call_model,
+)
 from lt_diffusion.models.lowrank import expert_switch
 
 
@@ -64,7 +71,7 @@ def cm_class_weights(class_counts: Sequence[int] | Tensor) -> tuple[Tensor, Tens
     return w_con, w_div
 
 
-class CMObjective(ComposableObjective):
+class CMObjective(WrappingObjective):
     """A base objective plus the capacity-manipulation loss.
 
     Args:
@@ -84,15 +91,9 @@ class CMObjective(ComposableObjective):
         use_div: bool = True,
     ) -> None:
         # Classifier-free-guidance dropout is the base objective's business.
-        super().__init__(cond_drop_prob=0.0, cond_drop_mode="none")
-        if not isinstance(base, ComposableObjective):
-            raise TypeError(
-                f"CM needs a composable base objective (DDPM, CBDM, OC, ...), got "
-                f"{type(base).__name__}"
-            )
+        super().__init__(base)
         if lam < 0:
             raise ValueError(f"lam must be >= 0, got {lam}")
-        self.base = base
         self.lam = float(lam)
         self.use_con = bool(use_con)
         self.use_div = bool(use_div)
@@ -101,19 +102,13 @@ class CMObjective(ComposableObjective):
 
     def setup(self, class_counts: Sequence[int], seed: int = 0) -> None:
         super().setup(class_counts, seed)
-        self.base.setup(class_counts, seed)
         w_con, w_div = cm_class_weights(class_counts)
         self.w_con = w_con.to(self.class_counts.device)
         self.w_div = w_div.to(self.class_counts.device)
 
     def compute(
-        self,
-        model: Callable[..., Tensor],
-        x0: Tensor,
-        y: Tensor,
-        schedule: NoiseSchedule,
-        aug_labels: Tensor | None = None,
-    ) -> tuple[ObjectiveOutput, BaseContext]:
+        self, model: Model, x0: Tensor, y: Tensor, schedule: NoiseSchedule, aug_labels: Aug = None
+    ) -> Result:
         if self.w_con.numel() == 0:
             raise RuntimeError("objective.setup(class_counts) must be called before training")
         out, ctx = self.base.compute(model, x0, y, schedule, aug_labels)

@@ -10,8 +10,9 @@ exposes :meth:`~ComposableObjective.compute`, which returns the loss together wi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -172,43 +173,67 @@ class Step:
         return ObjectiveOutput(loss, terms), self.context(eps)
 
 
-class ComposableObjective(Objective):
-    """An objective that other objectives can wrap (CM, ADA).
+Model = Callable[..., Tensor]
+Aug = Tensor | None  # ADA's augmentation labels (B, augment_dim), or none
+Result = tuple[ObjectiveOutput, BaseContext]
 
-    Subclasses implement :meth:`compute`, usually starting from :meth:`begin`; calling the
-    objective returns only the loss.
+
+class ComposableObjective(Objective):
+    """An objective that other objectives can wrap (CM, ADA, CORAL).
+
+    A method implements :meth:`loss` on the step :meth:`compute` starts (a forward draw with
+    CFG dropout, :class:`Step`); ``drops_labels = False`` for a method that trains the null
+    label itself (IMBA). Calling the objective returns only the loss.
     """
+
+    drops_labels = True
 
     def begin(
         self,
-        model: Callable[..., Tensor],
+        model: Model,
         x0: Tensor,
         schedule: NoiseSchedule,
         y: Tensor,
         aug_labels: Tensor | None = None,
-        drop: bool = True,
     ) -> Step:
-        """Draw ``t``, the noise and ``x_t``, and apply CFG label dropout (``drop=False``: the
-        labels as they are, for objectives that train the null label themselves)."""
+        """Draw ``t``, the noise and ``x_t``, and apply CFG label dropout (not for methods that
+        train the null label themselves)."""
         b = self.noised(x0, schedule)
-        y_in, dropped = self.drop_condition(y, model.null_label) if drop else (y, False)
+        y_in, dropped = (y, False)
+        if self.drops_labels:
+            y_in, dropped = self.drop_condition(y, model.null_label)
         return Step(model, b.x_t, b.t, b.noise, y_in, dropped, aug_labels)
 
     def compute(
-        self,
-        model: Callable[..., Tensor],
-        x0: Tensor,
-        y: Tensor,
-        schedule: NoiseSchedule,
-        aug_labels: Tensor | None = None,
-    ) -> tuple[ObjectiveOutput, BaseContext]:  # pragma: no cover - abstract
+        self, model: Model, x0: Tensor, y: Tensor, schedule: NoiseSchedule, aug_labels: Aug = None
+    ) -> Result:
         """The loss and named terms, plus the :class:`BaseContext` of this step.
 
         ``aug_labels`` (B, augment_dim), when given, is passed to every model call (ADA).
         """
-        raise NotImplementedError
+        return self.loss(self.begin(model, x0, schedule, y, aug_labels), x0, y, schedule)
 
-    def forward(
-        self, model: Callable[..., Tensor], x0: Tensor, y: Tensor, schedule: NoiseSchedule
-    ) -> ObjectiveOutput:
+    def loss(self, s: Step, x0: Tensor, y: Tensor, schedule: NoiseSchedule) -> Result:
+        """The method's loss on the step ``s`` (``x0``, ``y``: the clean batch)."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def forward(self, model: Model, x0: Tensor, y: Tensor, schedule: NoiseSchedule) -> Any:
         return self.compute(model, x0, y, schedule)[0]
+
+
+class WrappingObjective(ComposableObjective):
+    """A method that wraps a base objective (CM, ADA, CORAL, Group-Expert LoRA): label dropout
+    is the base's, and the base is set up with the same class counts."""
+
+    def __init__(self, base: ComposableObjective) -> None:
+        super().__init__(cond_drop_prob=0.0, cond_drop_mode="none")
+        if not isinstance(base, ComposableObjective):
+            raise TypeError(
+                f"{type(self).__name__} needs a composable base objective (DDPM, CBDM, OC, "
+                f"...), got {type(base).__name__}"
+            )
+        self.base = base
+
+    def setup(self, class_counts: Sequence[int], seed: int = 0) -> None:
+        super().setup(class_counts, seed)
+        self.base.setup(class_counts, seed)

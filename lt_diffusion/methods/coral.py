@@ -27,7 +27,7 @@ The bottleneck is obtained by one extra forward with ``return_bottleneck=True`` 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from lt_diffusion.diffusion import NoiseSchedule
 from lt_diffusion.methods.base import ObjectiveOutput
-from lt_diffusion.methods.common import BaseContext, ComposableObjective
+from lt_diffusion.methods.common import Aug, ComposableObjective, Model, Result, WrappingObjective
 
 
 def supcon_loss(
@@ -66,7 +66,7 @@ def supcon_loss(
     return (per_anchor * has).sum() / has.sum().clamp_min(1.0)
 
 
-class CORALObjective(ComposableObjective):
+class CORALObjective(WrappingObjective):
     """A base objective plus CORAL's supervised contrastive loss on the bottleneck.
 
     Args:
@@ -94,16 +94,11 @@ class CORALObjective(ComposableObjective):
         weight: float = 0.5,
         time_scale: float = 0.3,
     ) -> None:
-        super().__init__(cond_drop_prob=0.0, cond_drop_mode="none")
         if base is None:
             from lt_diffusion.methods.ddpm import DDPMObjective
 
             base = DDPMObjective()
-        if not isinstance(base, ComposableObjective):
-            raise TypeError(
-                f"CORAL needs a composable base objective (DDPM, CBDM, ...), got "
-                f"{type(base).__name__}"
-            )
+        super().__init__(base)
         if feature_dim is None:
             if backbone_ch is None or not backbone_ch_mult:
                 raise ValueError(
@@ -121,16 +116,11 @@ class CORALObjective(ComposableObjective):
             )
         if weight < 0:
             raise ValueError(f"weight must be >= 0, got {weight}")
-        self.base = base
         self.feature_dim = int(feature_dim)
         self.proj = nn.Linear(self.feature_dim, int(proj_dim))
         self.temperature = float(temperature)
         self.weight = float(weight)
         self.time_scale = float(time_scale)
-
-    def setup(self, class_counts: Sequence[int], seed: int = 0) -> None:
-        super().setup(class_counts, seed)
-        self.base.setup(class_counts, seed)
 
     def embed(self, h_mid: Tensor) -> Tensor:
         """Pool (B, C, H, W) -> (B, C), project, L2-normalise (float32 or wider)."""
@@ -149,13 +139,8 @@ class CORALObjective(ComposableObjective):
         return torch.exp((1.0 - t.double() / num_timesteps) / self.time_scale).mean()
 
     def compute(
-        self,
-        model: Callable[..., Tensor],
-        x0: Tensor,
-        y: Tensor,
-        schedule: NoiseSchedule,
-        aug_labels: Tensor | None = None,
-    ) -> tuple[ObjectiveOutput, BaseContext]:
+        self, model: Model, x0: Tensor, y: Tensor, schedule: NoiseSchedule, aug_labels: Aug = None
+    ) -> Result:
         out, ctx = self.base.compute(model, x0, y, schedule, aug_labels)
         terms = dict(out.terms)
         terms["base"] = out.loss.detach()

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from torch import Tensor
 
 from lt_diffusion.diffusion import NoiseSchedule
-from lt_diffusion.methods.base import ObjectiveOutput
-from lt_diffusion.methods.common import BaseContext, ComposableObjective
+from lt_diffusion.methods.common import ComposableObjective, Result, Step
 
 
 class DDPMObjective(ComposableObjective):
@@ -16,12 +13,5 @@ class DDPMObjective(ComposableObjective):
 
     name = "ddpm"
 
-    def compute(
-        self,
-        model: Callable[..., Tensor],
-        x0: Tensor,
-        y: Tensor,
-        schedule: NoiseSchedule,
-        aug_labels: Tensor | None = None,
-    ) -> tuple[ObjectiveOutput, BaseContext]:
-        return self.begin(model, x0, schedule, y, aug_labels).plain("mse")
+    def loss(self, s: Step, x0: Tensor, y: Tensor, schedule: NoiseSchedule) -> Result:
+        return s.plain("mse")

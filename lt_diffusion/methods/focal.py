@@ -18,14 +18,12 @@ keeps the loss scale, hence the effective learning rate, that of DDPM (gamma = 0
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
 from lt_diffusion.diffusion import NoiseSchedule
 from lt_diffusion.methods.base import ObjectiveOutput
-from lt_diffusion.methods.common import BaseContext, ComposableObjective, per_sample_mse
+from lt_diffusion.methods.common import ComposableObjective, Result, Step, per_sample_mse
 
 BASELINES = ("timestep", "batch")
 
@@ -111,15 +109,7 @@ class FocalObjective(ComposableObjective):
             w = w / w.mean().clamp_min(1e-12)
         return w
 
-    def compute(
-        self,
-        model: Callable[..., Tensor],
-        x0: Tensor,
-        y: Tensor,
-        schedule: NoiseSchedule,
-        aug_labels: Tensor | None = None,
-    ) -> tuple[ObjectiveOutput, BaseContext]:
-        s = self.begin(model, x0, schedule, y, aug_labels)
+    def loss(self, s: Step, x0: Tensor, y: Tensor, schedule: NoiseSchedule) -> Result:
         eps = s.predict()
         per_sample = per_sample_mse(eps, s.noise)
         w = self.weights(per_sample, s.t, schedule.num_timesteps)

@@ -26,7 +26,7 @@ from their own group), one of the groups, or ``"all"`` (every expert on).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -35,8 +35,7 @@ from torch import Tensor, nn
 
 from lt_diffusion.data import SPLITS, split_map
 from lt_diffusion.diffusion import NoiseSchedule
-from lt_diffusion.methods.base import ObjectiveOutput
-from lt_diffusion.methods.common import BaseContext, ComposableObjective
+from lt_diffusion.methods.common import Aug, ComposableObjective, Model, Result, WrappingObjective
 from lt_diffusion.models.lowrank import (
     INITS,
     LowRankConv2d,
@@ -240,7 +239,7 @@ def _unwrap(model: Any) -> Any:
     return getattr(model, "_orig_mod", model)
 
 
-class GroupExpertObjective(ComposableObjective):
+class GroupExpertObjective(WrappingObjective):
     """The base objective, after checking once that the model's routing matches the data.
 
     The transform is built from the config before the data is read, so it assumes the
@@ -252,16 +251,12 @@ class GroupExpertObjective(ComposableObjective):
     name = "group_expert_lora"
 
     def __init__(self, base: ComposableObjective) -> None:
-        super().__init__(cond_drop_prob=0.0, cond_drop_mode="none")  # the base drops labels
-        if not isinstance(base, ComposableObjective):
-            raise TypeError(f"need a composable base objective, got {type(base).__name__}")
-        self.base = base
+        super().__init__(base)
         self._splits: list[str] | None = None
         self._checked = False
 
     def setup(self, class_counts: Sequence[int], seed: int = 0) -> None:
         super().setup(class_counts, seed)
-        self.base.setup(class_counts, seed)
         self._splits = split_map([int(c) for c in class_counts], rule="thirds")
         self._checked = False
 
@@ -283,13 +278,8 @@ class GroupExpertObjective(ComposableObjective):
             )
 
     def compute(
-        self,
-        model: Callable[..., Tensor],
-        x0: Tensor,
-        y: Tensor,
-        schedule: NoiseSchedule,
-        aug_labels: Tensor | None = None,
-    ) -> tuple[ObjectiveOutput, BaseContext]:
+        self, model: Model, x0: Tensor, y: Tensor, schedule: NoiseSchedule, aug_labels: Aug = None
+    ) -> Result:
         if not self._checked:  # host-side, first step only
             self.check_routing(model)
             self._checked = True

@@ -16,14 +16,12 @@ random label dropout (``cond_drop_prob = 0``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
 from lt_diffusion.diffusion import NoiseSchedule
 from lt_diffusion.methods.base import ObjectiveOutput, mse
-from lt_diffusion.methods.common import BaseContext, ComposableObjective
+from lt_diffusion.methods.common import ComposableObjective, Result, Step
 
 IMBA_GRANULARITIES = ("token", "sample")
 IMBA_POWERS = ("elementwise", "after_mean")
@@ -93,6 +91,7 @@ class IMBAObjective(ComposableObjective):
 
     name = "imba"
     trains_null_label = True  # its unconditional term trains the null label on every sample
+    drops_labels = False
 
     def __init__(
         self,
@@ -134,16 +133,8 @@ class IMBAObjective(ComposableObjective):
         self.normalize = normalize
         self.fused_forward = bool(fused_forward)
 
-    def compute(
-        self,
-        model: Callable[..., Tensor],
-        x0: Tensor,
-        y: Tensor,
-        schedule: NoiseSchedule,
-        aug_labels: Tensor | None = None,
-    ) -> tuple[ObjectiveOutput, BaseContext]:
-        s = self.begin(model, x0, schedule, y, aug_labels, drop=False)
-        eps_c, eps_u = s.predict_pair(y, torch.full_like(y, model.null_label), self.fused_forward)
+    def loss(self, s: Step, x0: Tensor, y: Tensor, schedule: NoiseSchedule) -> Result:
+        eps_c, eps_u = s.predict_pair(y, torch.full_like(y, s.model.null_label), self.fused_forward)
 
         dist = imba_distance(
             s.noise, eps_u.detach(), self.gamma, self.granularity, self.power

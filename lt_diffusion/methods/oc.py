@@ -17,18 +17,12 @@ no gradient flows through the selection.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
 from lt_diffusion.diffusion import NoiseSchedule
 from lt_diffusion.methods.base import ObjectiveOutput, mse
-from lt_diffusion.methods.common import (
-    BaseContext,
-    ComposableObjective,
-    gumbel_argmax,
-)
+from lt_diffusion.methods.common import ComposableObjective, Result, Step, gumbel_argmax
 
 # "t2h" (the README's training command) accepts a reference from a class at least as frequent
 # as the anchor's (knowledge flows from head to tail); "h2t" reverses it; "full" accepts all.
@@ -112,15 +106,7 @@ class OCObjective(ComposableObjective):
         keep = oc_gate(q[y], q[y[j]], self.gate)
         return torch.where(keep, j, torch.arange(y.shape[0], device=y.device))
 
-    def compute(
-        self,
-        model: Callable[..., Tensor],
-        x0: Tensor,
-        y: Tensor,
-        schedule: NoiseSchedule,
-        aug_labels: Tensor | None = None,
-    ) -> tuple[ObjectiveOutput, BaseContext]:
-        s = self.begin(model, x0, schedule, y, aug_labels)
+    def loss(self, s: Step, x0: Tensor, y: Tensor, schedule: NoiseSchedule) -> Result:
         j = self.select(s.x_t, x0, y, s.t, schedule)
         with torch.no_grad():
             # oc_target(x_t, x0[j]) rewritten with x_t = sqrt(abar) x0 + sqrt(1 - abar) eps:

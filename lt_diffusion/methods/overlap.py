@@ -26,17 +26,12 @@ by the batch size, as CBDM's regulariser does).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
 from lt_diffusion.diffusion import NoiseSchedule
 from lt_diffusion.methods.base import ObjectiveOutput, mse
-from lt_diffusion.methods.common import (
-    BaseContext,
-    ComposableObjective,
-)
+from lt_diffusion.methods.common import ComposableObjective, Result, Step
 
 
 def overlap_timestep_weights(schedule: NoiseSchedule) -> Tensor:
@@ -88,20 +83,12 @@ class OverlapObjective(ComposableObjective):
         self.detach_negative = bool(detach_negative)
         self.fused_forward = bool(fused_forward)
 
-    def compute(
-        self,
-        model: Callable[..., Tensor],
-        x0: Tensor,
-        y: Tensor,
-        schedule: NoiseSchedule,
-        aug_labels: Tensor | None = None,
-    ) -> tuple[ObjectiveOutput, BaseContext]:
-        s = self.begin(model, x0, schedule, y, aug_labels)
+    def loss(self, s: Step, x0: Tensor, y: Tensor, schedule: NoiseSchedule) -> Result:
         if s.dropped or self.weight == 0.0:  # host-side decisions: no sync
             return s.plain("ddpm", "overlap")
 
-        num_classes = int(getattr(model, "num_classes", self.class_counts.numel()))
-        real = s.y_in != model.null_label
+        num_classes = int(getattr(s.model, "num_classes", self.class_counts.numel()))
+        real = s.y_in != s.model.null_label
         y_neg = negative_labels(torch.where(real, s.y_in, torch.zeros_like(s.y_in)), num_classes)
         eps, eps_neg = s.predict_pair(s.y_in, y_neg, self.fused_forward)
         if self.detach_negative:

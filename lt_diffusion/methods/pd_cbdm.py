@@ -28,7 +28,7 @@ every batch, including those whose condition was dropped for classifier-free gui
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -36,12 +36,7 @@ from torch import Tensor
 from lt_diffusion.diffusion import NoiseSchedule
 from lt_diffusion.methods.base import ObjectiveOutput
 from lt_diffusion.methods.cbdm import CBDMObjective
-from lt_diffusion.methods.common import (
-    BaseContext,
-    call_model_pair,
-    sample_labels,
-    timestep_weight,
-)
+from lt_diffusion.methods.common import Result, Step, sample_labels, timestep_weight
 
 
 def head_tail_split(class_counts: Sequence[int] | Tensor, ratio: float) -> tuple[Tensor, Tensor]:
@@ -139,25 +134,16 @@ class PDCBDMObjective(CBDMObjective):
         it = sample_labels(self.tail_counts, n)
         return self.head_classes[ih], self.tail_classes[it]
 
-    def compute(
-        self,
-        model: Callable[..., Tensor],
-        x0: Tensor,
-        y: Tensor,
-        schedule: NoiseSchedule,
-        aug_labels: Tensor | None = None,
-    ) -> tuple[ObjectiveOutput, BaseContext]:
-        out, ctx = super().compute(model, x0, y, schedule, aug_labels)
+    def loss(self, s: Step, x0: Tensor, y: Tensor, schedule: NoiseSchedule) -> Result:
+        out, ctx = super().loss(s, x0, y, schedule)
         terms = dict(out.terms)
         if not self.use_pd_loss or self.pd_weight == 0.0:
             terms["pd"] = torch.zeros((), device=out.loss.device)
             return ObjectiveOutput(out.loss, terms), ctx
 
         y_head, y_tail = self.head_tail_labels(y.shape[0])
-        x_t, t = ctx.x_t, ctx.t
-        eps_h, eps_t = call_model_pair(
-            model, x_t, t, y_head, y_tail, aug_labels, self.fused_forward
-        )
+        x_t, t = s.x_t, s.t
+        eps_h, eps_t = s.predict_pair(y_head, y_tail, self.fused_forward)
         mu_h = reverse_mean_from_eps(schedule, x_t, t, eps_h)
         mu_t = reverse_mean_from_eps(schedule, x_t, t, eps_t)
         dist = (mu_h - mu_t).pow(2).flatten(1).mean(1)
