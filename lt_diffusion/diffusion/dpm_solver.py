@@ -22,18 +22,11 @@ the loop never syncs with the device.
 from __future__ import annotations
 
 import math
+from typing import Any
 
-import torch
 from torch import Tensor
 
-from lt_diffusion.diffusion.samplers import (
-    DDIM_SPACINGS,
-    Model,
-    Sampler,
-    _progress,
-    ddim_timesteps,
-    guided_eps,
-)
+from lt_diffusion.diffusion.samplers import DDIM_SPACINGS, Generator, Sampler, ddim_timesteps
 from lt_diffusion.diffusion.schedule import NoiseSchedule
 
 
@@ -71,42 +64,30 @@ class DPMSolverSampler(Sampler):
         self._ts = ddim_timesteps(schedule.T, steps, spacing)
 
     @property
-    def num_steps(self) -> int:
-        return len(self._ts)
-
-    @property
     def timesteps(self) -> list[int]:
         """The visited timesteps, descending."""
         return self._ts[::-1]
 
-    def solve(
-        self,
-        model: Model,
-        x: Tensor,
-        labels: Tensor,
-        guidance: float = 0.0,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-    ) -> Tensor:
+    def begin(self) -> dict[str, Any]:
         abar = self.schedule.host64("alphas_cumprod").tolist()
-        ts = self.timesteps
-        alpha = [math.sqrt(abar[t]) for t in ts] + [1.0]
-        sigma = [math.sqrt(1.0 - abar[t]) for t in ts] + [0.0]
+        alpha = [math.sqrt(abar[t]) for t in self.timesteps] + [1.0]
+        sigma = [math.sqrt(1.0 - abar[t]) for t in self.timesteps] + [0.0]
         lam = [math.log(a / s) if s > 0 else math.inf for a, s in zip(alpha, sigma)]
-        x0_prev = None
-        for i in _progress(range(len(ts)), progress, f"DPM-Solver++{len(ts)}", len(ts)):
-            t = torch.full((x.shape[0],), ts[i], device=x.device, dtype=torch.long)
-            eps = guided_eps(model, x, t, labels, guidance)
-            x0 = (x - sigma[i] * eps) / alpha[i]
-            if self.clip_denoised:
-                x0 = x0.clamp(-1.0, 1.0)
-            if i == len(ts) - 1:  # to the data: sigma = 0, the update is x0 itself
-                return x0
-            h = lam[i + 1] - lam[i]
-            d = x0
-            if self.order == 2 and x0_prev is not None:
-                r = (lam[i] - lam[i - 1]) / h
-                d = x0 + (x0 - x0_prev) / (2.0 * r)
-            x = (sigma[i + 1] / sigma[i]) * x - alpha[i + 1] * math.expm1(-h) * d
-            x0_prev = x0
-        return x  # not reached: the loop returns at its last step
+        return {"alpha": alpha, "sigma": sigma, "lambda": lam, "x0_prev": None}
+
+    def update(
+        self, state: dict[str, Any], i: int, x: Tensor, t: Tensor, eps: Tensor, gen: Generator
+    ) -> Tensor:
+        alpha, sigma, lam = state["alpha"], state["sigma"], state["lambda"]
+        x0 = (x - sigma[i] * eps) / alpha[i]
+        if self.clip_denoised:
+            x0 = x0.clamp(-1.0, 1.0)
+        if i == len(self._ts) - 1:  # to the data: sigma = 0, the update is x0 itself
+            return x0
+        h = lam[i + 1] - lam[i]
+        d = x0
+        if self.order == 2 and state["x0_prev"] is not None:
+            r = (lam[i] - lam[i - 1]) / h
+            d = x0 + (x0 - state["x0_prev"]) / (2.0 * r)
+        state["x0_prev"] = x0
+        return (sigma[i + 1] / sigma[i]) * x - alpha[i + 1] * math.expm1(-h) * d

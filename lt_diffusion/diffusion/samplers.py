@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ DDPM_VARIANCES = ("fixed_large", "fixed_small")
 DDIM_SPACINGS = ("uniform", "linspace", "trailing")
 
 Model = Callable[..., Tensor]
+Generator = torch.Generator | None
 
 
 def guided_eps(model: Model, x: Tensor, t: Tensor, y: Tensor, guidance: float) -> Tensor:
@@ -85,8 +87,13 @@ class Sampler(ABC):
 
     @property
     @abstractmethod
+    def timesteps(self) -> list[int]:
+        """The visited timesteps, in the order they are visited (descending)."""
+
+    @property
     def num_steps(self) -> int:
         """Number of network evaluations per image (before guidance doubling)."""
+        return len(self.timesteps)
 
     @torch.inference_mode()
     def sample(
@@ -114,7 +121,6 @@ class Sampler(ABC):
         labels = self._prepare(noise, labels, guidance, generator)
         return self.solve(model, noise, labels, guidance, generator, progress).clamp(-1.0, 1.0)
 
-    @abstractmethod
     def solve(
         self,
         model: Model,
@@ -125,7 +131,24 @@ class Sampler(ABC):
         progress: bool = False,
     ) -> Tensor:
         """The reverse process from ``x`` (x_T) with labels already on ``x``'s device, without
-        :meth:`sample`'s checks and final clamp (latents are not bounded to ``[-1, 1]``)."""
+        :meth:`sample`'s checks and final clamp (latents are not bounded to ``[-1, 1]``): one
+        guided noise prediction per visited timestep, then the sampler's :meth:`update`."""
+        ts = self.timesteps
+        state = self.begin()
+        for i in _progress(range(len(ts)), progress, f"{self.name.upper()}{len(ts)}", len(ts)):
+            t = torch.full((x.shape[0],), ts[i], device=x.device, dtype=torch.long)
+            x = self.update(state, i, x, t, guided_eps(model, x, t, labels, guidance), generator)
+        return x
+
+    def begin(self) -> dict[str, Any]:
+        """Per-run values the updates share (host scalars, history); computed once per call."""
+        return {}
+
+    @abstractmethod
+    def update(
+        self, state: dict[str, Any], i: int, x: Tensor, t: Tensor, eps: Tensor, gen: Generator
+    ) -> Tensor:
+        """Step ``i`` (at timestep ``t``, the network's guided ``eps``): ``x`` one step on."""
 
     def _prepare(
         self, noise: Tensor, labels: Tensor, guidance: float, generator: torch.Generator | None
@@ -183,8 +206,8 @@ class DDPMSampler(Sampler):
         self.clip_denoised = bool(clip_denoised)
 
     @property
-    def num_steps(self) -> int:
-        return self.schedule.T
+    def timesteps(self) -> list[int]:
+        return list(range(self.schedule.T - 1, -1, -1))
 
     def sigmas(self) -> list[float]:
         """Per-timestep standard deviation ``sigma_t`` of the added noise (float64, host)."""
@@ -195,23 +218,15 @@ class DDPMSampler(Sampler):
             var = torch.cat([post_var[1:2], post_var[1:]])
         return var.sqrt().tolist()
 
-    def solve(
-        self,
-        model: Model,
-        x: Tensor,
-        labels: Tensor,
-        guidance: float = 0.0,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
+    def begin(self) -> dict[str, Any]:
+        return {"sigmas": self.sigmas()}
+
+    def update(
+        self, state: dict[str, Any], i: int, x: Tensor, t: Tensor, eps: Tensor, gen: Generator
     ) -> Tensor:
-        sigmas = self.sigmas()
-        T = self.schedule.T
-        for i in _progress(reversed(range(T)), progress, "DDPM", T):
-            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            eps = guided_eps(model, x, t, labels, guidance)
-            mean = self.schedule.reverse_mean(x, t, eps, self.clip_denoised).to(x.dtype)
-            x = (mean + sigmas[i] * _randn_like(x, generator)) if i > 0 else mean
-        return x
+        step = self.schedule.T - 1 - i
+        mean = self.schedule.reverse_mean(x, t, eps, self.clip_denoised).to(x.dtype)
+        return mean + state["sigmas"][step] * _randn_like(x, gen) if step > 0 else mean
 
 
 def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform") -> list[int]:
@@ -291,10 +306,6 @@ class DDIMSampler(Sampler):
         self._ts = ddim_timesteps(schedule.T, steps, spacing)
 
     @property
-    def num_steps(self) -> int:
-        return len(self._ts)
-
-    @property
     def timesteps(self) -> list[int]:
         """The visited timesteps in the order they are visited (descending, like diffusers)."""
         return self._ts[::-1]
@@ -329,25 +340,15 @@ class DDIMSampler(Sampler):
         a_prev = 1.0 if t_prev < 0 else float(abar[t_prev])
         return self._update(x_t, eps, float(abar[t]), a_prev, noise)
 
-    def solve(
-        self,
-        model: Model,
-        x: Tensor,
-        labels: Tensor,
-        guidance: float = 0.0,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-    ) -> Tensor:
+    def begin(self) -> dict[str, Any]:
         # Host float64 scalars: the loop never syncs, and 1 - abar keeps its digits near t = 0.
         abar = self.schedule.host64("alphas_cumprod").tolist()
-        ts = self._ts
-        x0 = x
-        for i in _progress(reversed(range(len(ts))), progress, f"DDIM{len(ts)}", len(ts)):
-            t = torch.full((x.shape[0],), ts[i], device=x.device, dtype=torch.long)
-            eps = guided_eps(model, x, t, labels, guidance)
-            a_t = abar[ts[i]]
-            a_prev = abar[ts[i - 1]] if i > 0 else 1.0
-            z = _randn_like(x, generator) if self.eta > 0.0 and i > 0 else None
-            x, x0 = self._update(x, eps, a_t, a_prev, z)
-        # After the last step abar_prev = 1, so x equals the x0 prediction.
-        return x0
+        return {"abar": [abar[t] for t in self.timesteps] + [1.0]}  # abar_prev = 1 at the end
+
+    def update(
+        self, state: dict[str, Any], i: int, x: Tensor, t: Tensor, eps: Tensor, gen: Generator
+    ) -> Tensor:
+        last = i == len(self._ts) - 1
+        z = _randn_like(x, gen) if self.eta > 0.0 and not last else None
+        # After the last step abar_prev = 1, so x_prev is the x0 prediction itself.
+        return self._update(x, eps, state["abar"][i], state["abar"][i + 1], z)[0]
