@@ -6,8 +6,7 @@ the evaluation protocol and the tables) does not pull Lightning in with the data
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lt_diffusion.utils.lazy import lazy_exports
 
 _EXPORTS = {
     "datamodule": ("BatchStream", "LongTailDataModule", "resize_uint8"),
@@ -34,11 +33,4 @@ _EXPORTS = {
     ),
     "splits": ("RULES", "SPLITS", "classes_in_split", "split_map"),
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

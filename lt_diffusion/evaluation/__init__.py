@@ -8,8 +8,7 @@ The public names below are imported lazily, so ``import lt_diffusion.evaluation`
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lt_diffusion.utils.lazy import lazy_exports
 
 _EXPORTS = {
     "inception": (
@@ -42,11 +41,4 @@ _EXPORTS = {
     "record": ("RecordError", "build_record", "read_record", "write_record"),
     "plots": ("plot_fid_vs_count",),
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -241,32 +241,14 @@ class ADAObjective(WrappingObjective):
     Args:
         base: the objective trained on the augmented batch (DDPM in the CM tables; CBDM in
             CBDM's "+ADA" row). It must be a :class:`ComposableObjective`.
-        p, ...: see :class:`AugmentPipeline`.
+        augment: the settings of :class:`AugmentPipeline` (``p``, ``xflip``, ...).
     """
 
     name = "ada"
 
-    def __init__(
-        self,
-        base: ComposableObjective,
-        p: float = 0.12,
-        xflip: float = 1.0,
-        yflip: float = 1.0,
-        translate: float = 1.0,
-        scale: float = 1.0,
-        rotate: float = 1.0,
-        aniso: float = 1.0,
-        translate_max: float = 0.125,
-        scale_std: float = 0.2,
-        rotate_max: float = 1.0,
-        aniso_std: float = 0.2,
-    ) -> None:
-        # CFG dropout is the base objective's business.
-        super().__init__(base)
-        self.augment = AugmentPipeline(
-            p, xflip, yflip, translate, scale, rotate, aniso,
-            translate_max, scale_std, rotate_max, aniso_std,
-        )  # fmt: skip
+    def __init__(self, base: ComposableObjective, **augment: float) -> None:
+        super().__init__(base)  # CFG dropout is the base objective's business
+        self.augment = AugmentPipeline(**augment)
 
     def compute(
         self, model: Model, x0: Tensor, y: Tensor, schedule: NoiseSchedule, aug_labels: Aug = None

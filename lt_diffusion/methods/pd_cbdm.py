@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -67,36 +68,26 @@ class PDCBDMObjective(CBDMObjective):
     """CBDM with PD-CBDM's re-weighted target labels and perceptual distinguish loss.
 
     Args:
-        tau, gamma, fused_forward, cond_drop_prob, cond_drop_mode: as in CBDM.
         target_dist: ``"inverse"`` (PD-CBDM's re-weighting) or CBDM's ``"empirical"`` (the
             "+ perceptual distinguish loss" ablation row).
         use_pd_loss: add the perceptual distinguish loss (``False``: CBDM with re-weighting).
         pd_weight: its weight (paper: 0.1).
         head_ratio: fraction of classes, by frequency, in the head group (paper: 0.7).
+        cbdm: CBDM's settings (``tau``, ``gamma``, ``fused_forward``, ``cond_drop_prob``,
+            ``cond_drop_mode``), see :class:`~lt_diffusion.methods.cbdm.CBDMObjective`.
     """
 
     name = "pd_cbdm"
 
     def __init__(
         self,
-        tau: float = 1.0,
-        gamma: float = 0.25,
-        target_dist: str = "inverse",
         use_pd_loss: bool = True,
         pd_weight: float = 0.1,
         head_ratio: float = 0.7,
-        fused_forward: bool = True,
-        cond_drop_prob: float = 0.1,
-        cond_drop_mode: str = "batch",
+        target_dist: str = "inverse",
+        **cbdm: Any,
     ) -> None:
-        super().__init__(
-            tau=tau,
-            gamma=gamma,
-            target_dist=target_dist,
-            fused_forward=fused_forward,
-            cond_drop_prob=cond_drop_prob,
-            cond_drop_mode=cond_drop_mode,
-        )
+        super().__init__(target_dist=target_dist, **cbdm)
         if pd_weight < 0:
             raise ValueError(f"pd_weight must be >= 0, got {pd_weight}")
         if not 0.0 < head_ratio < 1.0:

@@ -133,7 +133,7 @@ class LatentBackbone(nn.Module):
             project cache (:func:`resolve_cache_dir`); None: no disk cache.
     """
 
-    augment_dim = 0  # no ADA augmentation labels (check_aug_labels refuses them)
+    augment_dim = 0  # no ADA augmentation labels (forward refuses them)
 
     def __init__(
         self,
@@ -242,14 +242,6 @@ class LatentBackbone(nn.Module):
             return torch.full((x.shape[0],), self.null_label, device=x.device, dtype=torch.long)
         return y.to(device=x.device, dtype=torch.long)
 
-    @staticmethod
-    def check_aug_labels(aug_labels: Tensor | None) -> None:
-        if aug_labels is not None:
-            raise ValueError(
-                "latent backbones take no augmentation labels (ADA): use a method without "
-                "augmentation conditioning, or the pixel U-Net (model.augment_dim)"
-            )
-
     @contextmanager
     def capture_output(self, module: nn.Module, enabled: bool) -> Iterator[dict[str, Tensor]]:
         """Within the block, ``store["out"]`` receives ``module``'s output (CORAL's bottleneck)."""
@@ -266,6 +258,30 @@ class LatentBackbone(nn.Module):
             yield store
         finally:
             handle.remove()
+
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        y: Tensor | None = None,
+        aug_labels: Tensor | None = None,
+        return_bottleneck: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Noise prediction for latents ``x`` ``(B, C_z, h, w)`` at timesteps ``t`` with labels
+        ``y`` (None: all null); optionally also the bottleneck (``unet.mid_block``) feature."""
+        if aug_labels is not None:
+            raise ValueError(
+                "latent backbones take no augmentation labels (ADA): use a method without "
+                "augmentation conditioning, or the pixel U-Net (model.augment_dim)"
+            )
+        condition = self.unet_condition(self.condition_labels(y, x))
+        with self.capture_output(self.unet.mid_block, return_bottleneck) as store:
+            eps = self.unet(x, t, **condition).sample
+        return (eps, store["out"]) if return_bottleneck else eps
+
+    def unet_condition(self, labels: Tensor) -> dict[str, Tensor]:
+        """The U-Net's conditioning arguments for int64 ``labels`` (the null label included)."""
+        raise NotImplementedError  # pragma: no cover - each latent backbone defines its own
 
     # -- checkpoints: frozen pretrained weights stay out ----------------------------------
     def is_frozen_pretrained(self, name: str) -> bool:
@@ -389,18 +405,5 @@ class LatentUNet(LatentBackbone):
             **dict(unet),
         )
 
-    def forward(
-        self,
-        x: Tensor,
-        t: Tensor,
-        y: Tensor | None = None,
-        aug_labels: Tensor | None = None,
-        return_bottleneck: bool = False,
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """Noise prediction for latents ``x`` ``(B, C_z, h, w)`` at timesteps ``t`` with labels
-        ``y`` (None: all null); optionally also the bottleneck feature."""
-        self.check_aug_labels(aug_labels)
-        y = self.condition_labels(y, x)
-        with self.capture_output(self.unet.mid_block, return_bottleneck) as store:
-            eps = self.unet(x, t, class_labels=y).sample
-        return (eps, store["out"]) if return_bottleneck else eps
+    def unet_condition(self, labels: Tensor) -> dict[str, Tensor]:
+        return {"class_labels": labels}  # UNet2DModel's class embedding (null row C)

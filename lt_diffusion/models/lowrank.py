@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -103,72 +103,51 @@ class LowRankMixin:
         return self.weight
 
 
-class LowRankConv2d(LowRankMixin, nn.Conv2d):
-    """``Conv2d`` whose weight is ``W_g + B A`` (``W_g`` is ``weight``)."""
+def _shape_args(layer: nn.Conv2d | nn.Linear) -> dict[str, Any]:
+    """The constructor arguments that give another layer of ``layer``'s shape."""
+    if isinstance(layer, nn.Linear):
+        return {"in_features": layer.in_features, "out_features": layer.out_features}
+    keys = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation")
+    return {k: getattr(layer, k) for k in (*keys, "groups", "padding_mode")}
+
+
+class _Wrapping(LowRankMixin):
+    """Builds the low-rank layer around a plain one, and the plain one back."""
+
+    plain: type[nn.Conv2d] | type[nn.Linear]
 
     @classmethod
-    def from_module(cls, base: nn.Conv2d, rank: int, init: str = "lora") -> LowRankConv2d:
+    def from_module(cls, base: nn.Module, rank: int, init: str = "lora") -> Any:
         """Wrap ``base``: its weight / bias Parameters become ``W_g`` (shared, not copied)."""
-        layer = cls(
-            base.in_channels,
-            base.out_channels,
-            base.kernel_size,
-            stride=base.stride,
-            padding=base.padding,
-            dilation=base.dilation,
-            groups=base.groups,
-            bias=base.bias is not None,
-            padding_mode=base.padding_mode,
-            device="meta",  # placeholders only: replaced by base's own Parameters below
-        )
-        layer.weight = base.weight
-        layer.bias = base.bias
+        # device="meta": placeholders only, replaced by base's own Parameters below
+        layer = cls(**_shape_args(base), bias=base.bias is not None, device="meta")
+        layer.weight, layer.bias = base.weight, base.bias
         layer.train(base.training)
         layer._add_lowrank(rank, init)
         return layer
+
+    def to_plain(self) -> nn.Conv2d | nn.Linear:
+        """A plain layer computing what this layer computes now."""
+        plain = self.plain(**_shape_args(self), bias=self.bias is not None, device="meta")
+        return _fill_plain(plain, self)
+
+
+class LowRankConv2d(_Wrapping, nn.Conv2d):
+    """``Conv2d`` whose weight is ``W_g + B A`` (``W_g`` is ``weight``)."""
+
+    plain = nn.Conv2d
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(x, self.effective_weight(), self.bias)
 
-    def to_plain(self) -> nn.Conv2d:
-        """A plain ``Conv2d`` computing what this layer computes now."""
-        plain = nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            groups=self.groups,
-            bias=self.bias is not None,
-            padding_mode=self.padding_mode,
-            device="meta",
-        )
-        return _fill_plain(plain, self)
 
-
-class LowRankLinear(LowRankMixin, nn.Linear):
+class LowRankLinear(_Wrapping, nn.Linear):
     """``Linear`` whose weight is ``W_g + B A`` (``W_g`` is ``weight``)."""
 
-    @classmethod
-    def from_module(cls, base: nn.Linear, rank: int, init: str = "lora") -> LowRankLinear:
-        """Wrap ``base``: its weight / bias Parameters become ``W_g`` (shared, not copied)."""
-        layer = cls(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
-        layer.weight = base.weight
-        layer.bias = base.bias
-        layer.train(base.training)
-        layer._add_lowrank(rank, init)
-        return layer
+    plain = nn.Linear
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.effective_weight(), self.bias)
-
-    def to_plain(self) -> nn.Linear:
-        """A plain ``Linear`` computing what this layer computes now."""
-        plain = nn.Linear(
-            self.in_features, self.out_features, bias=self.bias is not None, device="meta"
-        )
-        return _fill_plain(plain, self)
 
 
 def _fill_plain(plain: nn.Conv2d | nn.Linear, layer: LowRankMixin) -> nn.Conv2d | nn.Linear:

@@ -366,26 +366,14 @@ class StableDiffusionBackbone(LatentBackbone):
         self.class_names = state.get("class_names")
 
     # -- forward ----------------------------------------------------------------------------
-    def forward(
-        self,
-        x: Tensor,
-        t: Tensor,
-        y: Tensor | None = None,
-        aug_labels: Tensor | None = None,
-        return_bottleneck: bool = False,
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """Noise prediction for latents ``x`` at timesteps ``t``, conditioned on the prompts of
-        labels ``y`` (None: the empty prompt)."""
-        self.check_aug_labels(aug_labels)
+    def unet_condition(self, labels: Tensor) -> dict[str, Tensor]:
+        """The prompts' text embeddings of ``labels`` (the null label: the empty prompt)."""
         if self.class_names is None:
             raise RuntimeError(
                 "the class prompts are not encoded: call set_class_names(<the dataset's class "
                 "names in label order>) (training does this from the datamodule)"
             )
-        context = self.prompt_embeds[self.condition_labels(y, x)]
-        with self.capture_output(self.unet.mid_block, return_bottleneck) as store:
-            eps = self.unet(x, t, encoder_hidden_states=context).sample
-        return (eps, store["out"]) if return_bottleneck else eps
+        return {"encoder_hidden_states": self.prompt_embeds[labels]}
 
 
 def add_expert_adapter(
