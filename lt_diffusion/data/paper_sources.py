@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -34,11 +35,19 @@ class _ImageFileSource(Source):
     channels = 3
     splits: tuple[str, ...] = ("train", "test")
 
-    def __init__(self, root: str | Path, image_size: int, download: bool = False) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        image_size: int,
+        num_classes: int | None = None,
+        download: bool = False,
+    ) -> None:
         super().__init__(root, download=False)  # no dataset here is downloadable by script
         if int(image_size) < 8:
             raise ValueError(f"image_size must be at least 8, got {image_size}")
         self.image_size = self.native_size = int(image_size)
+        if num_classes is not None:  # datasets whose configs may use fewer classes (tests)
+            self.num_classes = int(num_classes)
 
     def listing(self, split: str) -> tuple[list[str], np.ndarray]:  # pragma: no cover
         """Image paths relative to the root, and their labels."""
@@ -96,12 +105,8 @@ class ImageNetLTSource(_ImageFileSource):
     reference_split = "test"
     LISTS = {"train": "ImageNet_LT_train.txt", "test": "ImageNet_LT_test.txt"}
 
-    def __init__(
-        self, root: str | Path, image_size: int, num_classes: int = 1000, download: bool = False
-    ) -> None:
-        super().__init__(root, image_size)
-        self.num_classes = int(num_classes)
-        self._names: list[str] | None = None
+    num_classes = 1000
+    _names: list[str] | None = None
 
     def _read_list(self, split: str) -> tuple[list[str], np.ndarray]:
         path = self.root / self.LISTS[split]
@@ -147,11 +152,10 @@ class INaturalistSource(_ImageFileSource):
     reference_split = "test"
     JSONS = {"train": "train2018.json", "test": "val2018.json"}
 
-    def __init__(
-        self, root: str | Path, image_size: int, num_classes: int = 8142, download: bool = False
-    ) -> None:
-        super().__init__(root, image_size)
-        self.num_classes = int(num_classes)
+    num_classes = 8142
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._cache: dict[str, tuple[list[str], np.ndarray, list[str]]] = {}
 
     def _read(self, split: str) -> tuple[list[str], np.ndarray, list[str]]:
