@@ -26,11 +26,11 @@ from typing import Any
 
 from torch import Tensor
 
-from lt_diffusion.diffusion.samplers import DDIM_SPACINGS, Generator, Sampler, ddim_timesteps
+from lt_diffusion.diffusion.samplers import Generator, SubsequenceSampler
 from lt_diffusion.diffusion.schedule import NoiseSchedule
 
 
-class DPMSolverSampler(Sampler):
+class DPMSolverSampler(SubsequenceSampler):
     """DPM-Solver++ multistep of order 1 or 2 on ``steps`` timesteps (deterministic).
 
     Args:
@@ -47,26 +47,12 @@ class DPMSolverSampler(Sampler):
     name = "dpm_solver"
 
     def __init__(
-        self,
-        schedule: NoiseSchedule,
-        steps: int = 15,
-        order: int = 2,
-        spacing: str = "trailing",
-        clip_denoised: bool = False,
+        self, schedule: NoiseSchedule, steps: int = 15, order: int = 2, **subsequence: Any
     ) -> None:
-        super().__init__(schedule)
+        super().__init__(schedule, steps, **{"spacing": "trailing", **subsequence})
         if order not in (1, 2):
             raise ValueError(f"DPM-Solver++ order must be 1 or 2, got {order!r}")
-        if spacing not in DDIM_SPACINGS:
-            raise ValueError(f"unknown spacing {spacing!r}: use one of {DDIM_SPACINGS}")
-        self.order, self.spacing = int(order), spacing
-        self.clip_denoised = bool(clip_denoised)
-        self._ts = ddim_timesteps(schedule.T, steps, spacing)
-
-    @property
-    def timesteps(self) -> list[int]:
-        """The visited timesteps, descending."""
-        return self._ts[::-1]
+        self.order = int(order)
 
     def begin(self) -> dict[str, Any]:
         abar = self.schedule.host64("alphas_cumprod").tolist()

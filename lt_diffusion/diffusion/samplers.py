@@ -266,7 +266,29 @@ def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform") -> 
     return out
 
 
-class DDIMSampler(Sampler):
+class SubsequenceSampler(Sampler):
+    """A sampler that visits ``steps`` of the training timesteps (:func:`ddim_timesteps` with
+    ``spacing``) and may clip its x0 predictions to ``[-1, 1]`` (``clip_denoised``)."""
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        steps: int,
+        spacing: str = "uniform",
+        clip_denoised: bool = False,
+    ) -> None:
+        super().__init__(schedule)
+        self.spacing = spacing
+        self.clip_denoised = bool(clip_denoised)
+        self._ts = ddim_timesteps(schedule.T, steps, spacing)
+
+    @property
+    def timesteps(self) -> list[int]:
+        """The visited timesteps in the order they are visited (descending, like diffusers)."""
+        return self._ts[::-1]
+
+
+class DDIMSampler(SubsequenceSampler):
     """DDIM (Song et al. 2021) on a subsequence of the training timesteps.
 
     Per step from ``t`` to the previous visited timestep (``abar_prev = 1`` after the last):
@@ -287,28 +309,15 @@ class DDIMSampler(Sampler):
     name = "ddim"
 
     def __init__(
-        self,
-        schedule: NoiseSchedule,
-        steps: int = 50,
-        eta: float = 0.0,
-        spacing: str = "uniform",
-        clip_denoised: bool = False,
+        self, schedule: NoiseSchedule, steps: int = 50, eta: float = 0.0, **subsequence: Any
     ) -> None:
-        super().__init__(schedule)
+        super().__init__(schedule, steps, **subsequence)
         # eta > 1 can make 1 - abar_prev - sigma^2 negative (no real update): refuse it.
         if not 0.0 <= eta <= 1.0:
             raise ValueError(
                 f"DDIM eta must be in [0, 1], got {eta} (0: deterministic, 1: DDPM-like noise)"
             )
         self.eta = float(eta)
-        self.spacing = spacing
-        self.clip_denoised = bool(clip_denoised)
-        self._ts = ddim_timesteps(schedule.T, steps, spacing)
-
-    @property
-    def timesteps(self) -> list[int]:
-        """The visited timesteps in the order they are visited (descending, like diffusers)."""
-        return self._ts[::-1]
 
     def _update(
         self, x: Tensor, eps: Tensor, a_t: float, a_prev: float, noise: Tensor | None

@@ -17,6 +17,7 @@ the same scale as under batch-mode dropout (each sample regularises with probabi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -46,7 +47,7 @@ class CBDMObjective(ComposableObjective):
             or ``"inverse"`` (proportional to 1 / frequency, PD-CBDM).
         fused_forward: compute ``h`` and ``h'`` in one forward pass over the concatenated
             batch (faster on a GPU; numerically the same model, GroupNorm is per sample).
-        cond_drop_prob, cond_drop_mode: CFG label dropout, see :class:`Objective`.
+        dropout: CFG label dropout (``cond_drop_prob``, ``cond_drop_mode``), see :class:`Objective`.
     """
 
     name = "cbdm"
@@ -57,10 +58,9 @@ class CBDMObjective(ComposableObjective):
         gamma: float = 0.25,
         target_dist: str = "empirical",
         fused_forward: bool = True,
-        cond_drop_prob: float = 0.1,
-        cond_drop_mode: str = "batch",
+        **dropout: Any,
     ) -> None:
-        super().__init__(cond_drop_prob=cond_drop_prob, cond_drop_mode=cond_drop_mode)
+        super().__init__(**dropout)
         if target_dist not in TARGET_DISTS:
             raise ValueError(
                 f"target_dist must be one of {TARGET_DISTS}, got {target_dist!r}: set "

@@ -18,6 +18,8 @@ keeps the loss scale, hence the effective learning rate, that of DDPM (gamma = 0
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -39,7 +41,7 @@ class FocalObjective(ComposableObjective):
             ``r_i^gamma`` scales the loss.
         num_buckets: timestep buckets of the running mean (``"timestep"`` baseline).
         ema_decay: decay of the running mean per update of a bucket.
-        cond_drop_prob, cond_drop_mode: CFG label dropout, see :class:`Objective`.
+        dropout: CFG label dropout (``cond_drop_prob``, ``cond_drop_mode``), see :class:`Objective`.
     """
 
     name = "focal"
@@ -51,10 +53,9 @@ class FocalObjective(ComposableObjective):
         normalize: bool = True,
         num_buckets: int = 100,
         ema_decay: float = 0.99,
-        cond_drop_prob: float = 0.1,
-        cond_drop_mode: str = "batch",
+        **dropout: Any,
     ) -> None:
-        super().__init__(cond_drop_prob=cond_drop_prob, cond_drop_mode=cond_drop_mode)
+        super().__init__(**dropout)
         if baseline not in BASELINES:
             raise ValueError(
                 f"focal baseline must be one of {BASELINES}, got {baseline!r}: set "

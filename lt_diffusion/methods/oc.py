@@ -17,6 +17,8 @@ no gradient flows through the selection.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -85,10 +87,8 @@ class OCObjective(ComposableObjective):
 
     name = "oc"
 
-    def __init__(
-        self, gate: str = "t2h", cond_drop_prob: float = 0.1, cond_drop_mode: str = "batch"
-    ) -> None:
-        super().__init__(cond_drop_prob=cond_drop_prob, cond_drop_mode=cond_drop_mode)
+    def __init__(self, gate: str = "t2h", **dropout: Any) -> None:
+        super().__init__(**dropout)
         if gate not in GATES:
             raise ValueError(
                 f"OC gate must be one of {GATES}, got {gate!r}: set method.objective.gate"

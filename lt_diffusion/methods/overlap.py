@@ -26,6 +26,8 @@ by the batch size, as CBDM's regulariser does).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -61,7 +63,7 @@ class OverlapObjective(ComposableObjective):
             predictions (ours: 0.1; predictions of unit-variance noise differ by O(0.1-1)).
         detach_negative: stop the gradient through ``eps(x_t, y_neg)`` (default: no).
         fused_forward: both predictions in one forward over the concatenated batch.
-        cond_drop_prob, cond_drop_mode: CFG label dropout, see :class:`Objective`.
+        dropout: CFG label dropout (``cond_drop_prob``, ``cond_drop_mode``), see :class:`Objective`.
     """
 
     name = "overlap"
@@ -72,10 +74,9 @@ class OverlapObjective(ComposableObjective):
         margin: float = 0.1,
         detach_negative: bool = False,
         fused_forward: bool = True,
-        cond_drop_prob: float = 0.1,
-        cond_drop_mode: str = "batch",
+        **dropout: Any,
     ) -> None:
-        super().__init__(cond_drop_prob=cond_drop_prob, cond_drop_mode=cond_drop_mode)
+        super().__init__(**dropout)
         if weight < 0 or margin < 0:
             raise ValueError(f"weight and margin must be >= 0, got {weight}, {margin}")
         self.weight = float(weight)

@@ -92,16 +92,18 @@ def _md_empty(cell: Cell, digits: int) -> str:
     return text + pub
 
 
+def _marked(cell: Cell, col: Column, plus_minus: str, marks: tuple[str, str]) -> str:
+    """``mean ± std``, best / second best marked by ``marks`` (format strings)."""
+    ours = _num(cell.mean, col.digits)
+    if cell.std is not None:
+        ours += f"{plus_minus}{_num(cell.std, col.digits)}"
+    return marks[cell.rank - 1].format(ours) if cell.rank in (1, 2) else ours
+
+
 def _md_cell(cell: Cell, col: Column) -> str:
     if cell.mean is None:
         return _md_empty(cell, col.digits)
-    ours = _num(cell.mean, col.digits)
-    if cell.std is not None:
-        ours += f" ± {_num(cell.std, col.digits)}"
-    if cell.rank == 1:
-        ours = f"**{ours}**"
-    elif cell.rank == 2:
-        ours = f"<u>{ours}</u>"
+    ours = _marked(cell, col, " ± ", ("**{}**", "<u>{}</u>"))
     if cell.published is not None:
         ours += f" ({_num(cell.published, col.digits)}, {_num(cell.diff, col.digits, True)})"
     return ours + _md_seeds(cell)
@@ -213,13 +215,7 @@ def _tex_cell(cell: Cell, col: Column, notes: _Notes) -> str:
         }.get(cell.status)
         mark = {"unavailable": "n/a"}.get(cell.status, cell.status)
         return rf"\emph{{{mark}}}" + (notes.mark(why) if why else "") + pub
-    ours = _num(cell.mean, col.digits)
-    if cell.std is not None:
-        ours += rf"$\pm${_num(cell.std, col.digits)}"
-    if cell.rank == 1:
-        ours = rf"\textbf{{{ours}}}"
-    elif cell.rank == 2:
-        ours = rf"\underline{{{ours}}}"
+    ours = _marked(cell, col, r"$\pm$", (r"\textbf{{{}}}", r"\underline{{{}}}"))
     ours += pub
     if cell.status == "partial":
         ours += rf" {{\scriptsize [{len(cell.values)}/{cell.n_expected} seeds]}}"
