@@ -1,0 +1,212 @@
+"""Training throughput, side by side on one device and one config (issue: "training at the
+hardware's pace"):
+
+  (a) this project's training path: ``lt_diffusion.train``'s own run (Trainer, module,
+      datamodule, callbacks, checkpoints), per method;
+  (b) a bare PyTorch loop in the papers' style over the same U-Net: fp32 eager, Adam, gradient
+      clipping, per-step EMA, the DDPM loss with CFG label dropout (the reference);
+  (c) diffusers' UNet2DModel of the same configuration (GPU: bf16 + torch.compile).
+
+    .venv/bin/python scripts/bench_train.py                 # CPU: tiny U-Net, (a) / (b) = overhead
+    python scripts/bench_train.py --cifar                   # GPU: the 35.7M CIFAR U-Net, trainer=gpu
+
+(a) is timed as the difference of two real runs (``warmup`` and ``warmup + steps`` steps), so
+start-up, compilation and the final checkpoint cancel out. The data are CIFAR-format pickles of
+random images written to a temporary folder (throughput does not depend on the pixels). Prints
+images / s, the ratios, peak memory and what a 300k-step run would take; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import logging
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from lt_diffusion.training.builders import build_model, build_schedule  # noqa: E402
+from lt_diffusion.training.ema import ema_update  # noqa: E402
+from lt_diffusion.utils.config import compose_config  # noqa: E402
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """The run's own output (summary, progress bar, Lightning's notes) out of the table."""
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    with (
+        open(os.devnull, "w") as null,
+        contextlib.redirect_stdout(null),
+        contextlib.redirect_stderr(null),
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_gib(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "-"
+    return f"{torch.cuda.max_memory_allocated() / 2**30:.1f}"
+
+
+def overrides(args: argparse.Namespace, data: Path, out: Path, method: str, batch: int) -> list:
+    model = "unet_cifar" if args.cifar else "unet_tiny"
+    trainer = "gpu" if args.cifar else "cpu"
+    return [
+        "dataset=cifar10_lt", "imbalance=ir10", f"method={method}", f"model={model}",
+        f"trainer={trainer}", "logger=none", f"paths.data_root={data}",
+        f"paths.output_dir={out}", "dataset.source.download=false", f"data.batch_size={batch}",
+        "train.warmup_steps=10", "train.ckpt_every=100000", "train.grid_every=0",
+        "train.grid_per_class=1", "train.grid_steps=1", "train.log_every=50",
+    ]  # fmt: skip
+
+
+def framework(args, data: Path, method: str, batch: int) -> tuple[float, str]:
+    """(a): images / s of lt_diffusion.train, the difference of two real runs."""
+    from lt_diffusion.training.run import run
+
+    times = []
+    for steps in (args.warmup, args.warmup + args.steps):
+        out = Path(tempfile.mkdtemp(prefix="bench_train_"))
+        cfg = compose_config(
+            "train", [*overrides(args, data, out, method, batch), f"train.max_steps={steps}"]
+        )
+        cfg.paths.run_dir = str(out / "run")
+        if args.cifar:
+            torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        with quiet():
+            run(cfg)
+        times.append(time.perf_counter() - t)
+    return args.steps * batch / (times[1] - times[0]), peak_gib(torch.device(args.device))
+
+
+def bare_loop(args, data: Path, batch: int) -> tuple[float, str]:
+    """(b): the papers' kind of loop (fp32 eager, Adam, clipping, per-step EMA) on the U-Net."""
+    device = torch.device(args.device)
+    cfg = compose_config("train", overrides(args, data, Path("/tmp"), "ddpm", batch))
+    model = build_model(cfg).to(device).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    schedule = build_schedule(cfg).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-4)
+    x0 = torch.rand(batch, 3, 32, 32, device=device) * 2 - 1
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def step() -> None:
+        t = torch.randint(0, schedule.T, (batch,), device=device)
+        noise = torch.randn_like(x0)
+        labels = y if torch.rand(()).item() >= 0.1 else torch.full_like(y, model.null_label)
+        loss = (model(schedule.q_sample(x0, t, noise), t, labels) - noise).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema_update(ema, model, 0.9999)
+
+    return _rate(step, args, batch, device), peak_gib(device)
+
+
+def diffusers_unet(args, batch: int) -> tuple[float, str]:
+    """(c): diffusers' UNet2DModel of the CIFAR configuration (GPU: bf16 + torch.compile)."""
+    from diffusers import UNet2DModel
+
+    device = torch.device(args.device)
+    ch = (128, 256, 256, 256) if args.cifar else (32, 64)
+    model = UNet2DModel(
+        sample_size=32, in_channels=3, out_channels=3, layers_per_block=2 if args.cifar else 1,
+        block_out_channels=ch, num_class_embeds=11, norm_num_groups=32 if args.cifar else 8,
+        down_block_types=["DownBlock2D", "AttnDownBlock2D", *["DownBlock2D"] * (len(ch) - 2)],
+        up_block_types=[*["UpBlock2D"] * (len(ch) - 2), "AttnUpBlock2D", "UpBlock2D"],
+    ).to(device)  # fmt: skip
+    gpu = device.type == "cuda"
+    if gpu:
+        model = model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if gpu else model
+    opt = torch.optim.Adam(model.parameters(), lr=2e-4, fused=gpu)
+    x0 = torch.rand(batch, 3, 32, 32, device=device) * 2 - 1
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def step() -> None:
+        t = torch.randint(0, 1000, (batch,), device=device)
+        noise = torch.randn_like(x0)
+        with torch.autocast(device.type, torch.bfloat16, enabled=gpu):
+            out = net(x0 + noise, t, class_labels=y).sample
+        loss = (out.float() - noise).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return _rate(step, args, batch, device), peak_gib(device)
+
+
+def _rate(step, args, batch: int, device: torch.device) -> float:
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(device)
+    return args.steps * batch / (time.perf_counter() - t)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cifar", action="store_true", help="the CIFAR U-Net on the GPU")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--methods", default=None, help="comma-separated (default: per device)")
+    args = parser.parse_args()
+    args.device = "cuda" if args.cifar else "cpu"
+    if args.cifar and not torch.cuda.is_available():
+        raise SystemExit("--cifar times the CIFAR U-Net on a GPU; this machine has none")
+    args.steps = args.steps or (200 if args.cifar else 30)
+    args.warmup = args.warmup or (30 if args.cifar else 5)
+    methods = (args.methods or ("ddpm,cbdm,oc,cm" if args.cifar else "ddpm,cbdm")).split(",")
+    torch.set_float32_matmul_precision("high")
+    from tests.fakedata import write_cifar10
+
+    data = Path(tempfile.mkdtemp(prefix="bench_data_"))
+    write_cifar10(data / "cifar10", n_per_class=500 if args.cifar else 64)
+    batch = 64 if args.cifar else 16
+    device = torch.cuda.get_device_name() if args.cifar else "cpu"
+    print(f"device {device}, torch {torch.__version__}, batch {batch}, {args.steps} timed steps")
+    base, base_mem = bare_loop(args, data, batch)
+    ref, ref_mem = diffusers_unet(args, batch)
+    print(f"{'':36}{'img/s':>9}{'x bare':>8}{'x diffusers':>13}{'GiB':>6}{'300k steps':>12}")
+
+    def row(name: str, rate: float, mem: str, b: int) -> None:
+        hours = 300_000 * b / rate / 3600
+        print(f"{name:36}{rate:9.1f}{rate / base:8.2f}{rate / ref:13.2f}{mem:>6}{hours:10.1f} h")
+
+    row("(b) bare fp32 loop (papers' style)", base, base_mem, batch)
+    what = "bf16 + compile" if args.cifar else "fp32 eager"
+    row(f"(c) diffusers UNet2DModel, {what}", ref, ref_mem, batch)
+    for method in methods:
+        rate, mem = framework(args, data, method, batch)
+        row(f"(a) lt_diffusion.train, {method}", rate, mem, batch)
+    if args.cifar:
+        rate, mem = framework(args, data, "cbdm", 48)
+        row("(a) lt_diffusion.train, cbdm, batch 48", rate, mem, 48)
+    print("(a)/(b) on the CPU is the framework's overhead per step (the target: at most 1.10x "
+          "the bare loop's step time, i.e. x bare >= 0.91)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
