@@ -24,6 +24,7 @@ from lt_diffusion.evaluation.metrics import METRICS
 from lt_diffusion.evaluation.plots import plot_fid_vs_count
 from lt_diffusion.evaluation.protocol import protocol_sampler
 from lt_diffusion.evaluation.record import build_record, record_filename
+from lt_diffusion.evaluation.tracking import log_to_training_run
 from lt_diffusion.runtime import code_version, resolve_device
 from lt_diffusion.training.builders import (
     build_sampler,
@@ -245,7 +246,20 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
         plot = None
         print(f"The plot was not written ({err.strerror or err}); the record is complete.")
     print(f"Record: {path}" + (f"\nPlot: {plot}" if plot else ""))
+    if cfg.get("track", True) and ev.images is None:
+        track(path.parent.parent, train_cfg.get("logger"), path.stem, record, plot)
     return record
+
+
+def track(run_dir: Path, logger: Any, name: str, record: dict[str, Any], plot: Path | None) -> None:
+    """The results in the training run's wandb run; a failure there costs only that entry."""
+    try:
+        run_id = log_to_training_run(run_dir, logger, name, record, plot)
+    except Exception as err:  # noqa: BLE001 - the record is saved; tracking is a copy of it
+        print(f"The results were not added to the run's wandb run ({err}); the record is complete.")
+        return
+    if run_id is not None:
+        print(f"wandb: added to run {run_id} (eval/{name}/...)")
 
 
 class RecordSaveError(OSError):
