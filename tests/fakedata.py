@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import pickle
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,10 +39,28 @@ def class_images(
     return images[order], labels[order]
 
 
-def _pickle(path: Path, obj: dict) -> None:
-    # The published pickles come from Python 2: protocol 2, bytes keys.
+class _Python2Pickler(pickle._Pickler):
+    """Protocol 2 with ``bytes`` written as Python 2 ``str`` (SHORT_BINSTRING / BINSTRING), as
+    in the published CIFAR pickles: read with ``encoding="latin1"`` (torchvision) they come back
+    as ``str``, with ``encoding="bytes"`` as ``bytes``. Python 3's own protocol 2 writes bytes
+    as ``_codecs.encode`` calls, which come back as ``bytes`` under every encoding."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_python2_str(self, obj: bytes) -> None:
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_python2_str
+
+
+def python2_pickle(path: Path, obj: dict) -> None:
+    """Write ``obj`` as the Python 2 pickles of the CIFAR release are written."""
     with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=2)
+        _Python2Pickler(f, protocol=2).dump(obj)
 
 
 def _cifar_rows(images: np.ndarray) -> np.ndarray:
@@ -60,7 +79,7 @@ def write_cifar10(
     folder.mkdir(parents=True, exist_ok=True)
     images, labels = class_images(n_per_class, 10, 32, 3, seed)
     for i, part in enumerate(np.array_split(np.arange(len(labels)), 5), start=1):
-        _pickle(
+        python2_pickle(
             folder / f"data_batch_{i}",
             {
                 b"batch_label": f"training batch {i} of 5".encode(),
@@ -70,7 +89,7 @@ def write_cifar10(
             },
         )
     timages, tlabels = class_images(test_per_class, 10, 32, 3, seed + 1)
-    _pickle(
+    python2_pickle(
         folder / "test_batch",
         {
             b"batch_label": b"testing batch 1 of 1",
@@ -79,7 +98,7 @@ def write_cifar10(
             b"filenames": [f"test_{j:05d}.png".encode() for j in range(len(tlabels))],
         },
     )
-    _pickle(
+    python2_pickle(
         folder / "batches.meta",
         {
             b"num_cases_per_batch": -(-len(labels) // 5),
@@ -102,7 +121,7 @@ def write_cifar100(
     out = {}
     for split, n, s in (("train", n_per_class, seed), ("test", test_per_class, seed + 1)):
         images, labels = class_images(n, 100, 32, 3, s)
-        _pickle(
+        python2_pickle(
             folder / split,
             {
                 b"filenames": [f"{split}_{j:05d}.png".encode() for j in range(len(labels))],
@@ -113,7 +132,7 @@ def write_cifar100(
             },
         )
         out[split] = (images, labels)
-    _pickle(
+    python2_pickle(
         folder / "meta",
         {
             b"fine_label_names": [f"fine{c:02d}".encode() for c in range(100)],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import socket
 from pathlib import Path
@@ -12,7 +13,14 @@ import pytest
 
 from lt_diffusion.data import sources
 from lt_diffusion.data.sources import CIFAR10Source, CIFAR100Source, FashionMNISTSource
-from tests.fakedata import CIFAR10_NAMES, write_cifar10, write_cifar100, write_fashion_mnist
+from tests.conftest import ROOT
+from tests.fakedata import (
+    CIFAR10_NAMES,
+    python2_pickle,
+    write_cifar10,
+    write_cifar100,
+    write_fashion_mnist,
+)
 
 
 @pytest.fixture
@@ -37,7 +45,8 @@ def test_cifar10_round_trip(tmp_path: Path) -> None:
     assert_same(src.load("test"), truth["test"])
     assert src.class_names == CIFAR10_NAMES
     # The (C, H, W) rows become (H, W, C): pixel (row 0, col 1) of image 0 is bytes 1, 1025, 2049.
-    raw = np.asarray(sources._unpickle(tmp_path / "cifar-10-batches-py" / "data_batch_1")[b"data"])
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "rb") as f:
+        raw = pickle.load(f, encoding="bytes")[b"data"]
     np.testing.assert_array_equal(train.images[0, 0, 1], raw[0, [1, 1025, 2049]])
 
 
@@ -88,32 +97,72 @@ def test_missing_fashion_mnist_names_every_place(tmp_path: Path, no_debian: None
 def test_failed_download_is_reported_with_a_short_timeout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import torchvision
+    from torchvision.datasets import utils
 
     seen = {}
 
-    def offline(root: str, train: bool, download: bool) -> None:
-        seen["timeout"] = socket.getdefaulttimeout()
+    def offline(url: str, download_root: str, filename: str, md5: str) -> None:
+        seen.update(timeout=socket.getdefaulttimeout(), url=url, md5=md5)
         raise OSError("Network is unreachable")
 
-    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    monkeypatch.setattr(utils, "download_and_extract_archive", offline)
     before = socket.getdefaulttimeout()
     with pytest.raises(FileNotFoundError, match="download failed.*Network is unreachable"):
         CIFAR10Source(tmp_path, download=True).load("train")
     assert seen["timeout"] == sources.DOWNLOAD_TIMEOUT_S <= 30
     assert socket.getdefaulttimeout() == before  # restored
+    # torchvision's archive and its published sum (the archive is checked before unpacking)
+    assert seen["url"].endswith("cifar-10-python.tar.gz")
+    assert seen["md5"] == "c58f30108f718f92721af3b95e74349a"
 
 
 def test_successful_download_is_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import torchvision
+    from torchvision.datasets import utils
 
     truth = {}
 
-    def fake_download(root: str, train: bool, download: bool) -> None:
-        truth.update(write_cifar10(root, n_per_class=2, test_per_class=1))
+    def fake_download(url: str, download_root: str, filename: str, md5: str) -> None:
+        truth.update(write_cifar10(download_root, n_per_class=2, test_per_class=1))
 
-    monkeypatch.setattr(torchvision.datasets, "CIFAR10", fake_download)
+    monkeypatch.setattr(utils, "download_and_extract_archive", fake_download)
     assert_same(CIFAR10Source(tmp_path, download=True).load("train"), truth["train"])
+
+
+def test_tiny_pickles_are_in_the_python2_format(tmp_path: Path) -> None:
+    """The writer's pickles read as the published ones do: str keys under torchvision's
+    ``encoding="latin1"``, bytes keys under ``encoding="bytes"``."""
+    write_cifar10(tmp_path, n_per_class=1, test_per_class=1)
+    path = tmp_path / "cifar-10-batches-py" / "batches.meta"
+    for encoding, key in (("latin1", "label_names"), ("bytes", b"label_names")):
+        with open(path, "rb") as f:
+            assert key in pickle.load(f, encoding=encoding)
+
+
+def _as_release(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """Make torchvision's published MD5 sums those of the tiny files in ``folder``."""
+    from torchvision.datasets.cifar import CIFAR10
+    from torchvision.datasets.utils import calculate_md5
+
+    for attr in ("train_list", "test_list"):
+        files = [[f, calculate_md5(folder / f)] for f, _ in getattr(CIFAR10, attr)]
+        monkeypatch.setattr(CIFAR10, attr, files)
+
+
+def test_a_damaged_file_of_the_release_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    truth = write_cifar10(tmp_path, n_per_class=2, test_per_class=1)
+    folder = tmp_path / "cifar-10-batches-py"
+    _as_release(monkeypatch, folder)
+    assert_same(CIFAR10Source(tmp_path, download=False).load("train"), truth["train"])
+    # One flipped pixel: the pickle still parses, only the sum shows it.
+    path = folder / "data_batch_4"
+    data = bytearray(path.read_bytes())
+    data[-200] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"data_batch_4 differ from the published CIFAR-10") as e:
+        CIFAR10Source(tmp_path, download=False).load("test")
+    assert "data_batch_1" not in str(e.value) and "download it again" in str(e.value)
 
 
 def test_truncated_cifar_pickle(tmp_path: Path) -> None:
@@ -129,9 +178,10 @@ def test_cifar_labels_out_of_range(tmp_path: Path) -> None:
     write_cifar100(tmp_path, n_per_class=1, test_per_class=1)
     write_cifar10(tmp_path, n_per_class=1, test_per_class=1)
     folder = tmp_path / "cifar-10-batches-py"
-    d = sources._unpickle(tmp_path / "cifar-100-python" / "train")
+    with open(tmp_path / "cifar-100-python" / "train", "rb") as f:
+        d = pickle.load(f, encoding="bytes")
     d[b"labels"] = d.pop(b"fine_labels")
-    (folder / "test_batch").write_bytes(pickle.dumps(d, protocol=2))
+    python2_pickle(folder / "test_batch", d)
     with pytest.raises(ValueError, match="labels range over 0..99 but cifar10 has 10 classes"):
         CIFAR10Source(tmp_path, download=False).load("test")
 
@@ -175,3 +225,21 @@ def test_real_debian_fashion_mnist(tmp_path: Path) -> None:
     np.testing.assert_array_equal(train.labels[:10], [9, 0, 0, 3, 0, 2, 7, 2, 5, 5])
     assert abs(train.images.mean() / 255 - 0.2860) < 5e-4
     assert abs(train.images.std() / 255 - 0.3530) < 5e-4
+
+
+REAL_CIFAR10 = Path(os.environ.get("LT_DIFFUSION_DATA", ROOT / "data")) / "cifar10"
+
+
+@pytest.mark.skipif(
+    not (REAL_CIFAR10 / "cifar-10-batches-py" / "data_batch_1").is_file(),
+    reason=f"the real CIFAR-10 is not at {REAL_CIFAR10} ($LT_DIFFUSION_DATA/cifar10)",
+)
+def test_real_cifar10_is_verified_and_read() -> None:
+    src = CIFAR10Source(REAL_CIFAR10, download=False)
+    train = src.load("train")
+    assert src._verified and train.images.shape == (50000, 32, 32, 3)
+    np.testing.assert_array_equal(np.bincount(train.labels), [5000] * 10)
+    assert src.class_names == CIFAR10_NAMES
+    # Published facts: the first labels (frog, truck, truck, deer, automobile) and the mean.
+    np.testing.assert_array_equal(train.labels[:5], [6, 9, 9, 4, 1])
+    assert abs(train.images.mean() / 255 - 0.4734) < 5e-4

@@ -1,10 +1,11 @@
 """Dataset sources: read a real dataset in its published on-disk format as uint8 arrays.
 
-CIFAR-10 / CIFAR-100: the python pickles torchvision downloads (``cifar-10-batches-py``,
-``cifar-100-python``). Fashion-MNIST: the idx files (``.gz`` or raw), found in the given root,
-torchvision's ``FashionMNIST/raw`` layout, or Debian's ``dataset-fashion-mnist`` package.
-Everything is read with NumPy directly (no PIL round trip), so a load takes well under a
-second.
+CIFAR-10 / CIFAR-100: the python pickles (``cifar-10-batches-py``, ``cifar-100-python``),
+read by torchvision's CIFAR datasets. Fashion-MNIST: the idx files (``.gz`` or raw), found in
+the given root, torchvision's ``FashionMNIST/raw`` layout, or Debian's
+``dataset-fashion-mnist`` package, read with NumPy (torchvision's reader takes only unpacked
+files in ``root/FashionMNIST/raw``; Debian ships ``.gz`` files in its own folder). No PIL
+round trip: a load takes well under a second.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import socket
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -99,101 +101,145 @@ def _missing(
     )
 
 
-def _unpickle(path: Path) -> dict:
-    try:
-        with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
-    except Exception as err:
-        raise ValueError(
-            f"{path} is not a readable CIFAR pickle ({type(err).__name__}: {err}): the file is "
-            "probably truncated; delete its folder and download it again"
-        ) from err
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a CIFAR batch dictionary")
-    return obj
+def _unreadable(paths: list[Path]) -> list[Path]:
+    """The files among ``paths`` that do not unpickle. torchvision's error does not say which
+    file it was reading: after a failed read this names the broken one."""
+    bad = []
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                pickle.load(f, encoding="latin1")
+        except Exception:  # truncated, not a pickle, unreadable: all "broken"
+            bad.append(path)
+    return bad
 
 
-def _key(d: dict, name: str, path: Path) -> Any:
-    # torchvision's pickles have bytes keys (encoding="bytes"); accept str keys too.
-    for k in (name.encode(), name):
-        if k in d:
-            return d[k]
-    raise ValueError(f"{path} has no {name!r} entry: not a CIFAR file; download it again")
+@cache
+def _without_sums(release: type) -> type:
+    """torchvision's CIFAR class with its MD5 sums set to None, so that its own checks test
+    presence only (``check_integrity(path, None)``); :meth:`_CIFARSource._verify` decides
+    about the sums."""
+    return type(
+        release.__name__,
+        (release,),
+        {
+            "train_list": [[f, None] for f, _ in release.train_list],
+            "test_list": [[f, None] for f, _ in release.test_list],
+            "meta": {**release.meta, "md5": None},
+        },
+    )
 
 
 class _CIFARSource(Source):
-    folder: str
-    train_files: list[str]
-    test_files: list[str]
-    meta_file: str
-    label_key: str
-    names_key: str
+    """CIFAR through torchvision's ``CIFAR10`` / ``CIFAR100``: their file lists, MD5 sums,
+    download and pickle reader.
+
+    Before reading, every file must be present (the error lists them). The published release
+    is recognised by its sums: where some data files match torchvision's MD5 sums and others
+    do not, those others are damaged and named. A folder where no data file matches is a copy
+    in the release's format (a re-pickled subset, the tests' tiny files): it is read without
+    sums, and a file that does not parse is named then (docs/datasets.md).
+    """
+
     torchvision_name: str
     display: str
 
     def __init__(self, root: str | Path, download: bool = True) -> None:
         super().__init__(root, download)
         self._names: list[str] | None = None
+        self._verified = False
 
-    def _all_files(self) -> list[str]:
-        return [*self.train_files, *self.test_files, self.meta_file]
+    @property
+    def release(self) -> type:
+        """torchvision's dataset class of this release (file names, sums, URL)."""
+        from torchvision.datasets import cifar
 
-    def _present(self, folder: Path) -> bool:
-        return all((folder / f).is_file() for f in self._all_files())
+        return getattr(cifar, self.torchvision_name)
+
+    @property
+    def folder(self) -> Path:
+        return self.root / self.release.base_folder
+
+    def _files(self, split: str | None = None) -> list[str]:
+        """The data files of ``split``, or every file of the release (data, then meta)."""
+        lists = {"train": self.release.train_list, "test": self.release.test_list}
+        data = [name for s in ([split] if split else SPLIT_NAMES) for name, _ in lists[s]]
+        return data if split else [*data, self.release.meta["filename"]]
+
+    def _present(self) -> bool:
+        return all((self.folder / f).is_file() for f in self._files())
 
     def _ensure(self) -> Path:
-        folder = self.root / self.folder
         error = None
-        if not self._present(folder) and self.download:
-            import torchvision
+        if not self._present() and self.download:
+            from torchvision.datasets import utils
 
-            cls = getattr(torchvision.datasets, self.torchvision_name)
-            error = _try_download(lambda: cls(str(self.root), train=True, download=True))
-        if not self._present(folder):
+            r = self.release
+            error = _try_download(
+                lambda: utils.download_and_extract_archive(
+                    r.url, str(self.root), filename=r.filename, md5=r.tgz_md5
+                )
+            )
+        if not self._present():
             raise _missing(
                 self.display,
-                folder,
-                self._all_files(),
+                self.folder,
+                self._files(),
                 "Download it on a machine with network access (dataset.source.download=true "
                 "does this through torchvision) and copy the folder here.",
                 error,
             )
-        return folder
+        self._verify()
+        return self.folder
+
+    def _verify(self) -> None:
+        if self._verified:
+            return
+        from torchvision.datasets.utils import check_integrity
+
+        sums = dict([*self.release.train_list, *self.release.test_list])
+        differ = [f for f, md5 in sums.items() if not check_integrity(self.folder / f, md5)]
+        if 0 < len(differ) < len(sums):
+            raise ValueError(
+                f"{self.folder}: {', '.join(differ)} differ from the published {self.display} "
+                "release (torchvision's MD5 sums) while its other files match: they are "
+                "damaged. Delete the folder and download it again."
+            )
+        self._verified = True
+
+    def _read(self, split: str) -> Any:
+        """torchvision's dataset of ``split``: ``data`` (N, 32, 32, 3), ``targets``, ``classes``."""
+        folder = self._ensure()
+        try:
+            return _without_sums(self.release)(str(self.root), train=split == "train")
+        except Exception as err:  # pickle, key and shape errors: name the file when one is broken
+            files = [folder / f for f in (*self._files(split), self.release.meta["filename"])]
+            bad = _unreadable(files)
+            raise ValueError(
+                f"{', '.join(map(str, bad or files))} is not a readable CIFAR pickle "
+                f"({type(err).__name__}: {err}): the file is probably truncated or not "
+                f"{self.display}; delete its folder and download it again"
+            ) from err
 
     @property
     def class_names(self) -> list[str]:  # type: ignore[override]
         if self._names is None:
-            path = self._ensure() / self.meta_file
-            names = [
-                n.decode() if isinstance(n, bytes) else str(n)
-                for n in _key(_unpickle(path), self.names_key, path)
-            ]
-            if len(names) != self.num_classes:
-                raise ValueError(
-                    f"{path} lists {len(names)} class names, {self.display} has "
-                    f"{self.num_classes}: download it again"
-                )
-            self._names = names
+            self.load("test")  # the smaller split; every split's dataset carries the names
+        assert self._names is not None
         return self._names
 
     def load(self, split: str) -> ImageArrays:
         self._check_split(split)
-        folder = self._ensure()
-        images, labels = [], []
-        for f in self.train_files if split == "train" else self.test_files:
-            path = folder / f
-            d = _unpickle(path)
-            data = np.asarray(_key(d, "data", path), dtype=np.uint8)
-            lbl = self._check_labels(np.asarray(_key(d, self.label_key, path)), path)
-            if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(lbl) != len(data):
-                raise ValueError(
-                    f"{path}: expected N rows of 3072 bytes and N labels, got data "
-                    f"{data.shape} and {len(lbl)} labels: download it again"
-                )
-            # Rows are row-major (C, H, W) bytes; the sources' contract is (N, H, W, C).
-            images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-            labels.append(lbl)
-        return ImageArrays(np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels))
+        ds = self._read(split)
+        labels = self._check_labels(np.asarray(ds.targets), self.folder)
+        if len(labels) != len(ds.data) or len(ds.classes) != self.num_classes:
+            raise ValueError(
+                f"{self.folder}: the {split} files hold {len(ds.data)} images, {len(labels)} "
+                f"labels and {len(ds.classes)} class names ({self.display} has "
+                f"{self.num_classes}): download it again"
+            )
+        self._names = [str(n) for n in ds.classes]
+        return ImageArrays(np.ascontiguousarray(ds.data, dtype=np.uint8), labels)
 
 
 class CIFAR10Source(_CIFARSource):
@@ -204,12 +250,6 @@ class CIFAR10Source(_CIFARSource):
     num_classes = 10
     channels = 3
     native_size = 32
-    folder = "cifar-10-batches-py"
-    train_files = [f"data_batch_{i}" for i in range(1, 6)]
-    test_files = ["test_batch"]
-    meta_file = "batches.meta"
-    label_key = "labels"
-    names_key = "label_names"
     torchvision_name = "CIFAR10"
 
 
@@ -221,12 +261,6 @@ class CIFAR100Source(_CIFARSource):
     num_classes = 100
     channels = 3
     native_size = 32
-    folder = "cifar-100-python"
-    train_files = ["train"]
-    test_files = ["test"]
-    meta_file = "meta"
-    label_key = "fine_labels"
-    names_key = "fine_label_names"
     torchvision_name = "CIFAR100"
 
 
