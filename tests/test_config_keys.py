@@ -34,6 +34,14 @@ from tests.conftest import CONFIG_DIR, compose_config
             "trainer.max_step is not an argument of lightning.Trainer; did you mean trainer.max_steps?",
         ),
         ("+imbalance.ration=50", "did you mean imbalance.ratio?"),
+        (
+            "+callbacks.checkpoint.every_n_train_step=3",
+            "callbacks.checkpoint.every_n_train_step is not an argument of "
+            "lt_diffusion.training.callbacks.RunCheckpoint; did you mean "
+            "callbacks.checkpoint.every_n_train_steps?",
+        ),
+        ("+callbacks.sample_grid.per_clas=3", "did you mean callbacks.sample_grid.per_class?"),
+        ("+callbacks.lr=3", "callbacks.lr is not a key any config defines"),
     ],
 )
 def test_a_typo_is_refused_with_the_closest_key(override: str, message: str) -> None:
@@ -50,6 +58,17 @@ def test_keys_set_only_by_some_configs_are_known() -> None:
     assert unknown_keys(cfg) == []
     cfg = compose_config("train", ["experiment=cm/cifar10_lt_ir100_cm", "optimizer.lr=1e-4"])
     assert unknown_keys(cfg) == []
+
+
+def test_a_callback_added_on_the_command_line_is_known_and_its_arguments_checked() -> None:
+    lr = "+callbacks.lr._target_=lightning.pytorch.callbacks.LearningRateMonitor"
+    assert unknown_keys(compose_config("train", [lr, "+callbacks.lr.logging_interval=step"])) == []
+    typo = compose_config("train", [lr, "+callbacks.lr.logging_intervl=step"])
+    assert unknown_keys(typo) == [
+        "callbacks.lr.logging_intervl is not an argument of "
+        "lightning.pytorch.callbacks.LearningRateMonitor; did you mean callbacks.lr.logging_interval?"
+    ]
+    assert unknown_keys(compose_config("train", ["callbacks=none"])) == []
 
 
 def _imbalance_options() -> list[str]:

@@ -10,9 +10,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
-from unittest import mock
 
+import lightning as L
 import pytest
 
 from lt_diffusion.utils.runlock import LOCK_NAME, RunLock, RunLockedError, hold_run_lock
@@ -228,26 +227,41 @@ def test_only_global_rank_zero_locks(monkeypatch, env: dict, zero: bool) -> None
     assert (launch_rank() == 0) is zero
 
 
-def test_a_run_that_lost_its_lock_stops_without_writing(tmp_path: Path) -> None:
+class TakeOverAt(L.Callback):
+    """Writes another training's lock into the run directory when step ``step`` ends, as a
+    requeue that declared this one dead would (added with +callbacks.<name>._target_=...)."""
+
+    def __init__(self, run_dir: str, step: int) -> None:
+        self.run_dir, self.step = Path(run_dir), step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            _write_lock(self.run_dir, host="node-17", pid=1, slurm_job_id="4242")
+
+
+def test_a_run_that_lost_its_lock_stops_without_writing(train_overrides, tmp_path: Path) -> None:
     """A requeue took over while the original still runs: the original's next checkpoint
     write is refused instead of overwriting the new owner's."""
-    from lt_diffusion.training.callbacks import PeriodicCheckpoint
+    from lt_diffusion import train
+    from lt_diffusion.training.checkpoint import read_checkpoint
+    from tests.conftest import compose_config
 
-    lock = RunLock(tmp_path)
-    lock.acquire()
-    callback = PeriodicCheckpoint(tmp_path / "checkpoints", 1, lost_run_dir=lock.lost)
-    trainer = SimpleNamespace(
-        global_step=5,
-        strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj),
-        save_checkpoint=mock.Mock(),
+    run_dir = tmp_path / "run"
+    cfg = compose_config(
+        "train",
+        train_overrides(
+            "train.max_steps=8",
+            "train.ckpt_every=2",
+            "data.batch_size=4",
+            f"paths.run_dir={run_dir}",
+            f"+callbacks.thief._target_={__name__}.TakeOverAt",
+            f"+callbacks.thief.run_dir={run_dir}",
+            "+callbacks.thief.step=3",
+        ),
     )
-    callback.on_train_batch_end(trainer)
-    assert trainer.save_checkpoint.call_count == 1  # still the owner: writes
-
-    _write_lock(tmp_path, host="node-17", pid=1, slurm_job_id="4242")  # the requeue's lock
-    trainer.global_step = 6
     with pytest.raises(RunLockedError, match="process 1 on host node-17, SLURM job 4242"):
-        callback.on_train_batch_end(trainer)
-    assert trainer.save_checkpoint.call_count == 1
-    lock.release()
-    assert _owner(tmp_path)["host"] == "node-17"  # the new owner's lock stays
+        train.run(cfg)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert read_checkpoint(last)["global_step"] == 2  # written while it owned the directory
+    assert not list(last.parent.glob("*.tmp"))
+    assert _owner(run_dir)["host"] == "node-17"  # the new owner's lock stays

@@ -1,84 +1,119 @@
-"""Callbacks: periodic (atomic) checkpoints and sample grids."""
+"""Callbacks: checkpoints (Lightning's ModelCheckpoint, atomic through the trainer's checkpoint
+I/O), the run lock's guard on every write, and sample grids. ``configs/callbacks/`` builds them.
+"""
 
 from __future__ import annotations
 
+import inspect
 import io
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from PIL import Image
 from torchvision.utils import make_grid
 
 from lt_diffusion.diffusion import DDIMSampler, generate
 from lt_diffusion.diffusion.generate import is_latent_model
-from lt_diffusion.training.checkpoint import LAST
 from lt_diffusion.utils.io import atomic_write_bytes
 from lt_diffusion.utils.runlock import RunLockedError
 
 # Interrupts leave the state between two steps, so it is safe (and wanted) to save then.
 # Other exceptions (NaN, OOM, bugs) may leave bad weights: the last good checkpoint stays.
+# (ModelCheckpoint's own save_on_exception saves on every exception.)
 _SAVE_ON = (KeyboardInterrupt, SIGTERMException)
 
 
-class PeriodicCheckpoint(L.Callback):
-    """Write ``last.ckpt`` every ``every_n_steps``, at the end, and when interrupted.
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's :class:`~lightning.pytorch.callbacks.ModelCheckpoint` for a run directory
+    that is resumed in place.
 
-    With ``keep_every_n_steps`` a permanent ``step_XXXXXXX.ckpt`` is also kept at that period.
-    Writes go through the trainer's (atomic) checkpoint I/O. ``lost_run_dir`` (rank 0: the run
-    lock's :meth:`~lt_diffusion.utils.runlock.RunLock.lost`) is asked before every write; when
-    another training has taken the run directory over, every rank stops without writing.
+    With ``final=True`` (the run's ``last.ckpt``) it also saves the current step when training
+    ends and when it is interrupted (Ctrl-C, SIGTERM: SLURM requeue or time limit), unless
+    that step is saved already. It needs ``every_n_train_steps >= 1``: a run killed hard
+    (SIGKILL, a node lost) resumes from the latest periodic save. Every other argument is
+    ModelCheckpoint's. The "directory not empty" warning is not given: resuming into the
+    run's own checkpoint folder is the design.
     """
 
-    def __init__(
-        self,
-        dirpath: str | Path,
-        every_n_steps: int,
-        keep_every_n_steps: int = 0,
-        lost_run_dir: Callable[[], str | None] | None = None,
-    ):
-        if every_n_steps < 1:
-            raise ValueError(f"train.ckpt_every must be >= 1, got {every_n_steps}")
-        self.dirpath = Path(dirpath)
-        self.every_n_steps = every_n_steps
-        self.keep_every_n_steps = keep_every_n_steps
-        self.lost_run_dir = lost_run_dir
-        self._saved_step = -1
-
-    def _check_owner(self, trainer: L.Trainer) -> None:
-        lost = self.lost_run_dir() if self.lost_run_dir is not None else None
-        lost = trainer.strategy.broadcast(lost, src=0)  # every rank stops, or none
-        if lost:
-            raise RunLockedError(
-                f"Stopping without writing to {self.dirpath.parent}: {lost}. That training "
-                "continues the run; this one is redundant."
+    def __init__(self, *, final: bool = False, **kwargs: Any) -> None:
+        if final and int(kwargs.get("every_n_train_steps") or 0) < 1:
+            raise ValueError(
+                "train.ckpt_every (callbacks.checkpoint.every_n_train_steps) must be >= 1, got "
+                f"{kwargs.get('every_n_train_steps')}: last.ckpt is written every that many steps"
             )
+        super().__init__(**kwargs)
+        self.final = final
 
-    def _save(self, trainer: L.Trainer) -> None:
-        step = trainer.global_step
-        if step == self._saved_step:
-            return
-        self._check_owner(trainer)
-        trainer.save_checkpoint(self.dirpath / LAST)
-        if self.keep_every_n_steps and step % self.keep_every_n_steps == 0:
-            trainer.save_checkpoint(self.dirpath / f"step_{step:07d}.ckpt")
-        self._saved_step = step
+    @property
+    def state_key(self) -> str:
+        # ModelCheckpoint's key is its period and monitor: last.ckpt and step files saved at
+        # the same period would share it, and Lightning refuses two callbacks with one key.
+        return f"{type(self).__name__}{{'filename': {self.filename!r}}}"
 
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.global_step % self.every_n_steps == 0:
-            self._save(trainer)
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Checkpoint directory .* exists and is not empty")
+            super().setup(trainer, pl_module, stage)
+
+    def _save_current_step(self, trainer: L.Trainer) -> None:
+        if self.final and not self._should_skip_saving_checkpoint(trainer):  # not saved yet
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._save(trainer)
+        super().on_train_end(trainer, pl_module)
+        self._save_current_step(trainer)
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        if isinstance(exception, _SAVE_ON) and trainer.global_step > 0:
-            self._save(trainer)
+        super().on_exception(trainer, pl_module, exception)
+        if isinstance(exception, _SAVE_ON):
+            self._save_current_step(trainer)
+
+
+# ModelCheckpoint's arguments (keyword-only) and ``final``: what the config check
+# (config_keys) and instantiate see, so that a misspelt argument is named before the run.
+RunCheckpoint.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [
+        *(
+            p.replace(kind=p.KEYWORD_ONLY)
+            for p in inspect.signature(ModelCheckpoint).parameters.values()
+        ),
+        inspect.Parameter("final", inspect.Parameter.KEYWORD_ONLY, default=False),
+    ]
+)
+
+
+class RunLockGuard(L.Callback):
+    """Asks the run lock before every checkpoint write: when another training has taken the
+    run directory over (``lost_run_dir``, rank 0's
+    :meth:`~lt_diffusion.utils.runlock.RunLock.lost`), every rank stops without writing.
+
+    Lightning calls ``on_save_checkpoint`` on every rank after gathering the checkpoint and
+    before the write, for every checkpoint callback (not for ``save_weights_only`` ones, which
+    cannot resume a run anyway). Built by the run itself, never left out by a config.
+    """
+
+    def __init__(self, run_dir: str | Path, lost_run_dir: Callable[[], str | None] | None):
+        self.run_dir = Path(run_dir)
+        self.lost_run_dir = lost_run_dir
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        lost = self.lost_run_dir() if self.lost_run_dir is not None else None
+        lost = trainer.strategy.broadcast(lost, src=0)  # every rank stops, or none
+        if lost:
+            raise RunLockedError(
+                f"Stopping without writing to {self.run_dir}: {lost}. That training "
+                "continues the run; this one is redundant."
+            )
 
 
 class SampleGrid(L.Callback):
@@ -131,11 +166,11 @@ class SampleGrid(L.Callback):
             device=pl_module.device,
         )
         grid = make_grid(images.cpu(), nrow=self.per_class, padding=1, pad_value=255)
+        image = Image.fromarray(grid.permute(1, 2, 0).numpy().squeeze())
         buf = io.BytesIO()
-        Image.fromarray(grid.permute(1, 2, 0).numpy().squeeze()).save(buf, format="PNG")
-        data = buf.getvalue()
-        atomic_write_bytes(self.dirpath / f"grid_step{step:07d}.png", data)
-        atomic_write_bytes(self.dirpath / "latest.png", data)
+        image.save(buf, format="PNG")
+        atomic_write_bytes(self.dirpath / f"grid_step{step:07d}.png", buf.getvalue())
+        atomic_write_bytes(self.dirpath / "latest.png", buf.getvalue())
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args):
         if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:

@@ -97,7 +97,10 @@ def unknown_keys(cfg: DictConfig, known: frozenset[str] | None = None) -> list[s
                 choices = sorted(accepted or ())
                 what = f"an argument of {target}"
             else:
-                valid = dotted in known
+                # A callback added on the command line (+callbacks.<name>._target_=...) is built
+                # by the run like the group's own; its arguments are checked against its target.
+                added = prefix == "callbacks" and isinstance(value, dict) and "_target_" in value
+                valid = dotted in known or added
                 choices = sorted(k.rsplit(".", 1)[-1] for k in _children(known, prefix))
                 what = "a key any config defines"
             if not valid:

@@ -17,7 +17,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -29,7 +29,7 @@ from lt_diffusion.training.builders import (
     build_objective,
     build_schedule,
 )
-from lt_diffusion.training.callbacks import PeriodicCheckpoint, SampleGrid
+from lt_diffusion.training.callbacks import RunLockGuard
 from lt_diffusion.training.checkpoint import (
     LAST,
     META_KEY,
@@ -72,6 +72,13 @@ def build_logger(cfg: DictConfig, resume_step: int = 0) -> Any:
     if issubclass(hydra.utils.get_class(cfg.logger._target_), ResumableCSVLogger):
         return instantiate(cfg.logger, resume_step=resume_step)
     return instantiate(cfg.logger)
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path, lock: RunLock | None) -> list[L.Callback]:
+    """The ``callbacks`` group's callbacks (an entry set to null is left out), and the guard
+    that stops a run which lost its run directory's lock before any checkpoint write."""
+    configured = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    return [*configured, RunLockGuard(run_dir, lock.lost if lock is not None else None)]
 
 
 def launch_rank() -> int:
@@ -154,7 +161,9 @@ def _train(cfg: DictConfig, run_dir: Path, lock: RunLock | None) -> Path:
             rank_zero_info(f"Removed {tmp}, a checkpoint write that was killed mid-way")
     L.seed_everything(process_seed(cfg.seed, launch_rank()), workers=True, verbose=False)
 
-    # Cheap checks first: the data source (files, ratio, names) and the resume checkpoint.
+    # Cheap checks first: the callbacks' settings, the data source (files, ratio, names) and the
+    # resume checkpoint.
+    callbacks = build_callbacks(cfg, run_dir, lock)
     datamodule = build_datamodule(cfg, on_device=_auto(cfg.data.on_device, on_gpu))
     resume = find_resume_checkpoint(ckpt_dir, cfg)
     if resume is not None and not cfg.train.resume:
@@ -185,27 +194,12 @@ def _train(cfg: DictConfig, run_dir: Path, lock: RunLock | None) -> Path:
         channels_last=_auto(cfg.train.channels_last, on_gpu),
         meta=meta,
     )
-    callbacks = [
-        PeriodicCheckpoint(
-            ckpt_dir,
-            cfg.train.ckpt_every,
-            cfg.train.keep_every,
-            lost_run_dir=lock.lost if lock is not None else None,
-        ),
-        SampleGrid(
-            run_dir / "samples",
-            cfg.train.grid_every,
-            per_class=cfg.train.grid_per_class,
-            steps=cfg.train.grid_steps,
-            guidance=cfg.sampler.guidance,
-            seed=cfg.seed,
-        ),
-        TQDMProgressBar(refresh_rate=max(1, int(cfg.train.log_every))),
-    ]
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         logger=build_logger(cfg, resume_step),
         callbacks=callbacks,
+        # Lightning would add its own ModelCheckpoint (every epoch) when none is configured.
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         plugins=[AtomicCheckpointIO(), *cluster_plugins()],
         default_root_dir=str(run_dir),
     )

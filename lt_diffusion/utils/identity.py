@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 NOT_DEFINING = (
     "paths",
     "logger",
+    "callbacks",  # checkpoints, grids, progress bar (their periods come from train.* too)
     "hydra",
     "run_name",
     "tag",

@@ -1,0 +1,134 @@
+"""The training's callbacks come from the ``callbacks`` config group: Lightning's ModelCheckpoint
+(``last.ckpt`` every ``train.ckpt_every`` steps, at the end and on SIGTERM; permanent step files
+every ``train.keep_every``), the sample grid and the progress bar; each can be changed or left
+out from the command line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from lt_diffusion.training.checkpoint import read_checkpoint
+from tests.conftest import ROOT, compose_config
+from tests.test_resume import FAST, assert_same_training_state
+
+
+def _train(overrides: list[str], run_dir: Path) -> Path:
+    from lt_diffusion import train
+
+    return train.run(compose_config("train", [*overrides, f"paths.run_dir={run_dir}"]))
+
+
+def _step(path: Path) -> int:
+    return int(read_checkpoint(path)["global_step"])
+
+
+def test_periodic_kept_and_final_checkpoints(train_overrides, tmp_path) -> None:
+    ov = train_overrides(*FAST, "train.max_steps=7", "train.ckpt_every=2", "train.keep_every=3")
+    run_dir = _train([*ov, "train.grid_every=4"], tmp_path / "r")
+    ckpts = run_dir / "checkpoints"
+    # 7 is no multiple of 2: the end of training saves it; step files at 3 and 6 stay.
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "last.ckpt",
+        "step_0000003.ckpt",
+        "step_0000006.ckpt",
+    ]
+    assert [_step(ckpts / n) for n in ("last.ckpt", "step_0000003.ckpt")] == [7, 3]
+    grids = sorted(p.name for p in (run_dir / "samples").iterdir())
+    assert grids == ["grid_step0000004.png", "grid_step0000007.png", "latest.png"]
+
+
+def test_one_callback_changed_or_left_out_from_the_command_line(train_overrides, tmp_path) -> None:
+    ov = train_overrides(*FAST, "train.max_steps=3", "train.ckpt_every=100")
+    run_dir = _train(
+        [*ov, "callbacks.kept_checkpoints.every_n_train_steps=1", "callbacks.sample_grid=null"],
+        tmp_path / "r",
+    )
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == ["last.ckpt", *(f"step_000000{k}.ckpt" for k in (1, 2, 3))]
+    assert not (run_dir / "samples").exists()
+
+
+def test_no_callbacks_writes_nothing(train_overrides, tmp_path) -> None:
+    # Without a checkpoint callback Lightning would add its own (every epoch): it must not.
+    run_dir = _train(train_overrides(*FAST, "train.max_steps=12", "callbacks=none"), tmp_path / "r")
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "samples").exists()
+
+
+def test_a_bad_checkpoint_period_is_refused_before_the_data_is_read(
+    train_overrides, tmp_path
+) -> None:
+    ov = train_overrides("train.max_steps=3", "train.ckpt_every=0", "paths.data_root=/nowhere")
+    with pytest.raises(Exception, match=r"train.ckpt_every \(callbacks.checkpoint.every_n_train"):
+        _train(ov, tmp_path / "r")
+    typo = train_overrides("+callbacks.checkpoint.every_n_train_step=3")
+    with pytest.raises(ValueError, match="did you mean callbacks.checkpoint.every_n_train_steps"):
+        _train(typo, tmp_path / "r")
+
+
+class RaiseAt(L.Callback):
+    """Raises ``error`` (a class name) when step ``step`` ends."""
+
+    def __init__(self, step: int, error: str) -> None:
+        self.step, self.error = step, error
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            raise {"SIGTERMException": SIGTERMException, "ValueError": ValueError}[self.error]()
+
+
+@pytest.mark.parametrize("error,saved", [("SIGTERMException", 5), ("ValueError", 4)])
+def test_an_interrupt_saves_the_current_step_an_error_does_not(
+    train_overrides, tmp_path, error: str, saved: int
+) -> None:
+    # A failing step (NaN, OOM, a bug) may leave bad weights: the last good checkpoint stays.
+    ov = train_overrides(
+        *FAST, "train.max_steps=9", "train.ckpt_every=4", "callbacks.sample_grid=null"
+    )
+    ov += [f"+callbacks.stop._target_={__name__}.RaiseAt", "+callbacks.stop.step=5"]
+    with pytest.raises(SIGTERMException if error == "SIGTERMException" else ValueError):
+        _train([*ov, f"+callbacks.stop.error={error}"], tmp_path / "r")
+    assert _step(tmp_path / "r" / "checkpoints" / "last.ckpt") == saved
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_current_step_and_the_resume_is_exact(train_overrides, tmp_path) -> None:
+    """SLURM's requeue and time limit send SIGTERM: the step reached is saved (no periodic save
+    is near), and resuming from it gives the uninterrupted run's state, bit for bit."""
+    ov = train_overrides(
+        *FAST, "train.ckpt_every=100000", "logger=csv", "train.log_every=1", "model.dropout=0.3"
+    )
+    run_dir = tmp_path / "killed"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "lt_diffusion.train", *ov, f"paths.run_dir={run_dir}"]
+    proc = subprocess.Popen(
+        [*cmd, "train.max_steps=100000"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    metrics, deadline = run_dir / "logs" / "metrics.csv", time.time() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) > 4):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=120)[0]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert last.exists(), log
+    stopped = _step(last)
+    assert 3 <= stopped < 100000, log
+
+    target = f"train.max_steps={stopped + 2}"
+    _train([*ov, target], run_dir)
+    straight = _train([*ov, target], tmp_path / "straight")
+    assert_same_training_state(straight / "checkpoints" / "last.ckpt", last)
