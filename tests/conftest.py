@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -22,6 +24,15 @@ def compose_config(name: str, overrides: list[str]) -> DictConfig:
     """Compose ``configs/<name>.yaml`` with overrides, as the command line would."""
     with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
         return compose(config_name=name, overrides=overrides)
+
+
+def assert_same_state(a: Any, b: Any) -> None:
+    """Two modules hold the same ``state_dict``: equal tensors, equal extra states."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key, value in sa.items():
+        same = torch.equal(value, sb[key]) if torch.is_tensor(value) else value == sb[key]
+        assert same, key
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ from lt_diffusion.diffusion import DDIMSampler, DDPMSampler, NoiseSchedule, gene
 from lt_diffusion.diffusion.generate import sample_unbounded
 from lt_diffusion.models import LatentUNet, encoded_training_set
 from lt_diffusion.models.latent_cache import cache_key, cache_path
-from lt_diffusion.training.checkpoint import load_sampling_model, read_checkpoint
-from tests.conftest import compose_config
+from lt_diffusion.training.checkpoint import load_exported, load_sampling_model, read_checkpoint
+from tests.conftest import assert_same_state, compose_config
 
 VAE = {
     "in_channels": 3,
@@ -264,6 +264,7 @@ def test_train_checkpoint_load_sample_and_evaluate(
     for name, tensor in model.state_dict().items():
         if name != "_extra_state":
             assert torch.equal(tensor, ema[name]), name
+    assert_same_state(load_exported(run_dir / "export")[0], model)
 
     cfg = compose_config(
         "evaluate",

@@ -19,8 +19,8 @@ from lt_diffusion.models import (
     merge_lora,
 )
 from lt_diffusion.models.lowrank import lowrank_layers, set_expert_enabled, theta_g_only
-from lt_diffusion.training.checkpoint import load_sampling_model, read_checkpoint
-from tests.conftest import CONFIG_DIR, compose_config
+from lt_diffusion.training.checkpoint import load_exported, load_sampling_model, read_checkpoint
+from tests.conftest import CONFIG_DIR, assert_same_state, compose_config
 from tests.fakedata import SD_MAX_LEN as MAX_LEN
 from tests.fakedata import write_tiny_sd
 
@@ -234,6 +234,11 @@ def test_cm_lora_train_checkpoint_load_sample_and_evaluate(
     cifar_names = meta["dataset"]["class_names"]
     assert model.class_names == cifar_names and model.adapter_ranks == {"general": 4, "expert": 2}
     assert model.prompts(cifar_names)[0] == f"a {cifar_names[0].replace('_', ' ')} painting"
+    # The export holds the same trained parts; the pretrained folder its config names gives
+    # the rest (checked against the digest, as for the checkpoint).
+    exported, _ = load_exported(run_dir / "export")
+    assert_same_state(exported, model)
+    assert exported.class_names == cifar_names and exported.adapter_ranks == model.adapter_ranks
 
     records = {}
     for theta_g in (False, True):

@@ -1,12 +1,16 @@
-"""Checkpoints: atomic writes, validation before use, and loading a model for sampling.
+"""Checkpoints: atomic writes, validation before use, loading a model for sampling, and the
+safetensors export of the EMA weights.
 
 A Lightning checkpoint of this project carries an ``lt_diffusion`` entry with the resolved
 config and the dataset description, so a checkpoint alone is enough to rebuild its model.
+The export (``<run_dir>/export/``) is the same EMA model without pickles: ``ema.safetensors``
+and the resolved ``config.yaml`` beside it (:func:`export_ema`, :func:`load_exported`).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -18,10 +22,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lt_diffusion.utils.identity import training_settings
-from lt_diffusion.utils.io import atomic_torch_save
+from lt_diffusion.utils.io import atomic_torch_save, atomic_write_bytes, atomic_write_text
 
 META_KEY = "lt_diffusion"
 LAST = "last.ckpt"
+EXPORT_WEIGHTS = "ema.safetensors"
+EXPORT_CONFIG = "config.yaml"
+EXPORT_FORMAT = "lt_diffusion.export/1"
 
 # A run may be resumed under another budget (train.max_steps: a longer run continues) and on
 # other hardware (trainer: devices, precision; see docs/training.md on what that changes); every
@@ -115,19 +122,99 @@ def load_sampling_model(
 
     Returns the model in eval mode and the checkpoint's metadata (config, dataset, step).
     """
-    from lt_diffusion.training.builders import build_model
-
     ckpt = read_checkpoint(path)
     meta = dict(ckpt[META_KEY])
     meta["global_step"] = int(ckpt.get("global_step", 0))
     meta["checkpoint"] = str(Path(path).resolve())
-    model = build_model(OmegaConf.create(meta["config"]))
+    model = _rebuild(meta["config"], model_state(ckpt, ema=ema), path)
+    return model.to(device).eval().requires_grad_(False), meta
+
+
+def _rebuild(config: Any, state: dict[str, Any], source: str | Path) -> nn.Module:
+    """The model ``config`` describes (its method's transform included), holding ``state``."""
+    from lt_diffusion.training.builders import build_model
+
+    model = build_model(OmegaConf.create(config))
     try:
-        model.load_state_dict(model_state(ckpt, ema=ema))
+        model.load_state_dict(state)
     except RuntimeError as err:
         raise CheckpointError(
-            f"weights in {path} do not fit the model its config describes: {str(err)[:300]}"
+            f"weights in {source} do not fit the model its config describes: {str(err)[:300]}"
         ) from err
+    return model
+
+
+def export_ema(state: dict[str, Any], meta: dict[str, Any], folder: str | Path) -> Path:
+    """Write an EMA model's ``state_dict`` as ``<folder>/ema.safetensors`` and its resolved
+    config as ``<folder>/config.yaml``, each atomically; returns ``folder``.
+
+    ``meta`` holds ``config`` (the resolved run config), ``dataset`` (class names, counts,
+    splits), ``global_step`` and ``code_version``; all but the config go into the file's
+    safetensors metadata (strings). A latent or Stable Diffusion backbone's state leaves its
+    frozen pretrained weights out (autoencoder, text encoder, the LoRA-frozen U-Net): the
+    export holds what training changed, and the pretrained folder the config names must be
+    present to load it, as for a checkpoint. Their non-tensor state (the digest of those
+    pretrained weights, SD's class names and adapters) is kept as JSON in the metadata.
+    """
+    from safetensors.torch import save
+
+    folder = Path(folder)
+    tensors = {
+        k: v.detach().cpu().contiguous().clone() for k, v in state.items() if torch.is_tensor(v)
+    }
+    extra = {k: v for k, v in state.items() if not torch.is_tensor(v)}
+    metadata = {
+        "format": EXPORT_FORMAT,
+        "global_step": str(int(meta.get("global_step", 0))),
+        "code_version": str(meta.get("code_version", "")),
+        "dataset": json.dumps(meta.get("dataset", {})),
+        "extra_state": json.dumps(extra),
+    }
+    atomic_write_bytes(folder / EXPORT_WEIGHTS, save(tensors, metadata=metadata))
+    atomic_write_text(folder / EXPORT_CONFIG, OmegaConf.to_yaml(OmegaConf.create(meta["config"])))
+    return folder
+
+
+def load_exported(
+    folder: str | Path, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild an exported model (:func:`export_ema`) from ``config.yaml`` and load
+    ``ema.safetensors`` (no pickle is read). Returns the model in eval mode and the metadata
+    (config, dataset, global_step, code_version), as :func:`load_sampling_model` does.
+
+    ``config.yaml`` may be edited where paths differ on this machine (``model.pretrained``).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    weights, config = folder / EXPORT_WEIGHTS, folder / EXPORT_CONFIG
+    missing = [p.name for p in (weights, config) if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder} is not an export: {' and '.join(missing)} missing. A finished training "
+            "writes <run_dir>/export/ (train.export=true)."
+        )
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            info = f.metadata() or {}
+            names = f.keys()  # a safetensors handle: not iterable like a dict
+            state: dict[str, Any] = {k: f.get_tensor(k) for k in names}
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{weights} is not a readable safetensors file: {err}") from err
+    if info.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(
+            f"{weights} is not an lt-diffusion export (metadata format {info.get('format')!r}, "
+            f"expected {EXPORT_FORMAT!r})"
+        )
+    state.update(json.loads(info["extra_state"]))
+    cfg = OmegaConf.to_container(OmegaConf.load(config), resolve=True)
+    meta = {
+        "config": cfg,
+        "dataset": json.loads(info["dataset"]),
+        "global_step": int(info["global_step"]),
+        "code_version": info["code_version"],
+    }
+    model = _rebuild(cfg, state, weights)
     return model.to(device).eval().requires_grad_(False), meta
 
 

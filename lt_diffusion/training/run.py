@@ -31,10 +31,13 @@ from lt_diffusion.training.builders import (
 )
 from lt_diffusion.training.callbacks import RunLockGuard
 from lt_diffusion.training.checkpoint import (
+    EXPORT_CONFIG,
+    EXPORT_WEIGHTS,
     LAST,
     META_KEY,
     AtomicCheckpointIO,
     CheckpointError,
+    export_ema,
     find_resume_checkpoint,
     model_state,
     read_checkpoint,
@@ -43,7 +46,7 @@ from lt_diffusion.training.config_keys import check_known_keys
 from lt_diffusion.training.csvlog import ResumableCSVLogger
 from lt_diffusion.training.module import DiffusionModule
 from lt_diffusion.utils.io import atomic_write_text, remove_temporaries
-from lt_diffusion.utils.runlock import RunLock, describe_holder, hold_run_lock
+from lt_diffusion.utils.runlock import RunLock, RunLockedError, describe_holder, hold_run_lock
 
 
 def _on_gpu(cfg: DictConfig) -> bool:
@@ -208,5 +211,16 @@ def _train(cfg: DictConfig, run_dir: Path, lock: RunLock | None) -> Path:
     if resume is not None:
         rank_zero_info(f"Resuming from {resume} at step {resume_step}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    if cfg.train.export and trainer.is_global_zero:
+        export(module, trainer.global_step, run_dir / "export", lock)
     rank_zero_info(f"Run directory: {run_dir}\n  checkpoint: {ckpt_dir / LAST}")
     return run_dir
+
+
+def export(module: DiffusionModule, step: int, folder: Path, lock: RunLock | None) -> None:
+    """The finished run's EMA model as safetensors with its config (rank 0, under the lock)."""
+    lost = lock.lost() if lock is not None else None
+    if lost:
+        raise RunLockedError(f"Not exporting to {folder}: {lost}")
+    export_ema(module.ema_model.state_dict(), {**module.meta, "global_step": step}, folder)
+    rank_zero_info(f"Exported the EMA model to {folder} ({EXPORT_WEIGHTS}, {EXPORT_CONFIG})")

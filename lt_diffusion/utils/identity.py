@@ -46,6 +46,7 @@ NOT_DEFINING = (
     "train.grid_clip_denoised",
     "train.log_every",
     "train.resume",
+    "train.export",
 )
 # The Trainer settings that do change the weights; the rest (accelerator, logging cadence,
 # model summary, anomaly detection, cuDNN benchmark) do not.
