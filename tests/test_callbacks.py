@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from PIL import Image
 
 from lt_diffusion.training.checkpoint import read_checkpoint
 from tests.conftest import ROOT, compose_config
@@ -132,3 +133,12 @@ def test_sigterm_saves_the_current_step_and_the_resume_is_exact(train_overrides,
     _train([*ov, target], run_dir)
     straight = _train([*ov, target], tmp_path / "straight")
     assert_same_training_state(straight / "checkpoints" / "last.ckpt", last)
+
+
+def test_sample_grids_are_logged_to_wandb(train_overrides, tmp_path) -> None:
+    ov = train_overrides(*FAST, "logger=wandb", "train.max_steps=3", "train.grid_every=2")
+    run_dir = _train(ov, tmp_path / "r")  # wandb offline (tests/conftest.py)
+    logged = sorted(run_dir.glob("wandb/offline-run-*/files/media/images/samples/grid_*.png"))
+    assert len(logged) == 2  # step 2 and the end (step 3)
+    drawn = Image.open(run_dir / "samples" / "grid_step0000003.png")
+    assert Image.open(logged[-1]).size == drawn.size

@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from PIL import Image
 from torchvision.utils import make_grid
@@ -171,6 +172,10 @@ class SampleGrid(L.Callback):
         image.save(buf, format="PNG")
         atomic_write_bytes(self.dirpath / f"grid_step{step:07d}.png", buf.getvalue())
         atomic_write_bytes(self.dirpath / "latest.png", buf.getvalue())
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):  # the grids as a slider over steps in wandb
+                caption = f"step {step}: one row per class, class 0 (head) at the top"
+                logger.log_image("samples/grid", [image], step=step, caption=[caption])
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args):
         if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
