@@ -8,10 +8,11 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 .PHONY: setup data slurm weights demo test lint format clean
 
 # Python environment: torch + torchvision come from PyPI (see ENVIRONMENT notes in README).
+# Every extra: the tests use all of them (tests/test_dependencies.py checks this line).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev,latent,slurm]"
+	$(PY) -m pip install -q -e ".[dev,latent,slurm,weights]"
 	rm -f $(VENV)/.installed-* && touch $@
 
 # Fashion-MNIST offline from Debian's package when apt is usable; otherwise torchvision
