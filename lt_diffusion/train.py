@@ -10,19 +10,29 @@ holds ``<run_dir>/train.lock`` (:mod:`lt_diffusion.utils.runlock`).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 from lt_diffusion.runtime import CONFIG_DIR
-from lt_diffusion.training.run import run
 
 __all__ = ["main", "run"]
 
 
+def run(cfg: DictConfig) -> Path:
+    """Train the run ``cfg`` describes (:func:`lt_diffusion.training.run.run`)."""
+    # Imported here: torch and Lightning take seconds to import, which --help and shell
+    # completion (ltd-train -sc query=bash, at every TAB) do not need.
+    from lt_diffusion.training.run import run as train
+
+    return train(cfg)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
+    import torch
+
     os.environ.setdefault("WANDB_SILENT", "true")
     torch.set_float32_matmul_precision("high")
     run(cfg)

@@ -131,3 +131,29 @@ def test_table_without_a_table_says_how_to_choose_one(tmp_path: Path) -> None:
     assert res.returncode != 0
     assert "choose the table to reproduce: table=<name>, one of cm_table1" in res.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "tables").exists()
+
+
+COMPLETE = """
+eval "$(ltd-train -sc install=bash)"
+for line in "ltd-train callb" "ltd-train callbacks=" "ltd-train train.ckpt_"; do
+    COMP_LINE="$line"; COMP_POINT=${#line}; words=($line); COMP_CWORD=$((${#words[@]} - 1))
+    hydra_bash_completion
+    echo "${COMPREPLY[*]}"
+done
+"""
+
+
+def test_bash_completion_of_the_installed_command() -> None:
+    """README: ``eval "$(ltd-train -sc install=bash)"`` completes groups, options and keys (the
+    completion function is run as bash runs it on TAB)."""
+    script = Path(sys.executable).with_name("ltd-train")
+    if not script.is_file():
+        pytest.skip(f"{script} is not installed (pip install -e . installs the ltd-* scripts)")
+    path = f"{script.parent}{os.pathsep}{os.environ['PATH']}"
+    res = _run(["bash", "-c", f'PATH="{path}"\n{COMPLETE}'])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.splitlines() == [
+        "callbacks. callbacks=",
+        "callbacks=default callbacks=none",
+        "train.ckpt_every=",
+    ]
