@@ -35,6 +35,25 @@ def assert_same_state(a: Any, b: Any) -> None:
         assert same, key
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for tests of tiny tensors: as fast, and several times faster than
+    two when other processes compete for the cores (idle worker threads spin). Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def sched():
+    """Ho et al.'s linear schedule (T = 1000) in float64, for checks against closed forms."""
+    from lt_diffusion.diffusion import NoiseSchedule
+
+    return NoiseSchedule(1000).double()
+
+
 @pytest.fixture
 def tiny_cifar(tmp_path: Path) -> Path:
     """A data root holding a tiny CIFAR-10 in its real on-disk (pickle) format."""

@@ -17,117 +17,14 @@ from lt_diffusion.methods import (
     oc_gate,
     oc_selection_probs,
 )
+from tests.objectives import AlwaysDrop, T, TinyNet, abar_of, draw_labels, toy_batch, train_losses
 
 COUNTS = [5, 3, 1]  # training images per class; class 0 the head
-T = 1000
-
-
-# ----------------------------------------------------------------------------------------------
-# Helpers (test_methods_focal_ada_rs.py has the same: each file stands alone)
-
-
-class TinyNet(torch.nn.Module):
-    """A tiny float64 'network': ``eps = x_t W + b[y] + 1e-3 t (+ aug A)`` on (B, 1, 4, 4)
-    images; row 3 of ``b`` is the null label. It records the labels of every call."""
-
-    num_classes = 3
-    null_label = 3
-    augment_dim = 9
-
-    def __init__(self) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.w = torch.nn.Parameter(torch.randn(4, 4, generator=g, dtype=torch.float64))
-        self.b = torch.nn.Parameter(torch.randn(4, 4, generator=g, dtype=torch.float64))
-        self.a = torch.nn.Parameter(torch.randn(9, 4, generator=g, dtype=torch.float64))
-        self.seen: list[torch.Tensor] = []
-
-    def formula(self, x, t, y, aug=None):
-        out = x @ self.w + self.b[y][:, None, None, :] + 1e-3 * t[:, None, None, None]
-        if aug is not None:
-            out = out + (aug.double() @ self.a)[:, None, None, :]
-        return out
-
-    def forward(self, x, t, y, aug_labels=None):
-        self.seen.append(y.clone())
-        return self.formula(x, t, y, aug_labels)
-
-
-def draw_labels(probs: torch.Tensor, n: int) -> torch.Tensor:
-    """The objectives' label draw, written out: ``u ~ U[0, 1)``; the label is the number of
-    cumulative probabilities <= u (the first class whose cumulative probability exceeds u)."""
-    u = torch.rand(n) * probs.sum()
-    return (u[:, None] >= torch.cumsum(probs, 0)[None, :]).sum(1)
-
-
-def abar_of(t: torch.Tensor) -> torch.Tensor:
-    """``abar_t`` of Ho et al.'s linear schedule in float64, shaped (B, 1, 1, 1)."""
-    betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
-    return torch.cumprod(1 - betas, 0)[t][:, None, None, None]
-
-
-def train_losses(objective, steps: int = 60, transform=None, seed: int = 0) -> torch.Tensor:
-    """Train a tiny U-Net with ``objective`` on 32 fixed 8x8 images of 4 imbalanced classes
-    (full batch, Adam lr 1e-3); returns the loss of every step."""
-    from lt_diffusion.models.unet import UNet
-
-    counts = [16, 8, 5, 3]
-    g = torch.Generator().manual_seed(0)
-    y = torch.cat([torch.full((k,), c) for c, k in enumerate(counts)])
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 8), torch.linspace(-1, 1, 8), indexing="ij")
-    patterns = torch.stack([xx, yy, -xx, 2 * xx * yy])
-    x0 = (0.8 * patterns[y][:, None] + 0.1 * torch.randn(32, 1, 8, 8, generator=g)).clamp(-1, 1)
-    torch.manual_seed(seed)
-    model = UNet(
-        image_size=8, in_channels=1, ch=32, ch_mult=[1, 2], attn_resolutions=[],
-        num_res_blocks=1, dropout=0.0, num_classes=4,
-    )  # fmt: skip
-    if transform is not None:
-        model = transform(model)
-    objective.setup(counts, seed=seed)
-    sched = NoiseSchedule(T)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(steps):
-        out = objective(model, x0, y, sched)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        losses.append(float(out.loss.detach()))
-    return torch.tensor(losses)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one thread is as fast, and several times faster than two when
-    other processes compete for the cores (idle worker threads spin)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def sched() -> NoiseSchedule:
-    return NoiseSchedule(T).double()
-
-
-def _batch(b: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    x0 = torch.randn(b, 1, 4, 4, generator=g, dtype=torch.float64).clamp(-1, 1)
-    y = torch.arange(b) % 3
-    return x0, y
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _grads(model: torch.nn.Module, loss: torch.Tensor) -> list[torch.Tensor]:
     return list(torch.autograd.grad(loss, [model.w, model.b]))
-
-
-class _AlwaysDrop:
-    """Stands in for the objective's host RNG: the batch-level dropout coin always drops."""
-
-    def random(self) -> float:
-        return 0.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,7 +39,7 @@ def test_cbdm_loss_and_gradients_equal_formula(sched, fused: bool, target_dist: 
     )
     obj.setup(COUNTS)
     model = TinyNet()
-    x0, y = _batch()
+    x0, y = toy_batch()
     torch.manual_seed(3)
     out = obj(model, x0, y, sched)
     got = _grads(model, out.loss)
@@ -177,7 +74,7 @@ def test_cbdm_per_sample_dropout_regularises_only_kept_labels(sched) -> None:
     obj = CBDMObjective(cond_drop_prob=0.5, cond_drop_mode="sample")
     obj.setup(COUNTS)
     model = TinyNet()
-    x0, y = _batch(8)
+    x0, y = toy_batch(8)
     y = torch.arange(8) % 3
     torch.manual_seed(11)
     out, ctx = obj.compute(model, x0, y, sched)
@@ -203,12 +100,12 @@ def test_cbdm_per_sample_dropout_regularises_only_kept_labels(sched) -> None:
     torch.testing.assert_close(out.terms["reg"].double(), reg, rtol=1e-5, atol=1e-8)
 
 
-def test_cbdm_regulariser_is_zero_on_a_dropped_batch(sched) -> None:
+def test_cbdm_regulariser_is_zero_on_a_droppedtoy_batch(sched) -> None:
     obj = CBDMObjective(cond_drop_prob=0.1, cond_drop_mode="batch")
     obj.setup(COUNTS)
-    obj._host_rng = _AlwaysDrop()
+    obj._host_rng = AlwaysDrop()
     model = TinyNet()
-    x0, y = _batch()
+    x0, y = toy_batch()
     torch.manual_seed(5)
     out, ctx = obj.compute(model, x0, y, sched)
     assert ctx.dropped
@@ -250,12 +147,12 @@ def test_cbdm_refuses_unknown_target_dist_and_class_mismatch(sched) -> None:
     obj = CBDMObjective(cond_drop_prob=0.0)
     obj.setup([4, 3, 2, 1])  # 4 classes; TinyNet has 3
     with pytest.raises(ValueError, match="num_classes"):
-        obj(TinyNet(), *_batch(), sched)
+        obj(TinyNet(), *toy_batch(), sched)
 
 
 def test_ddpm_and_cbdm_expose_the_context_a_wrapper_needs(sched) -> None:
     model = TinyNet()
-    x0, y = _batch()
+    x0, y = toy_batch()
     for obj in (DDPMObjective(cond_drop_prob=0.0), CBDMObjective(cond_drop_prob=0.0)):
         obj.setup(COUNTS)
         torch.manual_seed(1)
@@ -286,7 +183,7 @@ def _oc_probs_formula(x_t, x0, t) -> torch.Tensor:
 
 
 def test_oc_selection_probabilities_equal_softmax_of_the_logits(sched) -> None:
-    x0, _ = _batch(5, seed=2)
+    x0, _ = toy_batch(5, seed=2)
     t = torch.tensor([0, 40, 200, 600, 999])
     torch.manual_seed(0)
     eps = torch.randn_like(x0)
@@ -343,7 +240,7 @@ def test_oc_loss_equals_formula_and_no_gradient_flows_through_the_selection(sche
     obj = OCObjective(gate="t2h", cond_drop_prob=0.0)
     obj.setup(COUNTS)
     model = TinyNet()
-    x0, y = _batch(8, seed=4)
+    x0, y = toy_batch(8, seed=4)
     x0.requires_grad_(True)
     torch.manual_seed(9)
     out, ctx = obj.compute(model, x0, y, sched)
@@ -377,8 +274,8 @@ def test_oc_loss_equals_formula_and_no_gradient_flows_through_the_selection(sche
 def test_oc_transfer_applies_on_dropped_batches_too(sched) -> None:
     obj = OCObjective(gate="full")
     obj.setup(COUNTS)
-    obj._host_rng = _AlwaysDrop()
-    x0, y = _batch(8, seed=4)
+    obj._host_rng = AlwaysDrop()
+    x0, y = toy_batch(8, seed=4)
     torch.manual_seed(9)
     out, ctx = obj.compute(TinyNet(), x0, y, sched)
     assert ctx.dropped and out.terms["transfer"] > 0
@@ -391,7 +288,7 @@ def test_oc_under_bf16_autocast_computes_in_float32() -> None:
     net = torch.nn.Conv2d(1, 1, 3, padding=1)
     model = lambda x, t, y: net(x)  # noqa: E731
     model.null_label = 3
-    x0, y = _batch(8)
+    x0, y = toy_batch(8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, ctx = obj.compute(model, x0.float(), y, sched)
     assert ctx.eps_pred.dtype == torch.bfloat16
@@ -412,6 +309,6 @@ def test_oc_under_bf16_autocast_computes_in_float32() -> None:
     ids=["cbdm", "cbdm-sample-inverse", "oc"],
 )
 def test_short_training_run_lowers_the_loss(make) -> None:
-    losses = train_losses(make(), steps=60)
+    losses = train_losses(make(), steps=60)["loss"]
     first, last = losses[:10].mean(), losses[-10:].mean()
     assert last < 0.5 * first, (first, last)

@@ -21,16 +21,7 @@ from tests.conftest import compose_config
 
 COUNTS = [5, 3, 1]
 SCHEDULE = NoiseSchedule()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is faster, and does not thrash when the
-    test machine's two cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,115 +22,12 @@ from lt_diffusion.methods import (
     enable_augment_labels,
 )
 from lt_diffusion.models.unet import UNet
-from tests.conftest import CONFIG_DIR
+from tests.conftest import compose_config
+from tests.objectives import T, TinyNet, abar_of, draw_labels, toy_batch, train_losses
 
 COUNTS = [5, 3, 1]
-T = 1000
 METHODS = ["ddpm", "cbdm", "oc", "rs", "focal", "ada"]
-
-# ----------------------------------------------------------------------------------------------
-# Helpers (test_methods_cbdm_oc.py has the same: each file stands alone)
-
-
-def compose(overrides: list[str]):
-    """Compose ``configs/train.yaml`` with overrides, as the command line would."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
-        return hydra_compose(config_name="train", overrides=overrides)
-
-
-class TinyNet(torch.nn.Module):
-    """A tiny float64 'network': ``eps = x_t W + b[y] + 1e-3 t (+ aug A)`` on (B, 1, 4, 4)
-    images; row 3 of ``b`` is the null label. It records the labels of every call."""
-
-    num_classes = 3
-    null_label = 3
-    augment_dim = 9
-
-    def __init__(self) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.w = torch.nn.Parameter(torch.randn(4, 4, generator=g, dtype=torch.float64))
-        self.b = torch.nn.Parameter(torch.randn(4, 4, generator=g, dtype=torch.float64))
-        self.a = torch.nn.Parameter(torch.randn(9, 4, generator=g, dtype=torch.float64))
-        self.seen: list[torch.Tensor] = []
-
-    def formula(self, x, t, y, aug=None):
-        out = x @ self.w + self.b[y][:, None, None, :] + 1e-3 * t[:, None, None, None]
-        if aug is not None:
-            out = out + (aug.double() @ self.a)[:, None, None, :]
-        return out
-
-    def forward(self, x, t, y, aug_labels=None):
-        self.seen.append(y.clone())
-        return self.formula(x, t, y, aug_labels)
-
-
-def draw_labels(probs: torch.Tensor, n: int) -> torch.Tensor:
-    """The objectives' label draw, written out: ``u ~ U[0, 1)``; the label is the number of
-    cumulative probabilities <= u (the first class whose cumulative probability exceeds u)."""
-    u = torch.rand(n) * probs.sum()
-    return (u[:, None] >= torch.cumsum(probs, 0)[None, :]).sum(1)
-
-
-def abar_of(t: torch.Tensor) -> torch.Tensor:
-    """``abar_t`` of Ho et al.'s linear schedule in float64, shaped (B, 1, 1, 1)."""
-    betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
-    return torch.cumprod(1 - betas, 0)[t][:, None, None, None]
-
-
-def train_losses(objective, steps: int = 60, transform=None, seed: int = 0) -> torch.Tensor:
-    """Train a tiny U-Net with ``objective`` on 32 fixed 8x8 images of 4 imbalanced classes
-    (full batch, Adam lr 1e-3); returns the loss of every step."""
-    from lt_diffusion.models.unet import UNet
-
-    counts = [16, 8, 5, 3]
-    g = torch.Generator().manual_seed(0)
-    y = torch.cat([torch.full((k,), c) for c, k in enumerate(counts)])
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 8), torch.linspace(-1, 1, 8), indexing="ij")
-    patterns = torch.stack([xx, yy, -xx, 2 * xx * yy])
-    x0 = (0.8 * patterns[y][:, None] + 0.1 * torch.randn(32, 1, 8, 8, generator=g)).clamp(-1, 1)
-    torch.manual_seed(seed)
-    model = UNet(
-        image_size=8, in_channels=1, ch=32, ch_mult=[1, 2], attn_resolutions=[],
-        num_res_blocks=1, dropout=0.0, num_classes=4,
-    )  # fmt: skip
-    if transform is not None:
-        model = transform(model)
-    objective.setup(counts, seed=seed)
-    sched = NoiseSchedule(T)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(steps):
-        out = objective(model, x0, y, sched)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        losses.append(float(out.loss.detach()))
-    return torch.tensor(losses)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one thread is as fast, and several times faster than two when
-    other processes compete for the cores (idle worker threads spin)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def sched() -> NoiseSchedule:
-    return NoiseSchedule(T).double()
-
-
-def _batch(b: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    x0 = torch.randn(b, 1, 4, 4, generator=g, dtype=torch.float64).clamp(-1, 1)
-    return x0, torch.arange(b) % 3
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _noised(x0: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -151,7 +48,7 @@ def test_focal_batch_baseline_loss_and_gradients_equal_formula(sched, gamma: flo
     obj = FocalObjective(gamma=gamma, baseline="batch", cond_drop_prob=0.0)
     obj.setup(COUNTS)
     model = TinyNet()
-    x0, y = _batch()
+    x0, y = toy_batch(8)
     torch.manual_seed(2)
     out = obj(model, x0, y, sched)
     got = torch.autograd.grad(out.loss, [model.w, model.b])
@@ -176,7 +73,7 @@ def test_focal_timestep_baseline_follows_its_running_means(sched) -> None:
     )
     obj.setup(COUNTS)
     model = TinyNet()
-    x0, y = _batch(16)
+    x0, y = toy_batch(16)
     means: dict[int, float] = {}
     for step, seed in enumerate((21, 22)):
         torch.manual_seed(seed)
@@ -360,12 +257,12 @@ def test_ada_objective_refuses_a_model_without_augmentation_labels(sched) -> Non
 
 
 @pytest.mark.parametrize("base", ["ddpm", "cbdm"])
-def test_ada_loss_equals_the_base_formula_on_the_augmented_batch(sched, base: str) -> None:
+def test_ada_loss_equals_the_base_formula_on_the_augmentedtoy_batch(sched, base: str) -> None:
     make = {"ddpm": DDPMObjective, "cbdm": CBDMObjective}[base]
     obj = ADAObjective(make(cond_drop_prob=0.0), p=0.5)
     obj.setup(COUNTS)
     model = TinyNet()
-    x0, y = _batch(8)
+    x0, y = toy_batch(8)
     torch.manual_seed(4)
     out, ctx = obj.compute(model, x0, y, sched)
 
@@ -422,7 +319,7 @@ def test_objectives_train_under_bf16_autocast_with_float32_losses(method: str) -
 def test_method_config_builds_its_objective_and_model(method: str) -> None:
     from lt_diffusion.training.builders import build_model, build_objective
 
-    cfg = compose([f"method={method}", "model=unet_tiny", "dataset.image_size=8"])
+    cfg = compose_config("train", [f"method={method}", "model=unet_tiny", "dataset.image_size=8"])
     assert cfg.method.name == method
     objective = build_objective(cfg)
     objective.setup(list(range(cfg.dataset.num_classes, 0, -1)))
@@ -436,7 +333,8 @@ def test_method_config_builds_its_objective_and_model(method: str) -> None:
 def test_rs_streams_class_balanced_batches(tiny_cifar: Path, tmp_path: Path) -> None:
     from lt_diffusion.training.builders import build_datamodule
 
-    cfg = compose(
+    cfg = compose_config(
+        "train",
         [
             "method=rs",
             "dataset=cifar10_lt",
@@ -476,7 +374,7 @@ def test_rs_streams_class_balanced_batches(tiny_cifar: Path, tmp_path: Path) -> 
     ids=["ddpm", "focal", "focal-batch", "ada"],
 )
 def test_short_training_run_lowers_the_loss(make, transform) -> None:
-    losses = train_losses(make(), steps=60, transform=transform)
+    losses = train_losses(make(), steps=60, transform=transform)["loss"]
     first, last = losses[:10].mean(), losses[-10:].mean()
     # The focal loss is a weighted mean dominated by the hardest samples: it falls more slowly
     # than the plain MSE (about 0.35-0.45 of its start after 60 steps, DDPM about 0.13).

@@ -10,7 +10,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lt_diffusion.diffusion import NoiseSchedule
 from lt_diffusion.methods import (
     CBDMObjective,
     CORALObjective,
@@ -25,8 +24,10 @@ from lt_diffusion.methods import (
 )
 from lt_diffusion.models.unet import SelfAttention, TimestepSelfAttention, UNet
 from tests.conftest import CONFIG_DIR, compose_config
+from tests.objectives import AlwaysDrop, toy_batch, train_losses
 
 T = 1000
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyNet(torch.nn.Module):
@@ -73,12 +74,6 @@ def noised(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor
     return abar.sqrt() * x0 + (1 - abar).sqrt() * eps
 
 
-def _batch(b: int = 6, seed: int = 0, classes: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    x0 = torch.randn(b, 1, 4, 4, generator=g, dtype=torch.float64).clamp(-1, 1)
-    return x0, torch.arange(b) % classes
-
-
 def _grads(model: torch.nn.Module, loss: torch.Tensor) -> list[torch.Tensor]:
     params = [p for p in model.parameters()]
     return list(torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True))
@@ -87,24 +82,6 @@ def _grads(model: torch.nn.Module, loss: torch.Tensor) -> list[torch.Tensor]:
 def _assert_grads(model: torch.nn.Module, got_loss, ref_loss) -> None:
     for a, b in zip(_grads(model, got_loss), _grads(model, ref_loss), strict=True):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-7)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def sched() -> NoiseSchedule:
-    return NoiseSchedule(T).double()
-
-
-class _AlwaysDrop:
-    def random(self) -> float:
-        return 0.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,7 +136,7 @@ def test_imba_loss_and_gradients_equal_formula(
     )  # fmt: skip
     obj.setup([5, 3, 1])
     model = TinyNet()
-    x0, y = _batch()
+    x0, y = toy_batch()
     torch.manual_seed(3)
     out, ctx = obj.compute(model, x0, y, sched)
 
@@ -221,7 +198,7 @@ def test_pd_cbdm_loss_and_gradients_equal_formula(sched, fused: bool) -> None:
     obj = PDCBDMObjective(tau=1.0, gamma=0.25, fused_forward=fused, cond_drop_prob=0.0)
     obj.setup(counts)
     model = TinyNet(num_classes=4)
-    x0, y = _batch(8, classes=4)
+    x0, y = toy_batch(8, classes=4)
     torch.manual_seed(5)
     out = obj(model, x0, y, sched)
 
@@ -299,7 +276,7 @@ def test_pd_cbdm_label_draw_never_syncs_with_the_host() -> None:
 def test_pd_cbdm_switches(sched) -> None:
     """Without the distinguish loss PD-CBDM is CBDM with inverse-frequency target labels."""
     model = TinyNet()
-    x0, y = _batch()
+    x0, y = toy_batch()
     obj = PDCBDMObjective(use_pd_loss=False, cond_drop_prob=0.0)
     cbdm = CBDMObjective(target_dist="inverse", cond_drop_prob=0.0)
     obj.setup([5, 3, 1])
@@ -459,7 +436,7 @@ def test_coral_loss_and_gradients_equal_formula(sched) -> None:
     obj.double()
     obj.setup([5, 3, 1])
     model = TinyNet()
-    x0, y = _batch(8)
+    x0, y = toy_batch(8)
     torch.manual_seed(7)
     out = obj(model, x0, y, sched)
 
@@ -486,9 +463,9 @@ def test_coral_loss_and_gradients_equal_formula(sched) -> None:
 def test_coral_skips_dropped_batches_and_checks_width(sched) -> None:
     obj = CORALObjective(base=DDPMObjective(cond_drop_prob=0.5), feature_dim=4).double()
     obj.setup([5, 3, 1])
-    obj.base._host_rng = _AlwaysDrop()
+    obj.base._host_rng = AlwaysDrop()
     model = TinyNet()
-    x0, y = _batch()
+    x0, y = toy_batch()
     out = obj(model, x0, y, sched)
     assert model.calls == 1 and float(out.terms["supcon"]) == 0.0
     assert out.loss is not None and torch.equal(out.loss, out.terms["base"].to(out.loss.dtype))
@@ -524,7 +501,7 @@ def test_overlap_loss_and_gradients_equal_formula(
     )  # fmt: skip
     obj.setup([5, 3, 1])
     model = TinyNet()
-    x0, y = _batch(8)
+    x0, y = toy_batch(8)
     torch.manual_seed(9)
     out = obj(model, x0, y, sched)
 
@@ -572,37 +549,6 @@ def test_overlap_negative_labels_are_uniform_over_other_classes() -> None:
 # Short training runs
 
 
-def train_losses(
-    objective, steps: int = 40, tsa: bool = False, seed: int = 0
-) -> dict[str, torch.Tensor]:
-    """Train a tiny U-Net with ``objective`` on 32 fixed 8x8 images of 4 imbalanced classes
-    (full batch, Adam lr 2e-3, objective parameters included); the loss and every logged term
-    of every step."""
-    counts = [16, 8, 5, 3]
-    g = torch.Generator().manual_seed(0)
-    y = torch.cat([torch.full((k,), c) for c, k in enumerate(counts)])
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 8), torch.linspace(-1, 1, 8), indexing="ij")
-    patterns = torch.stack([xx, yy, -xx, 2 * xx * yy])
-    x0 = (0.8 * patterns[y][:, None] + 0.1 * torch.randn(32, 1, 8, 8, generator=g)).clamp(-1, 1)
-    torch.manual_seed(seed)
-    model = UNet(
-        image_size=8, in_channels=1, ch=32, ch_mult=[1, 2], attn_resolutions=[],
-        num_res_blocks=1, dropout=0.0, num_classes=4, tsa_resolutions=[4] if tsa else [],
-    )  # fmt: skip
-    objective.setup(counts, seed=seed)
-    sched = NoiseSchedule(T)
-    opt = torch.optim.Adam(list(model.parameters()) + list(objective.parameters()), lr=2e-3)
-    losses: dict[str, list[float]] = {}
-    for _ in range(steps):
-        out = objective(model, x0, y, sched)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        for key, value in {"loss": out.loss, **out.terms}.items():
-            losses.setdefault(key, []).append(float(value.detach()))
-    return {key: torch.tensor(value) for key, value in losses.items()}
-
-
 @pytest.mark.parametrize(
     "make,tsa,falls",
     [
@@ -617,7 +563,7 @@ def train_losses(
     ids=["imba", "imba_sample", "pd_cbdm_tsa", "cbdm_coral", "overlap"],
 )
 def test_short_training_lowers_the_loss(make, tsa: bool, falls: list[str]) -> None:
-    series = train_losses(make(), tsa=tsa)
+    series = train_losses(make(), steps=40, lr=2e-3, tsa=tsa)
     for key in falls:
         s = series[key]
         assert bool(torch.isfinite(s).all())

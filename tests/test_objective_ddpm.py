@@ -6,31 +6,14 @@ import torch
 
 from lt_diffusion.diffusion import NoiseSchedule
 from lt_diffusion.methods import DDPMObjective
-
-
-class Linear(torch.nn.Module):
-    """A tiny float64 'network': eps = W x_t + b[y] + c t."""
-
-    null_label = 3
-    num_classes = 3
-
-    def __init__(self) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.w = torch.nn.Parameter(torch.randn(4, 4, generator=g, dtype=torch.float64))
-        self.b = torch.nn.Parameter(torch.randn(4, 4, generator=g, dtype=torch.float64))
-        self.seen: list[torch.Tensor] = []
-
-    def forward(self, x, t, y):
-        self.seen.append(y.clone())
-        return x @ self.w + self.b[y][:, None, None, :] + 1e-3 * t[:, None, None, None]
+from tests.objectives import TinyNet
 
 
 def test_ddpm_loss_equals_formula_in_float64() -> None:
     sched = NoiseSchedule(1000).double()
     obj = DDPMObjective(cond_drop_prob=0.0)
     obj.setup([5, 3, 1])
-    model = Linear()
+    model = TinyNet()
     x0 = torch.randn(6, 1, 4, 4, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 0, 1, 2])
     torch.manual_seed(7)
