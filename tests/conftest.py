@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,43 @@ def compose_config(name: str, overrides: list[str]) -> DictConfig:
     """Compose ``configs/<name>.yaml`` with overrides, as the command line would."""
     with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
         return compose(config_name=name, overrides=overrides)
+
+
+def python_process(args: list[str]) -> subprocess.Popen:
+    """``python <args>`` in the repository root (wandb offline, unbuffered), its stdout and
+    stderr together in ``proc.stdout``: a command run as a user runs it."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="offline")
+    return subprocess.Popen(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+# A seconds-long evaluation: the quick protocol on 10 generated images (no split or class
+# comparisons), 3 real images per class, all four metrics at tiny sizes, on the CPU.
+TINY_EVAL = {
+    "eval": "quick",
+    "eval.overall.generated": 10,
+    "eval.overall.real_per_class": 3,
+    "eval.per_split.generated": 0,
+    "eval.per_class.generated": 0,
+    "eval.metrics": "[fid,kid,precision,recall]",
+    "eval.pr_k": 2,
+    "eval.kid_subset_size": 5,
+    "eval.kid_subsets": 3,
+    "eval.batch_size": 10,
+    "eval.sampler.steps": 3,
+    "device": "cpu",
+}
+
+
+def tiny_eval(changes: dict[str, Any] | None = None) -> list[str]:
+    """Evaluation overrides of :data:`TINY_EVAL`, ``changes`` replacing or adding settings."""
+    return [f"{k}={v}" for k, v in {**TINY_EVAL, **(changes or {})}.items()]
 
 
 def assert_same_state(a: Any, b: Any) -> None:

@@ -6,21 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tests.conftest import tiny_eval
+
 # A ~40-image evaluation: enough for every overall metric, cheap on two cores.
-TINY_EVAL = [
-    "eval=quick",
-    "eval.overall.generated=10",
-    "eval.overall.real_per_class=3",
-    "eval.per_split.generated=0",
-    "eval.per_class.generated=0",
-    "eval.metrics=[fid,kid,precision,recall]",
-    "eval.pr_k=2",
-    "eval.kid_subset_size=5",
-    "eval.kid_subsets=3",
-    "eval.batch_size=10",
-    "eval.sampler.steps=3",
-    "device=cpu",
-]
+TINY_EVAL = tiny_eval()
 
 TINY_TRAIN = [
     "imbalance=ir10",  # 20 images per class: IR 100 would leave the tail classes empty

@@ -46,16 +46,9 @@ from lt_diffusion.models import UNet
 from lt_diffusion.models.lowrank import is_lowrank_param, reserve_capacity
 from tests.conftest import compose_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 T = 50  # timesteps of the synthetic schedule
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster and does not thrash on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_unet(num_classes: int = 3, seed: int = 0, norm_group_min_channels: int = 4) -> UNet:

@@ -5,10 +5,7 @@ out from the command line."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +15,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from PIL import Image
 
 from lt_diffusion.training.checkpoint import read_checkpoint
-from tests.conftest import ROOT, compose_config
+from tests.conftest import compose_config, python_process
 from tests.test_resume import FAST, assert_same_training_state
 
 
@@ -108,16 +105,8 @@ def test_sigterm_saves_the_current_step_and_the_resume_is_exact(train_overrides,
         *FAST, "train.ckpt_every=100000", "logger=csv", "train.log_every=1", "model.dropout=0.3"
     )
     run_dir = tmp_path / "killed"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "lt_diffusion.train", *ov, f"paths.run_dir={run_dir}"]
-    proc = subprocess.Popen(
-        [*cmd, "train.max_steps=100000"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    cmd = ["-m", "lt_diffusion.train", *ov, f"paths.run_dir={run_dir}"]
+    proc = python_process([*cmd, "train.max_steps=100000"])
     metrics, deadline = run_dir / "logs" / "metrics.csv", time.time() + 120
     while not (metrics.exists() and len(metrics.read_text().splitlines()) > 4):
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read()

@@ -15,24 +15,12 @@ import torch
 from lt_diffusion.evaluation.inception import ISUnavailableError, official_weights
 from lt_diffusion.evaluation.metrics import TooFewImagesError
 from lt_diffusion.training.checkpoint import CheckpointError
-from tests.conftest import ROOT, compose_config
+from tests.conftest import ROOT, compose_config, tiny_eval
 
 # Tiny protocol: ~60 Inception passes in all.
-PROTOCOL = [
-    "eval=quick",
-    "eval.overall.generated=10",
-    "eval.overall.real_per_class=3",
-    "eval.per_split.generated=12",
-    "eval.per_split.real_per_class=3",
-    "eval.per_class.generated=0",
-    "eval.metrics=[fid,kid,precision,recall]",
-    "eval.pr_k=2",
-    "eval.kid_subset_size=5",
-    "eval.kid_subsets=3",
-    "eval.batch_size=8",
-    "eval.sampler.steps=3",
-    "device=cpu",
-]
+PROTOCOL = tiny_eval(
+    {"eval.per_split.generated": 12, "eval.per_split.real_per_class": 3, "eval.batch_size": 8}
+)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from lt_diffusion.diffusion.generate import sample_unbounded
 from lt_diffusion.models import LatentUNet, encoded_training_set
 from lt_diffusion.models.latent_cache import cache_key, cache_path
 from lt_diffusion.training.checkpoint import load_exported, load_sampling_model, read_checkpoint
-from tests.conftest import assert_same_state, compose_config
+from tests.conftest import assert_same_state, compose_config, tiny_eval
 
 VAE = {
     "in_channels": 3,
@@ -215,21 +215,7 @@ def test_generate_decodes_latents_to_uint8_images() -> None:
 
 
 # Tiny protocol (as tests/test_evaluate.py): a few dozen Inception passes.
-PROTOCOL = [
-    "eval=quick",
-    "eval.overall.generated=10",
-    "eval.overall.real_per_class=3",
-    "eval.per_split.generated=6",
-    "eval.per_split.real_per_class=3",
-    "eval.per_class.generated=0",
-    "eval.metrics=[fid,kid,precision,recall]",
-    "eval.pr_k=2",
-    "eval.kid_subset_size=5",
-    "eval.kid_subsets=3",
-    "eval.batch_size=10",
-    "eval.sampler.steps=3",
-    "device=cpu",
-]
+PROTOCOL = tiny_eval({"eval.per_split.generated": 6, "eval.per_split.real_per_class": 3})
 
 
 def test_train_checkpoint_load_sample_and_evaluate(

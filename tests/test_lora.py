@@ -30,14 +30,7 @@ from lt_diffusion.models.lowrank import (
     theta_g_only,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster and does not thrash on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_unet(seed: int = 0, attn: tuple[int, ...] = (4,)) -> UNet:

@@ -8,11 +8,8 @@ import contextlib
 import csv
 import io
 import logging
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +19,7 @@ import torch
 
 from lt_diffusion.training.checkpoint import read_checkpoint
 from lt_diffusion.training.rng import RNG_KEY
-from tests.conftest import ROOT, compose_config
+from tests.conftest import compose_config, python_process
 
 # Cheap runs: a batch of 4, a one-step grid of one image per class at the end.
 FAST = ("data.batch_size=4", "train.grid_per_class=1", "train.grid_steps=1")
@@ -152,18 +149,6 @@ def test_a_complete_run_says_so_and_names_its_checkpoint(train_overrides, tmp_pa
 # --- kill -9 at random moments, restart, until done ------------------------------------------
 
 
-def _start(overrides: list[str]) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="offline")
-    return subprocess.Popen(
-        [sys.executable, "-m", "lt_diffusion.train", *overrides],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
 def _step(last: Path) -> int:
     return int(read_checkpoint(last)["global_step"]) if last.exists() else 0
 
@@ -182,7 +167,7 @@ def test_kill_loop_ends_with_the_uninterrupted_runs_weights(train_overrides, tmp
         "model.dropout=0.3",
         "method.objective.cond_drop_prob=0.5",
     )
-    ref = _start([*ov, f"paths.run_dir={tmp_path / 'ref'}"])
+    ref = python_process(["-m", "lt_diffusion.train", *ov, f"paths.run_dir={tmp_path / 'ref'}"])
     assert ref.wait(timeout=900) == 0, ref.stdout.read()
 
     run_dir = tmp_path / "killed"
@@ -190,7 +175,7 @@ def test_kill_loop_ends_with_the_uninterrupted_runs_weights(train_overrides, tmp
     rng = random.Random(0)
     kills = mid_write = 0
     for attempt in range(12):
-        proc = _start([*ov, f"paths.run_dir={run_dir}"])
+        proc = python_process(["-m", "lt_diffusion.train", *ov, f"paths.run_dir={run_dir}"])
         start_step, deadline = _step(last), time.time() + 600
         if attempt < 8:
             # Odd attempts: the moment a checkpoint write is under way; even: a random moment
@@ -231,7 +216,15 @@ def test_ddp_resume_is_exact_with_each_ranks_own_random_states(train_overrides, 
     ov.append("train.ckpt_every=2")
 
     def train(run_dir: Path, steps: int) -> None:
-        proc = _start([*ov, f"train.max_steps={steps}", f"hydra.run.dir={run_dir}"])
+        proc = python_process(
+            [
+                "-m",
+                "lt_diffusion.train",
+                *ov,
+                f"train.max_steps={steps}",
+                f"hydra.run.dir={run_dir}",
+            ]
+        )
         log = proc.communicate(timeout=600)[0]
         assert proc.returncode == 0, log
         assert not (run_dir / "train.lock").exists()

@@ -28,14 +28,15 @@ lock.release()
 """
 
 
-def _holder(run_dir: Path) -> subprocess.Popen:
-    """A live process (another pid) holding the run directory's lock."""
+def _holder(run_dir: Path, **env: str) -> subprocess.Popen:
+    """A live process (another pid, ``env`` added) holding the run directory's lock."""
     proc = subprocess.Popen(
         [sys.executable, "-c", HOLD, str(run_dir)],
         cwd=ROOT,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
+        env={**os.environ, **env},
     )
     assert proc.stdout.readline().strip() == "held"
     return proc
@@ -142,16 +143,8 @@ def test_a_holder_that_may_be_alive_is_not_taken_over(tmp_path, monkeypatch, hol
 def test_a_live_process_of_the_same_slurm_job_is_not_taken_over(tmp_path, monkeypatch) -> None:
     # Two trainings in one allocation: same job id, the holder alive on this host.
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(tmp_path)],
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, SLURM_JOB_ID="4242"),
-    )
+    holder = _holder(tmp_path, SLURM_JOB_ID="4242")
     try:
-        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(RunLockedError, match="SLURM job 4242"):
             RunLock(tmp_path).acquire()
     finally:

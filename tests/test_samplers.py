@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -154,26 +155,33 @@ def test_ddim_true_noise_oracle_in_float32(spacing: str) -> None:
     torch.testing.assert_close(out, x0, rtol=0, atol=1e-5)
 
 
+def diffusers_ddim(schedule: NoiseSchedule, steps: int, **settings: Any) -> Any:
+    """diffusers' ``DDIMScheduler`` on ``schedule``'s betas (epsilon prediction, no x0 clipping,
+    alpha_0 = 1, no offset) with ``steps`` timesteps: the reference to compare with."""
+    from diffusers import DDIMScheduler
+
+    ref = DDIMScheduler(
+        num_train_timesteps=schedule.T,
+        trained_betas=schedule.host64("betas").numpy(),
+        clip_sample=False,
+        set_alpha_to_one=True,
+        steps_offset=0,
+        prediction_type="epsilon",
+        **settings,
+    )
+    ref.set_timesteps(steps)
+    return ref
+
+
 @pytest.mark.parametrize("eta", [0.0, 1.0, 0.5])
 @pytest.mark.parametrize(
     "spacing,diffusers_spacing",
     [("uniform", "leading"), ("linspace", "linspace"), ("trailing", "trailing")],
 )
 def test_ddim_step_equals_diffusers(eta: float, spacing: str, diffusers_spacing: str) -> None:
-    from diffusers import DDIMScheduler
-
     T, steps = 1000, 20
     schedule = NoiseSchedule(T)
-    ref = DDIMScheduler(
-        num_train_timesteps=T,
-        trained_betas=schedule.host64("betas").numpy(),
-        clip_sample=False,
-        set_alpha_to_one=True,
-        steps_offset=0,
-        timestep_spacing=diffusers_spacing,
-        prediction_type="epsilon",
-    )
-    ref.set_timesteps(steps)
+    ref = diffusers_ddim(schedule, steps, timestep_spacing=diffusers_spacing)
     sampler = DDIMSampler(schedule, steps=steps, eta=eta, spacing=spacing)
     g = torch.Generator().manual_seed(1)
     for t in ref.timesteps.tolist():
@@ -190,18 +198,9 @@ def test_ddim_step_equals_diffusers(eta: float, spacing: str, diffusers_spacing:
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_ddim_loop_equals_diffusers_loop(eta: float) -> None:
     """The whole sampling loop, with the same model and the same per-step noise stream."""
-    from diffusers import DDIMScheduler
-
     T, steps = 1000, 25
     schedule = NoiseSchedule(T)
-    ref = DDIMScheduler(
-        num_train_timesteps=T,
-        trained_betas=schedule.host64("betas").numpy(),
-        clip_sample=False,
-        set_alpha_to_one=True,
-        steps_offset=0,
-    )
-    ref.set_timesteps(steps)
+    ref = diffusers_ddim(schedule, steps)
 
     def model(x, t, y):
         return torch.tanh(x) * 0.5 + 1e-4 * t.view(-1, 1, 1, 1) + 0.1 * y.view(-1, 1, 1, 1)

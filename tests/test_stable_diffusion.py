@@ -20,7 +20,7 @@ from lt_diffusion.models import (
 )
 from lt_diffusion.models.lowrank import lowrank_layers, set_expert_enabled, theta_g_only
 from lt_diffusion.training.checkpoint import load_exported, load_sampling_model, read_checkpoint
-from tests.conftest import CONFIG_DIR, assert_same_state, compose_config
+from tests.conftest import CONFIG_DIR, assert_same_state, compose_config, tiny_eval
 from tests.fakedata import SD_MAX_LEN as MAX_LEN
 from tests.fakedata import write_tiny_sd
 
@@ -190,19 +190,7 @@ def test_expert_switch_and_merge(sd_folder: Path) -> None:
         assert "unet.conv_in.weight" in twin.state_dict()  # merged weights are saved in full
 
 
-PROTOCOL = [
-    "eval=quick",
-    "eval.overall.generated=10",
-    "eval.overall.real_per_class=3",
-    "eval.per_split.generated=0",
-    "eval.per_class.generated=0",
-    "eval.metrics=[fid,kid]",
-    "eval.kid_subset_size=5",
-    "eval.kid_subsets=3",
-    "eval.batch_size=10",
-    "eval.sampler.steps=2",
-    "device=cpu",
-]
+PROTOCOL = tiny_eval({"eval.metrics": "[fid,kid]", "eval.sampler.steps": 2})
 
 
 def test_cm_lora_train_checkpoint_load_sample_and_evaluate(

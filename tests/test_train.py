@@ -3,10 +3,7 @@ resume, sample; and the early, clear errors."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,22 +12,9 @@ import torch
 from PIL import Image
 
 from lt_diffusion.training.checkpoint import CheckpointError, read_checkpoint
-from tests.conftest import ROOT, compose_config
+from tests.conftest import compose_config, python_process
 
 RUN = "cifar10_lt-ir10-ddpm-seed0"
-
-
-def _python(args: list[str], **kw) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="offline")
-    return subprocess.Popen(
-        [sys.executable, *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        **kw,
-    )
 
 
 def _step(ckpt: Path) -> int:
@@ -42,7 +26,7 @@ def test_train_kill_resume_and_sample(train_overrides, tmp_path: Path) -> None:
     last = run_dir / "checkpoints" / "last.ckpt"
 
     # 1. A long run, killed hard (SIGKILL: no chance to clean up) after its first checkpoints.
-    proc = _python(["-m", "lt_diffusion.train", *train_overrides("train.max_steps=100000")])
+    proc = python_process(["-m", "lt_diffusion.train", *train_overrides("train.max_steps=100000")])
     deadline = time.time() + 240
     while _step(last) < 10:
         assert proc.poll() is None, proc.stdout.read()
@@ -57,7 +41,7 @@ def test_train_kill_resume_and_sample(train_overrides, tmp_path: Path) -> None:
 
     # 2. The same command resumes from that checkpoint, not from step 0.
     target = killed_at + 7
-    proc = _python(
+    proc = python_process(
         [
             "-m",
             "lt_diffusion.train",
@@ -77,7 +61,7 @@ def test_train_kill_resume_and_sample(train_overrides, tmp_path: Path) -> None:
 
     # 3. Sampling from the checkpoint: N images per class, deterministic in the seed.
     out = tmp_path / "samples_a"
-    proc = _python(
+    proc = python_process(
         [
             "-m",
             "lt_diffusion.sample",
