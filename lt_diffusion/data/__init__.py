@@ -30,7 +30,9 @@ _EXPORTS = {
         "FashionMNISTSource",
         "ImageArrays",
         "Source",
+        "VectorArrays",
     ),
     "splits": ("RULES", "SPLITS", "classes_in_split", "split_map"),
+    "toy": ("GaussianMixtureClasses", "ToySource", "ring_mixture"),
 }
 __getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

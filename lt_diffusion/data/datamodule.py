@@ -7,6 +7,11 @@ device: no worker processes, no per-batch host transfer, no host-device sync.
 The stream is a pure function of ``(seed, rank, batch index)``: batch ``k`` is the same
 whether the run started at step 0 or resumed at step ``k``, so a resumed run sees exactly the
 batches an uninterrupted one would have seen.
+
+A source of vector data (``data_kind = "vector"``, e.g. the synthetic benchmark of
+:mod:`lt_diffusion.data.toy`) gives float points ``(N, D)``: they are served as they are, with
+no uint8 scaling, resizing or flipping (``dataset.image_size`` must be null and
+``dataset.hflip`` false).
 """
 
 from __future__ import annotations
@@ -171,7 +176,7 @@ class LongTailDataModule(L.LightningDataModule):
     def __init__(
         self,
         source: Source,
-        image_size: int,
+        image_size: int | None,
         num_classes: int,
         channels: int,
         profile: str = "exp",
@@ -205,7 +210,16 @@ class LongTailDataModule(L.LightningDataModule):
             raise ValueError(f"data.on_device must be true, false or auto, got {on_device!r}")
         if int(batch_size) < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
-        if int(image_size) < 1:
+        self.vector = getattr(source, "data_kind", "image") == "vector"
+        if self.vector:
+            # Points are served as they are: image options would silently mean nothing.
+            if image_size is not None or hflip:
+                raise ValueError(
+                    f"the {source.name} source gives vectors, not images: set "
+                    "dataset.image_size=null and dataset.hflip=false (got "
+                    f"image_size={image_size}, hflip={hflip})"
+                )
+        elif image_size is None or int(image_size) < 1:
             raise ValueError(f"dataset.image_size must be >= 1, got {image_size}")
         if source.num_classes != num_classes or source.channels != channels:
             raise ValueError(
@@ -215,7 +229,8 @@ class LongTailDataModule(L.LightningDataModule):
                 "dataset.source"
             )
         self.source = source
-        self.image_size, self.num_classes, self.channels = int(image_size), num_classes, channels
+        self.image_size = None if self.vector else int(image_size)
+        self.num_classes, self.channels = num_classes, channels
         self.profile, self.ratio, self.subset_seed = profile, ratio, int(subset_seed)
         self.batch_size, self.sampler, self.hflip = int(batch_size), sampler, bool(hflip)
         self.on_device, self.split_rule, self.seed = on_device, split_rule, int(seed)
@@ -230,14 +245,32 @@ class LongTailDataModule(L.LightningDataModule):
         self._encoded: tuple[Tensor, Tensor | None] | None = None
 
     # -- construction -------------------------------------------------------------------
-    def _check_arrays(self, images: np.ndarray, labels: np.ndarray, split: str) -> None:
-        ok = images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] == self.channels
-        if not ok or labels.shape != (len(images),):
+    def _load(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """The source's ``split`` as (images or points, int64 labels), checked."""
+        arrays = self.source.load(split)
+        data = arrays.points if self.vector else arrays.images
+        labels = np.asarray(arrays.labels, dtype=np.int64)
+        if self.vector:
+            ok = data.dtype == np.float32 and data.ndim == 2 and data.shape[1] == self.channels
+            want = f"float32 (N, {self.channels})"
+        else:
+            ok = data.dtype == np.uint8 and data.ndim == 4 and data.shape[-1] == self.channels
+            want = f"uint8 (N, H, W, {self.channels})"
+        if not ok or labels.shape != (len(data),):
             raise ValueError(
-                f"the {self.source.name} source's {split} split gave images {images.dtype} "
-                f"{images.shape} and labels {labels.shape}; expected uint8 (N, H, W, "
-                f"{self.channels}) and (N,): the source is broken"
+                f"the {self.source.name} source's {split} split gave data {data.dtype} "
+                f"{data.shape} and labels {labels.shape}; expected {want} and (N,): the source "
+                "is broken"
             )
+        return data, labels
+
+    def _as_tensor(self, data: np.ndarray) -> Tensor:
+        """Images as uint8 ``(N, C, H, W)`` at ``image_size``; points as they are."""
+        if self.vector:
+            return torch.from_numpy(np.array(data, dtype=np.float32))
+        # A prepared copy is a read-only memory map: hold a private writable copy.
+        x = torch.from_numpy(np.require(data, requirements="W")).permute(0, 3, 1, 2)
+        return resize_uint8(x, self.image_size)
 
     def setup(self, stage: str | None = None) -> None:
         """Build the long-tailed subset once; move it to the trainer's device when asked."""
@@ -251,9 +284,7 @@ class LongTailDataModule(L.LightningDataModule):
                 self.train_labels = self.train_labels.to(device)
 
     def _build(self) -> None:
-        arrays = self.source.load("train")
-        images, labels = arrays.images, np.asarray(arrays.labels, dtype=np.int64)
-        self._check_arrays(images, labels, "train")
+        images, labels = self._load("train")
         if self.profile == "native":
             counts = native_counts(labels, self.num_classes)
             idx = np.arange(len(labels))
@@ -273,8 +304,7 @@ class LongTailDataModule(L.LightningDataModule):
         self.class_counts = [int(counts[o]) for o in self.perm]
         self.class_names = [str(names[o]) for o in self.perm]
         self.splits = split_map(self.class_counts, self.split_rule)
-        x = torch.from_numpy(np.ascontiguousarray(images[idx])).permute(0, 3, 1, 2)
-        self.train_images = resize_uint8(x, self.image_size)
+        self.train_images = self._as_tensor(np.ascontiguousarray(images[idx]))
         self.train_labels = torch.from_numpy(self.old_to_new[labels[idx]]).long()
         self._full = (images, labels)
 
@@ -329,8 +359,9 @@ class LongTailDataModule(L.LightningDataModule):
 
     # -- evaluation ----------------------------------------------------------------------
     def reference_set(self, classes: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
-        """The balanced real images for evaluation: uint8 ``(N, C, H, W)`` and int64 labels
-        on the CPU, in this module's class order, optionally only some classes.
+        """The balanced real images for evaluation: uint8 ``(N, C, H, W)`` (float ``(N, D)``
+        points for a vector source) and int64 labels on the CPU, in this module's class order,
+        optionally only some classes.
 
         For a profile-made long tail this is the full (not long-tailed) training split,
         resized like training. Computed once and cached: do not modify it in place.
@@ -341,12 +372,8 @@ class LongTailDataModule(L.LightningDataModule):
             if split == "train" and self._full is not None:
                 images, labels = self._full
             else:
-                arrays = self.source.load(split)
-                images, labels = arrays.images, np.asarray(arrays.labels, dtype=np.int64)
-                self._check_arrays(images, labels, split)
-            # A prepared copy is a read-only memory map: hold a private writable copy.
-            images = np.require(images, requirements="W")
-            x = resize_uint8(torch.from_numpy(images).permute(0, 3, 1, 2), self.image_size)
+                images, labels = self._load(split)
+            x = self._as_tensor(images)
             self._reference = (x, torch.from_numpy(self.old_to_new[labels]).long())
             self._full = None  # the resized copy replaces it
         x, y = self._reference
@@ -372,8 +399,8 @@ class LongTailDataModule(L.LightningDataModule):
             "class_counts": list(self.class_counts),
             "splits": list(self.splits),
             "split_rule": self.split_rule,
-            "image_size": self.image_size,
-            "channels": self.channels,
+            "image_size": self.image_size,  # None: vector data
+            "channels": self.channels,  # vector data: coordinates per point
             "profile": self.profile,
             "ratio": self.ratio,
             "subset_seed": self.subset_seed,
@@ -390,15 +417,16 @@ class LongTailDataModule(L.LightningDataModule):
         counts, splits = info["class_counts"], info["splits"]
         nonzero = [k for k in counts if k > 0]
         actual = max(counts) / min(nonzero) if nonzero else float("nan")
+        noun = "points" if self.vector else "images"
         table = Table(
-            title=f"{self.name}: {info['total']} training images, {self.num_classes} classes",
+            title=f"{self.name}: {info['total']} training {noun}, {self.num_classes} classes",
             caption=(
                 f"profile native: the data's own long tail, max/min {actual:.4g}"
                 if self.profile == "native"
                 else f"profile {self.profile}, IR {self.ratio:g} (actual max/min {actual:.4g})"
             ),
         )
-        for col in ("class", "name", "train images", "split"):
+        for col in ("class", "name", f"train {noun}", "split"):
             table.add_column(col, justify="left" if col == "name" else "right")
         for c, (name, n, s) in enumerate(zip(info["class_names"], counts, splits)):
             table.add_row(str(c), name, str(n), s)

@@ -35,12 +35,23 @@ class ImageArrays:
     labels: np.ndarray
 
 
+@dataclass
+class VectorArrays:
+    """Points as float32 ``(N, D)`` and int64 labels ``(N,)``: data that are not images (the
+    synthetic benchmark, :mod:`lt_diffusion.data.toy`), served to the model as they are."""
+
+    points: np.ndarray
+    labels: np.ndarray
+
+
 class Source(ABC):
     """A dataset in its published format.
 
     ``reference_split`` names the split whose images are the balanced real reference for
     evaluation: the training split for datasets made long-tailed by a profile (CBDM / OC / CM
-    compare against the full balanced CIFAR training set).
+    compare against the full balanced CIFAR training set). ``data_kind`` is ``"image"``
+    (:meth:`load` gives :class:`ImageArrays`) or ``"vector"`` (:class:`VectorArrays`, with
+    ``channels`` the number of coordinates).
     """
 
     name: str
@@ -49,14 +60,16 @@ class Source(ABC):
     native_size: int
     class_names: list[str]
     reference_split: str = "train"
+    data_kind: str = "image"
 
     def __init__(self, root: str | Path, download: bool = True) -> None:
         self.root = Path(root).expanduser()
         self.download = bool(download)
 
     @abstractmethod
-    def load(self, split: str) -> ImageArrays:
-        """Load ``split`` ("train" or "test") as uint8 images and int64 labels."""
+    def load(self, split: str) -> ImageArrays | VectorArrays:
+        """Load ``split`` ("train" or "test") as uint8 images (or float points) and int64
+        labels."""
 
     def _check_split(self, split: str) -> None:
         if split not in SPLIT_NAMES:
