@@ -2,6 +2,7 @@
 
 from lt_diffusion.models.latent import LatentBackbone, LatentUNet, load_autoencoder
 from lt_diffusion.models.latent_cache import EncodedSet, encoded_training_set
+from lt_diffusion.models.mlp import MLPDenoiser
 from lt_diffusion.models.stable_diffusion import (
     ExpertAdapterSwitch,
     StableDiffusionBackbone,
@@ -24,6 +25,7 @@ __all__ = [
     "ExpertAdapterSwitch",
     "LatentBackbone",
     "LatentUNet",
+    "MLPDenoiser",
     "ResBlock",
     "SelfAttention",
     "StableDiffusionBackbone",

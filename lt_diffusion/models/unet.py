@@ -329,6 +329,11 @@ class UNet(nn.Module):
         norm_group_min_channels: int = NORM_GROUP_MIN_CHANNELS,
     ) -> None:
         super().__init__()
+        if image_size is None:  # the dataset gives vectors (dataset=toy2d, ...)
+            raise ValueError(
+                "the U-Net denoises images but the dataset has no image size (vector data): "
+                "use model=mlp"
+            )
         ch_mult = _as_int_tuple(ch_mult, "model.ch_mult")
         attn_resolutions = _as_int_tuple(attn_resolutions, "model.attn_resolutions")
         tsa_resolutions = _as_int_tuple(tsa_resolutions, "model.tsa_resolutions")
