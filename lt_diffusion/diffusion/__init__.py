@@ -8,6 +8,8 @@ from lt_diffusion.diffusion.generate import (
     chunk_seed,
     gather_order,
     generate,
+    generate_vectors,
+    is_vector_model,
     rank_count,
     to_uint8,
 )
@@ -32,7 +34,9 @@ __all__ = [
     "ddim_timesteps",
     "gather_order",
     "generate",
+    "generate_vectors",
     "guided_eps",
+    "is_vector_model",
     "make_betas",
     "rank_count",
     "to_uint8",

@@ -10,12 +10,15 @@ Latent backbones (``model.latent_shape`` and ``model.decode_latents``,
 :mod:`lt_diffusion.models.latent`) are sampled in latent space and decoded to images: the
 caller still asks for the image shape. Latents are not bounded to ``[-1, 1]``, so their
 reverse process runs without the samplers' pixel-range clamps (:func:`sample_unbounded`).
+
+Models of vectors (``model.vector_dim``, :mod:`lt_diffusion.models.mlp`) are sampled with
+:func:`generate_vectors`, which returns float points instead of uint8 images.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -140,12 +143,79 @@ def sample_unbounded(
     return sampler.solve(model, noise, labels, guidance, generator)
 
 
+def is_vector_model(model: nn.Module) -> bool:
+    """Whether ``model`` denoises points in R^D (``model.vector_dim``), not images."""
+    return getattr(model, "vector_dim", None) is not None
+
+
 def _model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     for b in model.buffers():
         return b.device
     return torch.device("cpu")
+
+
+def _check_labels(labels: Tensor, model: nn.Module) -> Tensor:
+    """``labels`` as int64 on the CPU, or a clear error."""
+    if labels.ndim != 1 or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(
+            f"labels must be a 1-D integer tensor, got shape {tuple(labels.shape)} and dtype "
+            f"{labels.dtype}: use balanced_labels(num_classes, n_per_class)"
+        )
+    labels = labels.detach().to("cpu", torch.long)
+    num_classes = getattr(model, "num_classes", None)
+    if labels.numel() and (
+        int(labels.min()) < 0 or (num_classes is not None and int(labels.max()) >= num_classes)
+    ):
+        raise ValueError(
+            f"labels must lie in [0, num_classes={num_classes}), got range "
+            f"[{int(labels.min())}, {int(labels.max())}]: the null label is not a class"
+        )
+    return labels
+
+
+def _sample_chunks(
+    model: nn.Module,
+    labels: Tensor,
+    noise_shape: tuple[int, ...],
+    draw: Callable[[Tensor, Tensor, torch.Generator], Tensor],
+    *,
+    seed: int,
+    batch_size: int,
+    device: torch.device | str | None,
+    rank: int,
+    world_size: int,
+    progress: bool,
+    desc: str,
+) -> list[Tensor]:
+    """This rank's chunks in chunk order: chunk ``k`` draws its initial noise and every
+    per-step noise from a generator seeded by ``chunk_seed(seed, k)``; ``draw(noise, y,
+    generator)`` turns them into the chunk's output (on the CPU)."""
+    ranges = chunk_ranges(labels.numel(), batch_size, rank, world_size)
+    device = torch.device(device) if device is not None else _model_device(model)
+    was_training = model.training
+    model.eval()
+    out: list[Tensor] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        total = sum(end - start for start, end in ranges)
+        bar = tqdm(total=total, desc=desc, unit="sample", dynamic_ncols=True)
+    try:
+        for start, end in ranges:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(chunk_seed(seed, start // batch_size))
+            noise = torch.randn((end - start, *noise_shape), generator=generator, device=device)
+            out.append(draw(noise, labels[start:end].to(device), generator))
+            if bar is not None:
+                bar.update(end - start)
+    finally:
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
+    return out
 
 
 def generate(
@@ -177,13 +247,15 @@ def generate(
         progress: show a progress bar over images.
 
     Returns:
-        uint8 ``(N_rank, C, H, W)`` on the CPU, this rank's chunks in chunk order.
+        uint8 ``(N_rank, C, H, W)`` on the CPU, this rank's chunks in chunk order. A model of
+        vectors is refused: :func:`generate_vectors` samples it.
     """
-    if labels.ndim != 1 or labels.is_floating_point() or labels.dtype == torch.bool:
+    if is_vector_model(model):
         raise ValueError(
-            f"labels must be a 1-D integer tensor, got shape {tuple(labels.shape)} and dtype "
-            f"{labels.dtype}: use balanced_labels(num_classes, n_per_class)"
+            f"{type(model).__name__} denoises {model.vector_dim}-dimensional points, not "
+            "images: sample it with generate_vectors (float points, no uint8 conversion)"
         )
+    labels = _check_labels(labels, model)
     if len(image_shape) != 3 or any(int(s) < 1 for s in image_shape):
         raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {image_shape}")
     image_shape = tuple(int(s) for s in image_shape)
@@ -195,47 +267,60 @@ def generate(
                 f"image_shape {image_shape} differs from the images this latent model decodes "
                 f"to, {own}: pass (model.in_channels, model.image_size, model.image_size)"
             )
+
+    def draw(noise: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
+        if latent:
+            x = model.decode_latents(
+                sample_unbounded(sampler, model, noise, y, guidance, generator)
+            )
+        else:
+            x = sampler.sample(model, noise, y, guidance=guidance, generator=generator)
+        return to_uint8(x).cpu()
+
     noise_shape = tuple(model.latent_shape) if latent else image_shape
-    labels = labels.detach().to("cpu", torch.long)
-    num_classes = getattr(model, "num_classes", None)
-    if labels.numel() and (
-        int(labels.min()) < 0 or (num_classes is not None and int(labels.max()) >= num_classes)
-    ):
-        raise ValueError(
-            f"labels must lie in [0, num_classes={num_classes}), got range "
-            f"[{int(labels.min())}, {int(labels.max())}]: the null label is not a class"
-        )
-    ranges = chunk_ranges(labels.numel(), batch_size, rank, world_size)
-    device = torch.device(device) if device is not None else _model_device(model)
-
-    was_training = model.training
-    model.eval()
-    images: list[Tensor] = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        total = sum(end - start for start, end in ranges)
-        bar = tqdm(total=total, desc=f"sampling ({sampler.name})", unit="img", dynamic_ncols=True)
-    try:
-        for start, end in ranges:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(chunk_seed(seed, start // batch_size))
-            noise = torch.randn((end - start, *noise_shape), generator=generator, device=device)
-            y = labels[start:end].to(device)
-            if latent:
-                z = sample_unbounded(sampler, model, noise, y, guidance, generator)
-                x = model.decode_latents(z)
-            else:
-                x = sampler.sample(model, noise, y, guidance=guidance, generator=generator)
-            images.append(to_uint8(x).cpu())
-            if bar is not None:
-                bar.update(end - start)
-    finally:
-        model.train(was_training)
-        if bar is not None:
-            bar.close()
+    images = _sample_chunks(
+        model, labels, noise_shape, draw, seed=seed, batch_size=batch_size, device=device,
+        rank=rank, world_size=world_size, progress=progress, desc=f"sampling ({sampler.name})",
+    )  # fmt: skip
     if not images:
         return torch.empty((0, *image_shape), dtype=torch.uint8)
     # Concatenated outside inference mode, so the caller gets an ordinary tensor.
     return torch.cat(images)
+
+
+def generate_vectors(
+    model: nn.Module,
+    sampler: Sampler,
+    labels: Tensor,
+    *,
+    seed: int,
+    batch_size: int,
+    guidance: float = 0.0,
+    device: torch.device | str | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = False,
+) -> Tensor:
+    """Sample one point per label from a model of vectors (``model.vector_dim`` = D), with
+    :func:`generate`'s chunking and seeding (the same points whatever the split).
+
+    Returns float32 ``(N_rank, D)`` on the CPU: the sampler's output as it is (clamped to
+    ``[-1, 1]`` by :meth:`Sampler.sample`, the range the vector datasets keep to).
+    """
+    if not is_vector_model(model):
+        raise ValueError(
+            f"{type(model).__name__} has no vector_dim: it is not a model of vectors; sample "
+            "images with generate"
+        )
+    labels = _check_labels(labels, model)
+    dim = int(model.vector_dim)
+
+    def draw(noise: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
+        x = sampler.sample(model, noise, y, guidance=guidance, generator=generator)
+        return x.float().cpu()
+
+    points = _sample_chunks(
+        model, labels, (dim,), draw, seed=seed, batch_size=batch_size, device=device,
+        rank=rank, world_size=world_size, progress=progress, desc=f"sampling ({sampler.name})",
+    )  # fmt: skip
+    return torch.cat(points) if points else torch.empty((0, dim))

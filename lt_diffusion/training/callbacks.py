@@ -19,8 +19,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from PIL import Image
 from torchvision.utils import make_grid
 
-from lt_diffusion.diffusion import DDIMSampler, generate
-from lt_diffusion.diffusion.generate import is_latent_model
+from lt_diffusion.diffusion import DDIMSampler, generate, generate_vectors
+from lt_diffusion.diffusion.generate import is_latent_model, is_vector_model
 from lt_diffusion.utils.io import atomic_write_bytes
 from lt_diffusion.utils.runlock import RunLockedError
 
@@ -117,9 +117,30 @@ class RunLockGuard(L.Callback):
             )
 
 
+def scatter_png(points: Any, labels: Any) -> bytes:
+    """A PNG of points ``(N, D)`` (first two coordinates) coloured by class label."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: works on headless nodes
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+    try:
+        scatter = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10", s=6)
+        ax.set(xlim=(-1, 1), ylim=(-1, 1), aspect="equal", xlabel="x0", ylabel="x1")
+        fig.colorbar(scatter, ax=ax, label="class")
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
+
+
 class SampleGrid(L.Callback):
     """Every ``every_n_steps`` (and at the end) draw a grid from the EMA model: one row per
-    class, head (class 0) to tail, the same noise every time so grids are comparable."""
+    class, head (class 0) to tail, the same noise every time so grids are comparable. A model
+    of vectors (the synthetic benchmark) gets a scatter plot of its points instead, coloured
+    by class (the first two coordinates)."""
 
     def __init__(
         self,
@@ -155,6 +176,13 @@ class SampleGrid(L.Callback):
         sampler = DDIMSampler(
             pl_module.schedule, steps=self.steps, clip_denoised=not is_latent_model(model)
         )
+        if is_vector_model(model):
+            points = generate_vectors(
+                model, sampler, labels, seed=self.seed, batch_size=256, guidance=self.guidance,
+                device=pl_module.device,
+            )  # fmt: skip
+            self._save(trainer, scatter_png(points.numpy(), labels.numpy()), step)
+            return
         shape = (model.in_channels, model.image_size, model.image_size)
         images = generate(
             model,
@@ -170,11 +198,15 @@ class SampleGrid(L.Callback):
         image = Image.fromarray(grid.permute(1, 2, 0).numpy().squeeze())
         buf = io.BytesIO()
         image.save(buf, format="PNG")
-        atomic_write_bytes(self.dirpath / f"grid_step{step:07d}.png", buf.getvalue())
-        atomic_write_bytes(self.dirpath / "latest.png", buf.getvalue())
+        self._save(trainer, buf.getvalue(), step)
+
+    def _save(self, trainer: L.Trainer, png: bytes, step: int) -> None:
+        atomic_write_bytes(self.dirpath / f"grid_step{step:07d}.png", png)
+        atomic_write_bytes(self.dirpath / "latest.png", png)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):  # the grids as a slider over steps in wandb
                 caption = f"step {step}: one row per class, class 0 (head) at the top"
+                image = Image.open(io.BytesIO(png))
                 logger.log_image("samples/grid", [image], step=step, caption=[caption])
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args):
