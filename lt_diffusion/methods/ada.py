@@ -214,6 +214,12 @@ def enable_augment_labels(model: nn.Module, augment_dim: int = AUG_DIM) -> nn.Mo
     bias-free ``Linear(augment_dim, width of the conditioning vector)``). Zero labels add
     nothing, so sampling, which passes none, is unchanged.
     """
+    if getattr(model, "vector_dim", None) is not None:
+        raise ValueError(
+            "method=ada augments images (flips, translations, rotations, scaling) and feeds the "
+            f"augmentation to the network, but {type(model).__name__} denoises points "
+            "(dataset=toy2d / toy16d): ADA does not apply to them; pick another method"
+        )
     current = getattr(model, "augment_dim", None)
     if current is None or not hasattr(model, "label_emb"):
         raise TypeError(

@@ -123,14 +123,15 @@ class CORALObjective(WrappingObjective):
         self.time_scale = float(time_scale)
 
     def embed(self, h_mid: Tensor) -> Tensor:
-        """Pool (B, C, H, W) -> (B, C), project, L2-normalise (float32 or wider)."""
+        """Pool (B, C, H, W) -> (B, C) (an MLP's (B, C) bottleneck is already pooled), project,
+        L2-normalise (float32 or wider)."""
         if h_mid.shape[1] != self.feature_dim:
             raise ValueError(
                 f"the model's bottleneck has {h_mid.shape[1]} channels but CORAL's projection "
                 f"head expects {self.feature_dim}: set method.objective.feature_dim="
                 f"{h_mid.shape[1]}"
             )
-        pooled = h_mid.mean(dim=(2, 3)).to(self.proj.weight.dtype)
+        pooled = h_mid.reshape(*h_mid.shape[:2], -1).mean(dim=2).to(self.proj.weight.dtype)
         z = self.proj(pooled)
         return F.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), dim=1)
 

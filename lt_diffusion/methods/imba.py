@@ -37,8 +37,11 @@ def imba_distance(
 ) -> Tensor:
     """The IMBA distance (IMBA paper, ``D = ||eps - eps_theta(x_t, null, t)||^gamma``).
 
+    A point ``(B, D)`` of the synthetic benchmark is one token with ``D`` channels, so both
+    granularities give one weight per sample there.
+
     Args:
-        noise: the true noise ``eps``, (B, C, H, W).
+        noise: the true noise ``eps``, (B, C, H, W) (or (B, D)).
         eps_uncond: the unconditional prediction ``eps_theta(x_t, null, t)``, same shape.
         gamma: the exponent (paper: 0.8).
         granularity: ``"token"``: one weight per pixel position, (B, H, W), the mean over
@@ -59,14 +62,14 @@ def imba_distance(
         )
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
-    if noise.shape != eps_uncond.shape or noise.ndim != 4:
+    if noise.shape != eps_uncond.shape or noise.ndim < 2:
         raise ValueError(
-            f"noise and eps_uncond must both be (B, C, H, W), got {tuple(noise.shape)} and "
-            f"{tuple(eps_uncond.shape)}"
+            f"noise and eps_uncond must both be (B, C, H, W) (or (B, D) points), got "
+            f"{tuple(noise.shape)} and {tuple(eps_uncond.shape)}"
         )
     dtype = torch.promote_types(torch.promote_types(noise.dtype, eps_uncond.dtype), torch.float32)
     d = (noise.to(dtype) - eps_uncond.to(dtype)).abs()
-    dims = (1,) if granularity == "token" else (1, 2, 3)
+    dims = (1,) if granularity == "token" else tuple(range(1, noise.ndim))
     if power == "elementwise":
         return d.pow(gamma).mean(dim=dims)
     return d.mean(dim=dims).pow(gamma)
