@@ -47,6 +47,7 @@ from lt_diffusion.training.csvlog import ResumableCSVLogger
 from lt_diffusion.training.module import DiffusionModule
 from lt_diffusion.utils.io import atomic_write_text, remove_temporaries
 from lt_diffusion.utils.runlock import RunLock, RunLockedError, describe_holder, hold_run_lock
+from lt_diffusion.utils.threads import torch_threads
 
 
 def _on_gpu(cfg: DictConfig) -> bool:
@@ -149,7 +150,10 @@ def run(cfg: DictConfig) -> Path:
             )
         _say_complete(last)
         return run_dir
-    with hold_run_lock(run_dir, enabled=launch_rank() == 0) as lock:
+    with (
+        hold_run_lock(run_dir, enabled=launch_rank() == 0) as lock,
+        torch_threads(cfg.train.get("threads"), "train.threads"),
+    ):
         return _train(cfg, run_dir, lock)
 
 

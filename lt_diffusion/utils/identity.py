@@ -37,6 +37,7 @@ NOT_DEFINING = (
     "model.latent_cache_dir",
     "train.init_from",  # a location; the run it names has its own identity
     "train.compile",
+    "train.threads",
     "train.channels_last",
     "train.ckpt_every",
     "train.keep_every",
@@ -112,6 +113,7 @@ def evaluation_identity(
     protocol.pop("name", None)  # a label; the settings below are what counts
     protocol.pop("sampler", None)  # resolved into ``sampler``
     protocol.pop("guidance", None)  # resolved into ``guidance``
+    protocol.pop("threads", None)  # how fast, not what
     if images is not None:
         generation: dict[str, Any] = {"images": dict(images)}
     else:
