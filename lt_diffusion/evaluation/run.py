@@ -18,12 +18,14 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from lt_diffusion.diffusion.generate import is_vector_model
 from lt_diffusion.evaluation.distributed import init_from_env, world
 from lt_diffusion.evaluation.evaluator import run_protocol, save_record
 from lt_diffusion.evaluation.metrics import METRICS
 from lt_diffusion.evaluation.plots import plot_fid_vs_count
 from lt_diffusion.evaluation.protocol import protocol_sampler
 from lt_diffusion.evaluation.record import build_record, record_filename
+from lt_diffusion.evaluation.toy import run_toy_protocol
 from lt_diffusion.evaluation.tracking import log_to_training_run
 from lt_diffusion.runtime import code_version, resolve_device
 from lt_diffusion.training.builders import (
@@ -205,7 +207,9 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
     sampler = None
     if ev.model is not None:
         sampler = build_sampler(OmegaConf.create(ev.sampler), build_schedule(train_cfg).to(device))
-    result = run_protocol(
+    # Models of points (the synthetic benchmark) get its exact metrics, in the same record.
+    protocol_fn = run_toy_protocol if is_vector_model(ev.model) else run_protocol
+    result = protocol_fn(
         protocol=cfg.eval,
         dataset_info=info,
         datamodule=datamodule,

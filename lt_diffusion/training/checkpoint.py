@@ -253,7 +253,7 @@ def run_datamodule(train_cfg: DictConfig, data_root: str | Path | None = None) -
     it is not where the run was trained (the dataset's own folder name is kept)."""
     from lt_diffusion.training.builders import build_datamodule
 
-    if data_root:
+    if data_root and "root" in train_cfg.dataset.source:  # generated data have no root
         train_cfg = copy.deepcopy(train_cfg)
         source = train_cfg.dataset.source
         source.root = str(Path(data_root) / Path(source.root).name)
