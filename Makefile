@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data slurm weights demo test lint format clean
+.PHONY: setup data slurm weights demo demo-toy test lint format clean
 
 # Python environment: torch + torchvision come from PyPI (see ENVIRONMENT notes in README).
 # Every extra: the tests use all of them (tests/test_dependencies.py checks this line).
@@ -37,11 +37,20 @@ weights: setup
 	$(PY) -m lt_diffusion.evaluation.inception
 
 # The main job: a small class-conditional DDPM on Imb. Fashion-MNIST (IR 100), on the CPU,
-# then its Many / Medium / Few table under the quick protocol.
+# then its Many / Medium / Few table under the quick protocol; then every method compared on
+# the synthetic benchmark (demo-toy). About 10 minutes on 2 cores.
 DEMO_RUN := outputs/runs/fashion_mnist_lt-ir100-ddpm-seed0-demo
 demo: setup
 	$(PY) -m lt_diffusion.train experiment=fashion_mnist_demo
 	$(PY) -m lt_diffusion.evaluate checkpoint=$(DEMO_RUN)/checkpoints/last.ckpt eval=quick
+	@$(MAKE) --no-print-directory demo-toy
+
+# The method comparison on the synthetic benchmark (docs/toy_benchmark.md): every method at
+# IR 100, one seed (table=toy2d_demo), its table, and DDPM's points against the best method's.
+# The full table (3 seeds, IR 100 and 1): python -m lt_diffusion.table table=toy2d_methods.
+demo-toy: setup
+	$(PY) -m lt_diffusion.table table=toy2d_demo
+	$(PY) scripts/plot_toy.py --table toy2d_demo
 
 test: setup slurm
 	$(PY) -m ruff check .
