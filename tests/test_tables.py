@@ -47,7 +47,8 @@ def test_table_specs_load_and_name_existing_experiments(name: str) -> None:
     assert spec.name == name and spec.columns and spec.seeds
     for block in spec.blocks:
         for row in block.rows:
-            assert any(v is not None for v in row.published.values()), (
+            # The synthetic benchmark (eval=toy) is this project's: it has no published numbers.
+            assert spec.eval == "toy" or any(v is not None for v in row.published.values()), (
                 f"{row.label}: no published value"
             )
             for exp in row.experiments.values():
