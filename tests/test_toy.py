@@ -24,9 +24,9 @@ from lt_diffusion.diffusion import (
     generate,
     generate_vectors,
 )
-from lt_diffusion.methods import group_expert_lora, reserve_capacity
-from lt_diffusion.methods.lora import LowRankMixin
+from lt_diffusion.methods import group_expert_lora
 from lt_diffusion.models import MLPDenoiser, UNet
+from lt_diffusion.models.lowrank import LowRankMixin, reserve_capacity
 from tests.conftest import CONFIG_DIR, compose_config
 
 METHODS = sorted(p.stem for p in (Path(CONFIG_DIR) / "method").glob("*.yaml"))
