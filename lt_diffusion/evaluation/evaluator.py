@@ -21,8 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from lt_diffusion.diffusion import gather_order, generate
+from lt_diffusion.diffusion.generate import chunk_ranges
 from lt_diffusion.evaluation import metrics as M
 from lt_diffusion.evaluation.distributed import barrier, gather_objects, world
+from lt_diffusion.evaluation.diversity import check_lpips_size, load_lpips, lpips_diversity
 from lt_diffusion.evaluation.features import extract_features
 from lt_diffusion.evaluation.inception import load_extractor
 from lt_diffusion.evaluation.protocol import (
@@ -37,10 +39,47 @@ from lt_diffusion.evaluation.reference import cache_key, cached_features, choose
 
 @dataclass
 class Generated:
-    """Features of the generated images, grouped by class (in generation order)."""
+    """Features of the generated images, grouped by class (in generation order), and the first
+    images of each class when a metric needs pixels (LPIPS diversity)."""
 
     pool: dict[int, np.ndarray]
     logits: dict[int, np.ndarray] | None
+    images: dict[int, Tensor] | None = None
+
+
+@dataclass
+class LPIPSPerClass:
+    """Each class's mean pairwise LPIPS over its first ``images`` generated images."""
+
+    values: dict[int, float]
+    images: int
+
+
+def prepare_lpips(
+    protocol: DictConfig, dataset_info: dict[str, Any], per_class: list[int], device: torch.device
+) -> tuple[torch.nn.Module, dict[str, Any], int]:
+    """Before any generation: the LPIPS network (refused when its weights are not staged), the
+    number of images per class whose pairs it averages, and a check that the images are large
+    enough for it. Returns ``(model, info, images per class)``."""
+    asked = protocol.get("lpips_images")
+    if asked is None or int(asked) < 2:
+        raise ValueError(
+            "lpips_diversity averages LPIPS over the pairs of the first eval.lpips_images "
+            f"generated images of each class (got {asked}): set it to 2 or more, e.g. "
+            "+eval.lpips_images=100"
+        )
+    used = min(int(asked), *per_class)
+    if used < 2:
+        c = int(np.argmin(per_class))
+        raise M.TooFewImagesError(
+            f"lpips_diversity needs at least 2 generated images of every class; class {c} gets "
+            f"{per_class[c]}: raise eval.overall.generated (or eval.per_class.generated)"
+        )
+    model, info = load_lpips(device)
+    size = protocol.get("lpips_size")
+    size = None if size is None else int(size)
+    check_lpips_size(model, dataset_info["channels"], dataset_info["image_size"], size)
+    return model, {**info, "size": size or dataset_info["image_size"]}, used
 
 
 def class_labels(per_class: list[int]) -> Tensor:
@@ -52,6 +91,14 @@ def _by_class(pool: np.ndarray, labels: Tensor, num_classes: int) -> dict[int, n
     return {c: pool[lab == c] for c in range(num_classes)}
 
 
+def _first_of_class(labels: Tensor, keep: int) -> Tensor:
+    """Mask of the first ``keep`` images of each class, in label order."""
+    order = torch.arange(len(labels))
+    first = torch.full((int(labels.max()) + 1 if len(labels) else 0,), len(labels))
+    first = first.scatter_reduce(0, labels, order, reduce="amin")
+    return order - first[labels] < keep
+
+
 def generated_features(
     model: torch.nn.Module,
     sampler: Any,
@@ -60,8 +107,10 @@ def generated_features(
     guidance: float,
     extractor: torch.nn.Module,
     device: torch.device,
+    keep_images: int = 0,
 ) -> Generated:
-    """Generate and featurise this rank's chunks, gather, restore global order."""
+    """Generate and featurise this rank's chunks, gather, restore global order; keep the first
+    ``keep_images`` images of each class."""
     rank, size = world()
     labels = class_labels(per_class)
     bs = int(protocol.batch_size)
@@ -79,25 +128,52 @@ def generated_features(
         progress=rank == 0,
     )
     feats = extract_features(images, extractor, batch_size=bs, device=device, progress=rank == 0)
+    if keep_images:  # this rank's images among the first of their class, by global index
+        ranges = chunk_ranges(len(labels), bs, rank, size)
+        mine = torch.cat(
+            [torch.arange(a, b) for a, b in ranges] or [torch.zeros(0, dtype=torch.long)]
+        )
+        wanted = _first_of_class(labels, keep_images)[mine]
+        feats["kept"] = (mine[wanted], images[wanted])
     parts = gather_objects(feats)
     pool = gather_order([torch.from_numpy(p["pool"]) for p in parts], len(labels), bs).numpy()
     logits = None
     if feats["logits"] is not None:
         logits_t = [torch.from_numpy(p["logits"]) for p in parts]
         logits = _by_class(gather_order(logits_t, len(labels), bs).numpy(), labels, len(per_class))
-    return Generated(_by_class(pool, labels, len(per_class)), logits)
+    kept = None
+    if keep_images:
+        index = torch.cat([p["kept"][0] for p in parts])
+        pixels = torch.cat([p["kept"][1] for p in parts])[index.argsort()]
+        kept = _images_by_class(pixels, labels[index.sort().values], len(per_class))
+    return Generated(_by_class(pool, labels, len(per_class)), logits, kept)
+
+
+def _images_by_class(images: Tensor, labels: Tensor, num_classes: int) -> dict[int, Tensor]:
+    return {c: images[labels == c] for c in range(num_classes)}
 
 
 def folder_features(
-    images: Tensor, labels: Tensor, per_class: list[int], protocol: DictConfig, extractor, device
+    images: Tensor,
+    labels: Tensor,
+    per_class: list[int],
+    protocol: DictConfig,
+    extractor,
+    device,
+    keep_images: int = 0,
 ) -> Generated:
-    """Features of a folder of generated images: the first ``per_class[c]`` of each class."""
+    """Features of a folder of generated images: the first ``per_class[c]`` of each class (and
+    the first ``keep_images`` images of each class)."""
     keep = torch.cat([torch.nonzero(labels == c).flatten()[:n] for c, n in enumerate(per_class)])
     feats = extract_features(images[keep], extractor, int(protocol.batch_size), device, True)
     pool = _by_class(feats["pool"], labels[keep], len(per_class))
     logits = feats["logits"]
+    kept = None
+    if keep_images:
+        first = _first_of_class(labels[keep], keep_images)
+        kept = _images_by_class(images[keep][first], labels[keep][first], len(per_class))
     return Generated(
-        pool, None if logits is None else _by_class(logits, labels[keep], len(per_class))
+        pool, None if logits is None else _by_class(logits, labels[keep], len(per_class)), kept
     )
 
 
@@ -158,6 +234,7 @@ def compare(
     wanted: list[str],
     protocol: DictConfig,
     is_unavailable: str | None = None,
+    lpips: LPIPSPerClass | None = None,
 ) -> dict[str, Any]:
     """Every wanted metric of one comparison (a record entry, through the metric registry),
     with the counts and settings it used."""
@@ -175,6 +252,12 @@ def compare(
             settings=protocol,
             fake_logits=logits,
             is_unavailable=is_unavailable,
+            extra={}
+            if lpips is None
+            else {
+                "lpips_per_class": [lpips.values[c] for c in comp.classes],
+                "lpips_images": lpips.images,
+            },
         ),
         wanted,
     )
@@ -247,11 +330,17 @@ def run_protocol(
     extractor, ext_info = load_extractor(
         device, want_logits=need_is, require_logits=need_is and bool(protocol.require_is)
     )
+    lpips_model, keep = None, 0
+    if "lpips_diversity" in wanted:
+        lpips_model, lpips_info, keep = prepare_lpips(protocol, dataset_info, per_class, device)
+        ext_info = {**ext_info, "lpips": lpips_info}
     t0 = time.time()
     if folder is not None:
-        gen = folder_features(*folder, per_class, protocol, extractor, device)
+        gen = folder_features(*folder, per_class, protocol, extractor, device, keep)
     else:
-        gen = generated_features(model, sampler, per_class, protocol, guidance, extractor, device)
+        gen = generated_features(
+            model, sampler, per_class, protocol, guidance, extractor, device, keep
+        )
     t_gen = time.time() - t0
     rank, _ = world()
     result: dict[str, Any] = {}
@@ -259,9 +348,21 @@ def run_protocol(
         real = real_features(
             datamodule, protocol, extractor, ext_info, real_per_class, cache_dir, device
         )
+        lpips = None
+        if lpips_model is not None:
+            size, bs = ext_info["lpips"]["size"], int(protocol.batch_size)
+            lpips = LPIPSPerClass(
+                {
+                    c: lpips_diversity(x, lpips_model, size, bs, device)
+                    for c, x in gen.images.items()
+                },
+                keep,
+            )
         metrics: dict[str, Any] = {"overall": {}, "per_split": {}, "per_class": {}}
         for comp in comps:
-            values = compare(comp, gen, real, wanted, protocol, ext_info.get("is_unavailable"))
+            values = compare(
+                comp, gen, real, wanted, protocol, ext_info.get("is_unavailable"), lpips
+            )
             if comp.kind == "overall":
                 metrics["overall"] = values
             elif comp.kind == "split":

@@ -1,5 +1,6 @@
 """The metrics of an evaluation: FID, KID, Precision / Recall and IS from Inception features
-(through torch-fidelity's own metric functions, returning plain floats), and the **registry**
+(through torch-fidelity's own metric functions, returning plain floats), the diversity metrics
+of :mod:`lt_diffusion.evaluation.diversity` (density, coverage, Vendi, LPIPS), and the **registry**
 :data:`METRICS` that every consumer reads (the evaluator, record validation, table specs, the
 printed table). A new metric is one :class:`Metric` entry plus its function (docs/extending.md).
 
@@ -302,6 +303,48 @@ register(
 )
 register(Metric("recall", "recall", "higher", lambda c: _prc(c, "recall"), _pr_minimum, ("pr_k",)))
 register(Metric("is", "IS", "higher", _is))
+
+
+# Diversity (lt_diffusion/evaluation/diversity.py; docs/evaluation.md, "Diversity metrics").
+def _dc(c: Comparison, which: str) -> dict[str, Any]:
+    from lt_diffusion.evaluation.diversity import density_coverage
+
+    k = int(c.settings["pr_k"])  # the same k-NN balls as precision / recall (Naeem et al.)
+    density, coverage = c.once("dc", lambda: density_coverage(c.real, c.fake, k))
+    return {which: density if which == "density" else coverage, "pr_k": k}
+
+
+def _vendi(c: Comparison) -> dict[str, Any]:
+    from lt_diffusion.evaluation.diversity import vendi_score
+
+    # The real images' score beside it: what the same classes' real diversity is.
+    return {**_finite({}, "vendi", vendi_score(c.fake)), "vendi_real": vendi_score(c.real)}
+
+
+def _lpips(c: Comparison) -> dict[str, Any]:
+    """Mean over the comparison's classes of each class's mean pairwise LPIPS, which the
+    evaluator computes from the images (``extra``: ``lpips_per_class``, ``lpips_images``)."""
+    if "lpips_per_class" not in c.extra:
+        raise ValueError(
+            "lpips_diversity needs the generated images of each class (Comparison.extra "
+            "'lpips_per_class', supplied by the evaluator); features alone cannot give it"
+        )
+    used, asked = int(c.extra["lpips_images"]), int(c.settings["lpips_images"])
+    out = _finite({}, "lpips_diversity", float(np.mean(c.extra["lpips_per_class"])))
+    out["lpips_images"] = used
+    if used < asked:
+        out["notes"] = [f"LPIPS diversity from {used} images per class (asked {asked})"]
+    return out
+
+
+register(
+    Metric("density", "density", "higher", lambda c: _dc(c, "density"), _pr_minimum, ("pr_k",))
+)
+register(
+    Metric("coverage", "coverage", "higher", lambda c: _dc(c, "coverage"), _pr_minimum, ("pr_k",))
+)
+register(Metric("vendi", "Vendi", "higher", _vendi, digits=2))
+register(Metric("lpips_diversity", "LPIPS div.", "higher", _lpips, requires=("lpips_images",)))
 
 
 def check_metrics(names: Sequence[str]) -> list[str]:
