@@ -12,7 +12,8 @@ speed only: the U-Net width and depth, ImageNet-LT / iNaturalist to 3 classes, A
 32 px for Stable Diffusion, the protocol's image counts and sampler steps, the trainer (CPU).
 Inception runs for one row per dataset; the other rows use a small fixed random-projection
 extractor (the metric code after the features is the same; the Inception network has its own
-tests in test_inception.py / test_evaluation_metrics.py).
+tests in test_inception.py / test_evaluation_metrics.py). LPIPS runs on a random AlexNet trunk
+unless its weights are staged (test_diversity.py tests LPIPS).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 from omegaconf import DictConfig, open_dict
 from torch import nn
 
+from lt_diffusion.evaluation.diversity import LPIPSWeightsError, alexnet_weights
 from lt_diffusion.tables import load_table_by_name
 from lt_diffusion.tables.aggregate import metric_entry
 from lt_diffusion.tables.spec import EvalRef, available_tables
@@ -177,6 +179,20 @@ def _stand_in(device: Any = "cpu", want_logits: bool = False, require_logits: bo
     return RandomProjection().to(device), info
 
 
+def _lpips_stand_in(device: Any = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """LPIPS with the package's linear layers on a random AlexNet trunk, for when torchvision's
+    AlexNet weights are not staged (test_diversity.py checks LPIPS itself)."""
+    import warnings
+
+    import lpips
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision's notice about `pretrained=False`
+        model = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False)
+    return model.eval().to(device), {"net": "alex", "trunk_weights": "random (smoke test)"}
+
+
 def _evaluate(checkpoint: Path, ev: EvalRef, world: dict[str, Path]) -> dict[str, Any]:
     """The row's evaluation with its protocol's comparisons, metrics, sampler and guidance,
     at one or two images per class and one sampler step."""
@@ -222,6 +238,10 @@ def test_the_row_builds_trains_samples_and_evaluates(
     checkpoint = _train(experiment, world)
     if experiment not in INCEPTION_ROWS:
         monkeypatch.setattr(evaluator, "load_extractor", _stand_in)
+    try:
+        alexnet_weights()
+    except LPIPSWeightsError:
+        monkeypatch.setattr(evaluator, "load_lpips", _lpips_stand_in)
     for ev, metrics in TABLE_EVALS.get(experiment, []):
         record = _evaluate(checkpoint, ev, world)
         assert record["checkpoint"]["theta_g_only"] == ev.theta_g_only
