@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from lt_diffusion.evaluation.inception import sha256
+from lt_diffusion.evaluation.metrics import _features, _need, _same_dim
 
 ALEXNET_WEIGHTS_NAME = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet IMAGENET1K_V1
 ALEXNET_SHA256_PREFIX = "7be5be79"  # torch hub convention: the name carries the hash prefix
@@ -29,12 +30,6 @@ LPIPS_VERSION = "0.1"
 
 class LPIPSWeightsError(RuntimeError):
     """The AlexNet weights LPIPS needs are missing, corrupt or not AlexNet's."""
-
-
-def _matrix(x: Any, name: str) -> np.ndarray:
-    from lt_diffusion.evaluation.metrics import _features
-
-    return _features(x, name)
 
 
 # ---------------------------------------------------------------------------- density, coverage
@@ -64,9 +59,7 @@ def density_coverage(
     Float64; distance blocks of at most ``memory_budget`` entries. Needs more than ``k`` real
     images and at least one generated.
     """
-    from lt_diffusion.evaluation.metrics import _need, _same_dim
-
-    r, f = _matrix(real, "real"), _matrix(fake, "fake")
+    r, f = _features(real, "real"), _features(fake, "fake")
     _same_dim(r, f)
     if k < 1:
         raise ValueError(f"density/coverage neighbourhood k must be >= 1, got {k}")
@@ -98,7 +91,7 @@ def vendi_score(features: Any) -> float:
     1 for n identical samples, n for n orthogonal ones: the effective number of distinct
     samples. ``K / n = X X^T / n`` (rows of ``X`` unit length) shares its non-zero eigenvalues
     with ``X^T X / n``, so the smaller of the two is decomposed (float64)."""
-    x = _matrix(features, "features")
+    x = _features(features, "features")
     if len(x) < 1:
         raise ValueError("the Vendi score needs at least one sample")
     norms = np.linalg.norm(x, axis=1, keepdims=True)
@@ -152,7 +145,7 @@ def _trunk_state(state: dict[str, Tensor], net: nn.Module) -> dict[str, Tensor]:
     (lpips keeps torchvision's layer indices inside its five slices)."""
     where = {}
     for name, _ in net.named_parameters():
-        slice_name, index, param = name.split(".")
+        _, index, param = name.split(".")  # slice<s>.<i>.<weight|bias>
         where[f"features.{index}.{param}"] = name
     missing = sorted(set(where) - set(state))
     if missing:
