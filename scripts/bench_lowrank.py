@@ -28,13 +28,13 @@ import warnings
 import torch
 from torch import nn
 
+from lt_diffusion.models import UNet
 from lt_diffusion.models.lowrank import (
     lowrank_layers,
     reserve_capacity,
     select_layers,
     set_expert_enabled,
 )
-from lt_diffusion.models import UNet
 
 CIFAR = dict(ch=128, ch_mult=(1, 2, 2, 2), attn_resolutions=(16,), num_res_blocks=2, dropout=0.0)
 
