@@ -12,6 +12,7 @@ import warnings
 from typing import Any
 
 import numpy as np
+import prdc
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -54,7 +55,6 @@ def test_density_coverage_equal_a_direct_double_loop(k: int) -> None:
 
 
 def test_density_coverage_equal_the_prdc_package() -> None:
-    prdc = pytest.importorskip("prdc")
     real, fake = _sets(120, 90, 16, seed=7)
     want = prdc.compute_prdc(real_features=real, fake_features=fake, nearest_k=5)
     got = D.density_coverage(real, fake, 5)
