@@ -324,11 +324,14 @@ def write_artbench10(
 SD_MAX_LEN = 16
 
 
-def write_tiny_sd(root: Path, seed: int = 0, schedule: str = "linear") -> Path:
+def write_tiny_sd(
+    root: Path, seed: int = 0, schedule: str = "linear", max_length: int = SD_MAX_LEN
+) -> Path:
     """A tiny randomly initialised Stable Diffusion in the standard diffusers layout (unet/
     text_encoder/ tokenizer/ vae/ scheduler/), every part saved with its library's
     save_pretrained. ``schedule``: ``"linear"`` (1e-4 .. 0.02) or ``"scaled_linear"`` (Stable
-    Diffusion's own, 0.00085 .. 0.012)."""
+    Diffusion's own, 0.00085 .. 0.012). ``max_length``: the tokenizer's (and text encoder's)
+    prompt length in tokens (each letter is a token: two-concept prompts need about 40)."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -365,14 +368,14 @@ def write_tiny_sd(root: Path, seed: int = 0, schedule: str = "linear") -> Path:
     tok.mkdir(parents=True)
     (tok / "vocab.json").write_text(json.dumps(vocab))
     (tok / "merges.txt").write_text("#version: 0.2\np a\ni n\n")
-    (tok / "tokenizer_config.json").write_text(json.dumps({"model_max_length": SD_MAX_LEN}))
+    (tok / "tokenizer_config.json").write_text(json.dumps({"model_max_length": max_length}))
     config = CLIPTextConfig(
         vocab_size=len(vocab),
         hidden_size=32,
         intermediate_size=37,
         num_attention_heads=4,
         num_hidden_layers=2,
-        max_position_embeddings=SD_MAX_LEN,
+        max_position_embeddings=max_length,
         bos_token_id=0,
         eos_token_id=1,
         pad_token_id=1,

@@ -9,6 +9,12 @@ is then released) and kept as the ``prompt_embeds`` buffer, so a training step c
 only. Class names come from the dataset, in label order: :meth:`set_class_names` (the training
 module calls it with the datamodule's names; checkpoints store them).
 
+Multi-concept captions (the concept-dominance setting, docs/analyses.md): labels of shape
+``(B, K)`` instead of ``(B,)`` are K classes per sample, conditioned on one caption that joins
+their prompts (``"a baroque painting and a ukiyo e painting"``, :meth:`caption`). Such captions
+are encoded when first met (the text encoder then stays loaded) and cached; ``(B,)`` labels take
+the class path above unchanged.
+
 LoRA through ``peft`` on the attention projections (``to_q``, ``to_k``, ``to_v``, ``to_out.0``,
 the standard diffusers targets), ``B = 0`` at the start so the fine-tuned model starts exactly
 at the pretrained one; everything else is frozen and left out of checkpoints (see
@@ -23,6 +29,7 @@ base weights for inference.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import warnings
@@ -52,7 +59,20 @@ BETA_SCHEDULES = {
     "squaredcos_cap_v2": "cosine",
 }
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# Multi-concept captions join their classes' prompts with this (see StableDiffusionBackbone.caption).
+CAPTION_JOINER = " and "
 GENERAL, EXPERT = "general", "expert"
+
+
+@functools.lru_cache(maxsize=2)
+def _text_parts(folder: str, encoder: bool) -> tuple[Any, Any]:
+    """A Stable Diffusion folder's ``CLIPTokenizer`` and (when ``encoder``) ``CLIPTextModel`` in
+    eval mode on the CPU, loaded once per process."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(Path(folder) / "tokenizer"))
+    model = CLIPTextModel.from_pretrained(str(Path(folder) / "text_encoder")) if encoder else None
+    return tokenizer, None if model is None else model.eval().requires_grad_(False)
 
 
 def _subfolder_ok(name: str, folder: Path) -> bool:
@@ -234,6 +254,7 @@ class StableDiffusionBackbone(LatentBackbone):
         self.adapter_ranks: dict[str, int] = {}
         self.lora_targets = tuple(LORA_TARGETS)
         self.class_names: list[str] | None = None
+        self._captions: dict[tuple[int, ...], Tensor] = {}  # multi-concept caption -> embeds
         names = list(class_names) if class_names is not None else None
         if names is not None:
             self._check_names(names)
@@ -269,22 +290,34 @@ class StableDiffusionBackbone(LatentBackbone):
         classes = [self.prompt_template.format(n.replace("_", " ")) for n in names or []]
         return [*classes, ""]
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> Tensor:
-        """CLIP ``last_hidden_state`` of ``prompts`` padded to the tokenizer's length, as Stable
-        Diffusion's pipeline conditions (float32, CPU). Loads the text encoder for the call."""
-        from transformers import CLIPTextModel, CLIPTokenizer
+    def tokenizer(self) -> Any:
+        """The folder's ``CLIPTokenizer`` (loaded once per process)."""
+        return _text_parts(self.pretrained, encoder=False)[0]
 
-        tokenizer = CLIPTokenizer.from_pretrained(str(Path(self.pretrained) / "tokenizer"))
-        encoder = CLIPTextModel.from_pretrained(str(Path(self.pretrained) / "text_encoder"))
-        ids = tokenizer(
-            prompts,
+    def tokenize(self, prompts: Sequence[str]) -> Tensor:
+        """Token ids ``(N, L)`` of ``prompts`` padded to the tokenizer's length, exactly as
+        :meth:`encode_prompts` feeds them to the text encoder."""
+        tokenizer = self.tokenizer()
+        return tokenizer(
+            list(prompts),
             padding="max_length",
             max_length=tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
         ).input_ids
-        return encoder.eval()(ids).last_hidden_state.float()
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], keep_encoder: bool = False) -> Tensor:
+        """CLIP ``last_hidden_state`` of ``prompts`` padded to the tokenizer's length, as Stable
+        Diffusion's pipeline conditions (float32, CPU). Loads the text encoder for the call;
+        ``keep_encoder`` keeps it loaded for later calls (captions are encoded as they come)."""
+        if keep_encoder:
+            encoder = _text_parts(self.pretrained, encoder=True)[1]
+        else:
+            from transformers import CLIPTextModel
+
+            encoder = CLIPTextModel.from_pretrained(str(Path(self.pretrained) / "text_encoder"))
+        return encoder.eval()(self.tokenize(prompts)).last_hidden_state.float()
 
     def set_class_names(self, names: Sequence[str], like: StableDiffusionBackbone | None = None):
         """Encode the prompts of ``names`` (label order); ``like``: take its encoding instead
@@ -298,6 +331,8 @@ class StableDiffusionBackbone(LatentBackbone):
         elif names != self.class_names:
             embeds = self.encode_prompts(self.prompts(names))
             self.prompt_embeds.copy_(embeds.to(self.prompt_embeds.device))
+        if names != self.class_names:
+            self._captions = {}
         self.class_names = names
 
     # -- LoRA -------------------------------------------------------------------------------
@@ -364,15 +399,48 @@ class StableDiffusionBackbone(LatentBackbone):
                 f"model's {self.adapter_ranks}: rebuild it with the run's model and method config"
             )
         self.class_names = state.get("class_names")
+        self._captions = {}
+
+    # -- multi-concept captions -------------------------------------------------------------
+    def caption(self, concepts: Sequence[int]) -> str:
+        """The caption of one multi-concept label row: its classes' prompts in order, joined by
+        :data:`CAPTION_JOINER` (``"a baroque painting and a ukiyo e painting"``). Null entries
+        are skipped, so a row of null labels is the empty prompt."""
+        if self.class_names is None:
+            raise RuntimeError("captions need the class names: call set_class_names first")
+        bad = [int(c) for c in concepts if not 0 <= int(c) <= self.null_label]
+        if bad:
+            raise ValueError(
+                f"caption concepts {bad} are not classes 0..{self.num_classes - 1} (or the null "
+                f"label {self.null_label})"
+            )
+        names = [self.class_names[int(c)] for c in concepts if int(c) != self.null_label]
+        return CAPTION_JOINER.join(self.prompts(names)[:-1])
+
+    def caption_embeds(self, rows: Tensor) -> Tensor:
+        """Text embeddings ``(B, L, D)`` of multi-concept label rows ``(B, K)``. Each distinct
+        caption is encoded once and cached (not saved: it follows from the class names and the
+        frozen text encoder); a row of nulls takes the null label's embedding."""
+        keys = [tuple(r) for r in rows.tolist()]  # one host sync per batch
+        new = sorted({k for k in keys if k not in self._captions and set(k) != {self.null_label}})
+        if new:
+            embeds = self.encode_prompts([self.caption(k) for k in new], keep_encoder=True)
+            self._captions.update(zip(new, embeds))
+        null = self.prompt_embeds[self.null_label]
+        out = [null if set(k) == {self.null_label} else self._captions[k] for k in keys]
+        return torch.stack([e.to(device=null.device, dtype=null.dtype) for e in out])
 
     # -- forward ----------------------------------------------------------------------------
     def unet_condition(self, labels: Tensor) -> dict[str, Tensor]:
-        """The prompts' text embeddings of ``labels`` (the null label: the empty prompt)."""
+        """The prompts' text embeddings of ``labels`` (the null label: the empty prompt):
+        ``(B,)`` class labels, or ``(B, K)`` multi-concept rows (:meth:`caption`)."""
         if self.class_names is None:
             raise RuntimeError(
                 "the class prompts are not encoded: call set_class_names(<the dataset's class "
                 "names in label order>) (training does this from the datamodule)"
             )
+        if labels.ndim == 2:
+            return {"encoder_hidden_states": self.caption_embeds(labels)}
         return {"encoder_hidden_states": self.prompt_embeds[labels]}
 
 
