@@ -4,13 +4,15 @@
     python -m lt_diffusion.analyze analysis=pruning checkpoint=outputs/runs/<run>/checkpoints/last.ckpt
 
 Analyses (configs/analysis/): ``pruning`` (CM paper, Fig. 1(b)), ``imba_distance`` (IMBA loss),
-``feature_overlap`` (CORAL), ``gradient_dominance`` (CM paper, Theorem 2.1). The record goes to
+``feature_overlap`` (CORAL), ``gradient_dominance`` (CM paper, Theorem 2.1),
+``concept_dominance`` (DominanceBench; Stable Diffusion backbones). The record goes to
 ``<run_dir>/analyses/<analysis>[-theta_g].json``, the plot beside it. See docs/analyses.md.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -59,8 +61,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError("give checkpoint=<run_dir>/checkpoints/last.ckpt (the run to analyse)")
     started = time.time()
     loaded = load_run(
-        cfg.checkpoint, cfg.device, bool(cfg.ema), cfg.data_root, bool(cfg.theta_g_only)
-    )
+        cfg.checkpoint, cfg.device, bool(cfg.ema), cfg.data_root, bool(cfg.theta_g_only),
+        text_to_image=getattr(module, "BACKBONE", "pixel") == "text_to_image",
+    )  # fmt: skip
     print(
         f"Analysis {name} of {loaded.meta['checkpoint']} (step {loaded.meta['global_step']}, "
         f"{loaded.info['name']}, {loaded.info['num_classes']} classes) on {loaded.device}",
@@ -69,9 +72,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     json_path, png_path = record_paths(
         loaded.run_dir, name, loaded.theta_g_only, cfg.get("out_dir")
     )
+    if cfg.get("record"):  # an explicit record file (the plot goes beside it)
+        json_path = Path(cfg.record)
+        png_path = json_path.with_suffix(".png")
     results = module.compute(loaded, settings, int(cfg.batch_size), bool(cfg.progress))
     results["seconds"] = round(time.time() - started, 2)
     record = build_record(name, settings, loaded, results, code_version())
+    if hasattr(module, "validate"):  # an analysis with a record schema checks it before writing
+        module.validate(record)
     save_record(json_path, record)
     module.plot(record, png_path)
     print("\n".join(_summary_lines(record)))

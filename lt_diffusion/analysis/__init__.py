@@ -8,13 +8,22 @@ record and one PNG under ``<run_dir>/analyses/`` (``python -m lt_diffusion.analy
   (CORAL).
 * :mod:`~lt_diffusion.analysis.gradient_dominance`: share of parameter tensors whose gradient
   the majority classes dominate (CM paper, Theorem 2.1).
+* :mod:`~lt_diffusion.analysis.concept_dominance`: cross-attention dominance of one concept over
+  the others in multi-concept prompts, head ablations, concept presence by CLIP, and dominance
+  against the concepts' frequency (DominanceBench; Stable Diffusion backbones).
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from lt_diffusion.analysis import feature_overlap, gradient_dominance, imba_distance, pruning
+from lt_diffusion.analysis import (
+    concept_dominance,
+    feature_overlap,
+    gradient_dominance,
+    imba_distance,
+    pruning,
+)
 
 # analysis.name -> (module with compute() and plot(), its settings dataclass)
 ANALYSES: dict[str, tuple[ModuleType, type]] = {
@@ -22,6 +31,7 @@ ANALYSES: dict[str, tuple[ModuleType, type]] = {
     imba_distance.NAME: (imba_distance, imba_distance.ImbaDistanceSettings),
     feature_overlap.NAME: (feature_overlap, feature_overlap.FeatureOverlapSettings),
     gradient_dominance.NAME: (gradient_dominance, gradient_dominance.GradientDominanceSettings),
+    concept_dominance.NAME: (concept_dominance, concept_dominance.ConceptDominanceSettings),
 }
 
 __all__ = ["ANALYSES"]

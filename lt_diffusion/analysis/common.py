@@ -297,10 +297,22 @@ def load_run(
     ema: bool = True,
     data_root: str | None = None,
     theta_g_only: bool = False,
+    text_to_image: bool = False,
 ) -> AnalysedRun:
     """The checkpoint's run with its training set (optionally under another data root);
-    pixel-space backbones only (the analyses noise training *pixels*)."""
+    pixel-space backbones only (the analyses noise training *pixels*).
+
+    ``text_to_image``: the run of a text-conditioned backbone instead (Stable Diffusion: the
+    concept analysis samples from prompts and reads no training image), without its data (the
+    dataset description, class counts and names included, comes from the checkpoint)."""
     run = load_checkpoint_run(checkpoint, device, ema=ema, theta_g_only=theta_g_only)
+    if text_to_image:
+        if not (hasattr(run.model, "encode_prompts") and hasattr(run.model, "unet")):
+            raise ValueError(
+                f"{checkpoint} is not a text-to-image model ({run.train_cfg.model.get('_target_')}"
+                "): this analysis needs a Stable Diffusion backbone (model=sd_lora)"
+            )
+        return AnalysedRun(run, None, dict(run.meta["dataset"]))
     if getattr(run.model, "latent_shape", None) is not None:
         raise ValueError(
             f"{checkpoint} is a latent-diffusion model ({run.train_cfg.model.get('_target_')}): "
