@@ -339,3 +339,67 @@ def test_staged_clip_scores_match_its_own_logits() -> None:
         out = scorer.model(**inputs)
     want = (out.logits_per_image / scorer.model.logit_scale.exp()).double()
     torch.testing.assert_close(sim, want, atol=1e-4, rtol=1e-4)
+
+
+# -- IMBA on multi-concept captions ---------------------------------------------------------
+
+
+def test_concept_collage_cuts_strips_and_lists_their_classes() -> None:
+    from lt_diffusion.methods.imba import concept_collage
+
+    x0 = torch.arange(3 * 2 * 2 * 5, dtype=torch.float32).view(3, 2, 2, 5)
+    y = torch.tensor([7, 8, 9])
+    out, labels = concept_collage(x0, y, 2)
+    assert labels.tolist() == [[7, 8], [8, 9], [9, 7]]
+    for b in range(3):
+        assert torch.equal(out[b, ..., :2], x0[b, ..., :2])
+        assert torch.equal(out[b, ..., 2:], x0[(b + 1) % 3, ..., 2:])  # the last takes the rest
+    with pytest.raises(ValueError, match="concepts_per_caption=4 .* raise data.batch_size"):
+        concept_collage(x0, y, 4)
+
+
+def test_imba_on_captions_is_the_papers_loss_on_the_caption_embeddings(model) -> None:
+    """The loss of method=imba_captions recomputed in float64 from its definition, with the
+    captions encoded as text directly (not through the labels) and fed to the U-Net."""
+    from lt_diffusion.diffusion import NoiseSchedule
+    from lt_diffusion.methods import IMBAObjective
+    from lt_diffusion.methods.imba import concept_collage
+
+    schedule = NoiseSchedule(**SCHEDULE)
+    objective = IMBAObjective(gamma=0.8, lam=0.9, concepts_per_caption=2, fused_forward=False)
+    g = torch.Generator().manual_seed(1)
+    x0, y = torch.randn(3, 4, 16, 16, generator=g), torch.tensor([0, 2, 1])
+    torch.manual_seed(5)
+    out = objective(model, x0, y, schedule)
+    assert {"imba_cond", "imba_uncond", "imba_dist"} <= set(out.terms)
+
+    torch.manual_seed(5)
+    xc, yc = concept_collage(x0, y, 2)
+    draw = objective.noised(xc, schedule)  # the same draws as the objective's
+    names = [n.replace("_", " ") for n in NAMES]
+    captions = [f"a {names[a]} painting and a {names[b]} painting" for a, b in yc.tolist()]
+    assert captions[0] == "a art nouveau painting and a realism painting"
+    with torch.no_grad():
+        ctx = model.encode_prompts(captions)
+        eps_c = model.unet(draw.x_t, draw.t, encoder_hidden_states=ctx).sample.double()
+        empty = model.encode_prompts([""] * 3)
+        eps_u = model.unet(draw.x_t, draw.t, encoder_hidden_states=empty).sample.double()
+    noise = draw.noise.double()
+    dist = (noise - eps_u).abs().pow(0.8).mean(1)  # (B, h, w): one weight per latent position
+    cond = (dist * (eps_c - noise).pow(2).mean(1)).mean()
+    want = 0.9 * cond + 0.1 * (eps_u - noise).pow(2).mean()
+    assert float(out.loss) == pytest.approx(float(want), rel=1e-4)
+
+
+def test_captions_need_a_text_to_image_backbone() -> None:
+    from lt_diffusion.diffusion import NoiseSchedule
+    from lt_diffusion.methods import IMBAObjective
+    from lt_diffusion.models import UNet
+
+    unet = UNet(image_size=8, in_channels=3, ch=32, ch_mult=(1,), attn_resolutions=(),
+                num_res_blocks=1, num_classes=3)  # fmt: skip
+    objective = IMBAObjective(concepts_per_caption=2)
+    with pytest.raises(ValueError, match="needs a text-to-image backbone .* set it to 1"):
+        objective(unet, torch.randn(2, 3, 8, 8), torch.tensor([0, 1]), NoiseSchedule(**SCHEDULE))
+    with pytest.raises(ValueError, match="concepts_per_caption must be >= 1"):
+        IMBAObjective(concepts_per_caption=0)

@@ -12,9 +12,20 @@ the default (token, elementwise) reading::
 
 The unconditional branch is trained on every sample (weight ``1 - lam``), which *replaces*
 random label dropout (``cond_drop_prob = 0``).
+
+**Multi-concept captions** (the paper's own setting: text-to-image data where each image holds
+several concepts, each in its own region). With ``concepts_per_caption = K > 1`` on a
+text-to-image backbone (``model=sd_lora``), each training sample is composed from ``K`` samples
+of the batch (:func:`concept_collage`): ``K`` side-by-side vertical strips of their latents,
+captioned with the ``K`` classes' prompts joined (labels ``(B, K)``, see
+``StableDiffusionBackbone.caption``). The token (latent position) weights ``D`` then differ
+between the regions of a frequent and a rare concept within one image, which is what the paper
+argues makes token-level balancing better than a weight per sample.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -75,6 +86,24 @@ def imba_distance(
     return d.mean(dim=dims).pow(gamma)
 
 
+def concept_collage(x0: Tensor, y: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Multi-concept samples from a batch of single-concept ones: sample ``b`` becomes ``k``
+    vertical strips of equal width (the last takes the remainder), strip ``j`` cut from sample
+    ``(b + j) mod B`` at the same columns, with labels ``(B, k)`` listing the strips' classes
+    from left to right. Deterministic (the batch is already shuffled); on latents, whose
+    positions each summarise one image patch, a strip of latents is a strip of the image."""
+    b, width = x0.shape[0], x0.shape[-1]
+    if not 2 <= k <= min(b, width):
+        raise ValueError(
+            f"method.objective.concepts_per_caption={k} needs a batch and a latent width of at "
+            f"least {k} (got batch {b}, width {width}): lower it, or raise data.batch_size"
+        )
+    edges = [j * (width // k) for j in range(k)] + [width]
+    order = torch.stack([torch.arange(b, device=y.device).roll(-j) for j in range(k)], dim=1)
+    strips = [x0[order[:, j].to(x0.device), ..., edges[j] : edges[j + 1]] for j in range(k)]
+    return torch.cat(strips, dim=-1), y[order]
+
+
 class IMBAObjective(ComposableObjective):
     """IMBA loss: IMBA-distance-weighted conditional loss plus an unconditional loss.
 
@@ -88,6 +117,8 @@ class IMBAObjective(ComposableObjective):
             tokens, so the conditional term keeps the scale of the plain MSE).
         fused_forward: run the conditional and unconditional predictions as one forward over
             the concatenated batch (speed only; GroupNorm is per sample).
+        concepts_per_caption: 1 (the class-label form) or ``K > 1``: train on multi-concept
+            captions of ``K`` classes each (:func:`concept_collage`; text-to-image backbones).
         cond_drop_prob, cond_drop_mode: must be 0 / ``"none"``: the unconditional term
             replaces label dropout.
     """
@@ -104,6 +135,7 @@ class IMBAObjective(ComposableObjective):
         power: str = "elementwise",
         normalize: str = "none",
         fused_forward: bool = True,
+        concepts_per_caption: int = 1,
         cond_drop_prob: float = 0.0,
         cond_drop_mode: str = "none",
     ) -> None:
@@ -129,12 +161,33 @@ class IMBAObjective(ComposableObjective):
             raise ValueError(f"gamma must be >= 0, got {gamma}")
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must be in [0, 1], got {lam}")
+        if int(concepts_per_caption) < 1:
+            raise ValueError(
+                f"method.objective.concepts_per_caption must be >= 1 (1: class labels), got "
+                f"{concepts_per_caption}"
+            )
         self.gamma = float(gamma)
         self.lam = float(lam)
         self.granularity = granularity
         self.power = power
         self.normalize = normalize
         self.fused_forward = bool(fused_forward)
+        self.concepts_per_caption = int(concepts_per_caption)
+
+    def compute(
+        self, model: Any, x0: Tensor, y: Tensor, schedule: NoiseSchedule, aug_labels: Any = None
+    ) -> Result:
+        """The class-label form, or (``concepts_per_caption > 1``) the same loss on the batch
+        recomposed into multi-concept captioned samples."""
+        if self.concepts_per_caption > 1:
+            if not hasattr(model, "caption"):
+                raise ValueError(
+                    f"method.objective.concepts_per_caption={self.concepts_per_caption} needs a "
+                    f"text-to-image backbone that takes captions (model=sd_lora), not "
+                    f"{type(model).__name__}: set it to 1"
+                )
+            x0, y = concept_collage(x0, y, self.concepts_per_caption)
+        return super().compute(model, x0, y, schedule, aug_labels)
 
     def loss(self, s: Step, x0: Tensor, y: Tensor, schedule: NoiseSchedule) -> Result:
         eps_c, eps_u = s.predict_pair(y, torch.full_like(y, s.model.null_label), self.fused_forward)
