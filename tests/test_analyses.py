@@ -534,3 +534,5 @@ def test_command_errors_come_before_any_work(trained, tmp_path: Path) -> None:
         _analyze(trained["ddpm"], "pruning", "theta_g_only=true")
     with pytest.raises(ValueError, match=r"\[0, 999\]"):
         _analyze(trained["ddpm"], "feature_overlap", "analysis.t=1000")
+    with pytest.raises(ValueError, match=r"not a text-to-image model .*model=sd_lora"):
+        _analyze(trained["ddpm"], "concept_dominance")

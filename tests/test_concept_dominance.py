@@ -403,3 +403,42 @@ def test_captions_need_a_text_to_image_backbone() -> None:
         objective(unet, torch.randn(2, 3, 8, 8), torch.tensor([0, 1]), NoiseSchedule(**SCHEDULE))
     with pytest.raises(ValueError, match="concepts_per_caption must be >= 1"):
         IMBAObjective(concepts_per_caption=0)
+
+
+@pytest.mark.slow
+def test_command_on_a_fine_tuned_run_before_and_after(sd_folder: Path, tmp_path: Path) -> None:
+    """ltd-analyze on a checkpoint of the IMBA-on-captions row (two training steps on a tiny
+    ArtBench-10): the pretrained model (lora_scale 0) and the fine-tuned one, into two records."""
+    from lt_diffusion import analyze, train
+    from tests.fakedata import write_artbench10
+
+    write_artbench10(tmp_path / "data" / "artbench10", n_per_class=100, test_per_class=1)
+    run_dir = tmp_path / "run"
+    cfg = compose_config("train", [
+        "experiment=dominance/artbench10_ir100_imba_captions", "trainer=cpu", "logger=none",
+        f"paths.data_root={tmp_path / 'data'}", f"paths.output_dir={tmp_path / 'out'}",
+        f"paths.run_dir={run_dir}", f"model.pretrained={sd_folder}", "diffusion=linear",
+        "model.lora.rank=4", "model.lora.alpha=4", "model.latent_cache_dir=null",
+        "model.gradient_checkpointing=false", "dataset.image_size=32", "data.batch_size=4",
+        "train.max_steps=2", "train.warmup_steps=1", "train.ckpt_every=2", "train.grid_every=0",
+        "train.log_every=1",
+    ])  # fmt: skip
+    train.run(cfg)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    pairs = tmp_path / "pairs.yaml"
+    pairs.write_text('template: "a {} painting and a {} painting"\npairs: [[baroque, realism]]\n')
+    records = {}
+    for scale in (0.0, 1.0):
+        out = tmp_path / f"scale{scale}.json"
+        records[scale] = analyze.run(compose_config("analyze", [
+            "analysis=concept_dominance", f"checkpoint={ckpt}", "device=cpu", "progress=false",
+            f"analysis.prompt_set={pairs}", "analysis.images_per_prompt=2", "analysis.steps=2",
+            "analysis.ablation_prompts=1", "analysis.ablation_steps=1", "analysis.group_sizes=[2]",
+            f"analysis.lora_scale={scale}", f"record={out}",
+        ]))  # fmt: skip
+        saved = validate(json.loads(out.read_text()))
+        assert saved["settings"]["lora_scale"] == scale and out.with_suffix(".png").is_file()
+        assert saved["dataset"]["class_names"][1] == "baroque"
+    before = records[0.0]["results"]["prompts"][0]["share_by_step"]
+    after = records[1.0]["results"]["prompts"][0]["share_by_step"]
+    assert before != after  # the two trained LoRA steps moved the attention
