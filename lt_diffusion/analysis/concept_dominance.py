@@ -89,6 +89,8 @@ class ConceptDominanceSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "group_sizes", tuple(int(g) for g in self.group_sizes))
+        for key in ("saturation", "lora_scale"):  # 0 and 0.0 are one setting (record digests)
+            object.__setattr__(self, key, float(getattr(self, key)))
         for key in ("images_per_prompt", "steps", "ablation_steps"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"analysis.{key} must be >= 1, got {getattr(self, key)}")
