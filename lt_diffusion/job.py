@@ -25,8 +25,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, open_dict
 
-from lt_diffusion.evaluation.record import RecordError, read_record
+from lt_diffusion.evaluation.record import RecordError
 from lt_diffusion.sweep import FAILED, SWEEP_LOG_ENV, Job, read_manifest
+from lt_diffusion.tables.spec import read_table_record
 from lt_diffusion.training.checkpoint import read_checkpoint
 from lt_diffusion.utils.config import CONFIG_DIR, compose_config
 from lt_diffusion.utils.io import atomic_write_json
@@ -79,7 +80,7 @@ def missing_records(job: Job, step: int | None = None) -> list[int]:
             out.append(i)
         elif step is not None:
             try:
-                if int(read_record(path)["checkpoint"]["step"]) != step:
+                if int(read_table_record(path)["checkpoint"]["step"]) != step:
                     out.append(i)
             except RecordError:
                 out.append(i)
@@ -88,6 +89,7 @@ def missing_records(job: Job, step: int | None = None) -> list[int]:
 
 def run_job(job: Job, table: str) -> str:
     """Train, then evaluate what is missing; returns ``"done"`` (the caller handles failures)."""
+    from lt_diffusion import analyze
     from lt_diffusion.evaluation import run as evaluate
     from lt_diffusion.evaluation.distributed import barrier
     from lt_diffusion.training import run as train
@@ -103,9 +105,13 @@ def run_job(job: Job, table: str) -> str:
     for i in missing_records(job, step):
         ev = job.evaluations[i]
         ecfg = compose_config(
-            "evaluate", [*ev.overrides, f"checkpoint={ckpt}", f"record={ev.record}", data_root]
+            ev.command, [*ev.overrides, f"checkpoint={ckpt}", f"record={ev.record}", data_root]
         )
-        evaluate.run(ecfg)
+        if ev.command == "analyze":
+            if _rank() == 0:  # an analysis runs on one device
+                analyze.run(ecfg)
+        else:
+            evaluate.run(ecfg)
         barrier()  # rank 0 has written the record before any rank moves on
     (Path(job.run_dir) / FAILED).unlink(missing_ok=True)
     return "done"

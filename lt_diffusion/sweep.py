@@ -32,10 +32,12 @@ class LauncherConfigError(ValueError):
 
 @dataclass
 class EvalJob:
-    """One evaluation of a job's run: the evaluate overrides and the record it writes."""
+    """One evaluation of a job's run: the evaluate overrides and the record it writes
+    (``command: analyze``: an analysis record, the overrides ``lt_diffusion.analyze``'s)."""
 
     overrides: list[str]
     record: str
+    command: str = "evaluate"
 
 
 @dataclass

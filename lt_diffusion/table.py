@@ -52,13 +52,18 @@ def _launcher_overrides() -> list[str]:
     return [o for o in task if o.startswith(("hydra/launcher", "hydra.launcher"))]
 
 
-def _overrides(cfg: DictConfig) -> tuple[list[str], list[str]]:
-    """Overrides of every run and every evaluation: the sweep's own paths (data, outputs,
-    caches), then the user's ``train_overrides`` / ``eval_overrides``."""
-    paths = [
+def _paths(cfg: DictConfig) -> list[str]:
+    """The sweep's own paths (data, outputs, caches), for every job."""
+    return [
         f"paths.{k}={Path(cfg.paths[k]).resolve()}"
         for k in ("data_root", "output_dir", "cache_dir")
     ]
+
+
+def _overrides(cfg: DictConfig) -> tuple[list[str], list[str]]:
+    """Overrides of every run and every evaluation: the sweep's own paths, then the user's
+    ``train_overrides`` / ``eval_overrides`` (analyses take the paths only)."""
+    paths = _paths(cfg)
     return [*paths, *cfg.train_overrides], [*paths, *cfg.eval_overrides]
 
 
@@ -70,6 +75,7 @@ def plan(cfg: DictConfig) -> tuple[TableSpec, list[ResolvedRun], list[Job]]:
         )
     spec = load_table(cfg.table)
     train_overrides, eval_overrides = _overrides(cfg)
+    paths = _paths(cfg)
     resolved = resolve(spec, train_overrides, eval_overrides)
     jobs = [
         Job(
@@ -79,7 +85,11 @@ def plan(cfg: DictConfig) -> tuple[TableSpec, list[ResolvedRun], list[Job]]:
             devices=int(r.config.trainer.devices),
             num_nodes=int(r.config.trainer.num_nodes),
             evaluations=[
-                EvalJob(overrides=[*ev.eval_overrides(), *eval_overrides], record=str(path))
+                EvalJob(
+                    overrides=[*ev.eval_overrides(), *(paths if ev.analysis else eval_overrides)],
+                    record=str(path),
+                    command=ev.command,
+                )
                 for ev, path in r.records.items()
             ],
         )

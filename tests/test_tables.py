@@ -4,7 +4,9 @@ numbers computed here with numpy) and the Markdown / LaTeX / CSV renderings."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
+import json
 import re
 import shlex
 import shutil
@@ -14,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lt_diffusion.analysis.concept_dominance import ConceptDominanceSettings
 from lt_diffusion.evaluation.record import SCHEMA_VERSION, write_record
 from lt_diffusion.tables import (
     TableSpecError,
@@ -30,10 +33,11 @@ from lt_diffusion.tables import (
     write_table,
 )
 from lt_diffusion.utils.config import CONFIG_DIR
+from lt_diffusion.utils.io import atomic_write_json as write_json
 
 ALL_TABLES = available_tables()
 # Tables of numbers no paper publishes for these rows (ours only).
-UNPUBLISHED = {"coral_diversity"}
+UNPUBLISHED = {"coral_diversity", "dominance_imba"}
 
 
 def test_every_paper_table_is_there() -> None:
@@ -468,3 +472,39 @@ def test_table_g10_samples_with_dpm_solver_in_15_steps(tmp_path: Path) -> None:
     ev = next(iter(run.records))
     assert "eval.sampler.group=dpm_solver" in ev.eval_overrides()
     assert "eval.sampler.steps=15" in ev.eval_overrides()
+
+
+def test_analysis_columns_read_analysis_records(tmp_path: Path) -> None:
+    """dominance_imba: every cell is a concept_dominance record, one per run and analysis
+    settings (the pretrained row is the IMBA run at lora_scale 0), made by ltd-analyze."""
+    spec = load_table_by_name("dominance_imba")
+    resolved = {r.run.experiment: r for r in resolve(spec, [f"paths.output_dir={tmp_path}"])}
+    imba = resolved["dominance/artbench10_ir100_imba_captions"]
+    assert len(resolved) == 2 and len(imba.records) == 2  # trained once, analysed twice
+    for ev, path in imba.records.items():
+        assert ev.command == "analyze" and path.parent == imba.run_dir / "analyses"
+        assert ev.eval_overrides()[0] == "analysis=concept_dominance"
+    before = next(ev for ev in imba.records if ev.analysis_settings)
+    assert before.eval_overrides() == ["analysis=concept_dominance", "analysis.lora_scale=0"]
+    assert len({p.name for p in imba.records.values()}) == 2
+
+    settings = json.loads(json.dumps(dataclasses.asdict(ConceptDominanceSettings(lora_scale=0))))
+    record = {"kind": "analysis", "analysis": "concept_dominance", "settings": settings,
+              "checkpoint": {"step": imba.max_steps},
+              "results": {"mean_share_gap": 0.25, "frequent_dominates": {"attention": 0.75,
+                          "clip": None}, "clip": {"unavailable": "no CLIP model is staged"}}}  # fmt: skip
+    assert imba.stale_reason(before, record) is None
+    other = {**record, "settings": {**settings, "steps": 10}}
+    assert "other settings" in imba.stale_reason(before, other)
+    assert metric_entry(record, "analysis.concept_dominance.mean_share_gap") == (0.25, None)
+    assert metric_value(record, "analysis.concept_dominance.frequent_dominates.attention") == 0.75
+    assert metric_entry(record, "analysis.concept_dominance.frequent_dominates.clip") == (
+        None, "no CLIP model is staged"
+    )  # fmt: skip
+    assert "holds no number" in metric_entry(record, "analysis.concept_dominance.nope")[1]
+    write_json(imba.records[before], record)  # results that do not validate
+    assert "invalid concept_dominance record" in imba.record_problem(before)
+
+    bad = {**_spec(), "columns": [{"key": "x", "metric": "analysis.no_such_analysis.value"}]}
+    with pytest.raises(TableSpecError, match="nor an analysis path"):
+        load_table(bad)

@@ -11,8 +11,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lt_diffusion.evaluation.record import RecordError, class_index, read_record
-from lt_diffusion.tables.spec import Block, Column, EvalRef, ResolvedRun, Row, TableSpec
+from lt_diffusion.evaluation.record import RecordError, class_index
+from lt_diffusion.tables.spec import (
+    Block,
+    Column,
+    EvalRef,
+    ResolvedRun,
+    Row,
+    TableSpec,
+    analysis_of,
+    read_table_record,
+)
 
 STATUSES = ("ok", "partial", "pending", "failed", "unavailable", "missing", "invalid")
 
@@ -21,7 +30,10 @@ def metric_entry(record: Mapping[str, Any], path: str) -> tuple[float | None, st
     """The number at ``path`` (``overall.fid``, ``per_split.few.kid``,
     ``per_class.class_001.fid``) of a record, or ``None`` with the reason there is none: the
     record's ``<metric>_unavailable`` (e.g. IS without Inception logits), else that the record
-    does not hold the path (its protocol did not compute it)."""
+    does not hold the path (its protocol did not compute it). An analysis path
+    (``analysis.<name>.<path>``) reads the analysis record's results."""
+    if analysis_of(path) is not None:
+        return _analysis_entry(record, path)
     parts = path.split(".")
     metrics = record["metrics"]
     if parts[0] == "overall":
@@ -40,6 +52,26 @@ def metric_entry(record: Mapping[str, Any], path: str) -> tuple[float | None, st
     if value is not None:
         return None, f"not finite ({value})"
     return None, entry.get(f"{name}_unavailable") or f"the record holds no {path}"
+
+
+def _analysis_entry(record: Mapping[str, Any], path: str) -> tuple[float | None, str | None]:
+    """The number at ``analysis.<name>.<a>.<b>`` = ``results[a][b]`` of an analysis record. A
+    null number's reason is the ``unavailable`` note of the results entry named by a part of
+    the path (``frequent_dominates.clip``: ``results.clip.unavailable``), where there is one."""
+    parts = path.split(".")[2:]
+    results = record["results"]
+    value: Any = results
+    for part in parts:
+        value = value.get(part) if isinstance(value, Mapping) else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if math.isfinite(float(value)):
+            return float(value), None
+        return None, f"not finite ({value})"
+    notes = [results[p]["unavailable"] for p in parts
+             if isinstance(results.get(p), Mapping) and results[p].get("unavailable")]  # fmt: skip
+    if notes:
+        return None, str(notes[0])
+    return None, f"the analysis record holds no number at {path}"
 
 
 def metric_value(record: Mapping[str, Any], path: str) -> float | None:
@@ -112,7 +144,7 @@ class _Records:
     def __call__(self, path: Path) -> dict[str, Any] | str:
         if path not in self._read:
             try:
-                self._read[path] = read_record(path)
+                self._read[path] = read_table_record(path)
             except RecordError as err:
                 self._read[path] = f"{path}: {err}"
         return self._read[path]
@@ -120,13 +152,17 @@ class _Records:
     def samplers(self) -> tuple[str, ...]:
         return tuple(sorted({
             str(r["sampler"]["name"])
-            for r in self._read.values() if isinstance(r, dict) and r["sampler"].get("name")
+            for r in self._evaluations() if r["sampler"].get("name")
         }))  # fmt: skip
 
     def guidance(self) -> tuple[float, ...]:
         return tuple(sorted({
-            float(r["sampler"]["guidance"]) for r in self._read.values() if isinstance(r, dict)
+            float(r["sampler"]["guidance"]) for r in self._evaluations()
         }))  # fmt: skip
+
+    def _evaluations(self) -> list[dict[str, Any]]:
+        """The evaluation records read (analysis records have no sampler of their own)."""
+        return [r for r in self._read.values() if isinstance(r, dict) and "sampler" in r]
 
 
 def _cell(

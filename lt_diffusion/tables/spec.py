@@ -16,6 +16,11 @@ A spec::
           - {label: DDPM, experiment: cm/cifar10_lt_ir100_ddpm, published: [10.697]}
           - {label: 'CM, theta_g only', tex: 'CM ($\\theta^g$)', ...}
 
+A column's metric is a path in an evaluation record (``overall.fid``) or in an **analysis
+record** (``analysis.<analysis>.<path in its results>``, e.g.
+``analysis.concept_dominance.mean_share_gap``): such cells are made by ``ltd-analyze`` on the
+run's checkpoint (a row may set the analysis's settings: ``analysis: {lora_scale: 0}``).
+
 A row's ``experiment`` is one experiment for all columns or a mapping ``column key ->
 experiment`` (tables whose columns are datasets); ``published`` is a list aligned with the
 columns or a mapping; ``missing: <reason>`` keeps a row the project cannot run in the table.
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,10 +50,50 @@ from lt_diffusion.utils.identity import evaluation_identity
 _COMPARISON = re.compile(r"^(overall|per_split\.(many|medium|few)|per_class\.(class_)?\d+)$")
 
 
-def metric_path_ok(path: str) -> bool:
-    """Whether ``path`` names a comparison and a registered metric (``per_split.few.fid``)."""
+ANALYSIS_PREFIX = "analysis."
+
+
+def analysis_of(path: str) -> str | None:
+    """The analysis a metric path reads (``analysis.<name>.<results path>``), else None."""
+    parts = str(path).split(".")
+    return parts[1] if str(path).startswith(ANALYSIS_PREFIX) and len(parts) >= 3 else None
+
+
+def metric_path_ok(path: str, config_dir: str | Path = CONFIG_DIR) -> bool:
+    """Whether ``path`` names a comparison and a registered metric (``per_split.few.fid``), or
+    an analysis (``configs/analysis/<name>.yaml``) and a path in its record's results."""
+    if str(path).startswith(ANALYSIS_PREFIX):
+        name = analysis_of(path)
+        return name is not None and (Path(config_dir) / "analysis" / f"{name}.yaml").is_file()
     where, _, name = str(path).rpartition(".")
     return bool(_COMPARISON.match(where)) and name in METRICS
+
+
+def analysis_digest(settings: Mapping[str, Any]) -> str:
+    """A short digest of an analysis's settings (as its record stores them): a table's
+    analysis record counts only when it was made under the table's settings."""
+    text = json.dumps(settings, sort_keys=True, default=list)
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def read_table_record(path: str | Path) -> dict[str, Any]:
+    """An evaluation record (:func:`read_record`) or an analysis record (``kind: analysis``,
+    checked by its analysis's ``validate`` when it has one); RecordError when unusable."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise RecordError(f"{path} is not a readable JSON record: {err}") from err
+    if not isinstance(record, dict) or record.get("kind") != "analysis":
+        return read_record(path)
+    from lt_diffusion.analysis import ANALYSES
+
+    module = ANALYSES.get(str(record.get("analysis")), (None,))[0]
+    if module is None or not isinstance(record.get("results"), dict):
+        raise RecordError(f"{path}: not a record of a known analysis")
+    try:
+        return module.validate(record) if hasattr(module, "validate") else record
+    except ValueError as err:
+        raise RecordError(f"{path}: {err}") from err
 
 
 BETTER = ("lower", "higher")
@@ -96,6 +142,20 @@ def _sampler_choice(name: str, where: str, raw: Any) -> SamplerChoice:
     )  # fmt: skip
 
 
+def _analysis_choice(name: str, where: str, raw: Any) -> SamplerChoice:
+    """A row's settings of its analysis columns (``{lora_scale: 0}``), hashable."""
+    if raw is None:
+        return ()
+    if isinstance(raw, Mapping) and all(
+        isinstance(v, (str, int, float, bool)) for v in raw.values()
+    ):
+        return tuple(sorted((str(k), v) for k, v in raw.items()))
+    raise _fail(
+        name, where, f"analysis must map the analysis columns' settings to values, such as "
+        f"{{lora_scale: 0}} (configs/analysis/), got {raw!r}"
+    )  # fmt: skip
+
+
 def sampler_text(choice: SamplerChoice) -> str:
     """A spec's sampler choice for people: ``dpm_solver, steps=15``; the protocol's own."""
     if not choice:
@@ -118,10 +178,21 @@ class EvalRef:
     sampler: SamplerChoice = ()
     guidance: float | None = None
     theta_g_only: bool = False
+    analysis: str | None = None  # an analysis record (ltd-analyze) instead of an evaluation
+    analysis_settings: SamplerChoice = ()  # the row's analysis settings, ((key, value), ...)
+
+    @property
+    def command(self) -> str:
+        """What makes the record: ``"evaluate"`` or ``"analyze"``."""
+        return "evaluate" if self.analysis is None else "analyze"
 
     def eval_overrides(self) -> list[str]:
         """The ``lt_diffusion.evaluate`` overrides of this evaluation (the protocol's sampler
-        settings are changed key by key, so a row can change only the steps)."""
+        settings are changed key by key, so a row can change only the steps); for an analysis,
+        the ``lt_diffusion.analyze`` overrides."""
+        if self.analysis is not None:
+            settings = [f"analysis.{k}={_override_value(v)}" for k, v in self.analysis_settings]
+            return [f"analysis={self.analysis}", *settings]
         out = [f"eval={self.eval}", f"theta_g_only={str(self.theta_g_only).lower()}"]
         out += [f"eval.sampler.{k}={_override_value(v)}" for k, v in self.sampler]
         if self.guidance is not None:
@@ -151,6 +222,7 @@ class Row:
     theta_g_only: bool = False
     overrides: tuple[str, ...] = ()
     tex: str | None = None
+    analysis: SamplerChoice = ()  # settings of the analysis columns' analysis for this row
 
 
 @dataclass
@@ -175,6 +247,13 @@ class TableSpec:
         """The evaluations (one per seed) behind one cell; empty for a missing row."""
         if row.missing is not None:
             return []
+        analysis = analysis_of(column.metric)
+        if analysis is not None:  # one record per run and settings, whatever the column
+            return [
+                EvalRef(RunRef(row.experiments[column.key], seed, row.overrides), eval="",
+                        analysis=analysis, analysis_settings=row.analysis)
+                for seed in self.seeds
+            ]  # fmt: skip
         return [
             EvalRef(
                 run=RunRef(row.experiments[column.key], seed, row.overrides),
@@ -244,7 +323,8 @@ def _columns(name: str, raw: Any) -> list[Column]:
             raise _fail(
                 name, where,
                 f"metric {c['metric']!r} is not a record metric path such as overall.fid, "
-                "per_split.few.fid or per_class.class_001.kid",
+                "per_split.few.fid or per_class.class_001.kid, nor an analysis path such as "
+                "analysis.concept_dominance.mean_share_gap (configs/analysis/<name>.yaml)",
             )  # fmt: skip
         if c.get("better", "lower") not in BETTER:
             raise _fail(name, where, f"better must be one of {BETTER}")
@@ -312,6 +392,7 @@ def _row(name: str, raw: Mapping[str, Any], columns: list[Column], config_dir: P
         theta_g_only=bool(raw.get("theta_g_only", False)),
         overrides=tuple(str(o) for o in raw.get("overrides", ())),
         tex=_tex(name, where, raw),
+        analysis=_analysis_choice(name, where, raw.get("analysis")),
     )
 
 
@@ -384,7 +465,7 @@ class ResolvedRun:
         if not path.is_file():
             return "missing"
         try:
-            record = read_record(path)
+            record = read_table_record(path)
         except RecordError as err:
             return str(err)
         return self.stale_reason(ev, record)
@@ -393,7 +474,11 @@ class ResolvedRun:
         """Why a (valid) record at ``ev``'s path does not count for this table: made under
         other settings than the table's, or of an unfinished run; None when it counts."""
         name = self.records[ev].name
-        if record["identity"]["digest"] != self.digests.get(ev, record["identity"]["digest"]):
+        if ev.analysis is not None:
+            made = analysis_digest(record["settings"])
+        else:
+            made = record["identity"]["digest"]
+        if made != self.digests.get(ev, made):
             return f"{name} was made under other settings than the table's"
         step = int(record["checkpoint"]["step"])
         if step != self.max_steps:
@@ -442,6 +527,11 @@ def resolve(
         run_dir = Path(cfg.paths.output_dir) / "runs" / str(cfg.run_name)
         resolved = ResolvedRun(run, cfg, run_dir, {})
         for ev in spec.evaluations_of(run):
+            if ev.analysis is not None:
+                digest = analysis_digest(_analysis_settings(spec.name, ev, config_dir))
+                resolved.records[ev] = run_dir / "analyses" / f"{ev.analysis}-{digest}.json"
+                resolved.digests[ev] = digest
+                continue
             ecfg = eval_config(ev)
             guidance = ecfg.eval.get("guidance")
             guidance = float(cfg.sampler.guidance if guidance is None else guidance)
@@ -463,3 +553,16 @@ def resolve(
             resolved.digests[ev] = identity["digest"]
         out.append(resolved)
     return out
+
+
+def _analysis_settings(table: str, ev: EvalRef, config_dir: str | Path) -> dict[str, Any]:
+    """The validated settings of an analysis cell, as its record will store them."""
+    from lt_diffusion.analysis import ANALYSES
+    from lt_diffusion.analysis.common import settings_from_config
+
+    try:
+        cfg = compose_config("analyze", [*ev.eval_overrides(), "checkpoint=x"], config_dir)
+        settings = settings_from_config(ANALYSES[str(ev.analysis)][1], cfg.analysis)
+    except Exception as err:
+        raise TableSpecError(f"table {table}: analysis {ev.eval_overrides()}: {err}") from err
+    return json.loads(json.dumps(dataclasses.asdict(settings)))
