@@ -16,7 +16,8 @@ from tests.conftest import CONFIG_DIR, compose_config
 GROUPS = sorted(
     p.name
     for p in Path(CONFIG_DIR).iterdir()
-    if p.is_dir() and p.name not in ("hydra", "table", "objective")  # objective: inside methods
+    # objective: inside methods; prompt_sets: the concept analysis's prompt files, not a group
+    if p.is_dir() and p.name not in ("hydra", "table", "objective", "prompt_sets")
 )
 
 
