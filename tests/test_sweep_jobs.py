@@ -183,3 +183,37 @@ def test_wandb_runs_are_grouped_by_table_and_experiment(tmp_path: Path) -> None:
     assert cfg.logger.offline is True and cfg.paths.run_dir == str(tmp_path)
     csv = train_config(Job("a/seed0", ["logger=csv"], str(tmp_path), 1, 1), "t")
     assert "group" not in csv.logger
+
+
+def test_an_analysis_record_is_made_by_ltd_analyze_after_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job's ``command: analyze`` evaluation composes the analyze config with its overrides,
+    the checkpoint, the record path and the data root, and runs lt_diffusion.analyze (training
+    and the checkpoint are stand-ins here: the analysis itself runs in test_every_row)."""
+    from lt_diffusion import analyze, job
+    from lt_diffusion.evaluation import run as evaluate
+    from lt_diffusion.training import run as train
+
+    calls: list = []
+    monkeypatch.setattr(train, "run", lambda cfg: calls.append(("train", cfg.paths.run_dir)))
+    monkeypatch.setattr(job, "read_checkpoint", lambda path: {"global_step": 3})
+    monkeypatch.setattr(analyze, "run", lambda cfg: calls.append(("analyze", cfg)))
+    monkeypatch.setattr(evaluate, "run", lambda cfg: calls.append(("evaluate", cfg)))
+    record = tmp_path / "run" / "analyses" / "concept_dominance-0.json"
+    one = Job(
+        key="r/seed0", train_overrides=["model=unet_tiny"], run_dir=str(tmp_path / "run"),
+        devices=1, num_nodes=1,
+        evaluations=[EvalJob(["analysis=concept_dominance", "analysis.lora_scale=0"],
+                             str(record), command="analyze")],
+    )  # fmt: skip
+    assert job.run_job(one, "t") == "done"
+    (kind, run_dir), (what, cfg) = calls
+    assert (kind, run_dir, what) == ("train", str(tmp_path / "run"), "analyze")
+    assert cfg.analysis.name == "concept_dominance" and cfg.analysis.lora_scale == 0
+    assert cfg.record == str(record) and cfg.checkpoint.endswith("run/checkpoints/last.ckpt")
+    assert cfg.data_root
+    # Manifests round-trip the command (and old ones without it are evaluations).
+    manifest = write_manifest(tmp_path / "m.json", "t", [one])
+    assert read_manifest(manifest)[1][0].evaluations[0].command == "analyze"
+    assert EvalJob(["eval=quick"], "r.json").command == "evaluate"
