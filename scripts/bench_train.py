@@ -54,6 +54,12 @@ def quiet() -> Iterator[None]:
         yield
 
 
+def clock(device: torch.device) -> float:
+    """GPU: wall-clock seconds. CPU: this process's CPU seconds (torch runs one thread there,
+    so it equals the wall clock of an idle core and does not count other jobs' load)."""
+    return time.perf_counter() if device.type == "cuda" else time.process_time()
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -74,6 +80,7 @@ def overrides(args: argparse.Namespace, data: Path, out: Path, method: str, batc
         f"paths.output_dir={out}", "dataset.source.download=false", f"data.batch_size={batch}",
         "train.warmup_steps=10", "train.ckpt_every=100000", "train.grid_every=0",
         "train.grid_per_class=1", "train.grid_steps=1", "train.log_every=50",
+        *([] if args.cifar else ["train.threads=1"]),
     ]  # fmt: skip
 
 
@@ -90,10 +97,10 @@ def framework(args, data: Path, method: str, batch: int) -> tuple[float, str]:
         cfg.paths.run_dir = str(out / "run")
         if args.cifar:
             torch.cuda.reset_peak_memory_stats()
-        t = time.perf_counter()
+        t = clock(torch.device(args.device))
         with quiet():
             run(cfg)
-        times.append(time.perf_counter() - t)
+        times.append(clock(torch.device(args.device)) - t)
     return args.steps * batch / (times[1] - times[0]), peak_gib(torch.device(args.device))
 
 
@@ -159,11 +166,11 @@ def _rate(step, args, batch: int, device: torch.device) -> float:
     for _ in range(args.warmup):
         step()
     sync(device)
-    t = time.perf_counter()
+    t = clock(device)
     for _ in range(args.steps):
         step()
     sync(device)
-    return args.steps * batch / (time.perf_counter() - t)
+    return args.steps * batch / (clock(device) - t)
 
 
 def main() -> None:
@@ -180,6 +187,8 @@ def main() -> None:
     args.warmup = args.warmup or (30 if args.cifar else 5)
     methods = (args.methods or ("ddpm,cbdm,oc,cm" if args.cifar else "ddpm,cbdm")).split(",")
     torch.set_float32_matmul_precision("high")
+    if not args.cifar:
+        torch.set_num_threads(1)  # CPU times are process CPU seconds of one thread (clock())
     from tests.fakedata import write_cifar10
 
     data = Path(tempfile.mkdtemp(prefix="bench_data_"))
