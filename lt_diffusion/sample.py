@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
 
 from lt_diffusion.diffusion import balanced_labels, generate
 from lt_diffusion.runtime import CONFIG_DIR
@@ -16,37 +18,34 @@ from lt_diffusion.training.builders import (
     resolve_sampler,
     sampler_label,
 )
-from lt_diffusion.training.checkpoint import load_run
+from lt_diffusion.training.checkpoint import LoadedRun, load_run
 from lt_diffusion.utils.imagefolder import write_image_folder
 
 
-def run(cfg: DictConfig) -> Path:
-    """Sample ``cfg.n_per_class`` images of every class; returns the output folder."""
-    if cfg.n_per_class < 1:
-        raise ValueError(f"n_per_class must be >= 1, got {cfg.n_per_class}")
-    run_ = load_run(cfg.checkpoint, cfg.device)
-    model, meta, train_cfg, device = run_.model, run_.meta, run_.train_cfg, run_.device
-    guidance = float(train_cfg.sampler.guidance if cfg.guidance is None else cfg.guidance)
-    check_guidance(train_cfg, guidance, str(cfg.checkpoint), setting="guidance")
-    node = resolve_sampler(cfg.sampler, model)
-    sampler = build_sampler(node, run_.schedule)
-    out = cfg.out_dir or (
-        Path(cfg.checkpoint).resolve().parent.parent
-        / "samples"
-        / f"{sampler_label(node)}-w{guidance:g}-seed{cfg.seed}-n{cfg.n_per_class}"
-    )
-    if Path(out).exists() and not cfg.overwrite:
-        raise FileExistsError(f"{out} exists: pass out_dir=... or overwrite=true")
-    labels = balanced_labels(model.num_classes, cfg.n_per_class)
+def sample_labels(
+    run_: LoadedRun,
+    labels: Tensor,
+    sampler_cfg: DictConfig,
+    guidance: float | None,
+    seed: int,
+    batch_size: int = 256,
+) -> tuple[Tensor, dict[str, Any]]:
+    """uint8 images of ``labels`` from a loaded run's model, deterministically from ``seed``
+    (``guidance`` None: the run's own), and what made them (checkpoint, step, the resolved
+    sampler, guidance, seed) for the folder's ``meta.json``."""
+    model, meta, train_cfg = run_.model, run_.meta, run_.train_cfg
+    guidance = float(train_cfg.sampler.guidance if guidance is None else guidance)
+    check_guidance(train_cfg, guidance, str(meta["checkpoint"]), setting="guidance")
+    node = resolve_sampler(sampler_cfg, model)
     images = generate(
         model,
-        sampler,
+        build_sampler(node, run_.schedule),
         labels,
-        seed=cfg.seed,
-        batch_size=cfg.batch_size,
+        seed=seed,
+        batch_size=batch_size,
         image_shape=(model.in_channels, model.image_size, model.image_size),
-        guidance=float(guidance),
-        device=device,
+        guidance=guidance,
+        device=run_.device,
         progress=True,
     )
     info = {
@@ -54,10 +53,28 @@ def run(cfg: DictConfig) -> Path:
         "global_step": meta["global_step"],
         "sampler": OmegaConf.to_container(node, resolve=True),
         "guidance": guidance,
-        "seed": int(cfg.seed),
-        "n_per_class": int(cfg.n_per_class),
+        "seed": int(seed),
     }
-    class_names = meta["dataset"]["class_names"]
+    return images, info
+
+
+def run(cfg: DictConfig) -> Path:
+    """Sample ``cfg.n_per_class`` images of every class; returns the output folder."""
+    if cfg.n_per_class < 1:
+        raise ValueError(f"n_per_class must be >= 1, got {cfg.n_per_class}")
+    run_ = load_run(cfg.checkpoint, cfg.device)
+    guidance = float(run_.train_cfg.sampler.guidance if cfg.guidance is None else cfg.guidance)
+    out = cfg.out_dir or (
+        Path(cfg.checkpoint).resolve().parent.parent
+        / "samples"
+        / f"{sampler_label(cfg.sampler)}-w{guidance:g}-seed{cfg.seed}-n{cfg.n_per_class}"
+    )
+    if Path(out).exists() and not cfg.overwrite:
+        raise FileExistsError(f"{out} exists: pass out_dir=... or overwrite=true")
+    labels = balanced_labels(run_.model.num_classes, cfg.n_per_class)
+    images, info = sample_labels(run_, labels, cfg.sampler, guidance, cfg.seed, cfg.batch_size)
+    info["n_per_class"] = int(cfg.n_per_class)
+    class_names = run_.meta["dataset"]["class_names"]
     folder = write_image_folder(out, images, labels, class_names, info, overwrite=cfg.overwrite)
     print(f"Wrote {len(labels)} images ({cfg.n_per_class} per class) to {folder}")
     return folder
