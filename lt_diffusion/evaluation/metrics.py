@@ -388,3 +388,7 @@ def compare(comparison: Comparison, names: Sequence[str]) -> dict[str, Any]:
 
 # The synthetic benchmark's exact metrics register themselves next to their functions.
 from lt_diffusion.evaluation import toy_metrics as _toy_metrics  # noqa: E402, F401
+
+# The classification metrics (accuracy, macro precision / recall) register themselves next to
+# the classifier; imported here so that every reader of the registry knows them.
+from lt_diffusion.classification import metrics as _classification_metrics  # noqa: E402, F401

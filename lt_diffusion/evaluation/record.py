@@ -80,25 +80,30 @@ class Entry(_Open):
 
     @model_validator(mode="after")
     def _metrics(self) -> Entry:
-        values = self.model_extra or {}
-        for name, metric in METRICS.items():
-            if name not in values:
-                continue
-            v = values[name]
-            if v is None:
-                if not isinstance(values.get(f"{name}_unavailable"), str):
-                    raise ValueError(f"{name} is None without {name}_unavailable saying why")
-            elif (
-                isinstance(v, bool)
-                or not isinstance(v, (int, float))
-                or v != v
-                or abs(v) == float("inf")
-            ):
-                raise ValueError(f"{name} must be a finite number or None, got {v!r}")
-            missing = [k for k in metric.requires if not isinstance(values.get(k), int)]
-            if missing:
-                raise ValueError(f"{name} comes without the {missing} it was computed with")
+        check_metric_values(self.model_extra or {})
         return self
+
+
+def check_metric_values(values: Mapping[str, Any]) -> None:
+    """Every registered metric among ``values`` is a finite number, or None with
+    ``<metric>_unavailable`` saying why, and comes with the settings it requires."""
+    for name, metric in METRICS.items():
+        if name not in values:
+            continue
+        v = values[name]
+        if v is None:
+            if not isinstance(values.get(f"{name}_unavailable"), str):
+                raise ValueError(f"{name} is None without {name}_unavailable saying why")
+        elif (
+            isinstance(v, bool)
+            or not isinstance(v, (int, float))
+            or v != v
+            or abs(v) == float("inf")
+        ):
+            raise ValueError(f"{name} must be a finite number or None, got {v!r}")
+        missing = [k for k in metric.requires if not isinstance(values.get(k), int)]
+        if missing:
+            raise ValueError(f"{name} comes without the {missing} it was computed with")
 
 
 def _empty_not_null(schema: dict[str, Any]) -> None:
@@ -174,6 +179,16 @@ class Record(_Open):
         return self
 
 
+def _record_model(record: Mapping[str, Any]) -> type[BaseModel]:
+    """The model of a record's ``kind``: a generation evaluation (no kind), or a classifier's
+    test evaluation (:mod:`lt_diffusion.classification.record`)."""
+    if record.get("kind") == "classification":
+        from lt_diffusion.classification.record import ClassificationRecord
+
+        return ClassificationRecord
+    return Record
+
+
 def validate(record: Any, source: str = "record") -> dict[str, Any]:
     """Raise :class:`RecordError` listing every problem; returns the record when it is valid."""
     if not isinstance(record, Mapping):
@@ -184,7 +199,7 @@ def validate(record: Any, source: str = "record") -> dict[str, Any]:
             "another version): evaluate again"
         )
     try:
-        Record.model_validate(dict(record))
+        _record_model(record).model_validate(dict(record))
     except ValidationError as err:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'] if 'function-after' not in str(p)) or 'record'}"

@@ -1,0 +1,144 @@
+"""The record of a classifier's test evaluation: the generation record's family (schema 2,
+:mod:`lt_diffusion.evaluation.record`) with ``kind: classification``.
+
+Shared with the generation record: ``identity`` (settings digests), ``config`` (the composed
+run config), ``dataset`` (the long-tailed training counts and the split map), ``checkpoint``
+(path, step) and ``metrics.{overall, per_split, per_class}`` entries, so the table layer reads
+both alike (``per_split.few.accuracy``). Its own: ``training`` (the counts trained on, with
+any generated images and the generator run that made them), ``test`` (the test split and its
+counts) and ``prediction`` (the post-hoc logit adjustment). An entry counts its test images
+(``n_test``) instead of generated / real images. ``read_record`` and ``write_record`` validate
+it by its ``kind``; its JSON Schema is docs/classification_record.schema.json (regenerate with
+``python -m lt_diffusion.classification.record``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, NonNegativeInt, model_validator
+
+from lt_diffusion import runtime
+from lt_diffusion.evaluation.record import (
+    _CLASS_KEY,
+    SCHEMA_VERSION,
+    Checkpoint,
+    Dataset,
+    Identity,
+    Split,
+    _Open,
+    check_metric_values,
+    class_index,
+    validate,
+)
+
+KIND = "classification"
+
+
+class ClassifierEntry(_Open):
+    """One comparison of the test set: its images and the metrics on them."""
+
+    n_test: NonNegativeInt
+    notes: list[str] = []
+
+    @model_validator(mode="after")
+    def _metrics(self) -> ClassifierEntry:
+        check_metric_values(self.model_extra or {})
+        return self
+
+
+class ClassifierMetrics(BaseModel):
+    overall: ClassifierEntry
+    per_split: dict[Split, ClassifierEntry]
+    per_class: dict[Annotated[str, Field(pattern=_CLASS_KEY.pattern)], ClassifierEntry]
+
+
+class Training(_Open):
+    """What the classifier was trained on."""
+
+    class_counts: list[NonNegativeInt]  # real + generated images per class
+    n_real: NonNegativeInt
+    n_generated: NonNegativeInt
+    augmentation: dict[str, Any] | None  # the generated images and the run that made them
+
+
+class EvaluationSet(_Open):
+    split: str
+    class_counts: list[NonNegativeInt]
+
+
+class ClassifierCheckpoint(Checkpoint):
+    max_steps: int  # the run's budget: a record of an unfinished run does not count
+
+
+class ClassificationRecord(_Open):
+    """The record of one classification run (docs/classification.md)."""
+
+    schema_version: Literal[2] = Field(alias="schema")
+    kind: Literal["classification"]
+    code_version: str
+    created: str | None = None
+    identity: Identity
+    config: dict[str, Any]
+    dataset: Dataset
+    checkpoint: ClassifierCheckpoint
+    training: Training
+    test: EvaluationSet
+    prediction: dict[str, Any]
+    metrics: ClassifierMetrics
+
+    @model_validator(mode="after")
+    def _classes_agree(self) -> ClassificationRecord:
+        n = len(self.dataset.class_counts)
+        for name, counts in (
+            ("training", self.training.class_counts),
+            ("test", self.test.class_counts),
+        ):
+            if len(counts) != n:
+                raise ValueError(f"{name}.class_counts has {len(counts)} classes, the dataset {n}")
+        bad = [k for k in self.metrics.per_class if class_index(k) >= n]
+        if bad:
+            raise ValueError(f"metrics.per_class names classes the dataset lacks: {bad}")
+        return self
+
+
+def build_classification_record(
+    *,
+    config: dict[str, Any],
+    dataset: dict[str, Any],
+    checkpoint: dict[str, Any],
+    training: dict[str, Any],
+    test: dict[str, Any],
+    prediction: dict[str, Any],
+    metrics: dict[str, Any],
+    identity: dict[str, Any],
+    **extra: Any,
+) -> dict[str, Any]:
+    """A validated classification record (``extra`` keys, e.g. timings, are kept)."""
+    record = {
+        "schema": SCHEMA_VERSION,
+        "kind": KIND,
+        "code_version": runtime.code_version(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "identity": identity,
+        "config": config,
+        "dataset": dataset,
+        "checkpoint": checkpoint,
+        "training": training,
+        "test": test,
+        "prediction": prediction,
+        "metrics": metrics,
+        **extra,
+    }
+    return validate(record)
+
+
+def json_schema() -> dict[str, Any]:
+    """The classification record's JSON Schema (docs/classification_record.schema.json)."""
+    return ClassificationRecord.model_json_schema(by_alias=True)
+
+
+if __name__ == "__main__":  # python -m ... > docs/classification_record.schema.json
+    print(json.dumps(json_schema(), indent=2))
