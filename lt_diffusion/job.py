@@ -58,9 +58,10 @@ def _rank() -> int:
 
 
 def train_config(job: Job, table: str) -> DictConfig:
-    """The job's composed training config: its overrides, its run directory, and wandb runs
-    grouped by table (group) and experiment (job type)."""
-    cfg = compose_config("train", [*job.train_overrides, f"paths.run_dir={job.run_dir}"])
+    """The job's composed config (``train``, or ``classify`` for a classification row): its
+    overrides, its run directory, and wandb runs grouped by table (group) and experiment (job
+    type)."""
+    cfg = compose_config(job.task, [*job.train_overrides, f"paths.run_dir={job.run_dir}"])
     logger = cfg.get("logger")
     if logger is not None and str(logger.get("_target_", "")).endswith("WandbLogger"):
         with open_dict(cfg):
@@ -97,6 +98,12 @@ def run_job(job: Job, table: str) -> str:
     if not missing_records(job):
         return "done"
     cfg = train_config(job, table)
+    if job.task == "classify":  # trains, then writes its one record (every evaluation's path)
+        from lt_diffusion.classification.run import run as classify
+
+        classify(cfg, record=job.evaluations[0].record)
+        (Path(job.run_dir) / FAILED).unlink(missing_ok=True)
+        return "done"
     train.run(cfg)
     ckpt = Path(job.run_dir) / "checkpoints" / "last.ckpt"
     step = int(read_checkpoint(ckpt)["global_step"])

@@ -50,6 +50,9 @@ class Job:
     devices: int
     num_nodes: int
     evaluations: list[EvalJob] = field(default_factory=list)
+    # train: a diffusion run, then lt_diffusion.evaluate for each evaluation; classify: a
+    # classifier trained and tested by lt_diffusion.classify into its one record
+    task: str = "train"
 
     @property
     def world_size(self) -> int:

@@ -92,6 +92,7 @@ def plan(cfg: DictConfig) -> tuple[TableSpec, list[ResolvedRun], list[Job]]:
                 )
                 for ev, path in r.records.items()
             ],
+            task=r.run.task,
         )
         for r in resolved
     ]

@@ -4,6 +4,11 @@ the protocol's sampler, the evaluator), one training step is taken through the r
 path, images are generated with the row's protocol sampler and guidance, and the row's table
 columns are computed into a record.
 
+Classification rows (``configs/experiment/classify/``) go through ``lt_diffusion.classify``
+instead: one training step of the ResNet-18 at width 4 (after the generator row's smoke when the
+row augments its data with generated images), then the test evaluation into the record whose
+numbers the row's table columns read.
+
 Everything runs on tiny data that :mod:`tests.fakedata` writes in each dataset's published
 on-disk format (CIFAR pickles, idx files, CelebA-HQ / ImageNet-LT / iNaturalist / ArtBench-10
 image folders and lists) and with the backbone at reduced width; Stable Diffusion rows use a
@@ -30,6 +35,7 @@ import torch
 from omegaconf import DictConfig, open_dict
 from torch import nn
 
+from lt_diffusion.classification.config import experiment_task
 from lt_diffusion.evaluation.diversity import LPIPSWeightsError, alexnet_weights
 from lt_diffusion.tables import load_table_by_name
 from lt_diffusion.tables.aggregate import metric_entry
@@ -73,7 +79,8 @@ def world(tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("rows")
     data = tmp / "data"
     fakedata.write_cifar10(data / "cifar10", n_per_class=100, test_per_class=2)
-    fakedata.write_cifar100(data / "cifar100", n_per_class=100, test_per_class=1)
+    # 200 per class: IR 200 (CM Table G.13) leaves the tail class one image
+    fakedata.write_cifar100(data / "cifar100", n_per_class=200, test_per_class=1)
     fakedata.write_fashion_mnist(data / "fashion-mnist", n_per_class=100, test_per_class=2)
     fakedata.write_celeba_hq(data / "celeba_hq", male=[0] * 100 + [1] * 100)
     fakedata.write_imagenet_lt(data / "imagenet", SMALL_NATIVE["imagenet"], test_per_class=3)
@@ -86,27 +93,37 @@ def world(tmp_path_factory) -> dict[str, Path]:
     return {"data": data, "out": tmp / "outputs", "cache": tmp / "cache", "sd": sd}
 
 
+# What makes a diffusion row a seconds-long CPU smoke (besides the backbone's reduction).
+SMOKE_TRAIN = [
+    "trainer=cpu",
+    "logger=none",
+    "data.batch_size=8",
+    "train.max_steps=1",
+    "train.warmup_steps=1",
+    "train.ckpt_every=1",
+    "train.grid_every=0",  # one grid, at the end of the step
+    "train.grid_per_class=1",
+    "train.grid_steps=2",
+    "train.log_every=1",
+]
+
+
+def _unet_reduction(image_size: int) -> dict[str, Any]:
+    return {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [image_size // 2]}
+
+
+def _paths(world: dict[str, Path]) -> list[str]:
+    return [
+        f"paths.data_root={world['data']}",
+        f"paths.output_dir={world['out']}",
+        f"paths.cache_dir={world['cache']}",
+    ]
+
+
 def _row_config(experiment: str, world: dict[str, Path]) -> DictConfig:
     """The row as written, plus what makes it a seconds-long CPU smoke (see the docstring)."""
     cfg = compose_config(
-        "train",
-        [
-            f"experiment={experiment}",
-            "seed=0",
-            f"paths.data_root={world['data']}",
-            f"paths.output_dir={world['out']}",
-            f"paths.cache_dir={world['cache']}",
-            "trainer=cpu",
-            "logger=none",
-            "data.batch_size=8",
-            "train.max_steps=1",
-            "train.warmup_steps=1",
-            "train.ckpt_every=1",
-            "train.grid_every=0",  # one grid, at the end of the step
-            "train.grid_per_class=1",
-            "train.grid_steps=2",
-            "train.log_every=1",
-        ],
+        "train", [f"experiment={experiment}", "seed=0", *_paths(world), *SMOKE_TRAIN]
     )
     with open_dict(cfg):
         if cfg.dataset.source.get("download") is not None:
@@ -124,10 +141,7 @@ def _row_config(experiment: str, world: dict[str, Path]) -> DictConfig:
             if "rank" in transform:  # below the general rank, as CM's 8 < 128
                 cfg.method.model_transform.rank = 2
         elif target.endswith(".UNet"):
-            cfg.model.ch = 32
-            cfg.model.ch_mult = [1, 2]
-            cfg.model.num_res_blocks = 1
-            cfg.model.attn_resolutions = [int(cfg.dataset.image_size) // 2]
+            cfg.model.update(_unet_reduction(int(cfg.dataset.image_size)))
         elif target.endswith(".MLPDenoiser"):  # the synthetic benchmark's: small already
             cfg.dataset.source.n_per_class = 100
         else:  # a new kind of backbone: add its reduction here
@@ -151,6 +165,47 @@ def _train(experiment: str, world: dict[str, Path]) -> Path:
     last = run_dir / "checkpoints" / "last.ckpt"
     assert last.is_file(), f"{experiment} wrote no checkpoint"
     return last
+
+
+def _classify(experiment: str, world: dict[str, Path]) -> dict[str, Any]:
+    """A classification row (configs/experiment/classify/) through lt_diffusion.classify: one
+    step of a ResNet-18 at width 4, then the test evaluation into its record. An augmented row
+    trains its generator row first (as the row's smoke: the same reduced U-Net and one step)
+    and generates one image per class with one DDIM step."""
+    from lt_diffusion.classification.run import run
+
+    cfg = compose_config(
+        "classify",
+        [
+            f"experiment={experiment}",
+            "seed=0",
+            *_paths(world),
+            "trainer=cpu",
+            "logger=none",
+            "data.batch_size=8",
+            "train.max_steps=1",
+            "train.ckpt_every=1",
+            "train.log_every=1",
+            "classifier.model.width=4",
+        ],
+    )
+    with open_dict(cfg):
+        cfg.dataset.source.download = False
+        if cfg.augment.rule != "none":
+            generator = compose_config("train", [f"experiment={cfg.augment.generator.experiment}"])
+            unet = _unet_reduction(int(generator.dataset.image_size))
+            cfg.augment.generator.overrides = [
+                *SMOKE_TRAIN,
+                "dataset.source.download=false",
+                *(f"model.{k}={v}".replace(" ", "") for k, v in unet.items()),
+            ]
+            cfg.augment.total = int(cfg.dataset.num_classes)
+            cfg.augment.sampler.sampler.steps = 1
+            cfg.augment.device = "cpu"
+        cfg.paths.run_dir = str(Path(cfg.paths.output_dir) / "runs" / str(cfg.run_name))
+    record = run(cfg)
+    assert record is not None and record["kind"] == "classification"
+    return record
 
 
 class RandomProjection(nn.Module):
@@ -261,6 +316,13 @@ def test_the_row_builds_trains_samples_and_evaluates(
 ) -> None:
     from lt_diffusion.evaluation import evaluator
 
+    if experiment_task(experiment) == "classify":
+        record = _classify(experiment, world)
+        for _, metrics in TABLE_EVALS.get(experiment, []):
+            for metric in metrics:
+                value, why = metric_entry(record, metric)
+                assert value is not None and math.isfinite(value), (experiment, metric, why)
+        return
     checkpoint = _train(experiment, world)
     if experiment not in INCEPTION_ROWS:
         monkeypatch.setattr(evaluator, "load_extractor", _stand_in)
@@ -287,7 +349,7 @@ def test_rows_have_their_own_run_directories() -> None:
     rows = [e for e in EXPERIMENTS if "budget" not in e]  # budget files are bases, not rows
     names: dict[str, list[str]] = defaultdict(list)
     for row in rows:
-        names[str(compose_config("train", [f"experiment={row}"]).run_name)].append(row)
+        names[str(compose_config(experiment_task(row), [f"experiment={row}"]).run_name)].append(row)
     shared = {name: rows for name, rows in names.items() if len(rows) > 1}
     assert not shared, shared
 

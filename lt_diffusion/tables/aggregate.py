@@ -161,7 +161,8 @@ class _Records:
         }))  # fmt: skip
 
     def _evaluations(self) -> list[dict[str, Any]]:
-        """The evaluation records read (analysis records have no sampler of their own)."""
+        """The evaluation records read (analysis and classification records have no sampler of
+        their own)."""
         return [r for r in self._read.values() if isinstance(r, dict) and "sampler" in r]
 
 

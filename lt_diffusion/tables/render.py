@@ -19,6 +19,7 @@ import csv
 import io
 import re
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 
 from lt_diffusion.tables.aggregate import Cell, TableResult
@@ -63,6 +64,17 @@ def _guidance_text(result: TableResult, tex: bool = False) -> str:
         return f"$w={g[0]}$" if tex else f"w={g[0]}"
     many = ", ".join(g)
     return (rf"$w \in \{{{many}\}}$" if tex else f"w ∈ {{{many}}}") + " (per row)"
+
+
+def _protocol_text(result: TableResult, code: Callable[[str], str], tex: bool) -> str:
+    """How the cells were evaluated: the protocol, sampler and guidance of generation records;
+    the test split for classification tables (whose records sample nothing)."""
+    if result.spec.task == "classify":
+        return "Each dataset's test split, top-1 predictions, in " + ("\\%." if tex else "%.")
+    return (
+        f"Protocol {code(result.spec.eval)}, sampler {code(_sampler_text(result))}, guidance "
+        f"{_guidance_text(result, tex=tex)}."
+    )
 
 
 # Markdown
@@ -118,8 +130,7 @@ def to_markdown(result: TableResult) -> str:
         f"Ours: mean ± std over seeds {_seeds_text(spec.seeds)}; in parentheses the published "
         "value and ours minus it; **best** and <u>second best</u> per block among the cells "
         "with every seed (`[k/n seeds]`: the mean of the k seeds that have a record). "
-        f"Protocol `{spec.eval}`, sampler `{_sampler_text(result)}`, guidance "
-        f"{_guidance_text(result)}. Source: {spec.source}",
+        f"{_protocol_text(result, lambda t: f'`{t}`', False)} Source: {spec.source}",
     ]
     if result.train_overrides or result.eval_overrides:
         lines += [
@@ -232,8 +243,7 @@ def _tex_caption(result: TableResult) -> str:
         r"in parentheses the published value; [$k$/$n$ seeds]: the mean of the $k$ seeds "
         r"that have a record. \textbf{Bold}: best, \underline{underlined}: second best per "
         r"block, among the cells with every seed. \emph{pending}: no record yet. "
-        f"Protocol {_tt(spec.eval)}, sampler {_tt(_sampler_text(result))}, "
-        f"guidance {_guidance_text(result, tex=True)}."
+        f"{_protocol_text(result, _tt, True)}"
     )
     if spec.source:
         text += f" Source: {_tex_escape(spec.source)}."

@@ -41,6 +41,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lt_diffusion.classification.config import (
+    classification_identity,
+    experiment_task,
+)
+from lt_diffusion.classification.config import record_filename as classification_record_filename
 from lt_diffusion.evaluation.metrics import METRICS
 from lt_diffusion.evaluation.protocol import protocol_sampler
 from lt_diffusion.evaluation.record import RecordError, read_record, record_filename
@@ -110,6 +115,13 @@ class RunRef:
     experiment: str
     seed: int
     overrides: tuple[str, ...] = ()
+
+    @property
+    def task(self) -> str:
+        """The command that runs the row: ``train`` (a diffusion row, then ``evaluate``) or
+        ``classify`` (a row under ``configs/experiment/classify/``: train and test a
+        classifier); also the name of the config it composes."""
+        return experiment_task(self.experiment)
 
     @property
     def key(self) -> str:
@@ -242,6 +254,14 @@ class TableSpec:
     sampler: SamplerChoice
     columns: list[Column]
     blocks: list[Block] = field(default_factory=list)
+
+    @property
+    def task(self) -> str:
+        """``classify`` when every row is a classification row, else ``train``."""
+        tasks = {
+            experiment_task(e) for b in self.blocks for r in b.rows for e in r.experiments.values()
+        }
+        return "classify" if tasks == {"classify"} else "train"
 
     def cell_evals(self, row: Row, column: Column) -> list[EvalRef]:
         """The evaluations (one per seed) behind one cell; empty for a missing row."""
@@ -481,8 +501,13 @@ class ResolvedRun:
         if made != self.digests.get(ev, made):
             return f"{name} was made under other settings than the table's"
         step = int(record["checkpoint"]["step"])
-        if step != self.max_steps:
-            return f"{name} is of step {step}, the run trains to {self.max_steps}"
+        # A classifier's budget is in epochs of its (possibly augmented) training set: its
+        # record says how many steps the run was to take (the digest covers the budget).
+        budget = (
+            self.max_steps if self.run.task == "train" else int(record["checkpoint"]["max_steps"])
+        )
+        if step != budget:
+            return f"{name} is of step {step}, the run trains to {budget}"
         return None
 
     @property
@@ -519,13 +544,22 @@ def resolve(
     out = []
     for run in spec.runs():
         try:
-            cfg = compose_config("train", [*run.train_overrides(), *train_overrides], config_dir)
+            cfg = compose_config(run.task, [*run.train_overrides(), *train_overrides], config_dir)
+            run_dir = Path(cfg.paths.output_dir) / "runs" / str(cfg.run_name)
+            if run.task == "classify":  # its test evaluation has no settings of its own
+                identity = classification_identity(cfg, config_dir)
         except Exception as err:
             raise TableSpecError(
                 f"table {spec.name}: run {run.key} does not compose: {err}"
             ) from err
-        run_dir = Path(cfg.paths.output_dir) / "runs" / str(cfg.run_name)
         resolved = ResolvedRun(run, cfg, run_dir, {})
+        out.append(resolved)
+        if run.task == "classify":
+            path = run_dir / "records" / classification_record_filename(identity["digest"])
+            for ev in spec.evaluations_of(run):
+                resolved.records[ev] = path
+                resolved.digests[ev] = identity["digest"]
+            continue
         for ev in spec.evaluations_of(run):
             if ev.analysis is not None:
                 digest = analysis_digest(_analysis_settings(spec.name, ev, config_dir))
@@ -551,7 +585,6 @@ def resolve(
             )
             resolved.records[ev] = run_dir / "records" / name
             resolved.digests[ev] = identity["digest"]
-        out.append(resolved)
     return out
 
 
