@@ -21,6 +21,7 @@ EXPECTED = {
     "sample": ["checkpoint=", "n_per_class=", "sampler:", "guidance"],
     "evaluate": ["checkpoint=", "images=", "eval:", "theta_g_only"],
     "table": ["table=<name>", "table: cm_table1", "train_overrides", "launch=false"],
+    "classify": ["experiment=classify/", "loss:", "capacity:", "augment:", "seed: 0"],
     "analyze": ["analysis:", "checkpoint=", "theta_g_only"],
     "job": ["manifest=", "job=<index>", "not meant to be run by hand"],
     "prepare_data": ["dataset: ", "imbalance: ", "ir100", "dataset=cifar10_lt"],
