@@ -305,6 +305,29 @@ def test_augmentation_end_to_end_on_tiny_fashion_mnist(tmp_path: Path, monkeypat
     with pytest.raises(AssertionError, match="generated again"):
         classify("c", "augment.seed=5")
 
+    # The record as a table cell: placed where cm_table_g13 expects its IR 100 CE run's record
+    # (under that run's digest), the table reads its numbers and names no sampler.
+    from lt_diffusion.evaluation.record import write_record
+    from lt_diffusion.tables.aggregate import collect
+    from lt_diffusion.tables.render import to_markdown
+    from lt_diffusion.tables.spec import load_table_by_name, resolve
+
+    spec = load_table_by_name("cm_table_g13")
+    spec.seeds = [0]
+    resolved = resolve(spec, [f"paths.output_dir={tmp_path / 'tables'}"])
+    ce = next(r for r in resolved if r.run.experiment == "classify/cm/cifar100_lt_ir100_ce")
+    write_record(
+        next(iter(ce.records.values())),
+        {**record, "identity": classification_identity(ce.config)},
+    )
+    result = collect(spec, resolved)
+    assert result.samplers == () and result.guidance == ()
+    cell = next(
+        c for b in result.blocks for row, c in b[1] if row.label == "CE" and "100" in b[0].label
+    )
+    assert cell["few"].mean == pytest.approx(record["metrics"]["per_split"]["few"]["accuracy"])
+    assert "Each dataset's test split" in to_markdown(result)
+
 
 def test_cm_tables_resolve_to_classification_runs_and_records(tmp_path: Path) -> None:
     """Both tables' rows are classification runs; each record path carries the run's settings
