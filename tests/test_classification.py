@@ -387,3 +387,47 @@ def test_the_documented_record_schema_is_the_models() -> None:
 
     documented = json.loads((ROOT / "docs" / "classification_record.schema.json").read_text())
     assert documented == json_schema()
+
+
+@pytest.mark.slow  # two table commands in subprocesses: ~30 s on two shared cores
+def test_a_classification_table_runs_through_the_table_command(tmp_path: Path) -> None:
+    """``python -m lt_diffusion.table`` on a one-row classification table: its job runs
+    lt_diffusion.classify (not train then evaluate), writes the record the table reads, and
+    the same command again launches nothing."""
+    import subprocess
+    import sys
+
+    from tests.fakedata import write_fashion_mnist
+
+    data, out, configs = tmp_path / "data", tmp_path / "out", tmp_path / "configs"
+    write_fashion_mnist(data / "fashion-mnist", n_per_class=20, test_per_class=2)
+    spec = {
+        "name": "tiny_classify",
+        "title": "Tiny classification table (tests)",
+        "seeds": [0],
+        "columns": [{"key": "few", "label": "Few", "metric": "per_split.few.accuracy"}],
+        "blocks": [{"rows": [{"label": "CE", "experiment": "classify/fashion_mnist_demo"}]}],
+    }
+    (configs / "table").mkdir(parents=True)
+    (configs / "table" / "tiny_classify.yaml").write_text(json.dumps(spec))  # JSON is YAML
+    train = [
+        "imbalance=ir10", "trainer=cpu", "logger=none", "dataset.source.download=false",
+        "classifier.model.width=4", "data.batch_size=8", "train.max_steps=2",
+    ]  # fmt: skip
+    cmd = [
+        sys.executable, "-m", "lt_diffusion.table", "table=tiny_classify",
+        f"hydra.searchpath=[file://{configs}]", f"paths.output_dir={out}",
+        f"paths.data_root={data}", f"train_overrides=[{','.join(json.dumps(o) for o in train)}]",
+    ]  # fmt: skip
+
+    def table() -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+    first = table()
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    (path,) = out.glob("runs/*/records/classify-test-*.json")
+    few = read_record(path)["metrics"]["per_split"]["few"]["accuracy"]
+    md = (out / "tables" / "tiny_classify.md").read_text()
+    assert f"{few:.2f}" in md and "Each dataset's test split" in md
+    again = table()
+    assert again.returncode == 0 and "1 done, 0 to run" in again.stdout, again.stdout[-2000:]
