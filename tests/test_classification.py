@@ -431,3 +431,57 @@ def test_a_classification_table_runs_through_the_table_command(tmp_path: Path) -
     assert f"{few:.2f}" in md and "Each dataset's test split" in md
     again = table()
     assert again.returncode == 0 and "1 done, 0 to run" in again.stdout, again.stdout[-2000:]
+
+
+def test_random_crop_is_a_window_of_the_padded_image() -> None:
+    """Each cropped image is the H x W window of its image padded by p pixels of -1 at some
+    offset in [0, 2p] (torchvision's RandomCrop(padding=p)), and the offsets vary."""
+    from torch.nn.functional import pad
+
+    from lt_diffusion.classification.data import random_crop
+
+    x = torch.rand(16, 2, 6, 5) * 2 - 1
+    out = random_crop(x, 2, torch.Generator().manual_seed(0))
+    padded = pad(x, (2, 2, 2, 2), value=-1.0)
+    offsets = set()
+    for i in range(len(x)):
+        found = [
+            (a, b)
+            for a in range(5)
+            for b in range(5)
+            if torch.equal(out[i], padded[i, :, a : a + 6, b : b + 5])
+        ]
+        assert found, i
+        offsets.add(found[0])
+    assert len(offsets) > 3
+    assert random_crop(x, 0, torch.Generator()) is x
+
+
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path: Path) -> None:
+    """Two steps, stop, resume to four: the same weights as four steps straight (the batch
+    stream, the crops and the learning-rate schedule are functions of the step)."""
+    from lt_diffusion.classification.run import run
+    from lt_diffusion.training.checkpoint import read_checkpoint
+    from tests.fakedata import write_fashion_mnist
+
+    data = tmp_path / "data"
+    write_fashion_mnist(data / "fashion-mnist", n_per_class=20, test_per_class=2)
+
+    def train(run_dir: str, steps: int) -> dict[str, torch.Tensor]:
+        cfg = compose_config(
+            "classify",
+            ["dataset=fashion_mnist_lt", "imbalance=ir10", "trainer=cpu", "logger=none",
+             f"paths.data_root={data}", f"paths.output_dir={tmp_path}",
+             f"paths.run_dir={tmp_path / run_dir}", "dataset.source.download=false",
+             "data.batch_size=8", "classifier.model.width=4", "train.warmup_epochs=1",
+             f"train.max_steps={steps}", "train.ckpt_every=100"],
+        )  # fmt: skip
+        run(cfg)
+        return read_checkpoint(tmp_path / run_dir / "checkpoints" / "last.ckpt")["state_dict"]
+
+    straight = train("straight", 4)
+    train("resumed", 2)
+    resumed = train("resumed", 4)
+    assert straight.keys() == resumed.keys()
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
