@@ -230,6 +230,8 @@ def test_the_schedule_is_the_cifar_lt_recipe() -> None:
     [
         (["+train.epoch=3"], "train.epoch"),
         (["train.warmup_epochs=300"], "train.warmup_epochs"),
+        (["train.epochs=12"], "train.milestones"),
+        (["loss=ldam_drw", "train.epochs=12", "train.milestones=[8]"], "loss.fn.drw_epoch=160"),
         (["augment=generated", "augment.name=x"], "augment.generator.experiment"),
         (
             ["augment=generated", "augment.name=x", "augment.generator.experiment=classify/fashion_mnist_demo"],

@@ -79,8 +79,20 @@ def check_config(cfg: DictConfig, config_dir: str | Path = CONFIG_DIR) -> None:
             f"train.warmup_epochs must be in [0, train.epochs={train.epochs}), got "
             f"{train.warmup_epochs}"
         )
-    if list(train.milestones) != sorted(train.milestones) or any(m < 1 for m in train.milestones):
-        raise ValueError(f"train.milestones must be increasing epochs >= 1, got {train.milestones}")
+    epochs = int(train.epochs)
+    if list(train.milestones) != sorted(train.milestones) or any(
+        not 1 <= m < epochs for m in train.milestones
+    ):
+        raise ValueError(
+            f"train.milestones must be increasing epochs in [1, train.epochs={epochs}), got "
+            f"{list(train.milestones)}: scale them with train.epochs"
+        )
+    drw = cfg.loss.fn.get("drw_epoch")
+    if drw is not None and int(drw) >= epochs:  # a shortened run would silently skip DRW
+        raise ValueError(
+            f"loss.fn.drw_epoch={drw} is not before train.epochs={epochs}: deferred re-weighting "
+            "would never start; set loss.fn.drw_epoch below train.epochs (Cao et al.: 160 of 200)"
+        )
     if train.max_steps is not None and int(train.max_steps) < 1:
         raise ValueError(f"train.max_steps must be >= 1 or null, got {train.max_steps}")
     if int(train.crop_padding) < 0:
