@@ -245,6 +245,23 @@ def test_bad_settings_are_refused_before_any_work(overrides: list[str], message:
         check_config(_classify_cfg(*overrides))
 
 
+def test_the_generator_run_trains_where_the_classifier_does() -> None:
+    """An augmented row's generator run takes the classifier's trainer (a table's
+    ``trainer=gpu`` reaches both: G.8's generators stay Table 2's runs), unless
+    ``augment.generator.overrides`` choose one."""
+    from lt_diffusion.classification.config import generator_config
+
+    row = "experiment=classify/cm/cifar100_lt_ir100_ce_aug_cm50k"
+    gen = generator_config(compose_config("classify", [row, "trainer=gpu"]))
+    table2 = compose_config("train", ["experiment=cm/cifar100_lt_ir100_cm", "trainer=gpu"])
+    assert gen.trainer == table2.trainer and gen.trainer.precision == "bf16-mixed"
+    assert gen.run_name == table2.run_name
+    own = compose_config(
+        "classify", [row, "trainer=gpu", 'augment.generator.overrides=["trainer=cpu"]']
+    )
+    assert generator_config(own).trainer.accelerator == "cpu"
+
+
 def test_augmentation_end_to_end_on_tiny_fashion_mnist(tmp_path: Path, monkeypatch) -> None:
     """A tiny diffusion checkpoint trained on Imb. Fashion-MNIST idx files fills every class
     up to the head; the images are generated once and cached by checkpoint, sampler, guidance

@@ -11,7 +11,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lt_diffusion.runtime import CONFIG_DIR
 from lt_diffusion.utils.config import compose_config
@@ -142,7 +142,16 @@ def generator_config(cfg: DictConfig, config_dir: str | Path = CONFIG_DIR) -> Di
         raise ValueError(f"augment.generator ({overrides}) does not compose: {err}") from err
     with open_dict(gen):
         gen.paths.run_dir = str(Path(gen.paths.output_dir) / "runs" / str(gen.run_name))
+        # The generator trains where the classifier does (a table's trainer=gpu reaches both,
+        # so G.8's generators are Table 2's runs), unless its own overrides choose a trainer.
+        if not any(_root_key(o) == "trainer" for o in aug.generator.overrides):
+            gen.trainer = OmegaConf.to_container(cfg.trainer, resolve=False)
     return gen
+
+
+def _root_key(override: str) -> str:
+    """``trainer`` of ``trainer=gpu``, ``+trainer.devices=2`` or ``~trainer``."""
+    return override.split("=", 1)[0].lstrip("+~").split(".", 1)[0]
 
 
 def classification_identity(cfg: DictConfig, config_dir: str | Path = CONFIG_DIR) -> dict[str, Any]:
