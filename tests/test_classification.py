@@ -504,3 +504,13 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path: P
     assert straight.keys() == resumed.keys()
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), k
+
+
+def test_a_generation_protocol_naming_a_classification_metric_is_refused() -> None:
+    """The registry knows accuracy / macro precision / recall (so table columns and records
+    name them), but a generation evaluation cannot compute them: refused at its checks."""
+    from lt_diffusion.evaluation.metrics import METRICS, minimum_images
+
+    assert {"accuracy", "macro_precision", "macro_recall"} <= set(METRICS)
+    with pytest.raises(ValueError, match="remove it from eval.metrics"):
+        minimum_images(["fid", "accuracy"], {})
