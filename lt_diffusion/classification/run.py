@@ -40,7 +40,7 @@ from lt_diffusion.classification.record import build_classification_record
 from lt_diffusion.evaluation.record import write_record
 from lt_diffusion.runtime import code_version
 from lt_diffusion.training.builders import instantiate as checked_instantiate
-from lt_diffusion.training.callbacks import PeriodicCheckpoint
+from lt_diffusion.training.callbacks import RunCheckpoint, RunLockGuard
 from lt_diffusion.training.checkpoint import (
     LAST,
     META_KEY,
@@ -52,6 +52,7 @@ from lt_diffusion.training.checkpoint import (
 from lt_diffusion.training.run import build_logger, cluster_plugins, launch_rank, process_seed
 from lt_diffusion.utils.io import atomic_write_text, remove_temporaries
 from lt_diffusion.utils.runlock import hold_run_lock
+from lt_diffusion.utils.threads import torch_threads
 
 
 def _on_gpu(cfg: DictConfig) -> bool:
@@ -169,7 +170,10 @@ def run(cfg: DictConfig, record: str | Path | None = None) -> dict[str, Any] | N
     )
     data = ClassificationData(base, int(cfg.train.crop_padding))
     ckpt_dir = run_dir / "checkpoints"
-    with hold_run_lock(run_dir, enabled=launch_rank() == 0) as lock:
+    with (
+        hold_run_lock(run_dir, enabled=launch_rank() == 0) as lock,
+        torch_threads(cfg.train.get("threads"), "train.threads"),
+    ):
         if lock is not None:
             for tmp in remove_temporaries(ckpt_dir):
                 rank_zero_info(f"Removed {tmp}, a checkpoint write that was killed mid-way")
@@ -248,11 +252,17 @@ def _fit(
         meta=meta,
     )
     callbacks = [
-        PeriodicCheckpoint(
-            run_dir / "checkpoints",
-            int(cfg.train.ckpt_every),
-            lost_run_dir=lock.lost if lock is not None else None,
+        # last.ckpt every train.ckpt_every steps, at the end and on Ctrl-C / SIGTERM (as the
+        # diffusion runs' configs/callbacks/default.yaml), under the run lock's guard
+        RunCheckpoint(
+            dirpath=run_dir / "checkpoints",
+            filename="last",
+            every_n_train_steps=int(cfg.train.ckpt_every),
+            save_top_k=1,
+            enable_version_counter=False,
+            final=True,
         ),
+        RunLockGuard(run_dir, lock.lost if lock is not None else None),
         TQDMProgressBar(refresh_rate=max(1, int(cfg.train.log_every))),
     ]
     trainer: L.Trainer = instantiate(
@@ -260,6 +270,7 @@ def _fit(
         max_steps=total,
         logger=build_logger(cfg, done),
         callbacks=callbacks,
+        enable_checkpointing=True,
         plugins=[AtomicCheckpointIO(), *cluster_plugins()],
         default_root_dir=str(run_dir),
     )

@@ -386,9 +386,8 @@ def compare(comparison: Comparison, names: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-# The synthetic benchmark's exact metrics register themselves next to their functions.
-from lt_diffusion.evaluation import toy_metrics as _toy_metrics  # noqa: E402, F401
-
-# The classification metrics (accuracy, macro precision / recall) register themselves next to
-# the classifier; imported here so that every reader of the registry knows them.
+# The synthetic benchmark's exact metrics and the classifier's (accuracy, macro precision /
+# recall) register themselves next to their functions; imported here so that every reader of
+# the registry knows them.
 from lt_diffusion.classification import metrics as _classification_metrics  # noqa: E402, F401
+from lt_diffusion.evaluation import toy_metrics as _toy_metrics  # noqa: E402, F401
