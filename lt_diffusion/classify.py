@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 from lt_diffusion.runtime import CONFIG_DIR
@@ -19,6 +18,10 @@ from lt_diffusion.runtime import CONFIG_DIR
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="classify")
 def main(cfg: DictConfig) -> None:
+    # Imported here: torch and Lightning take seconds to import, which --help and shell
+    # completion (ltd-classify -sc query=bash, at every TAB) do not need.
+    import torch
+
     from lt_diffusion.classification.run import run
 
     os.environ.setdefault("WANDB_SILENT", "true")
