@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -68,15 +69,24 @@ def _launcher_kind(launcher: Mapping[str, Any]) -> str:
     return "local"
 
 
-def check_launcher(launcher: Mapping[str, Any], jobs: Sequence[Job]) -> None:
+def check_launcher(launcher: Mapping[str, Any], jobs: Sequence[Job], workers: int = 1) -> None:
     """Refuse a launcher that cannot run ``jobs`` as configured, before anything is submitted.
 
     Under SLURM every task is one training process, so ``tasks_per_node`` must equal the
     trainer's ``devices`` and ``nodes`` its ``num_nodes`` (Lightning reads its rank from SLURM).
+    ``workers`` (local multiruns side by side) is for the local launcher only.
     """
     kind = _launcher_kind(launcher)
+    if workers < 1:
+        raise LauncherConfigError(f"workers must be >= 1, got {workers}")
     if kind == "local":
         return
+    if workers > 1:
+        raise LauncherConfigError(
+            f"workers={workers} runs local multiruns side by side; under hydra/launcher={kind} "
+            "the cluster runs the jobs in parallel (hydra.launcher.array_parallelism): drop "
+            "workers"
+        )
     for name in ("timeout_min", "tasks_per_node", "nodes"):
         value = launcher.get(name)
         if not isinstance(value, int) or value < 1:
@@ -153,35 +163,50 @@ def launch(
     n_jobs: int,
     hydra_overrides: Sequence[str],
     sweep_dir: Path,
+    workers: int = 1,
 ) -> int:
-    """Run the manifest's jobs as one Hydra multirun of :mod:`lt_diffusion.job` and wait.
+    """Run the manifest's jobs as Hydra multiruns of :mod:`lt_diffusion.job` and wait.
 
     ``hydra_overrides`` are the user's ``hydra/launcher=...`` and ``hydra.launcher.*``
-    overrides, passed on unchanged. The multirun's output is shown and kept in
-    ``<sweep_dir>/jobs.log`` (the log of jobs that run here; SLURM jobs have their own).
-    Returns the multirun's exit code; the jobs record their failures in their run directories,
-    so one failed job never stops the others.
+    overrides, passed on unchanged. ``workers`` multiruns run side by side, worker ``k`` taking
+    jobs ``k, k + workers, ...`` (each job has its own run directory and ``job<i>`` folder, so
+    they never share a file). Their output is shown and kept in ``<sweep_dir>/jobs.log`` (the
+    log of jobs that run here; SLURM jobs have their own), line by line. Returns the first
+    non-zero exit code, else 0; the jobs record their failures in their run directories, so
+    one failed job never stops the others.
     """
     if n_jobs < 1:
         return 0
-    cmd = [
-        sys.executable,
-        "-m",
-        "lt_diffusion.job",
-        "--multirun",
-        f"manifest={manifest}",
-        "job=" + ",".join(str(i) for i in range(n_jobs)),
-        f"hydra.sweep.dir={sweep_dir}",
-        *hydra_overrides,
-    ]
+    if workers < 1:
+        raise LauncherConfigError(f"workers must be >= 1, got {workers}")
     log_path = Path(sweep_dir) / "jobs.log"
     env = {**os.environ, SWEEP_LOG_ENV: str(log_path)}
+    shares = [list(range(k, n_jobs, workers)) for k in range(min(workers, n_jobs))]
+    lock = threading.Lock()
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        assert proc.stdout is not None
-        for chunk in iter(lambda: proc.stdout.read1(65536), b""):
-            log.write(chunk)
-            log.flush()
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.flush()
-        return proc.wait()
+
+        def relay(proc: subprocess.Popen) -> None:
+            assert proc.stdout is not None
+            for line in iter(proc.stdout.readline, b""):
+                with lock:
+                    log.write(line)
+                    log.flush()
+                    sys.stdout.buffer.write(line)
+                    sys.stdout.flush()
+
+        procs = []
+        for share in shares:
+            cmd = [
+                sys.executable, "-m", "lt_diffusion.job", "--multirun", f"manifest={manifest}",
+                "job=" + ",".join(map(str, share)), f"hydra.sweep.dir={sweep_dir}",
+                *hydra_overrides,
+            ]  # fmt: skip
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            thread = threading.Thread(target=relay, args=(proc,), daemon=True)
+            thread.start()
+            procs.append((proc, thread))
+        codes = []
+        for proc, thread in procs:
+            codes.append(proc.wait())
+            thread.join()
+    return next((c for c in codes if c != 0), 0)

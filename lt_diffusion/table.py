@@ -102,14 +102,14 @@ def plan(cfg: DictConfig) -> tuple[TableSpec, list[ResolvedRun], list[Job]]:
 def run(cfg: DictConfig, hydra_overrides: list[str], launcher: Any, sweep_dir: Path) -> Path:
     """Launch what is missing, then write the table; returns the Markdown file."""
     spec, resolved, jobs = plan(cfg)
-    check_launcher(OmegaConf.to_container(launcher, resolve=True), jobs)
+    check_launcher(OmegaConf.to_container(launcher, resolve=True), jobs, int(cfg.workers))
     pending = [job for job, r in zip(jobs, resolved) if not r.done]
     print(f"{spec.name}: {len(jobs)} runs, {len(jobs) - len(pending)} done, {len(pending)} to run")
     if pending and cfg.launch:
         manifest = write_manifest(sweep_dir / "manifest.json", spec.name, pending)
         for i, job in enumerate(pending):
             print(f"  job {i}: {job.key} -> {job.run_dir}")
-        code = launch(manifest, len(pending), hydra_overrides, sweep_dir)
+        code = launch(manifest, len(pending), hydra_overrides, sweep_dir, int(cfg.workers))
         if code != 0:
             print(f"The sweep exited with code {code}; failed runs are marked in the table.")
     failures = {}

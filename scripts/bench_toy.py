@@ -1,13 +1,13 @@
 """Time the synthetic benchmark's whole table from nothing (every run trained and evaluated),
 through the command users run, then draw its points plot:
 
-    .venv/bin/python scripts/bench_toy.py                       # table=toy2d_methods, ~10 min
+    .venv/bin/python scripts/bench_toy.py                       # table=toy2d_methods, 2 workers
     .venv/bin/python scripts/bench_toy.py --table toy2d_demo    # the demo's reduced table
 
-Runs ``python -m lt_diffusion.table table=<table>`` into a fresh output directory, prints the
-wall-clock time and the CPU time of the processes it started (on a machine whose cores other
-processes share, the CPU time is what the same work takes on idle cores: the runs use one
-thread), then ``scripts/plot_toy.py``. Exits with the table command's code.
+Runs ``python -m lt_diffusion.table table=<table> workers=<n>`` (n runs side by side, one
+thread each) into a fresh output directory, prints the wall-clock time and the CPU time of the
+processes it started (on a machine whose cores other processes share, the CPU time divided by
+the workers is what the same work takes on idle cores), then ``scripts/plot_toy.py``. Exits with the table command's code.
 """
 
 from __future__ import annotations
@@ -33,11 +33,14 @@ def main() -> int:
     parser.add_argument(
         "--output-dir", default=None, help="default: outputs/bench_toy/<date-time> (fresh)"
     )
+    parser.add_argument(
+        "--workers", type=int, default=2, help="runs side by side (one thread each; default 2)"
+    )
     parser.add_argument("--no-plot", action="store_true", help="skip scripts/plot_toy.py")
     args = parser.parse_args()
     out = Path(args.output_dir or ROOT / "outputs" / "bench_toy" / time.strftime("%Y%m%d-%H%M%S"))
     cmd = [sys.executable, "-m", "lt_diffusion.table", f"table={args.table}",
-           f"paths.output_dir={out}"]  # fmt: skip
+           f"paths.output_dir={out}", f"workers={args.workers}"]  # fmt: skip
     print("$", " ".join(cmd), flush=True)
     env = {
         **os.environ,

@@ -64,6 +64,15 @@ def test_bad_launcher_settings_are_refused(setting: dict, message: str) -> None:
         check_launcher(slurm_launcher(**setting), [job()])
 
 
+def test_side_by_side_workers_are_for_the_local_launcher() -> None:
+    local = {"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}
+    check_launcher(local, [job()], workers=2)
+    with pytest.raises(LauncherConfigError, match="array_parallelism"):
+        check_launcher(slurm_launcher(), [job()], workers=2)
+    with pytest.raises(LauncherConfigError, match="workers must be >= 1"):
+        check_launcher(local, [job()], workers=0)
+
+
 def test_the_local_launcher_accepts_multi_device_runs() -> None:
     check_launcher(
         {"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}, [job(devices=4)]

@@ -37,7 +37,7 @@ def test_sweep_runs_once_relaunches_only_a_deleted_record_and_shows_failures(
     out = tmp_path / "outputs"
     train = tiny_table_overrides(tiny_cifar, "train.max_steps=3")
 
-    first = _table(configs, out, *train)
+    first = _table(configs, out, *train, "workers=2")  # the two runs side by side
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     records = sorted(out.glob("runs/*/records/*.json"))
     assert [r.parent.parent.name for r in records] == [
