@@ -27,6 +27,14 @@ def _options(group: str) -> list[str]:
     return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
 
 
+# Groups only configs/classify.yaml composes (the classification job), and its experiment rows.
+CLASSIFY_GROUPS = ("augment", "capacity", "classifier", "loss")
+
+
+def _classify_option(group: str, option: str) -> bool:
+    return group in CLASSIFY_GROUPS or (group == "experiment" and option.startswith("classify/"))
+
+
 def _resolve(cfg) -> dict:
     # paths.run_dir interpolates Hydra's runtime dir, which exists only inside a launched job.
     cfg.paths.run_dir = "/tmp/run"
@@ -35,7 +43,13 @@ def _resolve(cfg) -> dict:
 
 @pytest.mark.parametrize(
     "group,option",
-    [(g, o) for g in GROUPS if g not in ("eval", "analysis") for o in _options(g)],
+    [
+        (g, o)
+        for g in GROUPS
+        if g not in ("eval", "analysis")
+        for o in _options(g)
+        if not _classify_option(g, o)
+    ],
 )
 def test_every_group_option_composes_into_train(group: str, option: str) -> None:
     cfg = compose_config("train", [f"{group}={option}"])
@@ -46,6 +60,24 @@ def test_every_group_option_composes_into_train(group: str, option: str) -> None
     # The noise schedule a row names must exist (CM Table 6's scaled_linear once did not).
     assert resolved["diffusion"]["kind"] in SCHEDULE_KINDS
     assert instantiate(cfg.diffusion).T == resolved["diffusion"]["num_timesteps"]
+
+
+@pytest.mark.parametrize(
+    "group,option",
+    [(g, o) for g in GROUPS for o in _options(g) if _classify_option(g, o)],
+)
+def test_every_classification_option_composes_into_classify(group: str, option: str) -> None:
+    from lt_diffusion.classification.config import check_config
+
+    cfg = compose_config("classify", [f"{group}={option}"])
+    if cfg.augment.rule != "none" and cfg.augment.generator.experiment is None:
+        # The group leaves the generator and its name in the run name to the row.
+        cfg.augment.generator.experiment = "cm/cifar100_lt_ir100_ddpm"
+        cfg.augment.name = "ddpm"
+    check_config(cfg)  # no unknown keys, a valid schedule and augmentation
+    resolved = _resolve(cfg)
+    assert resolved["task"] == "classify" and resolved["run_name"]
+    assert resolved["classifier"]["model"]["num_classes"] == resolved["dataset"]["num_classes"]
 
 
 def test_cm_table_rows_set_the_papers_budget() -> None:
