@@ -162,10 +162,11 @@ def test_is_is_reported_unavailable_with_the_reason(converted: Path) -> None:
     assert info["has_logits"] is False and ext.features_list == ["2048"]
     assert "logits" in info["is_unavailable"] and I.TF_WEIGHTS_NAME in info["is_unavailable"]
     rng = np.random.default_rng(0)
-    entry = M.compare_features(
-        rng.normal(size=(20, 8)), rng.normal(size=(20, 8)), ["fid", "is"],
+    comparison = M.Comparison(
+        rng.normal(size=(20, 8)), rng.normal(size=(20, 8)), {"is_splits": 10},
         fake_logits=None, is_unavailable=info["is_unavailable"],
     )  # fmt: skip
+    entry = M.compare(comparison, ["fid", "is"])
     assert entry["is"] is None and entry["is_unavailable"] == info["is_unavailable"]
     assert "is_std" not in entry
 
