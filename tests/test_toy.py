@@ -34,6 +34,7 @@ METHODS = sorted(p.stem for p in (Path(CONFIG_DIR) / "method").glob("*.yaml"))
 REFUSED = {
     "ada": "ADA does not apply",  # image augmentation
     "cm_sd_lora": "StableDiffusionBackbone",  # Stable Diffusion's LoRA form of CM
+    "imba_captions": "text-to-image backbone",  # IMBA per concept token of multi-concept captions
 }
 
 
