@@ -160,23 +160,28 @@ def test_every_method_takes_a_step_on_points_or_refuses_clearly(method: str) -> 
         ["experiment=toy/toy2d_ddpm", f"method={method}", "dataset.source.n_per_class=200",
          "data.batch_size=32"],
     )  # fmt: skip
-    if method in REFUSED:
+
+    def one_step() -> torch.nn.Module:
+        dm = build_datamodule(cfg)
+        dm.setup()
+        torch.manual_seed(0)
+        model, objective = build_model(cfg), build_objective(cfg)
+        objective.setup(dm.class_counts, seed=0)
+        x, y = next(iter(dm.train_dataloader()))
+        objective.cond_drop_prob = 0.0  # a conditional batch, so class terms (CBDM, CORAL) run
+        for m in objective.modules():
+            if hasattr(m, "cond_drop_prob"):
+                m.cond_drop_prob = 0.0
+        out = objective(model, x, y, build_schedule(cfg))
+        assert math.isfinite(float(out.loss)), method
+        out.loss.backward()
+        return model
+
+    if method in REFUSED:  # before the first step
         with pytest.raises((ValueError, TypeError), match=REFUSED[method]):
-            build_model(cfg)
+            one_step()
         return
-    dm = build_datamodule(cfg)
-    dm.setup()
-    torch.manual_seed(0)
-    model, objective = build_model(cfg), build_objective(cfg)
-    objective.setup(dm.class_counts, seed=0)
-    x, y = next(iter(dm.train_dataloader()))
-    objective.cond_drop_prob = 0.0  # a conditional batch, so class terms (CBDM, CORAL) run
-    for m in objective.modules():
-        if hasattr(m, "cond_drop_prob"):
-            m.cond_drop_prob = 0.0
-    out = objective(model, x, y, build_schedule(cfg))
-    assert math.isfinite(float(out.loss)), method
-    out.loss.backward()
+    model = one_step()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and any(g is not None and g.abs().sum() > 0 for g in grads), method
 
