@@ -18,10 +18,8 @@ generate it once.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from torch import Tensor
 from lt_diffusion.evaluation.protocol import split_evenly
 from lt_diffusion.utils.identity import digest, training_settings
 from lt_diffusion.utils.imagefolder import read_folder_meta, read_image_folder, write_image_folder
+from lt_diffusion.utils.io import exclusive_lock
 
 
 def generated_per_class(
@@ -57,24 +56,6 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-@contextlib.contextmanager
-def _exclusive(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` for the block (waits for the holder; released by the
-    kernel if the process dies). Filesystems without flock: no lock."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        try:
-            import fcntl
-
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except (ImportError, OSError):
-            pass
-        yield
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -126,7 +107,7 @@ def generated_images(
     )
     run_dir = checkpoint.parent.parent
     folder = run_dir / "augment" / f"{sampler_label(sampler)}-w{guidance:g}-seed{int(seed)}-{key}"
-    with _exclusive(folder.with_name(folder.name + ".lock")):
+    with exclusive_lock(folder.with_name(folder.name + ".lock")):
         if not (folder / "meta.json").is_file() or read_folder_meta(folder).get("key") != key:
             labels = torch.cat(
                 [torch.full((int(n),), c, dtype=torch.long) for c, n in enumerate(per_class)]

@@ -18,13 +18,11 @@ the cache folder (``$LT_DIFFUSION_CACHE/prepared``) instead.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from lt_diffusion.utils.cache import default_cache_dir
+from lt_diffusion.utils.io import exclusive_lock
 
 PREPARED_DIR = ".lt_diffusion"
 RECIPE = "rgb-center-crop-bicubic-v1"
@@ -85,18 +84,10 @@ def prepared_copy(
     folder = prepared_root(root) / f"{name}-{split}-{size}px-{key}"
     manifest = dict(dataset=name, split=split, size=size, recipe=RECIPE, n=len(files), key=key)
     if not (folder / "manifest.json").is_file():
-        with _exclusive(folder.with_name(folder.name + ".lock")):
+        with exclusive_lock(folder.with_name(folder.name + ".lock")):
             if not (folder / "manifest.json").is_file():  # nobody built it while we waited
                 _build(Path(root), folder, files, labels, size, manifest)
     return np.load(folder / "images.npy", mmap_mode="r"), np.load(folder / "labels.npy")
-
-
-@contextlib.contextmanager
-def _exclusive(lock: Path) -> Iterator[None]:
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, also if we crash
-        yield
 
 
 def _build(

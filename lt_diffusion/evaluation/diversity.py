@@ -10,7 +10,6 @@ torchvision's ImageNet file, which the user stages like the Inception weights
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 
 from lt_diffusion.evaluation.inception import sha256
 from lt_diffusion.evaluation.metrics import _features, _need, _same_dim
+from lt_diffusion.utils.cache import staged_weights
 
 ALEXNET_WEIGHTS_NAME = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet IMAGENET1K_V1
 ALEXNET_SHA256_PREFIX = "7be5be79"  # torch hub convention: the name carries the hash prefix
@@ -122,15 +122,13 @@ def how_to_get_lpips() -> str:
 def alexnet_weights() -> Path:
     """The staged AlexNet file: ``$LT_DIFFUSION_LPIPS_WEIGHTS``, else torch hub's
     ``checkpoints/`` directory; :class:`LPIPSWeightsError` saying how to stage it otherwise."""
-    env = os.environ.get(LPIPS_WEIGHTS_ENV)
-    if env:
-        path = Path(env).expanduser()
-        if not path.is_file():
-            raise LPIPSWeightsError(
-                f"{LPIPS_WEIGHTS_ENV}={env} does not exist: point it at torchvision's "
-                f"{ALEXNET_WEIGHTS_NAME}, or unset it to use torch hub's checkpoints directory"
-            )
-        return path
+    path = staged_weights(LPIPS_WEIGHTS_ENV, ALEXNET_WEIGHTS_NAME, LPIPSWeightsError)
+    if path is None:
+        raise LPIPSWeightsError(
+            f"lpips_diversity needs the AlexNet weights LPIPS is built on, and none are staged. "
+            f"To get them: {how_to_get_lpips()}"
+        )
+    return path
     path = Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_WEIGHTS_NAME
     if not path.is_file():
         raise LPIPSWeightsError(

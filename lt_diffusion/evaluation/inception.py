@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -39,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lt_diffusion.utils.cache import CACHE_ENV, default_cache_dir
+from lt_diffusion.utils.cache import CACHE_ENV, default_cache_dir, staged_weights
 
 EXTRACTOR_NAME = "inception-v3-compat"
 TF_WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
@@ -224,17 +223,7 @@ def prepare_weights(cache_dir: str | Path | None = None) -> Path:
 def official_weights() -> Path | None:
     """torch-fidelity's own weights file when the user has staged it: ``$LT_DIFFUSION_INCEPTION
     _WEIGHTS``, else torch hub's ``checkpoints/`` directory; None when neither exists."""
-    env = os.environ.get(WEIGHTS_ENV)
-    if env:
-        path = Path(env).expanduser()
-        if not path.is_file():
-            raise InceptionWeightsError(
-                f"{WEIGHTS_ENV}={env} does not exist: point it at torch-fidelity's "
-                f"{TF_WEIGHTS_NAME}, or unset it to use the offline conversion"
-            )
-        return path
-    hub = Path(torch.hub.get_dir()) / "checkpoints" / TF_WEIGHTS_NAME
-    return hub if hub.is_file() else None
+    return staged_weights(WEIGHTS_ENV, TF_WEIGHTS_NAME, InceptionWeightsError)
 
 
 def _has_logits(state: dict[str, torch.Tensor]) -> bool:

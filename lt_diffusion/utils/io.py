@@ -116,3 +116,22 @@ def remove_temporaries(directory: str | Path) -> list[Path]:
     for p in removed:
         p.unlink(missing_ok=True)
     return removed
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created, never deleted) for the block: processes of
+    one host wait for each other, and the kernel releases it when the holder dies. Filesystems
+    without flock get no lock; callers keep what they guard safe without it (atomic writes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except (ImportError, OSError):
+            pass
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock

@@ -32,6 +32,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from lt_diffusion.utils.io import exclusive_lock
+
 LOCK_NAME = "train.lock"
 GUARD_NAME = ".train.lock.guard"
 
@@ -83,22 +85,11 @@ def describe_holder(holder: dict[str, Any]) -> str:
     )
 
 
-@contextlib.contextmanager
-def _host_guard(run_dir: Path) -> Iterator[None]:
-    """Serialise check-and-take among this host's processes (released by the kernel even if
-    the process dies). Filesystems without flock get no guard: the link below is still atomic,
-    only two same-host takeovers of one stale lock could then race."""
-    fd = os.open(run_dir / GUARD_NAME, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        try:
-            import fcntl
-
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except (ImportError, OSError):
-            pass
-        yield
-    finally:
-        os.close(fd)  # closing releases the flock
+def _host_guard(run_dir: Path) -> contextlib.AbstractContextManager[None]:
+    """Serialise check-and-take among this host's processes. Filesystems without flock get no
+    guard: the link below is still atomic, only two same-host takeovers of one stale lock could
+    then race."""
+    return exclusive_lock(run_dir / GUARD_NAME)
 
 
 class RunLock:
