@@ -49,15 +49,16 @@ from lt_diffusion.training.checkpoint import (
     find_resume_checkpoint,
     read_checkpoint,
 )
-from lt_diffusion.training.run import build_logger, cluster_plugins, launch_rank, process_seed
+from lt_diffusion.training.run import (
+    build_logger,
+    cluster_plugins,
+    launch_rank,
+    on_gpu,
+    process_seed,
+)
 from lt_diffusion.utils.io import atomic_write_text, remove_temporaries
 from lt_diffusion.utils.runlock import hold_run_lock
 from lt_diffusion.utils.threads import torch_threads
-
-
-def _on_gpu(cfg: DictConfig) -> bool:
-    accel = str(cfg.trainer.get("accelerator", "cpu"))
-    return accel in ("gpu", "cuda") or (accel == "auto" and torch.cuda.is_available())
 
 
 def build_classifier(cfg: DictConfig) -> nn.Module:
@@ -166,7 +167,7 @@ def run(cfg: DictConfig, record: str | Path | None = None) -> dict[str, Any] | N
     loss: ClassificationLoss = checked_instantiate(cfg.loss.fn)  # its settings' checks
     on_device = cfg.data.on_device
     base = checked_instantiate(
-        cfg.data, on_device=_on_gpu(cfg) if on_device == "auto" else on_device
+        cfg.data, on_device=on_gpu(cfg) if on_device == "auto" else on_device
     )
     data = ClassificationData(base, int(cfg.train.crop_padding))
     ckpt_dir = run_dir / "checkpoints"
@@ -298,7 +299,7 @@ def _evaluate(
     trained: float,
 ) -> dict[str, Any]:
     started = time.time()
-    device = torch.device("cuda" if _on_gpu(cfg) else "cpu")
+    device = torch.device("cuda" if on_gpu(cfg) else "cpu")
     model, meta = load_classifier(checkpoint, device)
     images, labels = data.test_set()
     predictions = predict(model, images, loss, device, batch_size=4 * int(cfg.data.batch_size))

@@ -50,7 +50,8 @@ from lt_diffusion.utils.runlock import RunLock, RunLockedError, describe_holder,
 from lt_diffusion.utils.threads import torch_threads
 
 
-def _on_gpu(cfg: DictConfig) -> bool:
+def on_gpu(cfg: DictConfig) -> bool:
+    """Whether the run's trainer trains on a GPU (``accelerator: auto`` when one exists)."""
     accel = str(cfg.trainer.get("accelerator", "cpu"))
     return accel in ("gpu", "cuda") or (accel == "auto" and torch.cuda.is_available())
 
@@ -159,7 +160,7 @@ def run(cfg: DictConfig) -> Path:
 
 def _train(cfg: DictConfig, run_dir: Path, lock: RunLock | None) -> Path:
     ckpt_dir = run_dir / "checkpoints"
-    on_gpu = _on_gpu(cfg)
+    gpu = on_gpu(cfg)
     if lock is not None:
         if lock.took_over:
             rank_zero_info(f"Took over the run directory from {describe_holder(lock.took_over)}")
@@ -171,7 +172,7 @@ def _train(cfg: DictConfig, run_dir: Path, lock: RunLock | None) -> Path:
     # Cheap checks first: the callbacks' settings, the data source (files, ratio, names) and the
     # resume checkpoint.
     callbacks = build_callbacks(cfg, run_dir, lock)
-    datamodule = build_datamodule(cfg, on_device=_auto(cfg.data.on_device, on_gpu))
+    datamodule = build_datamodule(cfg, on_device=_auto(cfg.data.on_device, gpu))
     resume = find_resume_checkpoint(ckpt_dir, cfg)
     if resume is not None and not cfg.train.resume:
         raise CheckpointError(
@@ -197,8 +198,8 @@ def _train(cfg: DictConfig, run_dir: Path, lock: RunLock | None) -> Path:
         optimizer=instantiate(cfg.optimizer),
         warmup_steps=cfg.train.warmup_steps,
         ema_decay=cfg.train.ema_decay,
-        compile_model=_auto(cfg.train.compile, on_gpu),
-        channels_last=_auto(cfg.train.channels_last, on_gpu),
+        compile_model=_auto(cfg.train.compile, gpu),
+        channels_last=_auto(cfg.train.channels_last, gpu),
         meta=meta,
     )
     trainer: L.Trainer = instantiate(
