@@ -65,3 +65,37 @@ def test_every_backbone_meets_the_contract(kind: str, tmp_path: Path) -> None:
     if latent:
         images = model.decode_latents(torch.randn(1, *model.latent_shape))
         assert images.shape == (1, model.in_channels, model.image_size, model.image_size)
+
+
+def _mlp():
+    from lt_diffusion.models.mlp import MLPDenoiser
+
+    return MLPDenoiser(dim=2, num_classes=3, ch=16, ch_mult=[1], num_res_blocks=1)
+
+
+@pytest.mark.parametrize("kind", ["pixel", "mlp", "latent", "stable_diffusion"])
+def test_every_backbone_refuses_bad_conditioning_alike(kind: str, tmp_path: Path) -> None:
+    """One forward (Denoiser) checks the conditioning of every backbone, with the same words."""
+    build = {"pixel": _pixel_unet, "mlp": _mlp, "latent": _latent_unet}
+    model = build.get(kind, lambda: _stable_diffusion(tmp_path))()
+    if kind == "pixel":
+        shape = (model.in_channels, model.image_size, model.image_size)
+    else:
+        shape = tuple(model.latent_shape) if kind != "mlp" else (2,)
+    x, t, y = torch.randn(2, *shape), torch.tensor([5, 900]), torch.tensor([0, 1])
+    with torch.no_grad():
+        scalar_t = model(x, torch.tensor(5), y)  # one shared timestep broadcasts
+        torch.testing.assert_close(scalar_t, model(x, torch.tensor([5, 5]), y))
+        with pytest.raises(ValueError, match=r"t must have shape \(2,\)"):
+            model(x, t[:1], y)
+        with pytest.raises(ValueError, match=r"y must have shape \(2,\)"):
+            model(x, t, y[:1])
+        with pytest.raises(ValueError, match=r"augment_dim=0: set model.augment_dim"):
+            model(x, t, y, aug_labels=torch.zeros(2, 9))
+        rows = torch.tensor([[0, 1], [1, 2]])
+        if kind == "stable_diffusion":  # multi-concept caption rows are its labels too
+            model.set_class_names(NAMES)
+            assert model(x, t, rows).shape == x.shape
+        else:
+            with pytest.raises(ValueError, match=r"y must have shape \(2,\)"):
+                model(x, t, rows)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 
 @runtime_checkable
@@ -52,3 +53,67 @@ class LatentSpace(Protocol):
     def decode_latents(self, latents: Tensor) -> Tensor: ...
 
     def latents_from_moments(self, moments: Tensor) -> Tensor: ...
+
+
+class Denoiser(nn.Module):
+    """The one ``forward`` of the framework's backbones (:class:`Backbone`'s): the checks of
+    the conditioning every backbone shares (one timestep and one label per sample,
+    augmentation labels only where the model was built for them; shapes only, so no host
+    sync), then the backbone's own :meth:`denoise`. Subclasses set ``num_classes``,
+    ``null_label`` and ``augment_dim``; ``concept_rows`` accepts ``(B, K)`` multi-concept
+    label rows (Stable Diffusion's captions)."""
+
+    num_classes: int
+    null_label: int
+    augment_dim: int = 0
+    concept_rows: bool = False
+
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        y: Tensor | None = None,
+        aug_labels: Tensor | None = None,
+        return_bottleneck: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """``eps`` for ``x`` at timesteps ``t`` (B,) or one shared scalar, labels ``y`` (None:
+        the null label); with ``return_bottleneck`` also the bottleneck feature."""
+        b = x.shape[0]
+        if t.ndim == 0:
+            t = t.expand(b)
+        if t.shape != (b,):
+            raise ValueError(
+                f"t must have shape ({b},) (one timestep per sample), got {tuple(t.shape)}"
+            )
+        if y is not None and (y.shape[:1] != (b,) or y.ndim > 1 + self.concept_rows):
+            rows = f" or ({b}, K) concept rows" if self.concept_rows else ""
+            raise ValueError(
+                f"y must have shape ({b},) (one label per sample){rows}, got {tuple(y.shape)}"
+            )
+        if aug_labels is not None and self.augment_dim == 0:
+            raise ValueError(
+                f"aug_labels were passed but {type(self).__name__} was built with "
+                "augment_dim=0: set model.augment_dim (9 for EDM-style ADA; pixel U-Net and "
+                "MLP only) or use a method without augmentation labels"
+            )
+        if aug_labels is not None and aug_labels.shape != (b, self.augment_dim):
+            raise ValueError(
+                f"aug_labels must have shape ({b}, {self.augment_dim}), got "
+                f"{tuple(aug_labels.shape)}"
+            )
+        return self.denoise(x, t, y, aug_labels, return_bottleneck)
+
+    def add_labels(self, temb: Tensor, y: Tensor | None, aug: Tensor | None) -> Tensor:
+        """``temb + E[y] (+ A aug)`` for the backbones that add their class embedding
+        ``label_emb`` (null row for ``y=None``) and ADA's ``aug_emb`` to the time embedding
+        (the pixel U-Net, the MLP)."""
+        if y is None:
+            y = torch.full(temb.shape[:1], self.null_label, dtype=torch.long, device=temb.device)
+        temb = temb + self.label_emb(y)
+        return temb if aug is None else temb + self.aug_emb(aug.to(temb.dtype))
+
+    def denoise(
+        self, x: Tensor, t: Tensor, y: Tensor | None, aug: Tensor | None, bottleneck: bool
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """The backbone's network on checked inputs (``t`` of shape (B,))."""
+        raise NotImplementedError

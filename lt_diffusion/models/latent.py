@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lt_diffusion.models.backbone import Denoiser
 from lt_diffusion.models.latent_cache import tensor_digest
 from lt_diffusion.utils.cache import default_cache_dir
 
@@ -116,7 +117,7 @@ def _refill_frozen(module: LatentBackbone, state_dict: dict, prefix: str, *args:
         state_dict.setdefault(prefix + name, tensor)
 
 
-class LatentBackbone(nn.Module):
+class LatentBackbone(Denoiser):
     """Shared part of the latent backbones: the frozen autoencoder and the latent interface.
 
     Args:
@@ -132,8 +133,6 @@ class LatentBackbone(nn.Module):
         latent_cache_dir: folder of the encoded-training-set cache; ``"auto"``: below the
             project cache (:func:`resolve_cache_dir`); None: no disk cache.
     """
-
-    augment_dim = 0  # no ADA augmentation labels (forward refuses them)
 
     def __init__(
         self,
@@ -259,25 +258,16 @@ class LatentBackbone(nn.Module):
         finally:
             handle.remove()
 
-    def forward(
-        self,
-        x: Tensor,
-        t: Tensor,
-        y: Tensor | None = None,
-        aug_labels: Tensor | None = None,
-        return_bottleneck: bool = False,
+    def denoise(
+        self, x: Tensor, t: Tensor, y: Tensor | None, aug: Tensor | None, bottleneck: bool
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """Noise prediction for latents ``x`` ``(B, C_z, h, w)`` at timesteps ``t`` with labels
-        ``y`` (None: all null); optionally also the bottleneck (``unet.mid_block``) feature."""
-        if aug_labels is not None:
-            raise ValueError(
-                "latent backbones take no augmentation labels (ADA): use a method without "
-                "augmentation conditioning, or the pixel U-Net (model.augment_dim)"
-            )
+        """Noise prediction for latents ``x`` ``(B, C_z, h, w)`` (see
+        :meth:`Denoiser.forward`; no augmentation labels: ``augment_dim`` is 0); the
+        bottleneck is ``unet.mid_block``'s output."""
         condition = self.unet_condition(self.condition_labels(y, x))
-        with self.capture_output(self.unet.mid_block, return_bottleneck) as store:
+        with self.capture_output(self.unet.mid_block, bottleneck) as store:
             eps = self.unet(x, t, **condition).sample
-        return (eps, store["out"]) if return_bottleneck else eps
+        return (eps, store["out"]) if bottleneck else eps
 
     def unet_condition(self, labels: Tensor) -> dict[str, Tensor]:
         """The U-Net's conditioning arguments for int64 ``labels`` (the null label included)."""

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lt_diffusion.models.backbone import Denoiser
 from lt_diffusion.models.unet import SMALL_GAIN, _as_int_tuple, _xavier, timestep_embedding
 
 
@@ -56,7 +57,7 @@ class ResidualMLPBlock(nn.Module):
         return h + self.shortcut(x)
 
 
-class MLPDenoiser(nn.Module):
+class MLPDenoiser(Denoiser):
     """Class-conditional epsilon-prediction MLP for points in R^D.
 
     Args:
@@ -150,41 +151,19 @@ class MLPDenoiser(nn.Module):
         steps, index = torch.unique(t, return_inverse=True)
         sinusoid = timestep_embedding(steps, self.ch).to(self.time_mlp[0].weight.dtype)
         temb = self.time_mlp(sinusoid)[index]
-        if y is None:
-            y = torch.full((t.shape[0],), self.null_label, dtype=torch.long, device=t.device)
-        temb = temb + self.label_emb(y)
-        if aug_labels is not None:
-            if self.aug_emb is None:
-                raise ValueError(
-                    "aug_labels were passed but the model was built with augment_dim=0"
-                )
-            temb = temb + self.aug_emb(aug_labels.to(temb.dtype))
-        return temb
+        return self.add_labels(temb, y, aug_labels)
 
-    def forward(
-        self,
-        x: Tensor,
-        t: Tensor,
-        y: Tensor | None = None,
-        aug_labels: Tensor | None = None,
-        return_bottleneck: bool = False,
+    def denoise(
+        self, x: Tensor, t: Tensor, y: Tensor | None, aug: Tensor | None, bottleneck: bool
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """Predict the noise in ``x`` (B, D) at timesteps ``t`` (B,) for labels ``y``
-        (``None``: the null label); with ``return_bottleneck`` also the middle features."""
+        """Predict the noise in ``x`` (B, D) (see :meth:`Denoiser.forward`); the bottleneck is
+        the middle blocks' output."""
         if x.ndim != 2 or x.shape[1] != self.vector_dim:
             raise ValueError(
                 f"x must have shape (B, {self.vector_dim}) (points, not images), got "
                 f"{tuple(x.shape)}"
             )
-        b = x.shape[0]
-        if t.ndim == 0:
-            t = t.expand(b)
-        if t.shape != (b,) or (y is not None and y.shape != (b,)):
-            raise ValueError(
-                f"t and y must have shape ({b},), got {tuple(t.shape)} and "
-                f"{None if y is None else tuple(y.shape)}"
-            )
-        temb = self.embed(t, y, aug_labels)
+        temb = self.embed(t, y, aug)
         h = self.head(x)
         skips = []
         for block in self.down:
@@ -196,4 +175,4 @@ class MLPDenoiser(nn.Module):
         for block in self.up:
             h = block(torch.cat([h, skips.pop()], dim=1), temb)
         eps = self.tail(h)
-        return (eps, h_mid) if return_bottleneck else eps
+        return (eps, h_mid) if bottleneck else eps

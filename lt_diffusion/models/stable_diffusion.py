@@ -199,6 +199,8 @@ class StableDiffusionBackbone(LatentBackbone):
         decode_batch_size, latent_cache_dir: see :class:`LatentBackbone`.
     """
 
+    concept_rows = True  # (B, K) labels: multi-concept captions (:meth:`caption`)
+
     def __init__(
         self,
         pretrained: str,

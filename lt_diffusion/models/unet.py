@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lt_diffusion.models.backbone import Denoiser
+
 # GroupNorm: at most 32 groups (Ho et al.) and at least 4 channels in each. Ho et al. run at
 # widths >= 128, where the two agree (32 groups of >= 4). At narrower widths 32 groups would
 # be one channel each: the norm then removes any per-channel constant, so the time / class
@@ -274,7 +276,7 @@ def _as_int_tuple(value: Sequence[int], name: str) -> tuple[int, ...]:
     return tuple(items)
 
 
-class UNet(nn.Module):
+class UNet(Denoiser):
     """Class-conditional epsilon-prediction U-Net of Ho et al. (2020).
 
     Args:
@@ -463,11 +465,6 @@ class UNet(nn.Module):
         )
         _xavier(self.tail[2], gain=SMALL_GAIN)
 
-    _NO_AUG = (
-        "aug_labels were passed but the model was built with augment_dim=0; set "
-        "model.augment_dim (9 for EDM-style ADA) or pass aug_labels=None"
-    )
-
     @staticmethod
     def _validate(
         image_size: int,
@@ -528,18 +525,14 @@ class UNet(nn.Module):
         """The conditioning vector ``MLP(sin(t)) + E[y] (+ A aug_labels)``, shape (B, 4ch)."""
         temb = timestep_embedding(t, self.ch).to(self.time_mlp[0].weight.dtype)
         temb = self.time_mlp(temb)
-        if y is None:
-            y = torch.full((t.shape[0],), self.null_label, dtype=torch.long, device=t.device)
-        temb = temb + self.label_emb(y)
-        if aug_labels is not None:
-            if self.aug_emb is None:
-                raise ValueError(self._NO_AUG)
-            temb = temb + self.aug_emb(aug_labels.to(temb.dtype))
-        return temb
+        return self.add_labels(temb, y, aug_labels)
 
-    def _check_inputs(
-        self, x: Tensor, t: Tensor, y: Tensor | None, aug_labels: Tensor | None
-    ) -> Tensor:
+    def denoise(
+        self, x: Tensor, t: Tensor, y: Tensor | None, aug: Tensor | None, bottleneck: bool
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Predict the noise in ``x`` (B, C, H, W) (see :meth:`Denoiser.forward`); ``aug``
+        (B, augment_dim) is ADA's augmentation description. The bottleneck is the feature map
+        after the middle blocks, (B, C_mid, H / 2**(L-1), W / 2**(L-1))."""
         # Shape checks only (no tensor values): no host sync, no graph breaks on values.
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
@@ -551,42 +544,7 @@ class UNet(nn.Module):
                 f"x spatial size {tuple(x.shape[2:])} must be divisible by {factor} for "
                 f"{self.num_levels} levels (the model was built for {self.image_size} px)"
             )
-        b = x.shape[0]
-        if t.ndim == 0:
-            t = t.expand(b)
-        if t.shape != (b,):
-            raise ValueError(
-                f"t must have shape ({b},) (one timestep per image), got {tuple(t.shape)}"
-            )
-        if y is not None and y.shape != (b,):
-            raise ValueError(
-                f"y must have shape ({b},) (one label per image), got {tuple(y.shape)}"
-            )
-        if aug_labels is not None and self.aug_emb is None:
-            raise ValueError(self._NO_AUG)
-        if aug_labels is not None and aug_labels.shape != (b, self.augment_dim):
-            raise ValueError(
-                f"aug_labels must have shape ({b}, {self.augment_dim}), got {tuple(aug_labels.shape)}"
-            )
-        return t
-
-    def forward(
-        self,
-        x: Tensor,
-        t: Tensor,
-        y: Tensor | None = None,
-        aug_labels: Tensor | None = None,
-        return_bottleneck: bool = False,
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """Predict the noise in ``x`` (B, C, H, W) at timesteps ``t`` (B,) for labels ``y``.
-
-        ``y=None`` uses the null label for every image (the unconditional model);
-        ``aug_labels`` (B, augment_dim) is ADA's augmentation description (``None``: none).
-        With ``return_bottleneck=True`` returns ``(eps, h_mid)``, ``h_mid`` being the feature
-        map after the middle blocks, (B, C_mid, H / 2**(L-1), W / 2**(L-1)).
-        """
-        t = self._check_inputs(x, t, y, aug_labels)
-        temb = self.embed(t, y, aug_labels)
+        temb = self.embed(t, y, aug)
 
         h = self.head(x)
         skips = [h]
@@ -601,6 +559,4 @@ class UNet(nn.Module):
                 h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, temb)
         eps = self.tail(h)
-        if return_bottleneck:
-            return eps, h_mid
-        return eps
+        return (eps, h_mid) if bottleneck else eps
