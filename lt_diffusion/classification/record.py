@@ -15,22 +15,18 @@ it by its ``kind``; its JSON Schema is docs/classification_record.schema.json (r
 from __future__ import annotations
 
 import json
-import time
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, NonNegativeInt, model_validator
 
-from lt_diffusion import runtime
 from lt_diffusion.evaluation.record import (
     _CLASS_KEY,
-    SCHEMA_VERSION,
     Checkpoint,
-    Dataset,
-    Identity,
+    RecordBase,
     Split,
     _Open,
     check_metric_values,
-    class_index,
+    record_header,
     validate,
 )
 
@@ -73,16 +69,10 @@ class ClassifierCheckpoint(Checkpoint):
     max_steps: int  # the run's budget: a record of an unfinished run does not count
 
 
-class ClassificationRecord(_Open):
+class ClassificationRecord(RecordBase):
     """The record of one classification run (docs/classification.md)."""
 
-    schema_version: Literal[2] = Field(alias="schema")
     kind: Literal["classification"]
-    code_version: str
-    created: str | None = None
-    identity: Identity
-    config: dict[str, Any]
-    dataset: Dataset
     checkpoint: ClassifierCheckpoint
     training: Training
     test: EvaluationSet
@@ -90,7 +80,7 @@ class ClassificationRecord(_Open):
     metrics: ClassifierMetrics
 
     @model_validator(mode="after")
-    def _classes_agree(self) -> ClassificationRecord:
+    def _counts_agree(self) -> ClassificationRecord:
         n = len(self.dataset.class_counts)
         for name, counts in (
             ("training", self.training.class_counts),
@@ -98,9 +88,6 @@ class ClassificationRecord(_Open):
         ):
             if len(counts) != n:
                 raise ValueError(f"{name}.class_counts has {len(counts)} classes, the dataset {n}")
-        bad = [k for k in self.metrics.per_class if class_index(k) >= n]
-        if bad:
-            raise ValueError(f"metrics.per_class names classes the dataset lacks: {bad}")
         return self
 
 
@@ -118,11 +105,8 @@ def build_classification_record(
 ) -> dict[str, Any]:
     """A validated classification record (``extra`` keys, e.g. timings, are kept)."""
     record = {
-        "schema": SCHEMA_VERSION,
+        **record_header(identity),
         "kind": KIND,
-        "code_version": runtime.code_version(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "identity": identity,
         "config": config,
         "dataset": dataset,
         "checkpoint": checkpoint,

@@ -155,8 +155,8 @@ class Identity(_Open):
     digest: str
 
 
-class Record(_Open):
-    """The record of one evaluation (docs/evaluation.md)."""
+class RecordBase(_Open):
+    """What every record of the family has (the generation and the classification records)."""
 
     schema_version: Literal[2] = Field(alias="schema")
     code_version: str
@@ -164,19 +164,35 @@ class Record(_Open):
     identity: Identity
     config: dict[str, Any]
     dataset: Dataset
+
+    @model_validator(mode="after")
+    def _classes_exist(self) -> RecordBase:
+        n = len(self.dataset.class_counts)
+        bad = [k for k in self.metrics.per_class if class_index(k) >= n]  # type: ignore[attr-defined]
+        if bad:
+            raise ValueError(f"metrics.per_class names classes the dataset lacks: {bad}")
+        return self
+
+
+class Record(RecordBase):
+    """The record of one evaluation (docs/evaluation.md)."""
+
     checkpoint: Checkpoint
     sampler: Sampler
     protocol: dict[str, Any]
     extractor: Extractor
     metrics: Metrics
 
-    @model_validator(mode="after")
-    def _classes_exist(self) -> Record:
-        n = len(self.dataset.class_counts)
-        bad = [k for k in self.metrics.per_class if class_index(k) >= n]
-        if bad:
-            raise ValueError(f"metrics.per_class names classes the dataset lacks: {bad}")
-        return self
+
+def record_header(identity: dict[str, Any], code_version: str | None = None) -> dict[str, Any]:
+    """The fields every record starts with: schema, code version (this checkout's unless
+    given), creation time and the settings ``identity``."""
+    return {
+        "schema": SCHEMA_VERSION,
+        "code_version": code_version if code_version is not None else runtime.code_version(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "identity": identity,
+    }
 
 
 def _record_model(record: Mapping[str, Any]) -> type[BaseModel]:
@@ -226,10 +242,7 @@ def build_record(
     """A validated record. ``metrics`` may omit ``per_split`` / ``per_class`` (stored as {});
     ``extra`` keys (timings, ...) are kept."""
     record = {
-        "schema": SCHEMA_VERSION,
-        "code_version": code_version if code_version is not None else runtime.code_version(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "identity": identity,
+        **record_header(identity, code_version),
         "config": config,
         "dataset": dataset,
         "checkpoint": checkpoint,
