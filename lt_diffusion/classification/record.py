@@ -26,8 +26,6 @@ from lt_diffusion.evaluation.record import (
     Split,
     _Open,
     check_metric_values,
-    record_header,
-    validate,
 )
 
 KIND = "classification"
@@ -89,34 +87,6 @@ class ClassificationRecord(RecordBase):
             if len(counts) != n:
                 raise ValueError(f"{name}.class_counts has {len(counts)} classes, the dataset {n}")
         return self
-
-
-def build_classification_record(
-    *,
-    config: dict[str, Any],
-    dataset: dict[str, Any],
-    checkpoint: dict[str, Any],
-    training: dict[str, Any],
-    test: dict[str, Any],
-    prediction: dict[str, Any],
-    metrics: dict[str, Any],
-    identity: dict[str, Any],
-    **extra: Any,
-) -> dict[str, Any]:
-    """A validated classification record (``extra`` keys, e.g. timings, are kept)."""
-    record = {
-        **record_header(identity),
-        "kind": KIND,
-        "config": config,
-        "dataset": dataset,
-        "checkpoint": checkpoint,
-        "training": training,
-        "test": test,
-        "prediction": prediction,
-        "metrics": metrics,
-        **extra,
-    }
-    return validate(record)
 
 
 def json_schema() -> dict[str, Any]:

@@ -36,8 +36,8 @@ from lt_diffusion.classification.data import ClassificationData
 from lt_diffusion.classification.losses import ClassificationLoss
 from lt_diffusion.classification.metrics import classification_metrics, summary_line
 from lt_diffusion.classification.module import ClassifierModule, EpochSchedule
-from lt_diffusion.classification.record import build_classification_record
-from lt_diffusion.evaluation.record import write_record
+from lt_diffusion.classification.record import KIND
+from lt_diffusion.evaluation.record import build_record, write_record
 from lt_diffusion.runtime import code_version
 from lt_diffusion.training.builders import instantiate as checked_instantiate
 from lt_diffusion.training.callbacks import RunCheckpoint, RunLockGuard
@@ -305,7 +305,8 @@ def _evaluate(
     predictions = predict(model, images, loss, device, batch_size=4 * int(cfg.data.batch_size))
     metrics = classification_metrics(predictions, labels, data.splits)
     step = int(meta["global_step"])
-    record = build_classification_record(
+    record = build_record(
+        kind=KIND,
         config=OmegaConf.to_container(cfg, resolve=True),
         dataset=data.base.info(),
         checkpoint={

@@ -184,17 +184,6 @@ class Record(RecordBase):
     metrics: Metrics
 
 
-def record_header(identity: dict[str, Any], code_version: str | None = None) -> dict[str, Any]:
-    """The fields every record starts with: schema, code version (this checkout's unless
-    given), creation time and the settings ``identity``."""
-    return {
-        "schema": SCHEMA_VERSION,
-        "code_version": code_version if code_version is not None else runtime.code_version(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "identity": identity,
-    }
-
-
 def _record_model(record: Mapping[str, Any]) -> type[BaseModel]:
     """The model of a record's ``kind``: a generation evaluation (no kind), or a classifier's
     test evaluation (:mod:`lt_diffusion.classification.record`)."""
@@ -227,32 +216,22 @@ def validate(record: Any, source: str = "record") -> dict[str, Any]:
 
 
 def build_record(
-    *,
-    config: dict[str, Any],
-    dataset: dict[str, Any],
-    checkpoint: dict[str, Any],
-    sampler: dict[str, Any],
-    protocol: dict[str, Any],
-    extractor: dict[str, Any],
-    metrics: dict[str, Any],
-    identity: dict[str, Any],
-    code_version: str | None = None,
-    **extra: Any,
+    *, identity: dict[str, Any], code_version: str | None = None, **fields: Any
 ) -> dict[str, Any]:
-    """A validated record. ``metrics`` may omit ``per_split`` / ``per_class`` (stored as {});
-    ``extra`` keys (timings, ...) are kept."""
-    record = {
-        **record_header(identity, code_version),
-        "config": config,
-        "dataset": dataset,
-        "checkpoint": checkpoint,
-        "sampler": sampler,
-        "protocol": protocol,
-        "extractor": extractor,
-        "metrics": {"overall": {}, "per_split": {}, "per_class": {}, **metrics},
-        **extra,
+    """A validated record: schema, code version (this checkout's unless given), creation time,
+    the settings ``identity``, then ``fields`` (the model of their ``kind``
+    says which are required: :class:`Record` for an evaluation, the classification record
+    for ``kind="classification"``; keys beyond them, e.g. timings, are kept). ``metrics``
+    may omit ``per_split`` / ``per_class`` (stored as {})."""
+    if "metrics" in fields:
+        fields["metrics"] = {"overall": {}, "per_split": {}, "per_class": {}, **fields["metrics"]}
+    header = {
+        "schema": SCHEMA_VERSION,
+        "code_version": code_version if code_version is not None else runtime.code_version(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "identity": identity,
     }
-    return validate(record)
+    return validate({**header, **fields})
 
 
 def write_record(path: str | Path, record: dict[str, Any]) -> Path:
