@@ -22,25 +22,19 @@ from pydantic import BaseModel, Field, NonNegativeInt, model_validator
 from lt_diffusion.evaluation.record import (
     _CLASS_KEY,
     Checkpoint,
+    MetricEntry,
     RecordBase,
     Split,
     _Open,
-    check_metric_values,
 )
 
 KIND = "classification"
 
 
-class ClassifierEntry(_Open):
+class ClassifierEntry(MetricEntry):
     """One comparison of the test set: its images and the metrics on them."""
 
     n_test: NonNegativeInt
-    notes: list[str] = []
-
-    @model_validator(mode="after")
-    def _metrics(self) -> ClassifierEntry:
-        check_metric_values(self.model_extra or {})
-        return self
 
 
 class ClassifierMetrics(BaseModel):

@@ -71,17 +71,23 @@ class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
-class Entry(_Open):
+class MetricEntry(_Open):
+    """One comparison's metrics (the extra keys, checked by :func:`check_metric_values`) and
+    its notes; each record kind adds the counts it compared."""
+
+    notes: list[str] = []
+
+    @model_validator(mode="after")
+    def _metrics(self) -> MetricEntry:
+        check_metric_values(self.model_extra or {})
+        return self
+
+
+class Entry(MetricEntry):
     """One comparison: its image counts and every metric computed on it."""
 
     n_generated: NonNegativeInt
     n_real: NonNegativeInt
-    notes: list[str] = []
-
-    @model_validator(mode="after")
-    def _metrics(self) -> Entry:
-        check_metric_values(self.model_extra or {})
-        return self
 
 
 def check_metric_values(values: Mapping[str, Any]) -> None:
