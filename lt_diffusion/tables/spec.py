@@ -139,15 +139,22 @@ class RunRef:
 SamplerChoice = tuple[tuple[str, Any], ...]
 
 
+def _settings(raw: Any) -> SamplerChoice | None:
+    """A mapping of scalar settings as a sorted, hashable tuple; None for anything else."""
+    if isinstance(raw, Mapping) and all(
+        isinstance(v, (str, int, float, bool)) for v in raw.values()
+    ):
+        return tuple(sorted((str(k), v) for k, v in raw.items()))
+    return None
+
+
 def _sampler_choice(name: str, where: str, raw: Any) -> SamplerChoice:
     if raw is None:
         return ()
     if isinstance(raw, str):
         return (("group", raw),)
-    if isinstance(raw, Mapping) and all(
-        isinstance(v, (str, int, float, bool)) for v in raw.values()
-    ):
-        return tuple(sorted((str(k), v) for k, v in raw.items()))
+    if (settings := _settings(raw)) is not None:
+        return settings
     raise _fail(
         name, where, f"sampler must be a configs/sampler/ name or a mapping such as "
         f"{{group: dpm_solver, steps: 15}}, got {raw!r}"
@@ -158,10 +165,8 @@ def _analysis_choice(name: str, where: str, raw: Any) -> SamplerChoice:
     """A row's settings of its analysis columns (``{lora_scale: 0}``), hashable."""
     if raw is None:
         return ()
-    if isinstance(raw, Mapping) and all(
-        isinstance(v, (str, int, float, bool)) for v in raw.values()
-    ):
-        return tuple(sorted((str(k), v) for k, v in raw.items()))
+    if (settings := _settings(raw)) is not None:
+        return settings
     raise _fail(
         name, where, f"analysis must map the analysis columns' settings to values, such as "
         f"{{lora_scale: 0}} (configs/analysis/), got {raw!r}"
