@@ -268,12 +268,6 @@ class AnalysedRun:
             raise AttributeError(name)
         return getattr(self.run, name)
 
-    @property
-    def has_lowrank(self) -> bool:
-        from lt_diffusion.models.lowrank import lowrank_layers
-
-        return bool(lowrank_layers(self.run.model))
-
     def samples(
         self, images_per_class: int | None, draws: int, seed: int, t: int | None = None
     ) -> ClassSamples:

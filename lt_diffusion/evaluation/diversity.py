@@ -129,13 +129,6 @@ def alexnet_weights() -> Path:
             f"To get them: {how_to_get_lpips()}"
         )
     return path
-    path = Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_WEIGHTS_NAME
-    if not path.is_file():
-        raise LPIPSWeightsError(
-            f"lpips_diversity needs the AlexNet weights LPIPS is built on, and none are staged. "
-            f"To get them: {how_to_get_lpips()}"
-        )
-    return path
 
 
 def _trunk_state(state: dict[str, Tensor], net: nn.Module) -> dict[str, Tensor]:
