@@ -14,6 +14,7 @@ import pickle
 import struct
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -392,3 +393,114 @@ def write_tiny_sd(
     }
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
     return root
+
+
+# -- fine-grained text-to-image datasets (CM Table G.11) ------------------------------------
+
+CAPTIONS_PER_IMAGE = 10
+
+
+def image_captions(dataset: str, label: int, image: int, n: int = CAPTIONS_PER_IMAGE) -> list[str]:
+    """The fake captions of one image: ``n`` lines naming the dataset, class and image, so a
+    test can tell which image a caption was read for."""
+    return [f"{dataset} class {label} image {image} caption {j}" for j in range(n)]
+
+
+def _write_captions(path: Path, captions: Sequence[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(captions) + "\n")
+
+
+def write_cub200(
+    root: str | Path,
+    n_per_class: int | Sequence[int] = 4,
+    test_per_class: int = 2,
+    num_classes: int = 3,
+    hw: tuple[int, int] = (24, 32),
+    seed: int = 0,
+) -> dict[str, Any]:
+    """``root/CUB_200_2011/`` (images/<NNN.Name>/<Name>_<k>.jpg, images.txt,
+    image_class_labels.txt, train_test_split.txt, classes.txt) and Reed et al.'s captions
+    ``root/cvpr2016_cub/text_c10/<NNN.Name>/<Name>_<k>.txt``. Image ids are shuffled against
+    the classes and the splits interleave, as in the release. Returns per split the images,
+    labels and captions in the source's order (image id)."""
+    base = Path(root) / "CUB_200_2011"
+    counts = [int(n_per_class)] * num_classes if np.isscalar(n_per_class) else list(n_per_class)
+    labels = np.concatenate(
+        [
+            np.repeat(np.arange(num_classes), counts),
+            np.repeat(np.arange(num_classes), test_per_class),
+        ]
+    ).astype(np.int64)
+    train = np.asarray([1] * sum(counts) + [0] * (num_classes * test_per_class))
+    order = np.random.default_rng(seed).permutation(len(labels))
+    labels, train = labels[order], train[order]
+    images = _file_images(labels, num_classes, hw, seed)
+    folders = [f"{c + 1:03d}.Bird_{c}" for c in range(num_classes)]
+    rows: dict[str, list[str]] = {k: [] for k in ("images", "labels", "split")}
+    captions = []
+    for k, (img, y, tr) in enumerate(zip(images, labels, train)):
+        rel = f"{folders[y]}/Bird_{y}_{k:04d}.jpg"
+        _save_image(base / "images" / rel, img)
+        rows["images"].append(f"{k + 1} {rel}")
+        rows["labels"].append(f"{k + 1} {y + 1}")
+        rows["split"].append(f"{k + 1} {tr}")
+        captions.append(image_captions("cub", int(y), k + 1))
+        _write_captions(Path(root) / "cvpr2016_cub/text_c10" / Path(rel).with_suffix(".txt"),
+                        captions[-1])  # fmt: skip
+    (base / "images.txt").write_text("\n".join(rows["images"]) + "\n")
+    (base / "image_class_labels.txt").write_text("\n".join(rows["labels"]) + "\n")
+    (base / "train_test_split.txt").write_text("\n".join(rows["split"]) + "\n")
+    (base / "classes.txt").write_text(
+        "\n".join(f"{c + 1} {f}" for c, f in enumerate(folders)) + "\n"
+    )
+    out: dict[str, Any] = {}
+    for split, flag in (("train", 1), ("test", 0)):
+        keep = train == flag
+        out[split] = (images[keep], labels[keep], [c for c, m in zip(captions, keep) if m])
+    return out
+
+
+def write_oxford102(
+    root: str | Path,
+    train_per_class: int = 4,
+    test_counts: int | Sequence[int] = 2,
+    num_classes: int = 3,
+    hw: tuple[int, int] = (32, 24),
+    seed: int = 0,
+) -> dict[str, Any]:
+    """``root/jpg/image_<id:05d>.jpg``, ``root/imagelabels.mat`` (``labels``, 1-based, a 1 x N
+    row as in the release) and ``root/setid.mat`` (``trnid``, ``valid``, ``tstid``), written by
+    scipy in MATLAB v5 format; captions
+    ``root/cvpr2016_flowers/text_c10/class_<c:05d>/image_<id:05d>.txt``. ``train_per_class``
+    images of each class are split between trnid and valid. Returns per split the images,
+    labels and captions in the source's order (image id)."""
+    from scipy.io import savemat
+
+    root = Path(root)
+    tests = [int(test_counts)] * num_classes if np.isscalar(test_counts) else list(test_counts)
+    labels = np.concatenate(
+        [
+            np.repeat(np.arange(num_classes), train_per_class),
+            np.repeat(np.arange(num_classes), tests),
+        ]
+    ).astype(np.int64)
+    part = np.asarray(["trn", "val"] * (num_classes * train_per_class // 2 + 1))
+    part = np.concatenate([part[: num_classes * train_per_class], ["tst"] * sum(tests)])
+    order = np.random.default_rng(seed).permutation(len(labels))
+    labels, part = labels[order], part[order]
+    images = _file_images(labels, num_classes, hw, seed)
+    captions = []
+    for k, (img, y) in enumerate(zip(images, labels)):
+        _save_image(root / "jpg" / f"image_{k + 1:05d}.jpg", img)
+        captions.append(image_captions("flowers", int(y), k + 1))
+        folder = root / "cvpr2016_flowers/text_c10" / f"class_{y + 1:05d}"
+        _write_captions(folder / f"image_{k + 1:05d}.txt", captions[-1])
+    ids = np.arange(1, len(labels) + 1)
+    savemat(root / "imagelabels.mat", {"labels": (labels + 1)[None, :].astype(np.float64)})
+    savemat(root / "setid.mat", {f"{p}id" if p != "val" else "valid": ids[part == p][None, :]
+                                 for p in ("trn", "val", "tst")})  # fmt: skip
+    out: dict[str, Any] = {}
+    for split, keep in (("train", part != "tst"), ("test", part == "tst")):
+        out[split] = (images[keep], labels[keep], [c for c, m in zip(captions, keep) if m])
+    return out

@@ -24,6 +24,7 @@ _EXPORTS = {
         "INaturalistSource",
     ),
     "prepare": ("prepared_copy", "prepared_root"),
+    "text_sources": ("CUB200Source", "Oxford102Source"),
     "sources": (
         "CIFAR10Source",
         "CIFAR100Source",

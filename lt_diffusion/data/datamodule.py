@@ -8,6 +8,11 @@ The stream is a pure function of ``(seed, rank, batch index)``: batch ``k`` is t
 whether the run started at step 0 or resumed at step ``k``, so a resumed run sees exactly the
 batches an uninterrupted one would have seen.
 
+A source with captions (``source.captions(split)``, :mod:`lt_diffusion.data.text_sources`)
+gives each training image its text descriptions; the stream then also serves, per sample, the
+row of one of its image's captions in :attr:`LongTailDataModule.train_captions` flattened
+(drawn uniformly among them, from the same seeded streams).
+
 A source of vector data (``data_kind = "vector"``, e.g. the synthetic benchmark of
 :mod:`lt_diffusion.data.toy`) gives float points ``(N, D)``: they are served as they are, with
 no uint8 scaling, resizing or flipping (``dataset.image_size`` must be null and
@@ -41,7 +46,7 @@ from lt_diffusion.data.splits import SPLITS, check_rule, split_map
 SAMPLERS = ("uniform", "class_balanced")
 ON_DEVICE = (True, False, "auto")
 # Independent random streams derived from one seed (see stream_seed).
-_PERMUTATION, _DRAW, _FLIP = 0, 1, 2
+_PERMUTATION, _DRAW, _FLIP, _CAPTION = 0, 1, 2, 3
 
 
 def resize_uint8(images: Tensor, size: int) -> Tensor:
@@ -77,6 +82,10 @@ class BatchStream(IterableDataset):
     ``images`` may also be float features encoded once from the images (a latent backbone's
     autoencoder posterior): they are served as they are, and ``mirrored`` (the features of the
     flipped images) replaces the pixel flip.
+
+    ``caption_counts`` (captions per image, a text-to-image dataset) makes the stream yield
+    ``(x, y, rows)``: ``rows[i]`` is one caption of image ``idx[i]``, drawn uniformly, as a row
+    of the flattened caption table (image 0's captions first, then image 1's ...).
     """
 
     def __init__(
@@ -90,6 +99,7 @@ class BatchStream(IterableDataset):
         rank: int = 0,
         start_batch: int = 0,
         mirrored: Tensor | None = None,
+        caption_counts: Tensor | None = None,
     ) -> None:
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown data sampler {sampler!r}: choose one of {SAMPLERS}")
@@ -104,7 +114,17 @@ class BatchStream(IterableDataset):
             raise ValueError(
                 f"mirrored features {tuple(mirrored.shape)} must match {tuple(images.shape)}"
             )
+        if caption_counts is not None and (
+            caption_counts.shape != labels.shape or bool((caption_counts < 1).any())
+        ):
+            raise ValueError(
+                f"caption_counts must give every one of the {len(labels)} images >= 1 caption, "
+                f"got shape {tuple(caption_counts.shape)}"
+            )
         self.images, self.labels, self.mirrored = images, labels, mirrored
+        self.caption_counts = caption_counts
+        if caption_counts is not None:
+            self.caption_offsets = torch.cumsum(caption_counts, 0) - caption_counts
         self.batch_size, self.sampler, self.hflip = int(batch_size), sampler, bool(hflip)
         self.seed, self.rank, self.start_batch = int(seed), int(rank), int(start_batch)
 
@@ -161,7 +181,16 @@ class BatchStream(IterableDataset):
                 flip = torch.rand(b, generator=self._generator(_FLIP, k), device=x.device) < 0.5
                 flipped = x.flip(3) if self.mirrored is None else self.mirrored[idx]
                 x = torch.where(flip[:, None, None, None], flipped, x)
-            yield x, self.labels[idx]
+            if self.caption_counts is None:
+                yield x, self.labels[idx]
+                continue
+            u = torch.rand(b, generator=self._generator(_CAPTION, k), device=x.device)
+            n = self.caption_counts[idx]
+            yield (
+                x,
+                self.labels[idx],
+                self.caption_offsets[idx] + torch.minimum((u * n).long(), n - 1),
+            )
 
 
 class LongTailDataModule(L.LightningDataModule):
@@ -243,6 +272,8 @@ class LongTailDataModule(L.LightningDataModule):
         self._full: tuple[np.ndarray, np.ndarray] | None = None
         self._reference: tuple[Tensor, Tensor] | None = None
         self._encoded: tuple[Tensor, Tensor | None] | None = None
+        # Captions of every training image, in train_images order (text-to-image sources).
+        self.train_captions: list[tuple[str, ...]] | None = None
 
     # -- construction -------------------------------------------------------------------
     def _load(self, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -307,6 +338,27 @@ class LongTailDataModule(L.LightningDataModule):
         self.train_images = self._as_tensor(np.ascontiguousarray(images[idx]))
         self.train_labels = torch.from_numpy(self.old_to_new[labels[idx]]).long()
         self._full = (images, labels)
+        if hasattr(self.source, "captions"):
+            every = self.source.captions("train")
+            if len(every) != len(labels):
+                raise ValueError(
+                    f"the {self.source.name} source gave {len(every)} caption lists for "
+                    f"{len(labels)} training images: the source is broken"
+                )
+            self.train_captions = [tuple(every[i]) for i in idx]
+
+    def caption_table(self) -> tuple[list[str], Tensor]:
+        """The training captions flattened in ``train_images`` order (the rows the stream
+        serves) and the class of each, int64. Only for a source with captions."""
+        self._ensure_setup()
+        if self.train_captions is None:
+            raise ValueError(
+                f"the {self.source.name} source has no captions: a text-conditioned backbone "
+                "needs a text-to-image dataset (dataset=cub200 or oxford102)"
+            )
+        counts = torch.tensor([len(c) for c in self.train_captions])
+        classes = self.train_labels.cpu().repeat_interleave(counts)
+        return [text for group in self.train_captions for text in group], classes
 
     def _ensure_setup(self) -> None:
         if self.train_images is None:
@@ -332,6 +384,9 @@ class LongTailDataModule(L.LightningDataModule):
             rank=rank,  # each DDP rank draws its own batches
             start_batch=start,
             mirrored=mirrored,
+            caption_counts=None
+            if self.train_captions is None
+            else torch.tensor([len(c) for c in self.train_captions], device=images.device),
         )
         return DataLoader(stream, batch_size=None, num_workers=0)
 
