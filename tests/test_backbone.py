@@ -41,9 +41,17 @@ def _stable_diffusion(tmp_path: Path):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("kind", ["pixel", "latent", "stable_diffusion"])
+def _text_latent_unet():
+    from tests.test_text_ldm import tiny
+
+    model = tiny()
+    model.set_captions(["red wings", "blue crown", "yellow petals"], [0, 1, 2])
+    return model
+
+
+@pytest.mark.parametrize("kind", ["pixel", "latent", "text_latent", "stable_diffusion"])
 def test_every_backbone_meets_the_contract(kind: str, tmp_path: Path) -> None:
-    model = {"pixel": _pixel_unet, "latent": _latent_unet}.get(
+    model = {"pixel": _pixel_unet, "latent": _latent_unet, "text_latent": _text_latent_unet}.get(
         kind, lambda: _stable_diffusion(tmp_path)
     )()
     assert isinstance(model, Backbone)

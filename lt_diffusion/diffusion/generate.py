@@ -11,12 +11,17 @@ Latent backbones (``model.latent_shape`` and ``model.decode_latents``,
 caller still asks for the image shape. Latents are not bounded to ``[-1, 1]``, so their
 reverse process runs without the samplers' pixel-range clamps (:func:`sample_unbounded`).
 
+A caption-conditioned backbone (``model.sampling_captions``,
+:class:`lt_diffusion.models.text_latent.TextLatentUNet`) gets one caption per label, drawn from
+the chunk's generator before its reverse process and kept for all of its steps.
+
 Models of vectors (``model.vector_dim``, :mod:`lt_diffusion.models.mlp`) are sampled with
 :func:`generate_vectors`, which returns float points instead of uint8 images.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Callable, Sequence
 
@@ -269,12 +274,14 @@ def generate(
             )
 
     def draw(noise: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
-        if latent:
-            x = model.decode_latents(
-                sample_unbounded(sampler, model, noise, y, guidance, generator)
-            )
-        else:
-            x = sampler.sample(model, noise, y, guidance=guidance, generator=generator)
+        captions = getattr(model, "sampling_captions", None)
+        with captions(y, generator) if captions is not None else contextlib.nullcontext():
+            if latent:
+                x = model.decode_latents(
+                    sample_unbounded(sampler, model, noise, y, guidance, generator)
+                )
+            else:
+                x = sampler.sample(model, noise, y, guidance=guidance, generator=generator)
         return to_uint8(x).cpu()
 
     noise_shape = tuple(model.latent_shape) if latent else image_shape

@@ -10,6 +10,7 @@ from lt_diffusion.models.stable_diffusion import (
     check_pretrained_folder,
     merge_lora,
 )
+from lt_diffusion.models.text_latent import TextLatentUNet, load_text_encoder
 from lt_diffusion.models.unet import (
     ATTENTION_BLOCKS,
     ResBlock,
@@ -29,12 +30,14 @@ __all__ = [
     "ResBlock",
     "SelfAttention",
     "StableDiffusionBackbone",
+    "TextLatentUNet",
     "UNet",
     "add_expert_adapter",
     "attention_class",
     "check_pretrained_folder",
     "encoded_training_set",
     "load_autoencoder",
+    "load_text_encoder",
     "merge_lora",
     "timestep_embedding",
 ]

@@ -1,6 +1,7 @@
 """The contract every backbone meets (DESIGN.md, step 2), written down: what the objectives,
 samplers, generation, the training module and the evaluator may rely on. The pixel U-Net, the
-latent U-Net and Stable Diffusion + LoRA meet it (tests/test_backbone.py checks each).
+latent U-Net, the text-conditioned latent U-Net and Stable Diffusion + LoRA meet it
+(tests/test_backbone.py checks each).
 """
 
 from __future__ import annotations

@@ -90,6 +90,18 @@ def load_autoencoder(
     return AutoencoderKL.from_pretrained(str(folder))
 
 
+def autoencoder_from(vae: Mapping[str, Any]) -> tuple[Any, bool]:
+    """The autoencoder ``model.vae`` describes (:func:`load_autoencoder`) and whether it is a
+    pretrained one (kept out of checkpoints)."""
+    vae_args = dict(vae)
+    unknown = set(vae_args) - {"pretrained", "subfolder", "config", "seed"}
+    if unknown:
+        raise ValueError(
+            f"model.vae has unknown keys {sorted(unknown)}: use pretrained, subfolder, config, seed"
+        )
+    return load_autoencoder(**vae_args), vae_args.get("pretrained") is not None
+
+
 def state_tensors(module: nn.Module) -> Iterator[tuple[str, Tensor]]:
     """``(name, tensor)`` of what ``state_dict()`` holds (parameters and persistent buffers),
     read from the module tree, without running state-dict hooks."""
@@ -269,6 +281,22 @@ class LatentBackbone(Denoiser):
             eps = self.unet(x, t, **condition).sample
         return (eps, store["out"]) if bottleneck else eps
 
+    def check_unet_args(self, unet: Mapping[str, Any], fixed: set[str]) -> None:
+        """Refuse ``model.unet`` arguments that follow from the dataset and the autoencoder
+        (``fixed``), and a depth the latent size does not allow."""
+        clash = fixed & set(unet)
+        if clash:
+            raise ValueError(
+                f"model.unet sets {sorted(clash)}: these follow from the dataset and the "
+                "autoencoder (and text encoder), remove them"
+            )
+        depth = len(unet.get("block_out_channels", (1, 1, 1, 1)))
+        if self.latent_size % 2 ** (depth - 1) != 0:
+            raise ValueError(
+                f"latent size {self.latent_size} is not divisible by 2^{depth - 1} (the U-Net's "
+                f"{depth} levels): use fewer levels or a larger image size"
+            )
+
     def unet_condition(self, labels: Tensor) -> dict[str, Tensor]:
         """The U-Net's conditioning arguments for int64 ``labels`` (the null label included)."""
         raise NotImplementedError  # pragma: no cover - each latent backbone defines its own
@@ -355,17 +383,10 @@ class LatentUNet(LatentBackbone):
     ) -> None:
         from diffusers import UNet2DModel
 
-        vae_args = dict(vae)
-        unknown = set(vae_args) - {"pretrained", "subfolder", "config", "seed"}
-        if unknown:
-            raise ValueError(
-                f"model.vae has unknown keys {sorted(unknown)}: use pretrained, subfolder, "
-                "config, seed"
-            )
-        autoencoder = load_autoencoder(**vae_args)
+        autoencoder, pretrained = autoencoder_from(vae)
         super().__init__(
             autoencoder,
-            vae_pretrained=vae_args.get("pretrained") is not None,
+            vae_pretrained=pretrained,
             image_size=image_size,
             image_channels=image_channels,
             num_classes=num_classes,
@@ -374,19 +395,9 @@ class LatentUNet(LatentBackbone):
             decode_batch_size=decode_batch_size,
             latent_cache_dir=latent_cache_dir,
         )
-        fixed = {"sample_size", "in_channels", "out_channels", "num_class_embeds"}
-        clash = fixed & set(unet)
-        if clash:
-            raise ValueError(
-                f"model.unet sets {sorted(clash)}: these follow from the dataset and the "
-                "autoencoder, remove them"
-            )
-        depth = len(unet.get("block_out_channels", (1, 1, 1, 1)))
-        if self.latent_size % 2 ** (depth - 1) != 0:
-            raise ValueError(
-                f"latent size {self.latent_size} is not divisible by 2^{depth - 1} (the U-Net's "
-                f"{depth} levels): use fewer levels or a larger image size"
-            )
+        self.check_unet_args(
+            unet, {"sample_size", "in_channels", "out_channels", "num_class_embeds"}
+        )
         self.unet = UNet2DModel(
             sample_size=self.latent_size,
             in_channels=self.latent_channels,

@@ -7,7 +7,10 @@ the progress bar refreshes every ``log_every`` steps).
 Latent backbones (:mod:`lt_diffusion.models.latent`) train on autoencoder latents: at fit start
 the datamodule's training images are encoded once (or read from the latent cache) and the batch
 stream serves their posterior moments; each step draws ``x_0`` from them. Backbones conditioned
-on class names (Stable Diffusion's prompts) get the datamodule's names at setup.
+on class names (Stable Diffusion's prompts) get the datamodule's names at setup; backbones
+conditioned on captions (``set_captions``) get the datamodule's training captions at fit start
+(after the move to the device, so the EMA copy shares one table there), and each step binds the
+caption rows the stream drew (``bound_captions``).
 """
 
 from __future__ import annotations
@@ -114,6 +117,17 @@ class DiffusionModule(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.latent:
             self._use_encoded_training_set()
+        self._bind_captions()
+
+    def _bind_captions(self) -> None:
+        """Give a caption-conditioned backbone the training captions (embedded once, through
+        its cache); the EMA copy shares the live model's tables."""
+        dm = self._datamodule()
+        if not hasattr(self.model, "set_captions") or dm is None:
+            return
+        captions, classes = dm.caption_table()
+        self.model.set_captions(captions, classes, device=self.device)
+        self.ema_model.set_captions(captions, classes, like=self.model)
 
     def _use_encoded_training_set(self) -> None:
         """Encode the training images once (rank 0, through the latent cache; the other ranks
@@ -148,12 +162,16 @@ class DiffusionModule(L.LightningModule):
             return self.model.latents_from_moments(x)
         return self.model.encode_images(x)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        x, y, *captions = batch  # a text-to-image stream adds each sample's caption row
         x = self.diffusion_input(x)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        out = self.objective(self._net, x, y, self.schedule)
+        if captions:
+            with self.model.bound_captions(captions[0]):
+                out = self.objective(self._net, x, y, self.schedule)
+        else:
+            out = self.objective(self._net, x, y, self.schedule)
         self.log("train/loss", out.loss, prog_bar=True)
         for name, value in out.terms.items():
             self.log(f"train/{name}", value)
