@@ -11,11 +11,13 @@ numbers the row's table columns read.
 
 Everything runs on tiny data that :mod:`tests.fakedata` writes in each dataset's published
 on-disk format (CIFAR pickles, idx files, CelebA-HQ / ImageNet-LT / iNaturalist / ArtBench-10
-image folders and lists) and with the backbone at reduced width; Stable Diffusion rows use a
-tiny randomly initialised Stable Diffusion folder written with diffusers. What is reduced, for
-speed only: the U-Net width and depth, ImageNet-LT / iNaturalist to 3 classes, ArtBench-10 to
-32 px for Stable Diffusion, the protocol's image counts and sampler steps, the trainer (CPU),
-the concept-dominance analysis to the pairs of three styles, one image each, two steps.
+image folders and lists, CUB-200 / Oxford-102 with their captions) and with the backbone at
+reduced width; Stable Diffusion rows use a tiny randomly initialised Stable Diffusion folder
+written with diffusers. What is reduced, for speed only: the U-Net width and depth,
+ImageNet-LT / iNaturalist / CUB-200 / Oxford-102 to 3 classes, the text-conditioned rows to
+ldm_text_tiny's random autoencoder, CLIP text encoder and U-Net at 32 px, ArtBench-10 to 32 px
+for Stable Diffusion, the protocol's image counts and sampler steps, the trainer (CPU), the
+concept-dominance analysis to the pairs of three styles, one image each, two steps.
 Inception runs for one row per dataset; the other rows use a small fixed random-projection
 extractor (the metric code after the features is the same; the Inception network has its own
 tests in test_inception.py / test_evaluation_metrics.py). LPIPS runs on a random AlexNet trunk
@@ -88,6 +90,9 @@ def world(tmp_path_factory) -> dict[str, Path]:
         data / "inaturalist", [31, 7, 12], SMALL_NATIVE["inaturalist"], val_per_class=3
     )
     fakedata.write_artbench10(data / "artbench10", n_per_class=100, test_per_class=2)
+    # 30 training images per class, as CUB's split: IR 10 (Table G.11) leaves the tail three.
+    fakedata.write_cub200(data / "cub200", n_per_class=30, test_per_class=1, num_classes=3)
+    fakedata.write_oxford102(data / "oxford102", train_per_class=30, test_counts=1, num_classes=3)
     # Prompts of two ArtBench-10 styles (concept_dominance) need ~40 tokens of the tiny tokenizer.
     sd = fakedata.write_tiny_sd(tmp / "tiny-sd", schedule="scaled_linear", max_length=48)
     return {"data": data, "out": tmp / "outputs", "cache": tmp / "cache", "sd": sd}
@@ -128,7 +133,7 @@ def _row_config(experiment: str, world: dict[str, Path]) -> DictConfig:
     with open_dict(cfg):
         if cfg.dataset.source.get("download") is not None:
             cfg.dataset.source.download = False
-        if cfg.dataset.name.startswith(("imagenet_lt", "inaturalist")):
+        if cfg.dataset.name.startswith(("imagenet_lt", "inaturalist", "cub200", "oxford102")):
             cfg.dataset.num_classes = 3
         target = str(cfg.model._target_)
         if target.endswith("StableDiffusionBackbone"):
@@ -140,6 +145,12 @@ def _row_config(experiment: str, world: dict[str, Path]) -> DictConfig:
             transform = cfg.method.get("model_transform") or {}
             if "rank" in transform:  # below the general rank, as CM's 8 < 128
                 cfg.method.model_transform.rank = 2
+        elif target.endswith(".TextLatentUNet"):  # ldm_text_tiny: random VAE, CLIP, U-Net
+            tiny = compose_config("train", ["model=ldm_text_tiny"]).model
+            for key in ("vae", "text_encoder", "unet"):
+                cfg.model[key] = tiny[key]
+            cfg.model.latent_cache_dir = cfg.model.caption_cache_dir = None
+            cfg.dataset.image_size = 32
         elif target.endswith(".UNet"):
             cfg.model.update(_unet_reduction(int(cfg.dataset.image_size)))
         elif target.endswith(".MLPDenoiser"):  # the synthetic benchmark's: small already
