@@ -160,3 +160,17 @@ def test_unstaged_text_encoder_names_the_key_and_what_to_stage(tmp_path: Path) -
     with pytest.raises(TextEncoderNotStagedError, match="model.text_encoder.pretrained") as err:
         tiny(config=None, pretrained=str(tmp_path / "clip"))
     assert "vocab.json" in str(err.value) and "Nothing is downloaded" in str(err.value)
+
+
+def test_unstaged_text_encoder_stops_a_run_before_the_data_is_read(tmp_path: Path) -> None:
+    from lt_diffusion import train
+    from tests.conftest import compose_config
+
+    cfg = compose_config(
+        "train",
+        ["experiment=cm/cub200_ir10_ddpm", "model=ldm_text_tiny", "trainer=cpu", "logger=none",
+         f"paths.data_root={tmp_path / 'nothing'}", f"paths.run_dir={tmp_path / 'run'}",
+         "model.text_encoder.config=null", f"model.text_encoder.pretrained={tmp_path / 'clip'}"],
+    )  # fmt: skip
+    with pytest.raises(TextEncoderNotStagedError, match="model.text_encoder.pretrained"):
+        train.run(cfg)

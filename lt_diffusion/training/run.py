@@ -183,6 +183,9 @@ def _train(cfg: DictConfig, run_dir: Path, lock: RunLock | None) -> Path:
     if resume is not None and resume_step >= cfg.train.max_steps:
         _say_complete(resume)
         return run_dir
+    # The model before the data: it loads what the user staged (autoencoder, text encoder), and
+    # a missing folder must stop the run before the dataset is read and prepared.
+    model = build_model(cfg, init_state=initial_weights(cfg, resume))
     datamodule.setup("fit")
     if rank_zero_only.rank == 0:
         datamodule.print_summary()
@@ -192,7 +195,7 @@ def _train(cfg: DictConfig, run_dir: Path, lock: RunLock | None) -> Path:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     meta = {"config": resolved, "dataset": datamodule.info(), "code_version": code_version()}
     module = DiffusionModule(
-        model=build_model(cfg, init_state=initial_weights(cfg, resume)),
+        model=model,
         objective=objective,
         schedule=build_schedule(cfg),
         optimizer=instantiate(cfg.optimizer),
