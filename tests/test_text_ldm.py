@@ -174,3 +174,25 @@ def test_unstaged_text_encoder_stops_a_run_before_the_data_is_read(tmp_path: Pat
     )  # fmt: skip
     with pytest.raises(TextEncoderNotStagedError, match="model.text_encoder.pretrained"):
         train.run(cfg)
+
+
+def test_a_training_step_conditions_each_sample_on_the_caption_the_stream_drew() -> None:
+    from lt_diffusion.diffusion import NoiseSchedule
+    from lt_diffusion.methods import DDPMObjective
+    from lt_diffusion.training.module import DiffusionModule
+
+    class Spy(DDPMObjective):
+        def forward(self, model, x0, y, schedule):  # type: ignore[override]
+            self.rows = model.condition_rows(y)
+            return super().forward(model, x0, y, schedule)
+
+    model = tiny()
+    model.set_captions([f"caption {i}" for i in range(10)], [0] * 8 + [1, 2])
+    spy = Spy(cond_drop_prob=0.0)
+    module = DiffusionModule(model, spy, NoiseSchedule(num_timesteps=50), torch.optim.Adam)
+    y, rows = torch.tensor([0, 0, 0, 0, 0, 2]), torch.tensor([7, 2, 5, 0, 3, 9])
+    x = torch.rand(6, 3, 16, 16) * 2 - 1
+    with pytest.warns(UserWarning):  # self.log outside a Trainer
+        loss = module.training_step((x, y, rows), 0)
+    assert spy.rows.tolist() == rows.tolist() and loss.ndim == 0
+    assert model._bound is None  # bound for the step only

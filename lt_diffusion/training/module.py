@@ -121,12 +121,18 @@ class DiffusionModule(L.LightningModule):
 
     def _bind_captions(self) -> None:
         """Give a caption-conditioned backbone the training captions (embedded once, through
-        its cache); the EMA copy shares the live model's tables."""
+        its cache: rank 0 first, the other ranks then read its file); the EMA copy shares the
+        live model's tables."""
         dm = self._datamodule()
         if not hasattr(self.model, "set_captions") or dm is None:
             return
         captions, classes = dm.caption_table()
-        self.model.set_captions(captions, classes, device=self.device)
+        first = self.trainer.is_global_zero
+        if first:
+            self.model.set_captions(captions, classes, device=self.device)
+        self.trainer.strategy.barrier("caption_cache")
+        if not first:
+            self.model.set_captions(captions, classes, device=self.device)
         self.ema_model.set_captions(captions, classes, like=self.model)
 
     def _use_encoded_training_set(self) -> None:
