@@ -196,3 +196,27 @@ def test_a_training_step_conditions_each_sample_on_the_caption_the_stream_drew()
         loss = module.training_step((x, y, rows), 0)
     assert spy.rows.tolist() == rows.tolist() and loss.ndim == 0
     assert model._bound is None  # bound for the step only
+
+
+def test_a_staged_clip_folder_loads_with_its_own_tokenizer(tmp_path: Path) -> None:
+    """A local CLIP folder (text model and BPE tokenizer, as a download holds them) loads; its
+    embeddings are the model's last hidden state of the tokenizer's padded ids."""
+    import shutil
+
+    from transformers import CLIPTokenizer
+
+    from tests.fakedata import write_tiny_sd
+
+    sd = write_tiny_sd(tmp_path / "sd", max_length=16)
+    clip = tmp_path / "clip"
+    shutil.copytree(sd / "text_encoder", clip)
+    for f in (sd / "tokenizer").iterdir():
+        shutil.copy(f, clip / f.name)
+    encoder = load_text_encoder(pretrained=str(clip), max_length=77)
+    assert encoder.max_length == 16  # capped at the tokenizer's (and the model's) context
+    ids = CLIPTokenizer.from_pretrained(str(clip))(
+        ["a bird"], padding="max_length", max_length=16, return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():
+        ref = encoder.model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(encoder.encode(["a bird"]), ref)

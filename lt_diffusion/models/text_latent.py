@@ -41,8 +41,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lt_diffusion.models.latent import LatentBackbone, autoencoder_from, resolve_cache_dir
+from lt_diffusion.models.latent import LatentBackbone, autoencoder_from
 from lt_diffusion.models.latent_cache import module_digest
+from lt_diffusion.utils.cache import default_cache_dir
 from lt_diffusion.utils.io import atomic_torch_save
 
 # Bump when what the caption cache stores changes: old files then miss.
@@ -165,6 +166,14 @@ def load_text_encoder(
         (folder / "vocab.json").read_bytes() + (folder / "merges.txt").read_bytes()
     )
     return TextEncoder(model, tokenize, n, f"clip-bpe-{vocab.hexdigest()[:16]}")
+
+
+def resolve_caption_cache_dir(value: str | None) -> str | None:
+    """``"auto"``: ``$LT_DIFFUSION_CACHE/captions`` (else ``~/.cache/lt_diffusion/captions``);
+    None: no disk cache; anything else: that folder."""
+    if value == "auto":
+        return str(default_cache_dir() / "captions")
+    return None if value is None else str(Path(value).expanduser())
 
 
 class StaleCaptionCacheWarning(UserWarning):
@@ -292,10 +301,7 @@ class TextLatentUNet(LatentBackbone):
             cross_attention_dim=self.text.dim,
             **dict(unet),
         )
-        cache = resolve_cache_dir(caption_cache_dir)  # .../latents under "auto"
-        self.caption_cache_dir = (
-            str(Path(cache).parent / "captions") if caption_cache_dir == "auto" else cache
-        )
+        self.caption_cache_dir = resolve_caption_cache_dir(caption_cache_dir)
         self.register_buffer("null_embed", self.text.encode([""])[0], persistent=False)
         self.captions: list[str] | None = None
         self.caption_classes: list[int] | None = None
