@@ -137,6 +137,9 @@ def test_checkpoint_keeps_the_captions_text_not_their_embeddings(tmp_path: Path)
     restored = tiny(cache=tmp_path)
     restored.load_state_dict(state)
     assert restored.captions == model.captions and restored.text.calls == 1  # only ""
+    assert restored.caption_embeds.numel() == 0  # embedded at first use, on its device then
+    rows = restored.draw_captions(torch.tensor([2, 0]))
+    assert rows.tolist() == [2, 0] and restored.text.calls == 1  # from the cache
     torch.testing.assert_close(restored.caption_embeds, model.caption_embeds)
     other = tiny(cache=tmp_path, seed=1)
     with pytest.raises(RuntimeError, match="another text encoder"):

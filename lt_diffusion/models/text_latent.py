@@ -252,7 +252,7 @@ class TextLatentUNet(LatentBackbone):
             :class:`~lt_diffusion.models.latent.LatentBackbone`.
 
     The captions it conditions on are the training set's (:meth:`set_captions`; the training
-    module passes the datamodule's, checkpoints store their text). ``unet.mid_block``'s output
+    module passes the datamodule's; checkpoints store their text, embedded again at first use). ``unet.mid_block``'s output
     is the bottleneck feature; CM's reservation: ``layers: [unet.up_blocks]``.
     """
 
@@ -305,6 +305,7 @@ class TextLatentUNet(LatentBackbone):
         self.register_buffer("null_embed", self.text.encode([""])[0], persistent=False)
         self.captions: list[str] | None = None
         self.caption_classes: list[int] | None = None
+        self._tables_ready = False  # the caption tables hold self.captions' embeddings
         self._bound: Tensor | None = None
         self._empty_tables()
 
@@ -346,32 +347,47 @@ class TextLatentUNet(LatentBackbone):
         if like is not None:
             if like.captions != captions or like.caption_classes != classes:
                 raise ValueError("set_captions(like=...) with other captions")
+            like._check_captions()  # its tables are filled
             for name in ("caption_embeds", "caption_index", "caption_class", "class_rows",
                          "class_start", "class_count"):  # fmt: skip
                 setattr(self, name, getattr(like, name))
+            self._tables_ready = True
         elif captions != self.captions or classes != self.caption_classes:
-            run_on = device if device is not None else self.null_embed.device
-            _, embeds, index = caption_embeddings(
-                self.text, captions, self.caption_cache_dir, run_on
-            )
-            where = self.null_embed.device
-            cls = torch.tensor(classes, dtype=torch.long)
-            count = torch.bincount(cls, minlength=self.num_classes)
-            self.caption_embeds = embeds.to(where)
-            self.caption_index = index.to(where)
-            self.caption_class = cls.to(where)
-            self.class_rows = torch.argsort(cls, stable=True).to(where)
-            self.class_start = (torch.cumsum(count, 0) - count).to(where)
-            self.class_count = count.to(where)
+            self._tables_ready = False
         self.captions, self.caption_classes = captions, classes
+        if not self._tables_ready:
+            self._fill_tables(device)
+
+    def _fill_tables(self, device: torch.device | str | None = None) -> None:
+        """Embed :attr:`captions` (through the cache; the encoder runs on ``device``, default
+        this model's) into the tables, on this model's device."""
+        assert self.captions is not None and self.caption_classes is not None
+        where = self.null_embed.device
+        _, embeds, index = caption_embeddings(
+            self.text, self.captions, self.caption_cache_dir, device or where
+        )
+        cls = torch.tensor(self.caption_classes, dtype=torch.long)
+        count = torch.bincount(cls, minlength=self.num_classes)
+        self.caption_embeds = embeds.to(where)
+        self.caption_index = index.to(where)
+        self.caption_class = cls.to(where)
+        self.class_rows = torch.argsort(cls, stable=True).to(where)
+        self.class_start = (torch.cumsum(count, 0) - count).to(where)
+        self.class_count = count.to(where)
+        self._tables_ready = True
 
     def _check_captions(self) -> None:
+        """Refuse to condition without captions; fill the tables of captions a checkpoint
+        restored (deferred to here, so that they are embedded on the device the model was
+        moved to, not on the CPU it was loaded on)."""
         if self.captions is None:
             raise RuntimeError(
                 "the text-conditioned U-Net has no captions: call set_captions(<the "
                 "datamodule's caption_table()>) (training does this from the datamodule; a "
                 "checkpoint restores them)"
             )
+        if not self._tables_ready:
+            self._fill_tables()
 
     @contextmanager
     def bound_captions(self, rows: Tensor) -> Iterator[None]:
@@ -469,8 +485,11 @@ class TextLatentUNet(LatentBackbone):
                 f"{text['encoder']}) than model.text_encoder loads ({self.text.digest}): point "
                 "it at the encoder the run was trained with"
             )
-        if text["captions"] is not None:
-            self.set_captions(text["captions"], text["classes"])
+        captions, classes = text["captions"], text["classes"]
+        if captions is not None and (captions, classes) != (self.captions, self.caption_classes):
+            # Embedded at first use (_check_captions), on the device the model is then on.
+            self.captions, self.caption_classes = list(captions), list(classes)
+            self._tables_ready = False
 
     def __deepcopy__(self, memo: dict[int, Any]) -> TextLatentUNet:
         memo.setdefault(id(self.text), self.text)  # the frozen encoder is shared, not copied
