@@ -81,10 +81,11 @@ def _mlp():
     return MLPDenoiser(dim=2, num_classes=3, ch=16, ch_mult=[1], num_res_blocks=1)
 
 
-@pytest.mark.parametrize("kind", ["pixel", "mlp", "latent", "stable_diffusion"])
+@pytest.mark.parametrize("kind", ["pixel", "mlp", "latent", "text_latent", "stable_diffusion"])
 def test_every_backbone_refuses_bad_conditioning_alike(kind: str, tmp_path: Path) -> None:
     """One forward (Denoiser) checks the conditioning of every backbone, with the same words."""
-    build = {"pixel": _pixel_unet, "mlp": _mlp, "latent": _latent_unet}
+    build = {"pixel": _pixel_unet, "mlp": _mlp, "latent": _latent_unet,
+             "text_latent": _text_latent_unet}  # fmt: skip
     model = build.get(kind, lambda: _stable_diffusion(tmp_path))()
     if kind == "pixel":
         shape = (model.in_channels, model.image_size, model.image_size)

@@ -447,11 +447,8 @@ class TextLatentUNet(LatentBackbone):
         return torch.where(null, torch.full_like(rows, -1), rows)
 
     def unet_condition(self, labels: Tensor) -> dict[str, Tensor]:
-        if labels.ndim != 1:
-            raise ValueError(
-                f"the text-conditioned U-Net takes class labels (B,), got {tuple(labels.shape)}: "
-                "captions come from the dataset (multi-concept captions are Stable Diffusion's)"
-            )
+        """Cross-attention states: each label's caption embedding (see the module docstring);
+        ``(B, K)`` concept rows are refused by :meth:`Denoiser.forward`."""
         rows = self.condition_rows(labels)
         embeds = self.caption_embeds[self.caption_index[rows.clamp_min(0)]]
         dtype = next(self.unet.parameters()).dtype
