@@ -30,6 +30,7 @@ bound) takes a caption of that class drawn at random.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import warnings
@@ -108,6 +109,15 @@ def byte_tokenize(captions: Sequence[str], max_length: int) -> Tensor:
     return ids
 
 
+def clip_tokenize(tokenizer: Any, captions: Sequence[str], max_length: int) -> Tensor:
+    """CLIP BPE ids of ``captions`` padded (and truncated) to ``max_length``, as Stable
+    Diffusion's and VQ-Diffusion's pipelines tokenize."""
+    return tokenizer(
+        list(captions), padding="max_length", max_length=max_length, truncation=True,
+        return_tensors="pt",
+    ).input_ids  # fmt: skip
+
+
 def load_text_encoder(
     pretrained: str | None = None,
     config: Mapping[str, Any] | None = None,
@@ -139,7 +149,7 @@ def load_text_encoder(
             torch.manual_seed(int(seed))
             model = CLIPTextModel(cfg)
         n = int(max_length)
-        return TextEncoder(model, lambda texts: byte_tokenize(texts, n), n, "bytes-v1")
+        return TextEncoder(model, functools.partial(byte_tokenize, max_length=n), n, "bytes-v1")
     folder = Path(pretrained).expanduser()
     has_weights = any((folder / f).is_file() for f in ("model.safetensors", "pytorch_model.bin"))
     has_bpe = (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
@@ -156,12 +166,7 @@ def load_text_encoder(
     tokenizer = CLIPTokenizer.from_pretrained(str(folder))
     model = CLIPTextModel.from_pretrained(str(folder))
     n = min(int(max_length), int(tokenizer.model_max_length))
-
-    def tokenize(texts: list[str]) -> Tensor:
-        return tokenizer(
-            texts, padding="max_length", max_length=n, truncation=True, return_tensors="pt"
-        ).input_ids
-
+    tokenize = functools.partial(clip_tokenize, tokenizer, max_length=n)
     vocab = hashlib.sha256(
         (folder / "vocab.json").read_bytes() + (folder / "merges.txt").read_bytes()
     )
