@@ -221,3 +221,33 @@ def test_a_staged_clip_folder_loads_with_its_own_tokenizer(tmp_path: Path) -> No
     with torch.no_grad():
         ref = encoder.model(input_ids=ids).last_hidden_state
     torch.testing.assert_close(encoder.encode(["a bird"]), ref)
+
+
+def test_the_staged_clip_encoder_of_ldm_text_kl8() -> None:
+    """Runs where the user staged the real text encoder (skipped otherwise, never faked): the
+    embeddings are CLIP ViT-B/32's 77 x 512 last hidden states, as transformers' full
+    CLIPModel computes them."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from tests.conftest import compose_config
+
+    folder = Path(
+        compose_config(
+            "train", ["model=ldm_text_kl8", "dataset=cub200"]
+        ).model.text_encoder.pretrained
+    )
+    if not folder.is_dir():
+        pytest.skip(
+            f"no CLIP text encoder staged at {folder}: `huggingface-cli download "
+            f"openai/clip-vit-base-patch32 --local-dir {folder}` (or set LT_DIFFUSION_PRETRAINED)"
+        )
+    encoder = load_text_encoder(pretrained=str(folder), max_length=77)
+    captions = ["this bird has a red crown and black wings", ""]
+    embeds = encoder.encode(captions)
+    assert embeds.shape == (2, 77, 512)
+    ids = CLIPTokenizer.from_pretrained(str(folder))(
+        captions, padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():
+        ref = CLIPModel.from_pretrained(str(folder)).text_model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(embeds, ref)
