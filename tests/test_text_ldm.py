@@ -4,6 +4,7 @@ EMA copy, the text encoder not staged). The datasets: tests/test_text_datasets.p
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,8 @@ def test_ema_copy_shares_the_text_encoder_and_caption_tables() -> None:
     assert ema.caption_embeds.data_ptr() == model.caption_embeds.data_ptr()
     with pytest.raises(ValueError, match="other captions"):
         ema.set_captions(["red"], [0], like=model)
+    clone = pickle.loads(pickle.dumps(model))  # tokenizers are picklable functions
+    assert clone.captions == model.captions and clone.text.tokenize(["ab"]).shape == (1, 24)
 
 
 def test_unstaged_text_encoder_names_the_key_and_what_to_stage(tmp_path: Path) -> None:
