@@ -1,6 +1,7 @@
 """Noise schedule, samplers (DDPM ancestral, DDIM, DPM-Solver++, classifier-free guidance) and
 generation."""
 
+from lt_diffusion.diffusion.consistency import ConsistencySampler
 from lt_diffusion.diffusion.dpm_solver import DPMSolverSampler
 from lt_diffusion.diffusion.generate import (
     balanced_labels,
@@ -23,6 +24,7 @@ from lt_diffusion.diffusion.samplers import (
 from lt_diffusion.diffusion.schedule import NoiseSchedule, make_betas
 
 __all__ = [
+    "ConsistencySampler",
     "DDIMSampler",
     "DDPMSampler",
     "DPMSolverSampler",

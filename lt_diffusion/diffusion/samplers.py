@@ -76,6 +76,9 @@ class Sampler(ABC):
     """Turns initial noise ``x_T`` and labels into images ``x_0`` in ``[-1, 1]``."""
 
     name: str = "sampler"
+    # What the network's output means to the sampler: a noise prediction, or the backbone
+    # output of a consistency model (lt_diffusion.diffusion.consistency).
+    model_output: str = "eps"
 
     def __init__(self, schedule: NoiseSchedule) -> None:
         if not isinstance(schedule, NoiseSchedule):
