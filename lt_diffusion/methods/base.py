@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from lt_diffusion.diffusion import NoiseSchedule
+from lt_diffusion.diffusion import DDIMSampler, NoiseSchedule, Sampler
 
 DROP_MODES = ("batch", "sample", "none")
 
@@ -118,10 +118,45 @@ class Objective(nn.Module):
     def trains_null_label(self) -> bool:
         """Whether training teaches the model its null label, which classifier-free guidance
         needs: label dropout here, or the wrapped base objective's."""
-        base = getattr(self, "base", None)
-        if isinstance(base, Objective):
+        base = self._base()
+        if base is not None:
             return base.trains_null_label
         return self.cond_drop_prob > 0.0 and self.cond_drop_mode != "none"
+
+    def _base(self) -> Objective | None:
+        base = getattr(self, "base", None)
+        return base if isinstance(base, Objective) else None
+
+    @property
+    def model_output(self) -> str:
+        """What the trained network's output means: ``"eps"`` (a noise prediction, for the
+        diffusion samplers) or ``"consistency"`` (a consistency model's backbone output, for
+        ``sampler=consistency``); a wrapper's is its base objective's."""
+        base = self._base()
+        return base.model_output if base is not None else "eps"
+
+    def bind(self, model: nn.Module, schedule: NoiseSchedule) -> None:
+        """Called once by the training module with the live backbone and the schedule, before
+        the first step and before a resumed checkpoint's state is loaded: where an objective
+        that keeps networks of its own (consistency distillation's teacher and target) makes
+        them. A wrapper binds its base objective."""
+        base = self._base()
+        if base is not None:
+            base.bind(model, schedule)
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        """Called by the training module after every optimizer step (a target network's EMA)."""
+        base = self._base()
+        if base is not None:
+            base.after_optimizer_step(model)
+
+    def preview_sampler(self, schedule: NoiseSchedule, steps: int, clip_denoised: bool) -> Sampler:
+        """The sampler of the training's sample grids: DDIM in ``steps`` steps for a diffusion
+        model; a consistency objective returns its own."""
+        base = self._base()
+        if base is not None:
+            return base.preview_sampler(schedule, steps, clip_denoised)
+        return DDIMSampler(schedule, steps=steps, clip_denoised=clip_denoised)
 
     def forward(
         self, model: Callable[..., Tensor], x0: Tensor, y: Tensor, schedule: NoiseSchedule

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from PIL import Image
 from torchvision.utils import make_grid
 
-from lt_diffusion.diffusion import DDIMSampler, generate, generate_vectors
+from lt_diffusion.diffusion import generate, generate_vectors
 from lt_diffusion.diffusion.generate import is_latent_model, is_vector_model
 from lt_diffusion.utils.io import atomic_write_bytes
 from lt_diffusion.utils.runlock import RunLockedError
@@ -173,8 +173,9 @@ class SampleGrid(L.Callback):
         labels = torch.arange(classes).repeat_interleave(self.per_class)
         # x0 clipped to the pixel range: early checkpoints overshoot it far from the data,
         # and unclipped DDIM then diverges into noise (latents have no fixed range).
-        sampler = DDIMSampler(
-            pl_module.schedule, steps=self.steps, clip_denoised=not is_latent_model(model)
+        # DDIM for a diffusion model; a consistency model's own sampler (the objective knows).
+        sampler = pl_module.objective.preview_sampler(
+            pl_module.schedule, self.steps, not is_latent_model(model)
         )
         if is_vector_model(model):
             points = generate_vectors(

@@ -84,6 +84,9 @@ class DiffusionModule(L.LightningModule):
         self.compile_model = compile_model
         self.channels_last = channels_last
         self.meta = meta or {}
+        # Before Lightning restores a resumed checkpoint: objectives with networks of their own
+        # (consistency distillation's teacher and target) make them here.
+        objective.bind(model, schedule)
         self._net: Callable[..., Tensor] = model
         self.latent = is_latent_model(model)
         # True once the batch stream serves encoded posterior moments instead of pixels.
@@ -189,6 +192,7 @@ class DiffusionModule(L.LightningModule):
         # checkpoint) run before the module's, so the checkpoint of step k held the EMA of
         # step k - 1 and a resumed run never made update k.
         ema_update(self.ema_model, self.model, self.ema_decay)
+        self.objective.after_optimizer_step(self.model)
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.model.parameters() if p.requires_grad]
