@@ -15,6 +15,7 @@ from lt_diffusion.runtime import CONFIG_DIR
 from lt_diffusion.training.builders import (
     build_sampler,
     check_guidance,
+    check_sampler,
     resolve_sampler,
     sampler_label,
 )
@@ -37,6 +38,7 @@ def sample_labels(
     guidance = float(train_cfg.sampler.guidance if guidance is None else guidance)
     check_guidance(train_cfg, guidance, str(meta["checkpoint"]), setting="guidance")
     node = resolve_sampler(sampler_cfg, model)
+    check_sampler(train_cfg, node, str(meta["checkpoint"]), setting="sampler")
     images = generate(
         model,
         build_sampler(node, run_.schedule),

@@ -32,6 +32,7 @@ from lt_diffusion.training.builders import (
     build_sampler,
     build_schedule,
     check_guidance,
+    check_sampler,
     resolve_sampler,
 )
 from lt_diffusion.training.checkpoint import (
@@ -122,6 +123,7 @@ def from_checkpoint(cfg: DictConfig, device: torch.device) -> Evaluated:
     guidance = float(run.train_cfg.sampler.guidance if guidance is None else guidance)
     check_guidance(run.train_cfg, guidance, str(cfg.checkpoint))
     node = protocol_sampler(cfg.eval)
+    check_sampler(run.train_cfg, node, str(cfg.checkpoint), setting="eval.sampler")
     return Evaluated(
         run.meta,
         run.model,

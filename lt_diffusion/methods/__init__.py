@@ -16,6 +16,7 @@ from lt_diffusion.methods.common import (
     ComposableObjective,
     label_distribution,
 )
+from lt_diffusion.methods.consistency import ConsistencyDistillationObjective
 from lt_diffusion.methods.coral import CORALObjective, supcon_loss
 from lt_diffusion.methods.ddpm import DDPMObjective
 from lt_diffusion.methods.focal import FocalObjective
@@ -36,6 +37,7 @@ from lt_diffusion.methods.overlap import (
 from lt_diffusion.methods.pd_cbdm import PDCBDMObjective, head_tail_split, reverse_mean_from_eps
 
 __all__ = [
+    "ConsistencyDistillationObjective",
     "CORALObjective",
     "IMBAObjective",
     "OverlapObjective",

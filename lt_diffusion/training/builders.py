@@ -87,11 +87,34 @@ def build_datamodule(cfg: DictConfig, on_device: bool = False) -> Any:
 def sampler_label(node: DictConfig) -> str:
     """A short name of what a sampler node runs: its kind and number of steps (``ddim20``)."""
     target = str(node.sampler._target_).rsplit(".", 1)[-1]
-    kind = {"DDIMSampler": "ddim", "DDPMSampler": "ddpm", "DPMSolverSampler": "dpm_solver"}.get(
-        target, target.lower()
-    )
+    kinds = {
+        "DDIMSampler": "ddim",
+        "DDPMSampler": "ddpm",
+        "DPMSolverSampler": "dpm_solver",
+        "ConsistencySampler": "consistency",
+    }
+    kind = kinds.get(target, target.lower())
     steps = node.sampler.get("steps")
     return f"{kind}{steps if steps is not None else ''}" if kind != "ddpm" else "ddpm"
+
+
+def check_sampler(train_cfg: DictConfig, node: DictConfig, source: str, setting: str) -> None:
+    """Refuse a sampler that reads the network's output differently from how it was trained:
+    a diffusion sampler (DDIM, ...) on a consistency model, or the consistency sampler on a
+    diffusion model (both would give noise)."""
+    from hydra.utils import get_class
+
+    wants = get_class(str(node.sampler._target_)).model_output
+    has = build_objective(train_cfg).model_output
+    if wants != has:
+        fix = (
+            "consistency (or consistency2)" if has == "consistency" else "ddim, ddpm or dpm_solver"
+        )
+        raise ValueError(
+            f"{source} is a {'consistency' if has == 'consistency' else 'diffusion'} model "
+            f"(method {train_cfg.method.name}) and {setting} is {node.name} ({wants} output): "
+            f"set {setting} to {fix}"
+        )
 
 
 def check_guidance(
