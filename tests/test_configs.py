@@ -86,11 +86,15 @@ def test_cm_table_rows_set_the_papers_budget() -> None:
         for o in _options("experiment")
         if o.startswith("cm/cifar") and "budget" not in o and "overlap" not in o
     ]
-    assert len(rows) == 35  # Tables 2/3 (28), Table 7 ablations (2), Table 1 (4), E.2 (1)
+    # Tables 2/3 (28), Table 7 ablations (2), Table 1 (4), E.2 (1), G.9 consistency models (4)
+    assert len(rows) == 39
     for row in rows:
         cfg = compose_config("train", [f"experiment={row}"])
-        assert cfg.model.ch == 128 and cfg.train.warmup_steps in (5000, 1000)
-        assert cfg.data.batch_size == 64 and cfg.sampler.sampler.steps == 50
+        distilled = cfg.method.name in ("cd", "cm_cd")  # G.9: no warm-up, one-step sampling
+        assert cfg.model.ch == 128 and cfg.train.warmup_steps in (
+            (0,) if distilled else (5000, 1000)
+        )
+        assert cfg.data.batch_size == 64 and cfg.sampler.sampler.steps == (1 if distilled else 50)
         assert row.split("/")[1] == f"{cfg.dataset.name}_{cfg.imbalance.name}_{cfg.method.name}"
 
 
