@@ -284,3 +284,31 @@ def test_diffusion_and_consistency_samplers_are_not_mixed_up() -> None:
         schedule, 5, True), ConsistencySampler)  # fmt: skip
     assert isinstance(CMObjective(DDPMObjective()).preview_sampler(schedule, 5, True), DDIMSampler)
     assert compose_config("train", ["method=cm_cd"]).method.requires_init_from
+
+
+def test_a_distillation_run_resumes_exactly_and_checks_its_teacher(
+    train_overrides, tmp_path
+) -> None:
+    """Through lt_diffusion.train: a DDPM teacher, then CD from it. The target network is in the
+    checkpoint (the teacher is not), so a resumed run equals the uninterrupted one bit for bit;
+    a teacher of another noise schedule is refused before the first step."""
+    from lt_diffusion.training.checkpoint import read_checkpoint
+    from tests.test_resume import FAST, _train, assert_same_training_state
+
+    _train(train_overrides(*FAST, "train.max_steps=1"), tmp_path / "outputs" / "teacher")
+    # As the rows name it: under paths.output_dir, a location that is not part of the run.
+    teacher = "${paths.output_dir}/teacher/checkpoints/last.ckpt"
+    ov = (*FAST, "method=cd", f"train.init_from={teacher}", "method.objective.target_ema=0.5",
+          "method.objective.num_scales=10", "train.ckpt_every=1")  # fmt: skip
+    straight = _train(train_overrides(*ov, "train.max_steps=2"), tmp_path / "a")
+    _train(train_overrides(*ov, "train.max_steps=1"), tmp_path / "b")
+    resumed = _train(train_overrides(*ov, "train.max_steps=2"), tmp_path / "b")
+    assert_same_training_state(straight, resumed)
+    state = read_checkpoint(straight)["state_dict"]
+    target = {k for k in state if k.startswith("objective.target.")}
+    assert target and not any("teacher" in k for k in state)
+    # theta^- = EMA of theta with mu = 0.5: it trails the student.
+    assert any(not torch.equal(state[k], state["model." + k.split(".", 2)[2]]) for k in target)
+    assert (tmp_path / "a" / "samples" / "latest.png").is_file()  # the one-step grid
+    with pytest.raises(ValueError, match="noise schedule differs"):
+        _train(train_overrides(*ov, "diffusion.beta_end=0.03"), tmp_path / "c")

@@ -36,6 +36,8 @@ NOT_DEFINING = (
     "model.pretrained",
     "model.latent_cache_dir",
     "train.init_from",  # a location; the run it names has its own identity
+    "method.objective.teacher",  # consistency distillation's teacher: train.init_from again
+    "method.objective.base.teacher",  # ... under CM (method=cm_cd)
     "train.compile",
     "train.threads",
     "train.channels_last",
