@@ -99,10 +99,28 @@ def plan(cfg: DictConfig) -> tuple[TableSpec, list[ResolvedRun], list[Job]]:
     return spec, resolved, jobs
 
 
+def check_start_points(resolved: list[ResolvedRun]) -> None:
+    """Refuse to launch a run that starts from another run's checkpoint (``train.init_from``:
+    fine-tuning, distillation) when that checkpoint does not exist and no run of this table
+    trains it (Table G.9's rows distil Table 2's DDPM runs)."""
+    trained = {(r.run_dir / "checkpoints" / "last.ckpt").resolve() for r in resolved}
+    for r in resolved:
+        start = r.config.train.get("init_from")
+        if r.done or not start or Path(start).is_file() or Path(start).resolve() in trained:
+            continue
+        raise TableSpecError(
+            f"{r.run.key} starts from {start} (train.init_from), which does not exist and no run "
+            "of this table trains it: train that run first (its experiment, or a table that "
+            "has it), then run this table again"
+        )
+
+
 def run(cfg: DictConfig, hydra_overrides: list[str], launcher: Any, sweep_dir: Path) -> Path:
     """Launch what is missing, then write the table; returns the Markdown file."""
     spec, resolved, jobs = plan(cfg)
     check_launcher(OmegaConf.to_container(launcher, resolve=True), jobs, int(cfg.workers))
+    if cfg.launch:
+        check_start_points(resolved)
     pending = [job for job, r in zip(jobs, resolved) if not r.done]
     print(f"{spec.name}: {len(jobs)} runs, {len(jobs) - len(pending)} done, {len(pending)} to run")
     if pending and cfg.launch:

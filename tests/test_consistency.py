@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,22 +104,26 @@ def test_the_distillation_grid_is_karras_on_the_training_timesteps() -> None:
         karras_timesteps(schedule, 400)
 
 
-def _distiller(mu: float = 0.5) -> tuple[ConsistencyDistillationObjective, TinyNet, TinyNet]:
+def _distiller(
+    mu: float = 0.5, w: float = 0.0
+) -> tuple[ConsistencyDistillationObjective, TinyNet, TinyNet]:
     student, teacher = TinyNet(), TinyNet()
     with torch.no_grad():
         for p in teacher.parameters():
             p.mul_(0.7).add_(0.1)  # a different network
-    obj = ConsistencyDistillationObjective(num_scales=18, target_ema=mu)
+    obj = ConsistencyDistillationObjective(num_scales=18, target_ema=mu, teacher_guidance=w)
     obj.setup([5, 3, 2])
     obj.set_networks(teacher, student)
     return obj, student, teacher
 
 
-def test_the_distillation_loss_is_a_ddim_step_of_the_teacher_and_the_target_network() -> None:
+@pytest.mark.parametrize("w", [0.0, 1.5])
+def test_the_distillation_loss_is_a_ddim_step_of_the_teacher_and_the_target_network(w) -> None:
     """Algorithm 2 written out in float64: n ~ U{0..N-2}, x_{n+1} at tau_{n+1}, the teacher's
-    DDIM step to tau_n, L = mean(f_theta(x_{n+1}) - f_theta^-(x_n^phi))^2."""
+    DDIM step to tau_n (guided: eps_c + w (eps_c - eps_u)), L = mean(f_theta(x_{n+1}) -
+    f_theta^-(x_n^phi))^2."""
     schedule = NoiseSchedule().double()
-    obj, student, teacher = _distiller()
+    obj, student, teacher = _distiller(w=w)
     with torch.no_grad():  # the target network theta^- differs from theta (after some steps)
         obj.target.w.add_(0.05)
     x0 = torch.randn(6, 1, 4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
@@ -136,7 +141,8 @@ def test_the_distillation_loss_is_a_ddim_step_of_the_teacher_and_the_target_netw
     smin = float(sigma_of(torch.tensor([0])))
     with torch.no_grad():
         f_student = f_by_hand(x1 / a1.sqrt(), sigma_of(t1), smin, student.formula(x1, t1, y))
-        eps = teacher.formula(x1, t1, y)
+        eps_c = teacher.formula(x1, t1, y)
+        eps = eps_c + w * (eps_c - teacher.formula(x1, t1, torch.full_like(y, TinyNet.null_label)))
         # DDIM (eta = 0), equivalently the Euler step x0 + sigma' eps of the VE ODE
         x0_pred = (x1 - (1 - a1).sqrt() * eps) / a1.sqrt()
         x_prev = a0.sqrt() * x0_pred + (1 - a0).sqrt() * eps
@@ -312,3 +318,21 @@ def test_a_distillation_run_resumes_exactly_and_checks_its_teacher(
     assert (tmp_path / "a" / "samples" / "latest.png").is_file()  # the one-step grid
     with pytest.raises(ValueError, match="noise schedule differs"):
         _train(train_overrides(*ov, "diffusion.beta_end=0.03"), tmp_path / "c")
+
+
+def test_the_g9_table_waits_for_its_teachers(tmp_path) -> None:
+    """cm_table_g9's rows distil cm_table2's DDPM runs: launching it before they exist is
+    refused up front, naming the missing checkpoint; once they exist it is not."""
+    from lt_diffusion.table import check_start_points, plan
+    from lt_diffusion.tables import TableSpecError
+
+    out = [f"paths.output_dir={tmp_path}"]
+    _, resolved, jobs = plan(compose_config("sweep", ["table=cm_table_g9", *out]))
+    assert len(jobs) == 12 and {r.config.method.name for r in resolved} == {"cd", "cm_cd"}
+    with pytest.raises(TableSpecError, match="cifar10_lt-ir100-ddpm-seed0/checkpoints/last.ckpt"):
+        check_start_points(resolved)
+    for r in resolved:
+        start = Path(r.config.train.init_from)
+        start.parent.mkdir(parents=True, exist_ok=True)
+        start.touch()
+    check_start_points(resolved)
