@@ -104,6 +104,7 @@ def check_sampler(train_cfg: DictConfig, node: DictConfig, source: str, setting:
     diffusion model (both would give noise)."""
     from hydra.utils import get_class
 
+    kinds = {"eps": "diffusion", "consistency": "consistency"}
     wants = get_class(str(node.sampler._target_)).model_output
     has = build_objective(train_cfg).model_output
     if wants != has:
@@ -111,9 +112,8 @@ def check_sampler(train_cfg: DictConfig, node: DictConfig, source: str, setting:
             "consistency (or consistency2)" if has == "consistency" else "ddim, ddpm or dpm_solver"
         )
         raise ValueError(
-            f"{source} is a {'consistency' if has == 'consistency' else 'diffusion'} model "
-            f"(method {train_cfg.method.name}) and {setting} is {node.name} ({wants} output): "
-            f"set {setting} to {fix}"
+            f"{source} is a {kinds[has]} model (method {train_cfg.method.name}) and {setting} "
+            f"is {node.name}, a sampler of {kinds[wants]} models: set {setting} to {fix}"
         )
 
 
