@@ -7,6 +7,7 @@ import copy
 from typing import Any
 
 from hydra.errors import InstantiationException
+from hydra.utils import get_class
 from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig
 from torch import Tensor, nn
@@ -102,8 +103,6 @@ def check_sampler(train_cfg: DictConfig, node: DictConfig, source: str, setting:
     """Refuse a sampler that reads the network's output differently from how it was trained:
     a diffusion sampler (DDIM, ...) on a consistency model, or the consistency sampler on a
     diffusion model (both would give noise)."""
-    from hydra.utils import get_class
-
     kinds = {"eps": "diffusion", "consistency": "consistency"}
     wants = get_class(str(node.sampler._target_)).model_output
     has = build_objective(train_cfg).model_output
