@@ -304,8 +304,9 @@ def test_a_distillation_run_resumes_exactly_and_checks_its_teacher(
     _train(train_overrides(*FAST, "train.max_steps=1"), tmp_path / "outputs" / "teacher")
     # As the rows name it: under paths.output_dir, a location that is not part of the run.
     teacher = "${paths.output_dir}/teacher/checkpoints/last.ckpt"
+    # channels_last: the target network is converted with the student (a GPU default).
     ov = (*FAST, "method=cd", f"train.init_from={teacher}", "method.objective.target_ema=0.5",
-          "method.objective.num_scales=10", "train.ckpt_every=1")  # fmt: skip
+          "method.objective.num_scales=10", "train.ckpt_every=1", "train.channels_last=true")  # fmt: skip
     straight = _train(train_overrides(*ov, "train.max_steps=2"), tmp_path / "a")
     _train(train_overrides(*ov, "train.max_steps=1"), tmp_path / "b")
     resumed = _train(train_overrides(*ov, "train.max_steps=2"), tmp_path / "b")

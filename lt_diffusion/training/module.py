@@ -98,6 +98,7 @@ class DiffusionModule(L.LightningModule):
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
             self.ema_model.to(memory_format=torch.channels_last)
+            self.objective.to(memory_format=torch.channels_last)  # its own networks, if any
         # The compiled wrapper is kept out of the module tree so checkpoints hold plain keys.
         net = torch.compile(self.model) if self.compile_model else self.model
         object.__setattr__(self, "_net", net)
