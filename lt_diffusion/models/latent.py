@@ -133,9 +133,9 @@ class LatentBackbone(Denoiser):
     """Shared part of the latent backbones: the frozen autoencoder and the latent interface.
 
     Args:
-        vae: a diffusers ``AutoencoderKL`` (frozen here).
-        vae_pretrained: whether ``vae`` came from a pretrained folder (then it is rebuilt from
-            there, not stored in checkpoints).
+        vae: ``model.vae``: ``{pretrained, subfolder, config, seed}`` of the diffusers
+            ``AutoencoderKL`` (:func:`load_autoencoder`; frozen here). A pretrained one is
+            rebuilt from its folder, not stored in checkpoints.
         image_size: side of the generated (and training) images in pixels.
         image_channels: channels of the images (3).
         num_classes: number of real classes C; class C is the null label.
@@ -148,8 +148,7 @@ class LatentBackbone(Denoiser):
 
     def __init__(
         self,
-        vae: nn.Module,
-        vae_pretrained: bool,
+        vae: Mapping[str, Any],
         image_size: int,
         image_channels: int,
         num_classes: int,
@@ -159,6 +158,7 @@ class LatentBackbone(Denoiser):
         latent_cache_dir: str | None = None,
     ) -> None:
         super().__init__()
+        vae, vae_pretrained = autoencoder_from(vae)
         if int(num_classes) < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         cfg = vae.config
@@ -362,8 +362,8 @@ class LatentUNet(LatentBackbone):
         vae: ``{pretrained, subfolder, config, seed}``, see :func:`load_autoencoder`.
         unet: ``UNet2DModel`` arguments (widths, block types, ...); ``sample_size``,
             ``in_channels``, ``out_channels`` and ``num_class_embeds`` are set here.
-        scaling_factor, shift_factor, decode_batch_size, latent_cache_dir: see
-            :class:`LatentBackbone`.
+        latent: ``scaling_factor``, ``shift_factor``, ``decode_batch_size``,
+            ``latent_cache_dir``: see :class:`LatentBackbone`.
 
     ``unet.mid_block``'s output is the bottleneck feature (``return_bottleneck=True``). CM's
     capacity reservation on the up-sampling half: ``layers: [unet.up_blocks]``.
@@ -376,25 +376,11 @@ class LatentUNet(LatentBackbone):
         num_classes: int,
         vae: Mapping[str, Any],
         unet: Mapping[str, Any],
-        scaling_factor: float | None = None,
-        shift_factor: float | None = None,
-        decode_batch_size: int = 16,
-        latent_cache_dir: str | None = None,
+        **latent: Any,
     ) -> None:
         from diffusers import UNet2DModel
 
-        autoencoder, pretrained = autoencoder_from(vae)
-        super().__init__(
-            autoencoder,
-            vae_pretrained=pretrained,
-            image_size=image_size,
-            image_channels=image_channels,
-            num_classes=num_classes,
-            scaling_factor=scaling_factor,
-            shift_factor=shift_factor,
-            decode_batch_size=decode_batch_size,
-            latent_cache_dir=latent_cache_dir,
-        )
+        super().__init__(vae, image_size, image_channels, num_classes, **latent)
         self.check_unet_args(
             unet, {"sample_size", "in_channels", "out_channels", "num_class_embeds"}
         )

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lt_diffusion.models.latent import LatentBackbone, is_diffusers_model_dir, load_autoencoder
+from lt_diffusion.models.latent import LatentBackbone, is_diffusers_model_dir
 from lt_diffusion.models.lowrank import LowRankMixin, replace_module
 
 # The diffusers layout of a Stable Diffusion folder: what each subfolder must hold.
@@ -226,14 +226,9 @@ class StableDiffusionBackbone(LatentBackbone):
             scheduler = json.loads((root / "scheduler" / SCHEDULER_FILE).read_text())
             check_schedule(scheduler, schedule, root / "scheduler" / SCHEDULER_FILE)
         super().__init__(
-            load_autoencoder(str(root), subfolder="vae"),
-            vae_pretrained=True,
-            image_size=image_size,
-            image_channels=image_channels,
-            num_classes=num_classes,
-            decode_batch_size=decode_batch_size,
-            latent_cache_dir=latent_cache_dir,
-        )
+            {"pretrained": str(root), "subfolder": "vae"}, image_size, image_channels,
+            num_classes, decode_batch_size=decode_batch_size, latent_cache_dir=latent_cache_dir,
+        )  # fmt: skip
         self.pretrained = str(root)
         self.prompt_template = prompt_template
         self.unet = UNet2DConditionModel.from_pretrained(str(root / "unet"))

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lt_diffusion.models.latent import LatentBackbone, autoencoder_from
+from lt_diffusion.models.latent import LatentBackbone
 from lt_diffusion.models.latent_cache import module_digest
 from lt_diffusion.utils.cache import default_cache_dir
 from lt_diffusion.utils.io import atomic_torch_save
@@ -253,8 +253,8 @@ class TextLatentUNet(LatentBackbone):
         text_encoder: ``{pretrained, config, seed, max_length}``, see :func:`load_text_encoder`.
         caption_cache_dir: folder of the caption-embedding cache (``"auto"``:
             ``$LT_DIFFUSION_CACHE/captions``; None: encode without caching).
-        scaling_factor, shift_factor, decode_batch_size, latent_cache_dir: see
-            :class:`~lt_diffusion.models.latent.LatentBackbone`.
+        latent: ``scaling_factor``, ``shift_factor``, ``decode_batch_size``,
+            ``latent_cache_dir``: see :class:`~lt_diffusion.models.latent.LatentBackbone`.
 
     The captions it conditions on are the training set's (:meth:`set_captions`; the training
     module passes the datamodule's; checkpoints store their text, embedded again at first use). ``unet.mid_block``'s output
@@ -270,25 +270,11 @@ class TextLatentUNet(LatentBackbone):
         unet: Mapping[str, Any],
         text_encoder: Mapping[str, Any],
         caption_cache_dir: str | None = None,
-        scaling_factor: float | None = None,
-        shift_factor: float | None = None,
-        decode_batch_size: int = 16,
-        latent_cache_dir: str | None = None,
+        **latent: Any,
     ) -> None:
         from diffusers import UNet2DConditionModel
 
-        autoencoder, pretrained = autoencoder_from(vae)
-        super().__init__(
-            autoencoder,
-            vae_pretrained=pretrained,
-            image_size=image_size,
-            image_channels=image_channels,
-            num_classes=num_classes,
-            scaling_factor=scaling_factor,
-            shift_factor=shift_factor,
-            decode_batch_size=decode_batch_size,
-            latent_cache_dir=latent_cache_dir,
-        )
+        super().__init__(vae, image_size, image_channels, num_classes, **latent)
         args = dict(text_encoder)
         unknown = set(args) - {"pretrained", "config", "seed", "max_length"}
         if unknown:
