@@ -6,6 +6,7 @@ labels."""
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -36,6 +37,7 @@ REFUSED = {
     "cm_sd_lora": "StableDiffusionBackbone",  # Stable Diffusion's LoRA form of CM
     "imba_captions": "text-to-image backbone",  # IMBA per concept token of multi-concept captions
 }
+DISTILLED = {"cd", "cm_cd"}  # consistency distillation: a trained teacher first
 
 
 def small_source(**kw) -> ToySource:
@@ -165,14 +167,19 @@ def test_every_method_takes_a_step_on_points_or_refuses_clearly(method: str) -> 
         dm = build_datamodule(cfg)
         dm.setup()
         torch.manual_seed(0)
-        model, objective = build_model(cfg), build_objective(cfg)
+        model, objective, schedule = build_model(cfg), build_objective(cfg), build_schedule(cfg)
         objective.setup(dm.class_counts, seed=0)
+        if method in DISTILLED:  # the teacher train.init_from names: here a copy of the model
+            cd = next(m for m in objective.modules() if hasattr(m, "set_networks"))
+            cd.set_networks(copy.deepcopy(model), model)
+        else:
+            objective.bind(model, schedule)  # as the training module does
         x, y = next(iter(dm.train_dataloader()))
         objective.cond_drop_prob = 0.0  # a conditional batch, so class terms (CBDM, CORAL) run
         for m in objective.modules():
             if hasattr(m, "cond_drop_prob"):
                 m.cond_drop_prob = 0.0
-        out = objective(model, x, y, build_schedule(cfg))
+        out = objective(model, x, y, schedule)
         assert math.isfinite(float(out.loss)), method
         out.loss.backward()
         return model
