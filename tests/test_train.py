@@ -151,3 +151,30 @@ def test_sampling_a_foreign_file_says_what_is_wrong(tmp_path: Path) -> None:
 def test_fine_tuning_method_without_init_from_is_refused(train_overrides, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="train.init_from"):
         _train_in_process(train_overrides("method=cbdm_lora", "train.max_steps=1"), tmp_path / "r")
+
+
+def test_only_trainable_modules_in_eval_mode_are_reported(train_overrides, tmp_path) -> None:
+    """The EMA copy is in eval mode by design and no warning says otherwise (Lightning's count of
+    eval-mode modules is silenced); a trainable module left in eval mode is named."""
+    import warnings
+
+    from lt_diffusion import train
+    from lt_diffusion.training.builders import build_model, build_objective, build_schedule
+    from lt_diffusion.training.module import DiffusionModule
+
+    cfg = compose_config(
+        "train", train_overrides("train.max_steps=1", f"paths.run_dir={tmp_path / 'run'}")
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train.run(cfg)
+    eval_mode = [str(w.message) for w in caught if "eval mode" in str(w.message)]
+    assert not eval_mode, eval_mode
+
+    module = DiffusionModule(
+        build_model(cfg), build_objective(cfg), build_schedule(cfg), torch.optim.Adam
+    )
+    module.train()
+    module.model.head.eval()
+    with pytest.warns(UserWarning, match=r"1 trainable module\(s\) are in eval mode .*model\.head"):
+        module.on_train_start()

@@ -229,6 +229,21 @@ class DiffusionModule(L.LightningModule):
         self._pending_rng = states[self.global_rank]
 
     def on_train_start(self) -> None:
+        # Modules in eval mode by design hold no trainable weights (the EMA copy, frozen
+        # autoencoders and text encoders, CD's target network); a trainable one is a bug that
+        # runs dropout and normalisation as in evaluation. (Lightning's own warning counts all
+        # of them: run.py silences it for this one.)
+        stray = [
+            name or "model"
+            for name, m in self.named_modules()
+            if not m.training and any(p.requires_grad for p in m.parameters(recurse=False))
+        ]
+        if stray:
+            rank_zero_warn(
+                f"{len(stray)} trainable module(s) are in eval mode at the start of training "
+                f"({', '.join(stray[:5])}{', ...' if len(stray) > 5 else ''}): their dropout and "
+                "normalisation run as in evaluation; call .train() on them"
+            )
         if self._pending_rng is not None:
             rng.restore(self._pending_rng, self.objective, self.device)
             self._pending_rng = None

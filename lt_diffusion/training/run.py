@@ -10,6 +10,7 @@ holds ``<run_dir>/train.lock`` (:mod:`lt_diffusion.utils.runlock`).
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -218,7 +219,11 @@ def _train(cfg: DictConfig, run_dir: Path, lock: RunLock | None) -> Path:
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
     if resume is not None:
         rank_zero_info(f"Resuming from {resume} at step {resume_step}")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    with warnings.catch_warnings():
+        # Counts the modules in eval mode by design too (the EMA copy, ...); the module warns
+        # of trainable ones itself (DiffusionModule.on_train_start).
+        warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     if cfg.train.export and trainer.is_global_zero:
         export(module, trainer.global_step, run_dir / "export", lock)
     rank_zero_info(f"Run directory: {run_dir}\n  checkpoint: {ckpt_dir / LAST}")
