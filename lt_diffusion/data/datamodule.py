@@ -356,9 +356,13 @@ class LongTailDataModule(L.LightningDataModule):
                 f"the {self.source.name} source has no captions: a text-conditioned backbone "
                 "needs a text-to-image dataset (dataset=cub200 or oxford102)"
             )
-        counts = torch.tensor([len(c) for c in self.train_captions])
-        classes = self.train_labels.cpu().repeat_interleave(counts)
+        classes = self.train_labels.cpu().repeat_interleave(self._caption_counts())
         return [text for group in self.train_captions for text in group], classes
+
+    def _caption_counts(self) -> Tensor:
+        """Captions per training image, int64, in ``train_images`` order."""
+        assert self.train_captions is not None
+        return torch.tensor([len(c) for c in self.train_captions])
 
     def _ensure_setup(self) -> None:
         if self.train_images is None:
@@ -386,7 +390,7 @@ class LongTailDataModule(L.LightningDataModule):
             mirrored=mirrored,
             caption_counts=None
             if self.train_captions is None
-            else torch.tensor([len(c) for c in self.train_captions], device=images.device),
+            else self._caption_counts().to(images.device),
         )
         return DataLoader(stream, batch_size=None, num_workers=0)
 

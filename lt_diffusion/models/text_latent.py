@@ -257,8 +257,9 @@ class TextLatentUNet(LatentBackbone):
             ``latent_cache_dir``: see :class:`~lt_diffusion.models.latent.LatentBackbone`.
 
     The captions it conditions on are the training set's (:meth:`set_captions`; the training
-    module passes the datamodule's; checkpoints store their text, embedded again at first use). ``unet.mid_block``'s output
-    is the bottleneck feature; CM's reservation: ``layers: [unet.up_blocks]``.
+    module passes the datamodule's; checkpoints store their text, embedded again at first
+    use). ``unet.mid_block``'s output is the bottleneck feature; CM's reservation:
+    ``layers: [unet.up_blocks]``.
     """
 
     def __init__(
@@ -300,6 +301,12 @@ class TextLatentUNet(LatentBackbone):
         self._bound: Tensor | None = None
         self._empty_tables()
 
+    # The caption tables (non-persistent buffers): filled by _fill_tables, shared by the EMA copy.
+    TABLES = (
+        "caption_embeds", "caption_index", "caption_class", "class_rows", "class_start",
+        "class_count",
+    )  # fmt: skip
+
     def _empty_tables(self) -> None:
         empty_long = torch.zeros(0, dtype=torch.long)
         tables = {
@@ -310,6 +317,7 @@ class TextLatentUNet(LatentBackbone):
             "class_start": torch.zeros(self.num_classes, dtype=torch.long),
             "class_count": torch.zeros(self.num_classes, dtype=torch.long),
         }
+        assert tuple(tables) == self.TABLES
         for name, value in tables.items():
             self.register_buffer(name, value, persistent=False)
 
@@ -339,8 +347,7 @@ class TextLatentUNet(LatentBackbone):
             if like.captions != captions or like.caption_classes != classes:
                 raise ValueError("set_captions(like=...) with other captions")
             like._check_captions()  # its tables are filled
-            for name in ("caption_embeds", "caption_index", "caption_class", "class_rows",
-                         "class_start", "class_count"):  # fmt: skip
+            for name in self.TABLES:
                 setattr(self, name, getattr(like, name))
             self._tables_ready = True
         elif captions != self.captions or classes != self.caption_classes:

@@ -15,6 +15,7 @@ caption rows the stream drew (``bound_captions``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -177,10 +178,8 @@ class DiffusionModule(L.LightningModule):
         x = self.diffusion_input(x)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if captions:
-            with self.model.bound_captions(captions[0]):
-                out = self.objective(self._net, x, y, self.schedule)
-        else:
+        bound = self.model.bound_captions(captions[0]) if captions else contextlib.nullcontext()
+        with bound:
             out = self.objective(self._net, x, y, self.schedule)
         self.log("train/loss", out.loss, prog_bar=True)
         for name, value in out.terms.items():
