@@ -8,24 +8,19 @@ test evaluation's record to ``<run_dir>/records/`` (docs/classification.md). Tab
 
 from __future__ import annotations
 
-import os
-
 import hydra
 from omegaconf import DictConfig
 
-from lt_diffusion.runtime import CONFIG_DIR
+from lt_diffusion.runtime import CONFIG_DIR, prepare_training_process
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="classify")
 def main(cfg: DictConfig) -> None:
-    # Imported here: torch and Lightning take seconds to import, which --help and shell
-    # completion (ltd-classify -sc query=bash, at every TAB) do not need.
-    import torch
-
+    # Imported here: Lightning takes seconds to import, which --help and shell completion
+    # (ltd-classify -sc query=bash, at every TAB) do not need.
     from lt_diffusion.classification.run import run
 
-    os.environ.setdefault("WANDB_SILENT", "true")
-    torch.set_float32_matmul_precision("high")
+    prepare_training_process()
     run(cfg)
 
 

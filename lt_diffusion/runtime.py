@@ -4,6 +4,7 @@ from here, never from each other."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -37,3 +38,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def prepare_training_process() -> None:
+    """Process settings of the commands that train (``ltd-train``, ``ltd-classify``): wandb's
+    console output off and TF32 matmuls where the GPU has them."""
+    os.environ.setdefault("WANDB_SILENT", "true")
+    torch.set_float32_matmul_precision("high")

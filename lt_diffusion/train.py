@@ -9,13 +9,12 @@ holds ``<run_dir>/train.lock`` (:mod:`lt_diffusion.utils.runlock`).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from lt_diffusion.runtime import CONFIG_DIR
+from lt_diffusion.runtime import CONFIG_DIR, prepare_training_process
 
 __all__ = ["main", "run"]
 
@@ -31,10 +30,7 @@ def run(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
-    import torch
-
-    os.environ.setdefault("WANDB_SILENT", "true")
-    torch.set_float32_matmul_precision("high")
+    prepare_training_process()
     run(cfg)
 
 
