@@ -8,21 +8,24 @@ test evaluation's record to ``<run_dir>/records/`` (docs/classification.md). Tab
 
 from __future__ import annotations
 
-import hydra
+from typing import Any
+
 from omegaconf import DictConfig
 
-from lt_diffusion.runtime import CONFIG_DIR, prepare_training_process
+from lt_diffusion.runtime import hydra_command
+
+__all__ = ["main", "run"]
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="classify")
-def main(cfg: DictConfig) -> None:
-    # Imported here: Lightning takes seconds to import, which --help and shell completion
-    # (ltd-classify -sc query=bash, at every TAB) do not need.
-    from lt_diffusion.classification.run import run
+def run(cfg: DictConfig) -> Any:
+    """:func:`lt_diffusion.classification.run.run`, imported when called: torch and Lightning
+    take seconds to import, which ``--help`` and shell completion (at every TAB) do not need."""
+    from lt_diffusion.classification.run import run as run_command
 
-    prepare_training_process()
-    run(cfg)
+    return run_command(cfg)
 
+
+main = hydra_command("classify", run)
 
 if __name__ == "__main__":
     main()

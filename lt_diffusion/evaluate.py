@@ -7,19 +7,13 @@ feature extraction are split across the processes; the record is the same as wit
 
 from __future__ import annotations
 
-import hydra
-from omegaconf import DictConfig
-
 from lt_diffusion.evaluation.run import RecordSaveError, run
-from lt_diffusion.runtime import CONFIG_DIR
+from lt_diffusion.runtime import hydra_command
 
 __all__ = ["RecordSaveError", "main", "run"]
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
-
+main = hydra_command("evaluate", run)
 
 if __name__ == "__main__":
     main()

@@ -22,14 +22,14 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, open_dict
 
 from lt_diffusion.evaluation.record import RecordError
+from lt_diffusion.runtime import hydra_command
 from lt_diffusion.sweep import FAILED, SWEEP_LOG_ENV, Job, read_manifest
 from lt_diffusion.tables.spec import read_table_record
 from lt_diffusion.training.checkpoint import read_checkpoint
-from lt_diffusion.utils.config import CONFIG_DIR, compose_config
+from lt_diffusion.utils.config import compose_config
 from lt_diffusion.utils.io import atomic_write_json
 
 
@@ -90,7 +90,7 @@ def missing_records(job: Job, step: int | None = None) -> list[int]:
 
 def run_job(job: Job, table: str) -> str:
     """Train, then evaluate what is missing; returns ``"done"`` (the caller handles failures)."""
-    from lt_diffusion import analyze
+    from lt_diffusion.analysis import run as analyze
     from lt_diffusion.evaluation import run as evaluate
     from lt_diffusion.evaluation.distributed import barrier
     from lt_diffusion.training import run as train
@@ -158,9 +158,8 @@ def run_under_torchrun(job: Job, manifest: str, index: int) -> str:
     return "done"
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="job")
-def main(cfg: DictConfig) -> Any:
-    os.environ.setdefault("WANDB_SILENT", "true")
+def run(cfg: DictConfig) -> Any:
+    """Run job ``cfg.job`` of the sweep manifest ``cfg.manifest``; returns its status."""
     table, jobs = read_manifest(cfg.manifest)
     index = int(cfg.job)
     if not 0 <= index < len(jobs):
@@ -182,6 +181,8 @@ def main(cfg: DictConfig) -> Any:
     print(f"[{job.key}] {status}: {job.run_dir}")
     return status
 
+
+main = hydra_command("job", run)
 
 if __name__ == "__main__":
     main()

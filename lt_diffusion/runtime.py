@@ -1,12 +1,14 @@
 """Where the project is and what it runs on: the config folder, the code version stamped into
-checkpoints and records, and the device a command runs on. Commands and libraries read these
-from here, never from each other."""
+checkpoints and records, the device a command runs on and the commands' Hydra entry point.
+Commands and libraries read these from here, never from each other."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -40,8 +42,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
-def prepare_training_process() -> None:
-    """Process settings of the commands that train (``ltd-train``, ``ltd-classify``): wandb's
-    console output off and TF32 matmuls where the GPU has them."""
+def hydra_command(config_name: str, run: Callable[[Any], Any]) -> Callable[[], Any]:
+    """A command's entry point: ``run`` on ``configs/<config_name>.yaml`` composed with the
+    command line's overrides (``--help``, ``--multirun`` and shell completion included)."""
+    import hydra
+
     os.environ.setdefault("WANDB_SILENT", "true")
-    torch.set_float32_matmul_precision("high")
+    return hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)(run)

@@ -4,60 +4,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
-from torch import Tensor
+from omegaconf import DictConfig
 
-from lt_diffusion.diffusion import balanced_labels, generate
-from lt_diffusion.runtime import CONFIG_DIR
-from lt_diffusion.training.builders import (
-    build_sampler,
-    check_guidance,
-    check_sampler,
-    resolve_sampler,
-    sampler_label,
-)
-from lt_diffusion.training.checkpoint import LoadedRun, load_run
+from lt_diffusion.diffusion import balanced_labels
+from lt_diffusion.runtime import hydra_command
+from lt_diffusion.training.builders import sample_labels, sampler_label
+from lt_diffusion.training.checkpoint import load_run
 from lt_diffusion.utils.imagefolder import write_image_folder
-
-
-def sample_labels(
-    run_: LoadedRun,
-    labels: Tensor,
-    sampler_cfg: DictConfig,
-    guidance: float | None,
-    seed: int,
-    batch_size: int = 256,
-) -> tuple[Tensor, dict[str, Any]]:
-    """uint8 images of ``labels`` from a loaded run's model, deterministically from ``seed``
-    (``guidance`` None: the run's own), and what made them (checkpoint, step, the resolved
-    sampler, guidance, seed) for the folder's ``meta.json``."""
-    model, meta, train_cfg = run_.model, run_.meta, run_.train_cfg
-    guidance = float(train_cfg.sampler.guidance if guidance is None else guidance)
-    check_guidance(train_cfg, guidance, str(meta["checkpoint"]), setting="guidance")
-    node = resolve_sampler(sampler_cfg, model)
-    check_sampler(train_cfg, node, str(meta["checkpoint"]), setting="sampler")
-    images = generate(
-        model,
-        build_sampler(node, run_.schedule),
-        labels,
-        seed=seed,
-        batch_size=batch_size,
-        image_shape=(model.in_channels, model.image_size, model.image_size),
-        guidance=guidance,
-        device=run_.device,
-        progress=True,
-    )
-    info = {
-        "checkpoint": meta["checkpoint"],
-        "global_step": meta["global_step"],
-        "sampler": OmegaConf.to_container(node, resolve=True),
-        "guidance": guidance,
-        "seed": int(seed),
-    }
-    return images, info
 
 
 def run(cfg: DictConfig) -> Path:
@@ -82,10 +36,7 @@ def run(cfg: DictConfig) -> Path:
     return folder
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
-
+main = hydra_command("sample", run)
 
 if __name__ == "__main__":
     main()

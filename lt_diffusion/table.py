@@ -16,14 +16,13 @@ with the path of its log; it never stops the others.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from lt_diffusion.runtime import hydra_command
 from lt_diffusion.sweep import (
     EvalJob,
     Job,
@@ -43,7 +42,6 @@ from lt_diffusion.tables import (
     to_markdown,
     write_table,
 )
-from lt_diffusion.utils.config import CONFIG_DIR
 
 
 def _launcher_overrides() -> list[str]:
@@ -142,12 +140,13 @@ def run(cfg: DictConfig, hydra_overrides: list[str], launcher: Any, sweep_dir: P
     return paths["md"]
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="sweep")
-def main(cfg: DictConfig) -> None:
-    os.environ.setdefault("WANDB_SILENT", "true")
+def run_from_command_line(cfg: DictConfig) -> Path:
+    """:func:`run` with the launcher Hydra was given on the command line."""
     hc = HydraConfig.get()
-    run(cfg, _launcher_overrides(), hc.launcher, Path(hc.runtime.output_dir))
+    return run(cfg, _launcher_overrides(), hc.launcher, Path(hc.runtime.output_dir))
 
+
+main = hydra_command("sweep", run_from_command_line)
 
 if __name__ == "__main__":
     main()

@@ -9,30 +9,24 @@ holds ``<run_dir>/train.lock`` (:mod:`lt_diffusion.utils.runlock`).
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
-from lt_diffusion.runtime import CONFIG_DIR, prepare_training_process
+from lt_diffusion.runtime import hydra_command
 
 __all__ = ["main", "run"]
 
 
-def run(cfg: DictConfig) -> Path:
-    """Train the run ``cfg`` describes (:func:`lt_diffusion.training.run.run`)."""
-    # Imported here: torch and Lightning take seconds to import, which --help and shell
-    # completion (ltd-train -sc query=bash, at every TAB) do not need.
-    from lt_diffusion.training.run import run as train
+def run(cfg: DictConfig) -> Any:
+    """:func:`lt_diffusion.training.run.run`, imported when called: torch and Lightning take seconds
+    to import, which ``--help`` and shell completion (at every TAB) do not need."""
+    from lt_diffusion.training.run import run as run_command
 
-    return train(cfg)
+    return run_command(cfg)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> None:
-    prepare_training_process()
-    run(cfg)
-
+main = hydra_command("train", run)
 
 if __name__ == "__main__":
     main()

@@ -267,7 +267,7 @@ def test_augmentation_end_to_end_on_tiny_fashion_mnist(tmp_path: Path, monkeypat
     up to the head; the images are generated once and cached by checkpoint, sampler, guidance
     and seed; the classifier trains on real + generated images; its record names the
     generator and validates."""
-    from lt_diffusion import sample
+    from lt_diffusion.training import builders
     from lt_diffusion.classification.run import run
     from lt_diffusion.training import run as train
     from tests.fakedata import write_fashion_mnist
@@ -317,7 +317,7 @@ def test_augmentation_end_to_end_on_tiny_fashion_mnist(tmp_path: Path, monkeypat
     def no_sampling(*_, **__):
         raise AssertionError("generated again instead of read from the cache")
 
-    monkeypatch.setattr(sample, "sample_labels", no_sampling)
+    monkeypatch.setattr(builders, "sample_labels", no_sampling)
     again = classify("b", "seed=1", "augment.seed=0")
     assert again["training"]["augmentation"]["folder"] == str(folder)
     # Another seed for the images: a new folder (so it would sample).

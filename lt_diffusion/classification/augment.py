@@ -80,8 +80,7 @@ def generated_images(
     """``per_class[c]`` images of every class c from ``checkpoint`` (its EMA model), generated
     once and cached (module docstring). ``class_names`` are the classifier's, in its class order:
     the generator must have been trained on the same long-tailed classes."""
-    from lt_diffusion.sample import sample_labels
-    from lt_diffusion.training.builders import sampler_label
+    from lt_diffusion.training.builders import sample_labels, sampler_label
     from lt_diffusion.training.checkpoint import load_run, read_checkpoint
 
     checkpoint = Path(checkpoint).resolve()

@@ -158,6 +158,7 @@ def run(cfg: DictConfig, record: str | Path | None = None) -> dict[str, Any] | N
     """Train the classification run ``cfg`` describes, then evaluate it on the test split and
     write its record (to ``record``, default ``<run_dir>/records/classify-test-<digest>.json``).
     Returns the record (None on the ranks other than 0 of a distributed run)."""
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls where the GPU has them
     check_config(cfg)
     run_dir = Path(cfg.paths.run_dir)
     identity = classification_identity(cfg)

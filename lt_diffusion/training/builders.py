@@ -4,16 +4,19 @@ so training, sampling and evaluation rebuild exactly the same pieces."""
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.errors import InstantiationException
 from hydra.utils import get_class
 from hydra.utils import instantiate as hydra_instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from lt_diffusion.diffusion import NoiseSchedule, Sampler
+from lt_diffusion.diffusion import NoiseSchedule, Sampler, generate
 from lt_diffusion.methods import Objective
+
+if TYPE_CHECKING:
+    from lt_diffusion.training.checkpoint import LoadedRun
 
 
 def instantiate(cfg: Any, **kwargs: Any) -> Any:
@@ -131,3 +134,40 @@ def check_guidance(
             f"label is untrained and guidance {guidance:g} would mix in noise: set {setting}=0, "
             "or train with method.objective.cond_drop_prob > 0"
         )
+
+
+def sample_labels(
+    run_: LoadedRun,
+    labels: Tensor,
+    sampler_cfg: DictConfig,
+    guidance: float | None,
+    seed: int,
+    batch_size: int = 256,
+) -> tuple[Tensor, dict[str, Any]]:
+    """uint8 images of ``labels`` from a loaded run's model, deterministically from ``seed``
+    (``guidance`` None: the run's own), and what made them (checkpoint, step, the resolved
+    sampler, guidance, seed) for the folder's ``meta.json``."""
+    model, meta, train_cfg = run_.model, run_.meta, run_.train_cfg
+    guidance = float(train_cfg.sampler.guidance if guidance is None else guidance)
+    check_guidance(train_cfg, guidance, str(meta["checkpoint"]), setting="guidance")
+    node = resolve_sampler(sampler_cfg, model)
+    check_sampler(train_cfg, node, str(meta["checkpoint"]), setting="sampler")
+    images = generate(
+        model,
+        build_sampler(node, run_.schedule),
+        labels,
+        seed=seed,
+        batch_size=batch_size,
+        image_shape=(model.in_channels, model.image_size, model.image_size),
+        guidance=guidance,
+        device=run_.device,
+        progress=True,
+    )
+    info = {
+        "checkpoint": meta["checkpoint"],
+        "global_step": meta["global_step"],
+        "sampler": OmegaConf.to_container(node, resolve=True),
+        "guidance": guidance,
+        "seed": int(seed),
+    }
+    return images, info

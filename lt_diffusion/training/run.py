@@ -141,6 +141,7 @@ def run(cfg: DictConfig) -> Path:
 
     Rank 0 holds the run directory's lock for the whole training (the other ranks of a
     distributed run write nothing of their own)."""
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls where the GPU has them
     run_dir = Path(cfg.paths.run_dir)
     check_known_keys(cfg)
     if cfg.train.max_steps < 1:
