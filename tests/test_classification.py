@@ -267,8 +267,8 @@ def test_augmentation_end_to_end_on_tiny_fashion_mnist(tmp_path: Path, monkeypat
     up to the head; the images are generated once and cached by checkpoint, sampler, guidance
     and seed; the classifier trains on real + generated images; its record names the
     generator and validates."""
-    from lt_diffusion.training import builders
     from lt_diffusion.classification.run import run
+    from lt_diffusion.training import builders
     from lt_diffusion.training import run as train
     from tests.fakedata import write_fashion_mnist
 

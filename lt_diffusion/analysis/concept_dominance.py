@@ -216,7 +216,9 @@ class Tracer:
             y = torch.tensor([p for p, _ in chunk], device=self.device)
             x = torch.stack([self.noise(i) for _, i in chunk]).to(self.device, self.dtype)
             self.net.masses, self.net.states = [], [] if keep_states else None
-            finals.append(self.sampler.solve(self.net, x, y, self.guidance).float().cpu())
+            finals.append(
+                self.sampler.sample(self.net, x, y, self.guidance, clamp=False).float().cpu()
+            )
             masses.append(torch.stack(self.net.masses, dim=1))  # (n, steps, heads, K)
             if keep_states:
                 states.append(self.net.states)

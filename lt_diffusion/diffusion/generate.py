@@ -139,13 +139,12 @@ def sample_unbounded(
 ) -> Tensor:
     """The sampler's reverse process without the final clamp to ``[-1, 1]`` (for latents);
     x0-clipping options are refused since they assume pixel data."""
-    labels = sampler._prepare(noise, labels, guidance, generator)
     if getattr(sampler, "clip_denoised", False):
         raise ValueError(
             "clip_denoised clips the predicted x0 to the pixel range [-1, 1], which latents "
             "do not live in: set sampler.sampler.clip_denoised=false for latent models"
         )
-    return sampler.solve(model, noise, labels, guidance, generator)
+    return sampler.sample(model, noise, labels, guidance, generator, clamp=False)
 
 
 def is_vector_model(model: nn.Module) -> bool:

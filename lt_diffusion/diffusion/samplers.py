@@ -107,8 +107,10 @@ class Sampler(ABC):
         guidance: float = 0.0,
         generator: torch.Generator | None = None,
         progress: bool = False,
+        clamp: bool = True,
     ) -> Tensor:
-        """Run the reverse process from ``noise`` (x_T) with class ``labels``.
+        """Run the reverse process from ``noise`` (x_T) with class ``labels``: one guided noise
+        prediction per visited timestep, then the sampler's :meth:`update`.
 
         Args:
             model: ``model(x_t, t, y) -> eps``.
@@ -117,31 +119,18 @@ class Sampler(ABC):
             guidance: classifier-free guidance weight ``w``.
             generator: source of the per-step noise; must live on ``noise``'s device.
             progress: show a per-step progress bar.
+            clamp: clamp x_0 to ``[-1, 1]`` (latents are not bounded: False).
 
         Returns:
-            x_0 clamped to ``[-1, 1]``, same shape and dtype as ``noise``.
+            x_0, same shape and dtype as ``noise``.
         """
         labels = self._prepare(noise, labels, guidance, generator)
-        return self.solve(model, noise, labels, guidance, generator, progress).clamp(-1.0, 1.0)
-
-    def solve(
-        self,
-        model: Model,
-        x: Tensor,
-        labels: Tensor,
-        guidance: float = 0.0,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-    ) -> Tensor:
-        """The reverse process from ``x`` (x_T) with labels already on ``x``'s device, without
-        :meth:`sample`'s checks and final clamp (latents are not bounded to ``[-1, 1]``): one
-        guided noise prediction per visited timestep, then the sampler's :meth:`update`."""
-        ts = self.timesteps
+        x, ts = noise, self.timesteps
         state = self.begin()
         for i in _progress(range(len(ts)), progress, f"{self.name.upper()}{len(ts)}", len(ts)):
             t = torch.full((x.shape[0],), ts[i], device=x.device, dtype=torch.long)
             x = self.update(state, i, x, t, guided_eps(model, x, t, labels, guidance), generator)
-        return x
+        return x.clamp(-1.0, 1.0) if clamp else x
 
     def begin(self) -> dict[str, Any]:
         """Per-run values the updates share (host scalars, history); computed once per call."""
