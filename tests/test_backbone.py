@@ -83,7 +83,7 @@ def _mlp():
 
 @pytest.mark.parametrize("kind", ["pixel", "mlp", "latent", "text_latent", "stable_diffusion"])
 def test_every_backbone_refuses_bad_conditioning_alike(kind: str, tmp_path: Path) -> None:
-    """One forward (Denoiser) checks the conditioning of every backbone, with the same words."""
+    """One forward (Backbone) checks the conditioning of every backbone, with the same words."""
     build = {"pixel": _pixel_unet, "mlp": _mlp, "latent": _latent_unet,
              "text_latent": _text_latent_unet}  # fmt: skip
     model = build.get(kind, lambda: _stable_diffusion(tmp_path))()

@@ -1,7 +1,7 @@
 """The contract every backbone meets (DESIGN.md, step 2), written down: what the objectives,
 samplers, generation, the training module and the evaluator may rely on. The pixel U-Net, the
-latent U-Net, the text-conditioned latent U-Net and Stable Diffusion + LoRA meet it
-(tests/test_backbone.py checks each).
+MLP, the latent U-Net, the text-conditioned latent U-Net and Stable Diffusion + LoRA subclass
+:class:`Backbone` (tests/test_backbone.py checks each).
 """
 
 from __future__ import annotations
@@ -10,35 +10,6 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
-
-
-@runtime_checkable
-class Backbone(Protocol):
-    """A class-conditional noise predictor ``(x_t, t, y) -> eps``.
-
-    * ``num_classes``: real classes ``0 .. C-1``; ``null_label`` (= C): the unconditional
-      model that classifier-free guidance and label dropout use (``y=None`` means all null).
-    * ``in_channels`` / ``image_size``: the images it generates (decoded ones for a latent
-      backbone), ``(in_channels, image_size, image_size)``.
-    * ``augment_dim``: width of ADA's augmentation labels it accepts (0: none).
-    * ``forward(x, t, y=None, aug_labels=None, return_bottleneck=False)``: ``eps`` with
-      ``x``'s shape; with ``return_bottleneck`` also the bottleneck feature map (CORAL).
-    """
-
-    num_classes: int
-    null_label: int
-    in_channels: int
-    image_size: int
-    augment_dim: int
-
-    def forward(
-        self,
-        x: Tensor,
-        t: Tensor,
-        y: Tensor | None = None,
-        aug_labels: Tensor | None = None,
-        return_bottleneck: bool = False,
-    ) -> Tensor | tuple[Tensor, Tensor]: ...
 
 
 @runtime_checkable
@@ -56,16 +27,26 @@ class LatentSpace(Protocol):
     def latents_from_moments(self, moments: Tensor) -> Tensor: ...
 
 
-class Denoiser(nn.Module):
-    """The one ``forward`` of the framework's backbones (:class:`Backbone`'s): the checks of
-    the conditioning every backbone shares (one timestep and one label per sample,
-    augmentation labels only where the model was built for them; shapes only, so no host
-    sync), then the backbone's own :meth:`denoise`. Subclasses set ``num_classes``,
-    ``null_label`` and ``augment_dim``; ``concept_rows`` accepts ``(B, K)`` multi-concept
-    label rows (Stable Diffusion's captions)."""
+class Backbone(nn.Module):
+    """A class-conditional noise predictor ``(x_t, t, y) -> eps``; every backbone subclasses
+    it.
+
+    * ``num_classes``: real classes ``0 .. C-1``; ``null_label`` (= C): the unconditional
+      model that classifier-free guidance and label dropout use (``y=None`` means all null).
+    * ``in_channels`` / ``image_size``: the images it generates (decoded ones for a latent
+      backbone), ``(in_channels, image_size, image_size)``.
+    * ``augment_dim``: width of ADA's augmentation labels it accepts (0: none).
+    * ``concept_rows``: it accepts ``(B, K)`` multi-concept label rows (Stable Diffusion's
+      captions).
+    * :meth:`forward` checks the conditioning every backbone shares (one timestep and one
+      label per sample, augmentation labels only where the model was built for them; shapes
+      only, so no host sync), then runs the subclass's :meth:`denoise`.
+    """
 
     num_classes: int
     null_label: int
+    in_channels: int
+    image_size: int
     augment_dim: int = 0
     concept_rows: bool = False
 
@@ -78,7 +59,7 @@ class Denoiser(nn.Module):
         return_bottleneck: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """``eps`` for ``x`` at timesteps ``t`` (B,) or one shared scalar, labels ``y`` (None:
-        the null label); with ``return_bottleneck`` also the bottleneck feature."""
+        the null label); with ``return_bottleneck`` also the bottleneck feature map (CORAL)."""
         b = x.shape[0]
         if t.ndim == 0:
             t = t.expand(b)

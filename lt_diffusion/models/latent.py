@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lt_diffusion.models.backbone import Denoiser
+from lt_diffusion.models.backbone import Backbone
 from lt_diffusion.models.latent_cache import tensor_digest
 from lt_diffusion.utils.cache import default_cache_dir
 
@@ -129,7 +129,7 @@ def _refill_frozen(module: LatentBackbone, state_dict: dict, prefix: str, *args:
         state_dict.setdefault(prefix + name, tensor)
 
 
-class LatentBackbone(Denoiser):
+class LatentBackbone(Backbone):
     """Shared part of the latent backbones: the frozen autoencoder and the latent interface.
 
     Args:
@@ -274,7 +274,7 @@ class LatentBackbone(Denoiser):
         self, x: Tensor, t: Tensor, y: Tensor | None, aug: Tensor | None, bottleneck: bool
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Noise prediction for latents ``x`` ``(B, C_z, h, w)`` (see
-        :meth:`Denoiser.forward`; no augmentation labels: ``augment_dim`` is 0); the
+        :meth:`Backbone.forward`; no augmentation labels: ``augment_dim`` is 0); the
         bottleneck is ``unet.mid_block``'s output."""
         condition = self.unet_condition(self.condition_labels(y, x))
         with self.capture_output(self.unet.mid_block, bottleneck) as store:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lt_diffusion.models.backbone import Denoiser
+from lt_diffusion.models.backbone import Backbone
 from lt_diffusion.models.unet import SMALL_GAIN, _as_int_tuple, _xavier, timestep_embedding
 
 
@@ -57,7 +57,7 @@ class ResidualMLPBlock(nn.Module):
         return h + self.shortcut(x)
 
 
-class MLPDenoiser(Denoiser):
+class MLPDenoiser(Backbone):
     """Class-conditional epsilon-prediction MLP for points in R^D.
 
     Args:
@@ -156,7 +156,7 @@ class MLPDenoiser(Denoiser):
     def denoise(
         self, x: Tensor, t: Tensor, y: Tensor | None, aug: Tensor | None, bottleneck: bool
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """Predict the noise in ``x`` (B, D) (see :meth:`Denoiser.forward`); the bottleneck is
+        """Predict the noise in ``x`` (B, D) (see :meth:`Backbone.forward`); the bottleneck is
         the middle blocks' output."""
         if x.ndim != 2 or x.shape[1] != self.vector_dim:
             raise ValueError(

@@ -446,7 +446,7 @@ class TextLatentUNet(LatentBackbone):
 
     def unet_condition(self, labels: Tensor) -> dict[str, Tensor]:
         """Cross-attention states: each label's caption embedding (see the module docstring);
-        ``(B, K)`` concept rows are refused by :meth:`Denoiser.forward`."""
+        ``(B, K)`` concept rows are refused by :meth:`Backbone.forward`."""
         rows = self.condition_rows(labels)
         embeds = self.caption_embeds[self.caption_index[rows.clamp_min(0)]]
         dtype = next(self.unet.parameters()).dtype

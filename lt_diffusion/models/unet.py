@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lt_diffusion.models.backbone import Denoiser
+from lt_diffusion.models.backbone import Backbone
 
 # GroupNorm: at most 32 groups (Ho et al.) and at least 4 channels in each. Ho et al. run at
 # widths >= 128, where the two agree (32 groups of >= 4). At narrower widths 32 groups would
@@ -276,7 +276,7 @@ def _as_int_tuple(value: Sequence[int], name: str) -> tuple[int, ...]:
     return tuple(items)
 
 
-class UNet(Denoiser):
+class UNet(Backbone):
     """Class-conditional epsilon-prediction U-Net of Ho et al. (2020).
 
     Args:
@@ -530,7 +530,7 @@ class UNet(Denoiser):
     def denoise(
         self, x: Tensor, t: Tensor, y: Tensor | None, aug: Tensor | None, bottleneck: bool
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """Predict the noise in ``x`` (B, C, H, W) (see :meth:`Denoiser.forward`); ``aug``
+        """Predict the noise in ``x`` (B, C, H, W) (see :meth:`Backbone.forward`); ``aug``
         (B, augment_dim) is ADA's augmentation description. The bottleneck is the feature map
         after the middle blocks, (B, C_mid, H / 2**(L-1), W / 2**(L-1))."""
         # Shape checks only (no tensor values): no host sync, no graph breaks on values.
