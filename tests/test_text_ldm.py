@@ -39,8 +39,8 @@ UNET = {
 
 def tiny(num_classes: int = 3, cache: Path | None = None, **text) -> TextLatentUNet:
     return TextLatentUNet(
-        16, 3, num_classes, vae={"config": VAE}, unet=UNET, text_encoder={**TEXT, **text},
-        caption_cache_dir=None if cache is None else str(cache),
+        UNET, {**TEXT, **text}, None if cache is None else str(cache),
+        image_size=16, image_channels=3, num_classes=num_classes, vae={"config": VAE},
     )  # fmt: skip
 
 

@@ -281,10 +281,14 @@ class LatentBackbone(Backbone):
             eps = self.unet(x, t, **condition).sample
         return (eps, store["out"]) if bottleneck else eps
 
-    def check_unet_args(self, unet: Mapping[str, Any], fixed: set[str]) -> None:
-        """Refuse ``model.unet`` arguments that follow from the dataset and the autoencoder
-        (``fixed``), and a depth the latent size does not allow."""
-        clash = fixed & set(unet)
+    def build_unet(self, unet_class: type, unet: Mapping[str, Any], **condition: Any) -> Any:
+        """A diffusers U-Net on the latents: ``unet_class(**unet)`` with the sample size and
+        channels the autoencoder fixes and the ``condition`` arguments (class embedding or
+        cross-attention width). Refuses ``model.unet`` arguments that set those, and a depth the
+        latent size does not allow."""
+        fixed = {"sample_size": self.latent_size, "in_channels": self.latent_channels}
+        fixed.update(out_channels=self.latent_channels, **condition)
+        clash = set(fixed) & set(unet)
         if clash:
             raise ValueError(
                 f"model.unet sets {sorted(clash)}: these follow from the dataset and the "
@@ -296,6 +300,7 @@ class LatentBackbone(Backbone):
                 f"latent size {self.latent_size} is not divisible by 2^{depth - 1} (the U-Net's "
                 f"{depth} levels): use fewer levels or a larger image size"
             )
+        return unet_class(**fixed, **dict(unet))
 
     def unet_condition(self, labels: Tensor) -> dict[str, Tensor]:
         """The U-Net's conditioning arguments for int64 ``labels`` (the null label included)."""
@@ -381,16 +386,7 @@ class LatentUNet(LatentBackbone):
         from diffusers import UNet2DModel
 
         super().__init__(vae, image_size, image_channels, num_classes, **latent)
-        self.check_unet_args(
-            unet, {"sample_size", "in_channels", "out_channels", "num_class_embeds"}
-        )
-        self.unet = UNet2DModel(
-            sample_size=self.latent_size,
-            in_channels=self.latent_channels,
-            out_channels=self.latent_channels,
-            num_class_embeds=self.num_classes + 1,
-            **dict(unet),
-        )
+        self.unet = self.build_unet(UNet2DModel, unet, num_class_embeds=self.num_classes + 1)
 
     def unet_condition(self, labels: Tensor) -> dict[str, Tensor]:
         return {"class_labels": labels}  # UNet2DModel's class embedding (null row C)

@@ -245,16 +245,14 @@ class TextLatentUNet(LatentBackbone):
     latents of a frozen ``AutoencoderKL``, cross-attending to CLIP text embeddings.
 
     Args:
-        image_size, image_channels, num_classes: the images generated (dataset settings).
-        vae: ``{pretrained, subfolder, config, seed}``, see
-            :func:`~lt_diffusion.models.latent.load_autoencoder`.
         unet: ``UNet2DConditionModel`` arguments; ``sample_size``, ``in_channels``,
             ``out_channels`` and ``cross_attention_dim`` are set here.
         text_encoder: ``{pretrained, config, seed, max_length}``, see :func:`load_text_encoder`.
         caption_cache_dir: folder of the caption-embedding cache (``"auto"``:
             ``$LT_DIFFUSION_CACHE/captions``; None: encode without caching).
-        latent: ``scaling_factor``, ``shift_factor``, ``decode_batch_size``,
-            ``latent_cache_dir``: see :class:`~lt_diffusion.models.latent.LatentBackbone`.
+        backbone: ``vae``, ``image_size``, ``image_channels``, ``num_classes`` and the latent
+            settings of :class:`~lt_diffusion.models.latent.LatentBackbone` (as
+            :class:`~lt_diffusion.models.latent.LatentUNet` takes them).
 
     The captions it conditions on are the training set's (:meth:`set_captions`; the training
     module passes the datamodule's; checkpoints store their text, embedded again at first
@@ -264,18 +262,14 @@ class TextLatentUNet(LatentBackbone):
 
     def __init__(
         self,
-        image_size: int,
-        image_channels: int,
-        num_classes: int,
-        vae: Mapping[str, Any],
         unet: Mapping[str, Any],
         text_encoder: Mapping[str, Any],
         caption_cache_dir: str | None = None,
-        **latent: Any,
+        **backbone: Any,
     ) -> None:
         from diffusers import UNet2DConditionModel
 
-        super().__init__(vae, image_size, image_channels, num_classes, **latent)
+        super().__init__(**backbone)
         args = dict(text_encoder)
         unknown = set(args) - {"pretrained", "config", "seed", "max_length"}
         if unknown:
@@ -284,15 +278,7 @@ class TextLatentUNet(LatentBackbone):
                 "config, seed, max_length"
             )
         self.text = load_text_encoder(**args)
-        fixed = {"sample_size", "in_channels", "out_channels", "cross_attention_dim"}
-        self.check_unet_args(unet, fixed)
-        self.unet = UNet2DConditionModel(
-            sample_size=self.latent_size,
-            in_channels=self.latent_channels,
-            out_channels=self.latent_channels,
-            cross_attention_dim=self.text.dim,
-            **dict(unet),
-        )
+        self.unet = self.build_unet(UNet2DConditionModel, unet, cross_attention_dim=self.text.dim)
         self.caption_cache_dir = resolve_caption_cache_dir(caption_cache_dir)
         self.register_buffer("null_embed", self.text.encode([""])[0], persistent=False)
         self.captions: list[str] | None = None
