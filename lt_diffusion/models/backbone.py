@@ -94,6 +94,23 @@ class Backbone(nn.Module):
         temb = temb + self.label_emb(y)
         return temb if aug is None else temb + self.aug_emb(aug.to(temb.dtype))
 
+    def skip_pass(self, h: Tensor, temb: Tensor, skips: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """``(output, bottleneck)`` of the encoder-decoder with skip connections that the pixel
+        U-Net and the MLP share: the ``down`` blocks (each output pushed onto ``skips``), the
+        ``mid`` blocks, then the ``up`` blocks, each joining the last skip to its input
+        (concatenated channels) unless it says ``joins_skip = False`` (an upsampling)."""
+        for block in self.down:
+            h = block(h, temb)
+            skips.append(h)
+        for block in self.mid:
+            h = block(h, temb)
+        h_mid = h
+        for block in self.up:
+            if getattr(block, "joins_skip", True):
+                h = torch.cat([h, skips.pop()], dim=1)
+            h = block(h, temb)
+        return h, h_mid
+
     def denoise(
         self, x: Tensor, t: Tensor, y: Tensor | None, aug: Tensor | None, bottleneck: bool
     ) -> Tensor | tuple[Tensor, Tensor]:

@@ -163,16 +163,6 @@ class MLPDenoiser(Backbone):
                 f"x must have shape (B, {self.vector_dim}) (points, not images), got "
                 f"{tuple(x.shape)}"
             )
-        temb = self.embed(t, y, aug)
-        h = self.head(x)
-        skips = []
-        for block in self.down:
-            h = block(h, temb)
-            skips.append(h)
-        for block in self.mid:
-            h = block(h, temb)
-        h_mid = h
-        for block in self.up:
-            h = block(torch.cat([h, skips.pop()], dim=1), temb)
+        h, h_mid = self.skip_pass(self.head(x), self.embed(t, y, aug), [])
         eps = self.tail(h)
         return (eps, h_mid) if bottleneck else eps

@@ -253,6 +253,8 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     """Double the resolution: nearest-neighbour upsampling, then a 3x3 convolution."""
 
+    joins_skip = False  # Backbone.skip_pass: only the residual blocks take a skip
+
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
@@ -544,19 +546,7 @@ class UNet(Backbone):
                 f"x spatial size {tuple(x.shape[2:])} must be divisible by {factor} for "
                 f"{self.num_levels} levels (the model was built for {self.image_size} px)"
             )
-        temb = self.embed(t, y, aug)
-
         h = self.head(x)
-        skips = [h]
-        for block in self.down:
-            h = block(h, temb)
-            skips.append(h)
-        for block in self.mid:
-            h = block(h, temb)
-        h_mid = h
-        for block in self.up:
-            if isinstance(block, ResBlock):
-                h = torch.cat([h, skips.pop()], dim=1)
-            h = block(h, temb)
+        h, h_mid = self.skip_pass(h, self.embed(t, y, aug), [h])  # the head's output is a skip
         eps = self.tail(h)
         return (eps, h_mid) if bottleneck else eps
