@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -187,11 +188,11 @@ def _sample_chunks(
     *,
     seed: int,
     batch_size: int,
-    device: torch.device | str | None,
-    rank: int,
-    world_size: int,
-    progress: bool,
     desc: str,
+    device: torch.device | str | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = False,
 ) -> list[Tensor]:
     """This rank's chunks in chunk order: chunk ``k`` draws its initial noise and every
     per-step noise from a generator seeded by ``chunk_seed(seed, k)``; ``draw(noise, y,
@@ -295,20 +296,12 @@ def generate(
 
 
 def generate_vectors(
-    model: nn.Module,
-    sampler: Sampler,
-    labels: Tensor,
-    *,
-    seed: int,
-    batch_size: int,
-    guidance: float = 0.0,
-    device: torch.device | str | None = None,
-    rank: int = 0,
-    world_size: int = 1,
-    progress: bool = False,
+    model: nn.Module, sampler: Sampler, labels: Tensor, *, guidance: float = 0.0, **chunking: Any
 ) -> Tensor:
     """Sample one point per label from a model of vectors (``model.vector_dim`` = D), with
-    :func:`generate`'s chunking and seeding (the same points whatever the split).
+    :func:`generate`'s chunking and seeding (the same points whatever the split): ``chunking``
+    is its ``seed``, ``batch_size`` and optional ``device``, ``rank``, ``world_size``,
+    ``progress``.
 
     Returns float32 ``(N_rank, D)`` on the CPU: the sampler's output as it is (clamped to
     ``[-1, 1]`` by :meth:`Sampler.sample`, the range the vector datasets keep to).
@@ -326,7 +319,6 @@ def generate_vectors(
         return x.float().cpu()
 
     points = _sample_chunks(
-        model, labels, (dim,), draw, seed=seed, batch_size=batch_size, device=device,
-        rank=rank, world_size=world_size, progress=progress, desc=f"sampling ({sampler.name})",
-    )  # fmt: skip
+        model, labels, (dim,), draw, desc=f"sampling ({sampler.name})", **chunking
+    )
     return torch.cat(points) if points else torch.empty((0, dim))
