@@ -139,38 +139,29 @@ class RunRef:
 SamplerChoice = tuple[tuple[str, Any], ...]
 
 
-def _settings(raw: Any) -> SamplerChoice | None:
-    """A mapping of scalar settings as a sorted, hashable tuple; None for anything else."""
+def _settings(name: str, where: str, raw: Any, field: str, example: str) -> SamplerChoice:
+    """A row's sampler or analysis settings (a mapping of scalars; a sampler also as its
+    configs/sampler/ name) as a sorted, hashable tuple; ``()`` for none."""
+    if raw is None:
+        return ()
+    if field == "sampler" and isinstance(raw, str):
+        return (("group", raw),)
     if isinstance(raw, Mapping) and all(
         isinstance(v, (str, int, float, bool)) for v in raw.values()
     ):
         return tuple(sorted((str(k), v) for k, v in raw.items()))
-    return None
+    raise _fail(name, where, f"{field} must be {example}, got {raw!r}")
 
 
 def _sampler_choice(name: str, where: str, raw: Any) -> SamplerChoice:
-    if raw is None:
-        return ()
-    if isinstance(raw, str):
-        return (("group", raw),)
-    if (settings := _settings(raw)) is not None:
-        return settings
-    raise _fail(
-        name, where, f"sampler must be a configs/sampler/ name or a mapping such as "
-        f"{{group: dpm_solver, steps: 15}}, got {raw!r}"
-    )  # fmt: skip
+    example = "a configs/sampler/ name or a mapping such as {group: dpm_solver, steps: 15}"
+    return _settings(name, where, raw, "sampler", example)
 
 
 def _analysis_choice(name: str, where: str, raw: Any) -> SamplerChoice:
     """A row's settings of its analysis columns (``{lora_scale: 0}``), hashable."""
-    if raw is None:
-        return ()
-    if (settings := _settings(raw)) is not None:
-        return settings
-    raise _fail(
-        name, where, f"analysis must map the analysis columns' settings to values, such as "
-        f"{{lora_scale: 0}} (configs/analysis/), got {raw!r}"
-    )  # fmt: skip
+    example = "a mapping of the analysis columns' settings to values, such as {lora_scale: 0}"
+    return _settings(name, where, raw, "analysis", example + " (configs/analysis/)")
 
 
 def sampler_text(choice: SamplerChoice) -> str:
