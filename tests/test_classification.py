@@ -311,6 +311,11 @@ def test_augmentation_end_to_end_on_tiny_fashion_mnist(tmp_path: Path, monkeypat
     assert len(list(folder.glob("class_*/*.png"))) == record["training"]["n_generated"]
     path = next((tmp_path / "a" / "records").glob("classify-test-*.json"))
     assert read_record(path)["metrics"]["overall"]["n_test"] == 20
+    from lt_diffusion.classification.record import ClassificationRecord
+
+    short = {**record, "training": {**record["training"], "class_counts": [20] * 9}}
+    with pytest.raises(ValueError, match="training.class_counts has 9 classes, the dataset 10"):
+        ClassificationRecord.model_validate(short)
     assert record["checkpoint"]["step"] == record["checkpoint"]["max_steps"] == 2
 
     # The same request again (another classifier run): read from the cache, nothing sampled.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, NonNegativeInt, model_validator
+from pydantic import BaseModel, Field, NonNegativeInt
 
 from lt_diffusion.evaluation.record import (
     _CLASS_KEY,
@@ -70,17 +70,7 @@ class ClassificationRecord(RecordBase):
     test: EvaluationSet
     prediction: dict[str, Any]
     metrics: ClassifierMetrics
-
-    @model_validator(mode="after")
-    def _counts_agree(self) -> ClassificationRecord:
-        n = len(self.dataset.class_counts)
-        for name, counts in (
-            ("training", self.training.class_counts),
-            ("test", self.test.class_counts),
-        ):
-            if len(counts) != n:
-                raise ValueError(f"{name}.class_counts has {len(counts)} classes, the dataset {n}")
-        return self
+    counted_sections = ("training", "test")
 
 
 def json_schema() -> dict[str, Any]:

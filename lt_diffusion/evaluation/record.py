@@ -14,7 +14,7 @@ import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -171,12 +171,19 @@ class RecordBase(_Open):
     config: dict[str, Any]
     dataset: Dataset
 
+    # Sections whose class_counts list every class of the dataset (the classification record's).
+    counted_sections: ClassVar[tuple[str, ...]] = ()
+
     @model_validator(mode="after")
     def _classes_exist(self) -> RecordBase:
         n = len(self.dataset.class_counts)
         bad = [k for k in self.metrics.per_class if class_index(k) >= n]  # type: ignore[attr-defined]
         if bad:
             raise ValueError(f"metrics.per_class names classes the dataset lacks: {bad}")
+        for name in self.counted_sections:
+            counts = getattr(self, name).class_counts
+            if len(counts) != n:
+                raise ValueError(f"{name}.class_counts has {len(counts)} classes, the dataset {n}")
         return self
 
 
