@@ -146,11 +146,11 @@ def test_lpips_diversity_equals_the_packages_lpips_over_every_pair(
     random_lpips, channels: int, size: int, resize: int | None
 ) -> None:
     images = _images(7, channels, size)
-    got = D.lpips_diversity(images, random_lpips, resize, batch_size=3)
+    got = D.lpips_diversity(images, random_lpips, size=resize, batch_size=3)
     assert got == pytest.approx(_pairs_direct(random_lpips, images, resize), rel=1e-5)
-    assert D.lpips_diversity(images[:1].repeat(5, 1, 1, 1), random_lpips, resize) == pytest.approx(
-        0.0, abs=1e-9
-    )
+    assert D.lpips_diversity(
+        images[:1].repeat(5, 1, 1, 1), random_lpips, size=resize
+    ) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_mean_pairwise_distance_equals_the_double_loop() -> None:

@@ -245,16 +245,11 @@ def mean_pairwise_sq_distance(e: np.ndarray) -> float:
     return float(2.0 * np.einsum("ij,ij->", centred, centred) / (n - 1))
 
 
-def lpips_diversity(
-    images: Tensor,
-    model: nn.Module,
-    size: int | None = None,
-    batch_size: int = 64,
-    device: str | torch.device | None = None,
-) -> float:
+def lpips_diversity(images: Tensor, model: nn.Module, **embedding: Any) -> float:
     """Mean LPIPS distance over all pairs of ``images`` (uint8, one class): the intra-class
-    LPIPS diversity; 0 when every image is the same, higher is more diverse."""
-    return mean_pairwise_sq_distance(lpips_embeddings(images, model, size, batch_size, device))
+    LPIPS diversity; 0 when every image is the same, higher is more diverse. ``embedding``:
+    :func:`lpips_embeddings`' ``size``, ``batch_size``, ``device``."""
+    return mean_pairwise_sq_distance(lpips_embeddings(images, model, **embedding))
 
 
 def check_lpips_size(model: nn.Module, channels: int, image_size: int, size: int | None) -> None:

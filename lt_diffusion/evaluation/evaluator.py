@@ -353,7 +353,7 @@ def run_protocol(
             size, bs = ext_info["lpips"]["size"], int(protocol.batch_size)
             lpips = LPIPSPerClass(
                 {
-                    c: lpips_diversity(x, lpips_model, size, bs, device)
+                    c: lpips_diversity(x, lpips_model, size=size, batch_size=bs, device=device)
                     for c, x in gen.images.items()
                 },
                 keep,

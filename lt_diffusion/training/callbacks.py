@@ -152,13 +152,9 @@ class SampleGrid(L.Callback):
         seed: int = 0,
         max_classes: int = 20,
     ):
-        self.dirpath = Path(dirpath)
-        self.every_n_steps = every_n_steps
-        self.per_class = per_class
-        self.steps = steps
-        self.guidance = guidance
-        self.seed = seed
-        self.max_classes = max_classes
+        self.dirpath, self.every_n_steps = Path(dirpath), every_n_steps
+        self.per_class, self.max_classes = per_class, max_classes  # a row per class
+        self.steps, self.guidance, self.seed = steps, guidance, seed
         self._done_step = -1
 
     def _draw(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -77,13 +77,9 @@ class DiffusionModule(L.LightningModule):
             raise ValueError(f"train.ema_decay must be in [0, 1), got {ema_decay}")
         self.model = model
         self.ema_model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.objective = objective
-        self.schedule = schedule
-        self.optimizer_factory = optimizer
-        self.warmup_steps = warmup_steps
-        self.ema_decay = ema_decay
-        self.compile_model = compile_model
-        self.channels_last = channels_last
+        self.objective, self.schedule, self.optimizer_factory = objective, schedule, optimizer
+        self.warmup_steps, self.ema_decay = warmup_steps, ema_decay
+        self.compile_model, self.channels_last = compile_model, channels_last
         self.meta = meta or {}
         # Before Lightning restores a resumed checkpoint: objectives with networks of their own
         # (consistency distillation's teacher and target) make them here.
