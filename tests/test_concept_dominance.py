@@ -307,6 +307,10 @@ def test_analysis_record_validates(model, tmp_path: Path) -> None:
     broken["results"]["ablation"]["groups"][0]["heads"].pop()
     with pytest.raises(ValueError, match="lists 1 heads"):
         validate(broken)
+    broken = json.loads(json.dumps(record))
+    broken["results"]["frequent_dominates"]["attention"] = 1.5
+    with pytest.raises(ValueError, match="less than or equal to 1"):
+        validate(broken)
 
 
 def test_bad_settings_and_prompt_sets_say_what_to_change(model, tmp_path: Path) -> None:

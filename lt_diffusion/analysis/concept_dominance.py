@@ -43,10 +43,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor, nn
 
 from lt_diffusion.analysis.attention import CrossAttentionProbe
@@ -651,13 +651,8 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-Rate = float | None  # a share of comparisons in [0, 1], None where there were none
-
-
-def _check_rates(values: dict[str, Rate], what: str) -> None:
-    for source, v in values.items():
-        if v is not None and not 0.0 <= v <= 1.0:
-            raise ValueError(f"{what}.{source} = {v} is not a rate in [0, 1]")
+# A share of comparisons in [0, 1], None where there were none.
+Rate = Annotated[float, Field(ge=0.0, le=1.0)] | None
 
 
 def _check_shares(rows: list[list[float]], k: int, what: str) -> None:
@@ -702,22 +697,12 @@ class PairEntry(_Strict):
     comparisons: int
     first_dominates: dict[str, Rate]
 
-    @model_validator(mode="after")
-    def _rates(self) -> PairEntry:
-        _check_rates(self.first_dominates, f"pair {self.concepts}")
-        return self
-
 
 class ConceptEntry(_Strict):
     concept: str
     class_index: int | None
     count: int | None
     win_rate: dict[str, Rate]
-
-    @model_validator(mode="after")
-    def _rates(self) -> ConceptEntry:
-        _check_rates(self.win_rate, f"concept {self.concept}")
-        return self
 
 
 class SingleHead(_Strict):
@@ -795,7 +780,6 @@ class Results(_Strict):
                 f"attention masses sum to 1 over the tokens only up to "
                 f"{self.token_mass_sum_max_error}: the probe does not see the softmax it should"
             )
-        _check_rates(self.frequent_dominates, "frequent_dominates")
         known = {(layer, h) for layer, n in zip(self.layers, self.heads) for h in range(n)}
         if self.ablation is not None:
             for s in self.ablation.single_heads:

@@ -74,25 +74,11 @@ class ClassificationData(L.LightningDataModule):
         self.n_generated = 0
 
     def prepare(self) -> None:
-        """Read the long-tailed training set (once)."""
+        """Read the long-tailed training set (once); ``base`` then has the real images' class
+        counts, class names and splits."""
         if self.images is None:
             self.base.setup()
             self.images, self.labels = self.base.train_images, self.base.train_labels
-
-    @property
-    def real_counts(self) -> list[int]:
-        self.prepare()
-        return list(self.base.class_counts)
-
-    @property
-    def splits(self) -> list[str]:
-        self.prepare()
-        return list(self.base.splits)
-
-    @property
-    def class_names(self) -> list[str]:
-        self.prepare()
-        return list(self.base.class_names)
 
     @property
     def class_counts(self) -> list[int]:

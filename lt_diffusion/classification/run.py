@@ -116,7 +116,7 @@ def _augment(cfg: DictConfig, data: ClassificationData) -> dict[str, Any] | None
     aug = cfg.augment
     if aug.rule == "none":
         return None
-    per_class = generated_per_class(aug.rule, data.real_counts, aug.get("total"))
+    per_class = generated_per_class(aug.rule, list(data.base.class_counts), aug.get("total"))
     gen_cfg = generator_config(cfg)
     generator: dict[str, Any] = {"checkpoint": aug.checkpoint}
     if gen_cfg is not None:
@@ -137,7 +137,7 @@ def _augment(cfg: DictConfig, data: ClassificationData) -> dict[str, Any] | None
     gen = generated_images(
         checkpoint,
         per_class,
-        data.class_names,
+        data.base.class_names,
         aug.sampler,
         aug.guidance,
         int(aug.seed),
@@ -304,7 +304,7 @@ def _evaluate(
     model, meta = load_classifier(checkpoint, device)
     images, labels = data.test_set()
     predictions = predict(model, images, loss, device, batch_size=4 * int(cfg.data.batch_size))
-    metrics = classification_metrics(predictions, labels, data.splits)
+    metrics = classification_metrics(predictions, labels, data.base.splits)
     step = int(meta["global_step"])
     record = build_record(
         kind=KIND,
@@ -324,7 +324,7 @@ def _evaluate(
         },
         test={
             "split": "test",
-            "class_counts": labels.bincount(minlength=len(data.splits)).tolist(),
+            "class_counts": labels.bincount(minlength=len(data.base.splits)).tolist(),
         },
         prediction={"top1": True, "posthoc_tau": loss.posthoc_tau},
         metrics=metrics,
