@@ -198,9 +198,11 @@ def test_an_analysis_record_is_made_by_ltd_analyze_after_training(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A job's ``command: analyze`` evaluation composes the analyze config with its overrides,
-    the checkpoint, the record path and the data root, and runs lt_diffusion.analyze (training
-    and the checkpoint are stand-ins here: the analysis itself runs in test_every_row)."""
-    from lt_diffusion import analyze, job
+    the checkpoint, the record path and the data root, and runs lt_diffusion.analysis.run
+    (training and the checkpoint are stand-ins here: the analysis itself runs in
+    test_every_row)."""
+    from lt_diffusion import job
+    from lt_diffusion.analysis import run as analyze
     from lt_diffusion.evaluation import run as evaluate
     from lt_diffusion.training import run as train
 
