@@ -52,10 +52,13 @@ demo-toy: setup
 	$(PY) -m lt_diffusion.table table=toy2d_demo workers=2
 	$(PY) scripts/plot_toy.py --table toy2d_demo
 
+# The default suite (not slow / gpu) on up to 4 processes (pytest-xdist, one torch thread each),
+# then the SLURM test alone: its cluster's jobs would compete with the other tests for the cores.
 test: setup slurm
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --maxprocesses 4 --dist worksteal -m "not slow and not gpu and not slurm"
+	$(PY) -m pytest -m "slurm and not slow"
 
 lint: setup
 	$(PY) -m ruff check .

@@ -21,6 +21,11 @@ CONFIG_DIR = str(ROOT / "configs")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+# Under pytest-xdist (-n N) every worker computes with one CPU thread: N workers of one thread
+# each share the cores instead of N x cores threads fighting over them.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 
 def compose_config(name: str, overrides: list[str]) -> DictConfig:
     """Compose ``configs/<name>.yaml`` with overrides, as the command line would."""

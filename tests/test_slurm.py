@@ -21,7 +21,10 @@ from tests.conftest import ROOT
 from tests.slurm_cluster import LocalSlurm, unavailable_reason
 from tests.tables_fixture import TINY_EVAL, tiny_table_overrides, write_tiny_table
 
-pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason())),
+]
 
 
 @pytest.fixture(scope="module")
