@@ -89,13 +89,14 @@ def missing_records(job: Job, step: int | None = None) -> list[int]:
 
 
 def run_job(job: Job, table: str) -> str:
-    """Train, then evaluate what is missing; returns ``"done"`` (the caller handles failures)."""
+    """Train, then evaluate what is missing (a job without evaluations, a run other runs start
+    from, only trains); returns ``"done"`` (the caller handles failures)."""
     from lt_diffusion.analysis import run as analyze
     from lt_diffusion.evaluation import run as evaluate
     from lt_diffusion.evaluation.distributed import barrier
     from lt_diffusion.training import run as train
 
-    if not missing_records(job):
+    if job.evaluations and not missing_records(job):
         return "done"
     cfg = train_config(job, table)
     if job.task == "classify":  # trains, then writes its one record (every evaluation's path)

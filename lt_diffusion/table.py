@@ -113,19 +113,52 @@ def check_start_points(resolved: list[ResolvedRun]) -> None:
         )
 
 
+def launch_waves(pending: list[ResolvedRun]) -> list[list[int]]:
+    """Indices of ``pending`` in launch order, wave by wave: a run that starts from another
+    pending run's checkpoint (``train.init_from``) goes in a wave after that run's."""
+    produced = {
+        (r.run_dir / "checkpoints" / "last.ckpt").resolve(): i for i, r in enumerate(pending)
+    }
+    wave: dict[int, int] = {}
+
+    def depth(i: int, chain: tuple[int, ...] = ()) -> int:
+        if i in chain:
+            raise TableSpecError(f"{pending[i].run.key} starts from its own checkpoint (a cycle)")
+        if i not in wave:
+            start = pending[i].config.train.get("init_from")
+            j = produced.get(Path(start).resolve()) if start else None
+            wave[i] = 0 if j is None else depth(j, (*chain, i)) + 1
+        return wave[i]
+
+    for i in range(len(pending)):
+        depth(i)
+    return [[i for i in wave if wave[i] == k] for k in range(max(wave.values(), default=-1) + 1)]
+
+
 def run(cfg: DictConfig, hydra_overrides: list[str], launcher: Any, sweep_dir: Path) -> Path:
-    """Launch what is missing, then write the table; returns the Markdown file."""
+    """Launch what is missing (the runs other runs start from first), then write the table;
+    returns the Markdown file."""
     spec, resolved, jobs = plan(cfg)
     check_launcher(OmegaConf.to_container(launcher, resolve=True), jobs, int(cfg.workers))
     if cfg.launch:
         check_start_points(resolved)
-    pending = [job for job, r in zip(jobs, resolved) if not r.done]
-    print(f"{spec.name}: {len(jobs)} runs, {len(jobs) - len(pending)} done, {len(pending)} to run")
-    if pending and cfg.launch:
-        manifest = write_manifest(sweep_dir / "manifest.json", spec.name, pending)
-        for i, job in enumerate(pending):
+    todo = [(job, r) for job, r in zip(jobs, resolved) if not r.done]
+    print(f"{spec.name}: {len(jobs)} runs, {len(jobs) - len(todo)} done, {len(todo)} to run")
+    waves = launch_waves([r for _, r in todo]) if todo and cfg.launch else []
+    for k, indices in enumerate(waves):
+        wave = []
+        for job, r in (todo[i] for i in indices):
+            start = r.config.train.get("init_from")
+            if start and not Path(start).is_file():  # its start point's run failed
+                print(f"  skipped {job.key}: {start} was not trained (see that run's failure)")
+            else:
+                wave.append(job)
+        wave_dir = sweep_dir if len(waves) == 1 else sweep_dir / f"wave{k}"
+        wave_dir.mkdir(parents=True, exist_ok=True)
+        manifest = write_manifest(wave_dir / "manifest.json", spec.name, wave)
+        for i, job in enumerate(wave):
             print(f"  job {i}: {job.key} -> {job.run_dir}")
-        code = launch(manifest, len(pending), hydra_overrides, sweep_dir, int(cfg.workers))
+        code = launch(manifest, len(wave), hydra_overrides, wave_dir, int(cfg.workers))
         if code != 0:
             print(f"The sweep exited with code {code}; failed runs are marked in the table.")
     failures = {}

@@ -321,15 +321,27 @@ def test_a_distillation_run_resumes_exactly_and_checks_its_teacher(
         _train(train_overrides(*ov, "diffusion.beta_end=0.03"), tmp_path / "c")
 
 
-def test_the_g9_table_waits_for_its_teachers(tmp_path) -> None:
-    """cm_table_g9's rows distil cm_table2's DDPM runs: launching it before they exist is
-    refused up front, naming the missing checkpoint; once they exist it is not."""
-    from lt_diffusion.table import check_start_points, plan
+def test_the_g9_table_trains_its_teachers_first(tmp_path) -> None:
+    """cm_table_g9's rows distil cm_table2's DDPM runs: the spec requires them, so one command
+    trains them (a first wave) and then the students (a second). Without ``requires`` a table
+    is refused up front, naming the missing checkpoint; once it exists it is not."""
+    from lt_diffusion.table import check_start_points, launch_waves, plan
     from lt_diffusion.tables import TableSpecError
 
     out = [f"paths.output_dir={tmp_path}"]
     _, resolved, jobs = plan(compose_config("sweep", ["table=cm_table_g9", *out]))
-    assert len(jobs) == 12 and {r.config.method.name for r in resolved} == {"cd", "cm_cd"}
+    assert len(jobs) == 18 and {r.config.method.name for r in resolved} == {"ddpm", "cd", "cm_cd"}
+    teachers = [r for r in resolved if r.config.method.name == "ddpm"]
+    assert len(teachers) == 6 and not any(r.records for r in teachers)
+    check_start_points(resolved)
+    waves = launch_waves(resolved)
+    assert [{resolved[i].config.method.name for i in w} for w in waves] == [
+        {"ddpm"},
+        {"cd", "cm_cd"},
+    ]
+    assert [len(w) for w in waves] == [6, 12]
+
+    _, resolved, _ = plan(compose_config("sweep", ["table=cm_table_g9", "table.requires=[]", *out]))
     with pytest.raises(TableSpecError, match="cifar10_lt-ir100-ddpm-seed0/checkpoints/last.ckpt"):
         check_start_points(resolved)
     for r in resolved:

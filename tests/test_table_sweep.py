@@ -16,12 +16,12 @@ from tests.tables_fixture import TINY_EVAL, tiny_table_overrides, write_tiny_tab
 
 
 def _table(
-    configs: Path, out: Path, *args: str, table: str = "tiny"
+    configs: Path, out: Path, *args: str, table: str = "tiny", evaluation: list[str] = TINY_EVAL
 ) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable, "-m", "lt_diffusion.table", f"table={table}",
         f"hydra.searchpath=[file://{configs}]", f"paths.output_dir={out}",
-        f"eval_overrides=[{','.join(json.dumps(o) for o in TINY_EVAL)}]", *args,
+        f"eval_overrides=[{','.join(json.dumps(o) for o in evaluation)}]", *args,
     ]  # fmt: skip
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
 
@@ -85,6 +85,45 @@ def test_sweep_runs_once_relaunches_only_a_deleted_record_and_shows_failures(
     csv = (out / "tables" / "tiny.csv").read_text()
     # Both columns of the DDPM row are failed; the CBDM row keeps its numbers.
     assert csv.count(",failed,") == 2 and csv.count(",ok,") == 2 and failure["log"] in csv, csv
+
+
+def test_the_runs_rows_start_from_train_first_in_their_own_wave(
+    tiny_cifar: Path, tmp_path: Path
+) -> None:
+    """A spec's ``requires:`` run (a DDPM teacher, in no column) trains in a first wave, without
+    a record; the row that distils it (``train.init_from``) in a second; the table shows the
+    row's number, and a second call launches nothing."""
+    configs = tmp_path / "configs"
+    (configs / "table").mkdir(parents=True)
+    spec = {
+        "name": "tiny", "title": "Tiny distillation (tests)", "seeds": [0], "eval": "quick",
+        "sampler": {"group": "consistency", "steps": 1},
+        "requires": ["cm/cifar10_lt_ir100_ddpm"],
+        "columns": [{"key": "fid", "label": "FID", "metric": "overall.fid", "better": "lower"}],
+        "blocks": [{"label": "", "rows": [
+            {"label": "CD", "experiment": "cm/cifar10_lt_ir100_cd", "published": [10.523]},
+        ]}],
+    }  # fmt: skip
+    (configs / "table" / "tiny.yaml").write_text(json.dumps(spec))
+    out = tmp_path / "outputs"
+    train = tiny_table_overrides(tiny_cifar, "train.max_steps=2")
+    one_step = [o for o in TINY_EVAL if not o.startswith("eval.sampler.steps=")]  # the spec's
+    first = _table(configs, out, *train, evaluation=one_step)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "tiny: 2 runs, 0 done, 2 to run" in first.stdout
+    waves = sorted(out.glob("sweeps/tiny/*/wave*/manifest.json"))
+    assert [[j["key"] for j in json.loads(p.read_text())["jobs"]] for p in waves] == [
+        ["cm/cifar10_lt_ir100_ddpm/seed0"],
+        ["cm/cifar10_lt_ir100_cd/seed0"],
+    ]
+    teacher = out / "runs" / "cifar10_lt-ir10-ddpm-seed0"
+    assert (teacher / "checkpoints" / "last.ckpt").is_file() and not (teacher / "records").exists()
+    (record,) = out.glob("runs/cifar10_lt-ir10-cd-seed0/records/*.json")
+    fid = json.loads(record.read_text())["metrics"]["overall"]["fid"]
+    assert f"{fid:.2f}" in (out / "tables" / "tiny.md").read_text()
+
+    again = _table(configs, out, *train, evaluation=one_step)
+    assert again.returncode == 0 and "2 done, 0 to run" in again.stdout, again.stdout[-2000:]
 
 
 @pytest.mark.parametrize(

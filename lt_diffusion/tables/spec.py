@@ -26,6 +26,10 @@ experiment`` (tables whose columns are datasets); ``published`` is a list aligne
 columns or a mapping; ``missing: <reason>`` keeps a row the project cannot run in the table.
 A column, block or row may add ``tex:``, its label as LaTeX (written into the ``.tex`` as is),
 where the plain ``label`` (Markdown, CSV, and escaped into the ``.tex`` otherwise) holds math.
+
+``requires:`` lists experiments the table trains (at its seeds) without evaluating them: the
+runs its rows start from (``train.init_from``, e.g. Table G.9's distillation teachers), trained
+before the rows that start from them.
 """
 
 from __future__ import annotations
@@ -250,6 +254,7 @@ class TableSpec:
     sampler: SamplerChoice
     columns: list[Column]
     blocks: list[Block] = field(default_factory=list)
+    requires: list[str] = field(default_factory=list)  # experiments trained, not evaluated
 
     @property
     def task(self) -> str:
@@ -292,8 +297,10 @@ class TableSpec:
         return list(seen)
 
     def runs(self) -> list[RunRef]:
-        """Every training run, each once (a run evaluated twice is trained once)."""
-        return list(dict.fromkeys(ev.run for ev in self.evaluations()))
+        """Every training run, each once (a run evaluated twice is trained once): the required
+        runs, then the evaluated ones."""
+        required = [RunRef(e, seed) for e in self.requires for seed in self.seeds]
+        return list(dict.fromkeys([*required, *(ev.run for ev in self.evaluations())]))
 
     def evaluations_of(self, run: RunRef) -> list[EvalRef]:
         return [ev for ev in self.evaluations() if ev.run == run]
@@ -433,6 +440,10 @@ def load_table(
         )
         for b in raw["blocks"]
     ]
+    requires = [str(e) for e in raw.get("requires") or []]
+    for e in requires:
+        if not (Path(config_dir) / "experiment" / f"{e}.yaml").is_file():
+            raise _fail(name, "requires", f"no experiment {e!r} under configs/experiment/")
     return TableSpec(
         name=name,
         title=str(raw.get("title", name)),
@@ -442,6 +453,7 @@ def load_table(
         sampler=_sampler_choice(name, "sampler", raw.get("sampler")),
         columns=columns,
         blocks=blocks,
+        requires=requires,
     )
 
 
@@ -508,6 +520,14 @@ class ResolvedRun:
 
     @property
     def done(self) -> bool:
+        if not self.records:  # a required run: done when trained to its last step
+            from lt_diffusion.training.checkpoint import CheckpointError, read_checkpoint
+
+            try:
+                ckpt = read_checkpoint(self.run_dir / "checkpoints" / "last.ckpt")
+            except (OSError, CheckpointError):  # none yet, or unreadable: training says which
+                return False
+            return int(ckpt.get("global_step", -1)) == self.max_steps
         return all(self.record_problem(ev) is None for ev in self.records)
 
 
