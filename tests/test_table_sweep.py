@@ -120,7 +120,12 @@ def test_the_runs_rows_start_from_train_first_in_their_own_wave(
     assert (teacher / "checkpoints" / "last.ckpt").is_file() and not (teacher / "records").exists()
     (record,) = out.glob("runs/cifar10_lt-ir10-cd-seed0/records/*.json")
     fid = json.loads(record.read_text())["metrics"]["overall"]["fid"]
-    assert f"{fid:.2f}" in (out / "tables" / "tiny.md").read_text()
+    md = (out / "tables" / "tiny.md").read_text()
+    assert f"{fid:.2f}" in md and "the rows start from: `cm/cifar10_lt_ir100_ddpm`" in md
+    assert (
+        r"start from: \texttt{cm/cifar10\_lt\_ir100\_ddpm}"
+        in (out / "tables" / "tiny.tex").read_text()
+    )
 
     again = _table(configs, out, *train, evaluation=one_step)
     assert again.returncode == 0 and "2 done, 0 to run" in again.stdout, again.stdout[-2000:]

@@ -132,6 +132,10 @@ def to_markdown(result: TableResult) -> str:
         "with every seed (`[k/n seeds]`: the mean of the k seeds that have a record). "
         f"{_protocol_text(result, lambda t: f'`{t}`', False)} Source: {spec.source}",
     ]
+    if spec.requires:
+        lines[-1] += " Trained first, the runs the rows start from: " + ", ".join(
+            f"`{e}`" for e in spec.requires
+        )
     if result.train_overrides or result.eval_overrides:
         lines += [
             "",
@@ -247,6 +251,9 @@ def _tex_caption(result: TableResult) -> str:
     )
     if spec.source:
         text += f" Source: {_tex_escape(spec.source)}."
+    if spec.requires:
+        text += " Trained first, the runs the rows start from: "
+        text += ", ".join(_tt(e) for e in spec.requires) + "."
     runs = [
         f"{kind} " + ", ".join(_tt(o) for o in overrides)
         for kind, overrides in (("train", result.train_overrides), ("eval", result.eval_overrides))
