@@ -130,7 +130,8 @@ def to_markdown(result: TableResult) -> str:
         f"Ours: mean ± std over seeds {_seeds_text(spec.seeds)}; in parentheses the published "
         "value and ours minus it; **best** and <u>second best</u> per block among the cells "
         "with every seed (`[k/n seeds]`: the mean of the k seeds that have a record). "
-        f"{_protocol_text(result, lambda t: f'`{t}`', False)} Source: {spec.source}",
+        f"{_protocol_text(result, lambda t: f'`{t}`', False)}"
+        + (f" Source: {spec.source}." if spec.source else ""),
     ]
     if spec.requires:
         lines[-1] += " Trained first, the runs the rows start from: " + ", ".join(
