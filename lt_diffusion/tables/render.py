@@ -134,9 +134,8 @@ def to_markdown(result: TableResult) -> str:
         + (f" Source: {spec.source}." if spec.source else ""),
     ]
     if spec.requires:
-        lines[-1] += " Trained first, the runs the rows start from: " + ", ".join(
-            f"`{e}`" for e in spec.requires
-        )
+        runs = ", ".join(f"`{e}`" for e in spec.requires)
+        lines[-1] += f" Trained first, the runs the rows start from: {runs}."
     if result.train_overrides or result.eval_overrides:
         lines += [
             "",
