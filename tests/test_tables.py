@@ -63,6 +63,28 @@ def test_table_specs_load_and_name_existing_experiments(name: str) -> None:
                 assert (Path(CONFIG_DIR) / "experiment" / f"{exp}.yaml").is_file()
 
 
+@pytest.mark.parametrize("name", ALL_TABLES)
+def test_every_table_is_one_command_from_nothing(name: str, tmp_path: Path) -> None:
+    """Every run a table's rows start from (``train.init_from``) is one the table trains (a row
+    or a ``requires:`` run), in an earlier launch wave: no table needs another one run first."""
+    from lt_diffusion.table import check_start_points, launch_waves
+
+    spec = load_table_by_name(name)
+    spec.seeds = [0]  # the start points name the seed: one is enough
+    resolved = resolve(spec, [f"paths.output_dir={tmp_path}"])
+    check_start_points(resolved)  # nothing exists under tmp_path
+    wave = {
+        r.run: k
+        for k, group in enumerate(launch_waves(resolved))
+        for r in (resolved[i] for i in group)
+    }
+    dirs = {(r.run_dir / "checkpoints" / "last.ckpt").resolve(): r.run for r in resolved}
+    for r in resolved:
+        start = r.config.train.get("init_from")
+        if start:
+            assert wave[dirs[Path(start).resolve()]] < wave[r.run], r.run.key
+
+
 def test_table7_evaluates_the_cm_run_twice_but_trains_it_once(tmp_path: Path) -> None:
     spec = load_table_by_name("cm_table7")
     spec.seeds = [0]
