@@ -44,7 +44,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 def hydra_command(config_name: str, run: Callable[[Any], Any]) -> Callable[[], Any]:
     """A command's entry point: ``run`` on ``configs/<config_name>.yaml`` composed with the
-    command line's overrides (``--help``, ``--multirun`` and shell completion included)."""
+    command line's overrides (``--help``, ``--multirun`` and shell completion included), with
+    wandb's console output off. ``run`` itself is the task function: Hydra names the job after
+    the module that defines it."""
     import hydra
 
     os.environ.setdefault("WANDB_SILENT", "true")

@@ -101,10 +101,10 @@ def check_start_points(resolved: list[ResolvedRun]) -> None:
     """Refuse to launch a run that starts from another run's checkpoint (``train.init_from``:
     fine-tuning, distillation) when that checkpoint does not exist and no run of this table
     trains it (Table G.9's rows distil Table 2's DDPM runs)."""
-    trained = {(r.run_dir / "checkpoints" / "last.ckpt").resolve() for r in resolved}
+    trained = {r.checkpoint for r in resolved}
     for r in resolved:
-        start = r.config.train.get("init_from")
-        if r.done or not start or Path(start).is_file() or Path(start).resolve() in trained:
+        start = r.start_point
+        if start is None or start in trained or start.is_file() or r.done:
             continue
         raise TableSpecError(
             f"{r.run.key} starts from {start} (train.init_from), which does not exist and no run "
@@ -116,17 +116,14 @@ def check_start_points(resolved: list[ResolvedRun]) -> None:
 def launch_waves(pending: list[ResolvedRun]) -> list[list[int]]:
     """Indices of ``pending`` in launch order, wave by wave: a run that starts from another
     pending run's checkpoint (``train.init_from``) goes in a wave after that run's."""
-    produced = {
-        (r.run_dir / "checkpoints" / "last.ckpt").resolve(): i for i, r in enumerate(pending)
-    }
+    produced = {r.checkpoint: i for i, r in enumerate(pending)}
     wave: dict[int, int] = {}
 
     def depth(i: int, chain: tuple[int, ...] = ()) -> int:
         if i in chain:
             raise TableSpecError(f"{pending[i].run.key} starts from its own checkpoint (a cycle)")
         if i not in wave:
-            start = pending[i].config.train.get("init_from")
-            j = produced.get(Path(start).resolve()) if start else None
+            j = produced.get(pending[i].start_point)
             wave[i] = 0 if j is None else depth(j, (*chain, i)) + 1
         return wave[i]
 
@@ -148,11 +145,12 @@ def run(cfg: DictConfig, hydra_overrides: list[str], launcher: Any, sweep_dir: P
     for k, indices in enumerate(waves):
         wave = []
         for job, r in (todo[i] for i in indices):
-            start = r.config.train.get("init_from")
-            if start and not Path(start).is_file():  # its start point's run failed
-                print(f"  skipped {job.key}: {start} was not trained (see that run's failure)")
+            if r.start_point is not None and not r.start_point.is_file():  # its run failed
+                print(f"  skipped {job.key}: {r.start_point} was not trained (see its failure)")
             else:
                 wave.append(job)
+        if not wave:
+            continue
         wave_dir = sweep_dir if len(waves) == 1 else sweep_dir / f"wave{k}"
         wave_dir.mkdir(parents=True, exist_ok=True)
         manifest = write_manifest(wave_dir / "manifest.json", spec.name, wave)

@@ -78,11 +78,10 @@ def test_every_table_is_one_command_from_nothing(name: str, tmp_path: Path) -> N
         for k, group in enumerate(launch_waves(resolved))
         for r in (resolved[i] for i in group)
     }
-    dirs = {(r.run_dir / "checkpoints" / "last.ckpt").resolve(): r.run for r in resolved}
+    trained_by = {r.checkpoint: r.run for r in resolved}
     for r in resolved:
-        start = r.config.train.get("init_from")
-        if start:
-            assert wave[dirs[Path(start).resolve()]] < wave[r.run], r.run.key
+        if r.start_point is not None:
+            assert wave[trained_by[r.start_point]] < wave[r.run], r.run.key
 
 
 def test_table7_evaluates_the_cm_run_twice_but_trains_it_once(tmp_path: Path) -> None:

@@ -144,12 +144,10 @@ SamplerChoice = tuple[tuple[str, Any], ...]
 
 
 def _settings(name: str, where: str, raw: Any, field: str, example: str) -> SamplerChoice:
-    """A row's sampler or analysis settings (a mapping of scalars; a sampler also as its
-    configs/sampler/ name) as a sorted, hashable tuple; ``()`` for none."""
+    """A row's sampler or analysis settings (a mapping of scalars) as a sorted, hashable
+    tuple; ``()`` for none."""
     if raw is None:
         return ()
-    if field == "sampler" and isinstance(raw, str):
-        return (("group", raw),)
     if isinstance(raw, Mapping) and all(
         isinstance(v, (str, int, float, bool)) for v in raw.values()
     ):
@@ -158,6 +156,8 @@ def _settings(name: str, where: str, raw: Any, field: str, example: str) -> Samp
 
 
 def _sampler_choice(name: str, where: str, raw: Any) -> SamplerChoice:
+    if isinstance(raw, str):  # a configs/sampler/ name
+        return (("group", raw),)
     example = "a configs/sampler/ name or a mapping such as {group: dpm_solver, steps: 15}"
     return _settings(name, where, raw, "sampler", example)
 
@@ -486,6 +486,17 @@ class ResolvedRun:
     def max_steps(self) -> int:
         return int(self.config.train.max_steps)
 
+    @property
+    def checkpoint(self) -> Path:
+        """The run's ``last.ckpt``: what a run starting from it reads (resolved)."""
+        return (self.run_dir / "checkpoints" / "last.ckpt").resolve()
+
+    @property
+    def start_point(self) -> Path | None:
+        """The checkpoint the run starts from (``train.init_from``, resolved), if any."""
+        start = self.config.train.get("init_from")
+        return Path(start).resolve() if start else None
+
     def record_problem(self, ev: EvalRef) -> str | None:
         """Why the record of ``ev`` cannot be used (None when it can); ``"missing"`` when
         there is no file yet."""
@@ -524,7 +535,7 @@ class ResolvedRun:
             from lt_diffusion.training.checkpoint import CheckpointError, read_checkpoint
 
             try:
-                ckpt = read_checkpoint(self.run_dir / "checkpoints" / "last.ckpt")
+                ckpt = read_checkpoint(self.checkpoint)
             except (OSError, CheckpointError):  # none yet, or unreadable: training says which
                 return False
             return int(ckpt.get("global_step", -1)) == self.max_steps
