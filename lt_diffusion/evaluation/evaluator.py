@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -242,16 +243,18 @@ def real_features(
     real_per_class: dict[int, int],
     cache_dir: Path,
     device: torch.device,
+    images_of: Callable[[int], Tensor] | None = None,
 ) -> dict[int, np.ndarray]:
     """Features of ``real_per_class[c]`` real images of each class ``c`` (a seeded choice
-    among the reference images of ``c``) in one feature space, cached under a key that holds
+    among the reference images of ``c``, or among ``images_of(c)``: another set of the
+    dataset's images) in one feature space, cached under a key that holds
     the extractor (its torch-fidelity name, layer and weights' SHA-256) and the SHA-256 of the
     chosen images' pixels: another data root with other pixels under the same dataset name and
     counts never reuses them (hashing costs far less than the network's passes)."""
     info = datamodule.info()
     out = {}
     for c, n in real_per_class.items():
-        images, _ = datamodule.reference_set([c])
+        images = images_of(c) if images_of else datamodule.reference_set([c])[0]
         idx = choose_real(len(images), n, int(protocol.seed) + c)
         chosen = images[idx].contiguous()
         key = cache_key(
@@ -478,9 +481,21 @@ def plan_protocol(
     return plan
 
 
-def dataset_reference(datamodule: Any, comps: list[Comparison]) -> dict[str, Any]:
+def dataset_reference(datamodule: Any) -> dict[str, Any]:
     """What the record states of the real images a protocol compared with by default: the
     dataset's reference split (the full training split for a long tail made by a profile)."""
+    split, what = reference_split(datamodule)
+    return {
+        "origin": "dataset",
+        "dataset": datamodule.info()["name"],
+        "split": split,
+        "description": f"{what}; each comparison takes the same number of real images of each "
+        "of its classes (real_per_class in its entry)",
+    }
+
+
+def reference_split(datamodule: Any) -> tuple[str, str]:
+    """``(split, what it is in words)`` of the dataset's default reference set."""
     info = datamodule.info()
     split = getattr(getattr(datamodule, "source", None), "reference_split", "train")
     native = info.get("profile") in (None, "native")
@@ -493,13 +508,7 @@ def dataset_reference(datamodule: Any, comps: list[Comparison]) -> dict[str, Any
         what = f"the training split of {info['name']} (its own, native class counts)"
     else:
         what = f"the held-out {split} split of {info['name']}"
-    return {
-        "origin": "dataset",
-        "dataset": info["name"],
-        "split": split,
-        "description": f"{what}; each comparison takes the same number of real images of each "
-        "of its classes (real_per_class in its entry)",
-    }
+    return split, what
 
 
 def run_protocol(
@@ -598,7 +607,7 @@ def run_protocol(
         reference = (
             plan.reference.origin([c.name for c in comps])
             if plan.reference is not None
-            else dataset_reference(datamodule, comps)
+            else dataset_reference(datamodule)
         )
         result = {
             "metrics": metrics,

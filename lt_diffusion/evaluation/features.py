@@ -12,6 +12,7 @@ same features.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -108,7 +109,10 @@ def extract_features(
         )
     layer = layers[0]
     space = space_of(getattr(extractor, "name", ""))
-    device = torch.device(device) if device is not None else next(extractor.parameters()).device
+    if device is None:  # the extractor's own (a parameter's, else a buffer's)
+        tensor = next(itertools.chain(extractor.parameters(), extractor.buffers()), None)
+        device = tensor.device if tensor is not None else "cpu"
+    device = torch.device(device)
     want_logits = LOGITS_LAYER in layers
     total = len(images) if isinstance(images, Tensor) else None
     pools: list[Tensor] = []
