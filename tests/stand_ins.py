@@ -42,7 +42,7 @@ def stand_in_space(
 
 # A torch hub code folder of the DINOv2 repository's shape: hubconf.py defines dinov2_vitl14,
 # here a small random network with ViT-L/14's output (1024 features of a 224 px image).
-DINOV2_HUBCONF = '''
+DINOV2_HUBCONF = """
 import torch
 from torch import nn
 
@@ -59,7 +59,7 @@ def dinov2_vitl14(*, pretrained=True, **kwargs):
     if pretrained:
         raise RuntimeError("the stand-in has no download")
     return net
-'''
+"""
 
 
 def stage_small_dinov2(root: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
