@@ -137,7 +137,7 @@ def print_table(record: dict[str, Any]) -> None:
     console = Console(width=120)
     console.print(table)
     for line in table_caption(record):
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 def run(cfg: DictConfig) -> dict[str, Any] | None:
