@@ -531,3 +531,13 @@ def test_analysis_columns_read_analysis_records(tmp_path: Path) -> None:
     bad = {**_spec(), "columns": [{"key": "x", "metric": "analysis.no_such_analysis.value"}]}
     with pytest.raises(TableSpecError, match="nor an analysis path"):
         load_table(bad)
+
+
+def test_the_caption_states_the_reference_the_records_compared_with(filled, tmp_path) -> None:
+    spec, resolved, _ = filled
+    result = collect(spec, resolved)
+    assert result.references == ("the balanced training split",)
+    assert "Reference: the balanced training split." in to_markdown(result)
+    assert "Reference: the balanced training split." in to_latex(result)
+    empty = collect(spec, resolve(spec, [f"paths.output_dir={tmp_path / 'none'}"]))
+    assert "Reference: each dataset's default reference set" in to_markdown(empty)
