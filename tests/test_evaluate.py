@@ -83,7 +83,7 @@ def test_record_then_same_record_from_two_gloo_processes(checkpoint: Path, tmp_p
     )
     assert m["overall"]["kid_subset_size"] == 5 and m["overall"]["pr_k"] == 2
     assert one["dataset"]["class_counts"][0] == 20
-    assert one["extractor"]["weights_sha256"]
+    assert one["extractors"]["inception"]["weights_sha256"]
     assert (tmp_path / "one.json").is_file() and (tmp_path / "one.png").is_file()
 
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")

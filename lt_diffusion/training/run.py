@@ -46,6 +46,7 @@ from lt_diffusion.training.checkpoint import (
 from lt_diffusion.training.config_keys import check_known_keys
 from lt_diffusion.training.csvlog import ResumableCSVLogger
 from lt_diffusion.training.module import DiffusionModule
+from lt_diffusion.utils import quiet
 from lt_diffusion.utils.io import atomic_write_text, remove_temporaries
 from lt_diffusion.utils.runlock import RunLock, RunLockedError, describe_holder, hold_run_lock
 from lt_diffusion.utils.threads import torch_threads
@@ -75,8 +76,11 @@ def build_logger(cfg: DictConfig, resume_step: int = 0) -> Any:
     """The configured logger; a resuming CSV logger is told where the run resumes."""
     if cfg.get("logger") is None or cfg.logger.get("_target_") is None:
         return False
-    if issubclass(hydra.utils.get_class(cfg.logger._target_), ResumableCSVLogger):
+    kind = hydra.utils.get_class(cfg.logger._target_)
+    if issubclass(kind, ResumableCSVLogger):
         return instantiate(cfg.logger, resume_step=resume_step)
+    if kind.__name__ == "WandbLogger":
+        quiet.prepare_wandb()  # its settings warnings follow WANDB_SILENT only after setup
     return instantiate(cfg.logger)
 
 
