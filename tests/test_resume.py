@@ -104,17 +104,35 @@ def test_csv_log_keeps_its_history_across_resumes(train_overrides, tmp_path) -> 
     assert _metrics(run_dir)[1] == list(range(5))
 
 
-def test_leftover_temporary_checkpoints_are_removed_at_start(train_overrides, tmp_path) -> None:
+def test_leftover_temporary_files_are_removed_at_start(train_overrides, tmp_path) -> None:
+    """Every temporary file a training writes into its run directory (named by the atomic
+    writers: ``.<target>.<8 characters>.tmp``) and a kill left behind is swept when the next
+    training holds the lock; an evaluation's (records/, written without the lock) and
+    wandb's are not, nor files that are not ours."""
     run_dir = tmp_path / "r"
-    ckpts = run_dir / "checkpoints"
-    ckpts.mkdir(parents=True)
-    leftover = ckpts / ".last.ckpt.k2j4_x9q.tmp"  # the atomic writer's name, killed mid-write
-    leftover.write_bytes(b"\0" * 1000)
-    keep = ckpts / "notes.tmp"  # not one of ours
-    keep.write_text("mine")
+    leftovers = [
+        "checkpoints/.last.ckpt.k2j4_x9q.tmp",
+        "checkpoints/.step_0000004.ckpt.a1b2c3d4.tmp",
+        "export/.ema.safetensors.q1w2e3r4.tmp",
+        "export/.config.yaml.zz99aa00.tmp",
+        ".config.yaml.t5y6u7i8.tmp",
+        ".train.lock.0f3e9a1c.tmp",
+        ".hydra/.overrides.yaml.p0o9i8u7.tmp",
+        "logs/.metrics.csv.m3n4b5v6.tmp",
+        "samples/.latest.png.c7x8z9l0.tmp",
+    ]
+    kept = [
+        "checkpoints/notes.tmp",
+        "records/.quick-ddim20.json.g5h6j7k8.tmp",
+        "wandb/.x.y.abcdefgh.tmp",
+    ]
+    for name in (*leftovers, *kept):
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_bytes(b"\0" * 100)
     _train(train_overrides(*FAST, "train.max_steps=1"), run_dir)
-    assert not leftover.exists() and keep.exists()
-    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "notes.tmp"]
+    assert [n for n in leftovers if (run_dir / n).exists()] == []
+    assert all((run_dir / n).exists() for n in kept)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt", "notes.tmp"]
 
 
 def test_max_steps_below_one_is_refused_before_any_work(train_overrides, tmp_path) -> None:

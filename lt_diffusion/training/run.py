@@ -9,8 +9,11 @@ holds ``<run_dir>/train.lock`` (:mod:`lt_diffusion.utils.runlock`).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +49,16 @@ from lt_diffusion.training.checkpoint import (
 from lt_diffusion.training.config_keys import check_known_keys
 from lt_diffusion.training.csvlog import ResumableCSVLogger
 from lt_diffusion.training.module import DiffusionModule
-from lt_diffusion.utils.io import atomic_write_text, remove_temporaries
+from lt_diffusion.utils.io import atomic_write_text, remove_temporaries_below
 from lt_diffusion.utils.runlock import RunLock, RunLockedError, describe_holder, hold_run_lock
 from lt_diffusion.utils.threads import torch_threads
+
+
+# Folders of a run directory whose temporary files the training's start leaves alone: an
+# evaluation writes its records without the run's lock (one may be writing now), wandb keeps
+# its own files. Everything else there is written by the lock holder (checkpoints, export,
+# config.yaml, .hydra, logs, sample grids, the lock file itself).
+NOT_SWEPT = ("records", "wandb")
 
 
 def on_gpu(cfg: DictConfig) -> bool:
@@ -136,11 +146,41 @@ def _say_complete(ckpt: Path) -> None:
     rank_zero_info(f"Run already complete at step {_step(ckpt)}: {ckpt}")
 
 
-def run(cfg: DictConfig) -> Path:
+@contextlib.contextmanager
+def launch_record(run_dir: Path, cfg: DictConfig, enabled: bool = True) -> Iterator[None]:
+    """What Hydra writes into a command's output folder when it starts, written here by the
+    holder of the run's lock instead (``configs/train.yaml`` turns Hydra's own off), so that a
+    training the lock refuses leaves the live run's untouched: ``.hydra/`` (config.yaml, the
+    composed config; hydra.yaml; overrides.yaml, the command line's overrides) and the log
+    ``train.log`` (appended to for the ``with`` block). Only under the train command's Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not enabled or not HydraConfig.initialized():
+        yield
+        return
+    hc = HydraConfig.get()
+    folder = run_dir / ".hydra"
+    atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(cfg))
+    atomic_write_text(folder / "hydra.yaml", OmegaConf.to_yaml({"hydra": hc}))
+    atomic_write_text(folder / "overrides.yaml", OmegaConf.to_yaml(hc.overrides.task))
+    # Hydra's default job log file: <output dir>/<job name>.log, its format.
+    handler = logging.FileHandler(run_dir / f"{hc.job.name}.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def run(cfg: DictConfig, launch_files: bool = False) -> Path:
     """Train the run ``cfg`` describes; returns its run directory.
 
     Rank 0 holds the run directory's lock for the whole training (the other ranks of a
-    distributed run write nothing of their own)."""
+    distributed run write nothing of their own). ``launch_files``: the train command's Hydra
+    launch record goes into the run directory once the lock is held (:func:`launch_record`)."""
     torch.set_float32_matmul_precision("high")  # TF32 matmuls where the GPU has them
     run_dir = Path(cfg.paths.run_dir)
     check_known_keys(cfg)
@@ -155,6 +195,7 @@ def run(cfg: DictConfig) -> Path:
         return run_dir
     with (
         hold_run_lock(run_dir, enabled=launch_rank() == 0) as lock,
+        launch_record(run_dir, cfg, enabled=launch_files and lock is not None),
         torch_threads(cfg.train.get("threads"), "train.threads"),
     ):
         return _train(cfg, run_dir, lock)
@@ -167,8 +208,8 @@ def _train(cfg: DictConfig, run_dir: Path, lock: RunLock | None) -> Path:
         if lock.took_over:
             rank_zero_info(f"Took over the run directory from {describe_holder(lock.took_over)}")
         # Under the lock no one else writes here: these are leftovers of killed writes.
-        for tmp in remove_temporaries(ckpt_dir):
-            rank_zero_info(f"Removed {tmp}, a checkpoint write that was killed mid-way")
+        for tmp in remove_temporaries_below(run_dir, skip=NOT_SWEPT):
+            rank_zero_info(f"Removed {tmp}, a write that was killed mid-way")
     L.seed_everything(process_seed(cfg.seed, launch_rank()), workers=True, verbose=False)
 
     # Cheap checks first: the callbacks' settings, the data source (files, ratio, names) and the
