@@ -83,6 +83,8 @@ def test_record_then_same_record_from_two_gloo_processes(checkpoint: Path, tmp_p
     )
     assert m["overall"]["kid_subset_size"] == 5 and m["overall"]["pr_k"] == 2
     assert one["dataset"]["class_counts"][0] == 20
+    data = checkpoint.parents[2] / "data" / "cifar10" / "cifar-10-batches-py"
+    assert one["dataset"]["root"] == str(data.resolve())  # the folder the real images came from
     assert one["extractor"]["weights_sha256"]
     assert (tmp_path / "one.json").is_file() and (tmp_path / "one.png").is_file()
 
@@ -107,6 +109,50 @@ def test_record_then_same_record_from_two_gloo_processes(checkpoint: Path, tmp_p
             assert flat_two[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
         else:  # counts, settings, notes
             assert flat_two[key] == value, key
+
+
+def test_data_root_is_the_folder_read_or_refused(checkpoint: Path, tmp_path: Path) -> None:
+    """``data_root=<dir>``: the dataset's folder under it is read, and the record names it; a
+    root without that folder is refused naming the path it expected."""
+    import shutil
+
+    with pytest.raises(FileNotFoundError) as err:
+        _evaluate(checkpoint, tmp_path, f"data_root={tmp_path}")
+    assert f"expected in {tmp_path / 'cifar10'}" in str(err.value)
+    shutil.copytree(checkpoint.parents[2] / "data" / "cifar10", tmp_path / "cifar10")
+    record = _evaluate(
+        checkpoint, tmp_path, f"data_root={tmp_path}", f"record={tmp_path / 'r.json'}",
+        "eval.per_split.generated=0", "track=false",
+    )  # fmt: skip
+    assert record["dataset"]["root"] == str(
+        (tmp_path / "cifar10" / "cifar-10-batches-py").resolve()
+    )
+
+
+def test_a_given_data_root_never_falls_back_to_the_system_copy(tmp_path: Path) -> None:
+    # Fashion-MNIST is also installed system-wide (Debian's copy, the default run's fallback):
+    # a data_root given explicitly must hold it, or the evaluation stops naming the folder.
+    from lt_diffusion.data import sources
+    from lt_diffusion.training.checkpoint import run_datamodule
+    from tests.fakedata import write_fashion_mnist
+
+    system = tmp_path / "system"
+    write_fashion_mnist(system, 20, 1, seed=0)
+    train_cfg = compose_config(
+        "train",
+        ["dataset=fashion_mnist_lt", "imbalance=ir10", f"paths.data_root={tmp_path / 'trained'}",
+         f"paths.run_dir={tmp_path / 'run'}", "dataset.source.download=false"],
+    )  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sources, "DEBIAN_FASHION_MNIST", system)
+        assert run_datamodule(train_cfg).source.location == system  # the run's own root: as trained
+        given = tmp_path / "given"
+        with pytest.raises(FileNotFoundError, match=f"expected in {given / 'fashion-mnist'}"):
+            run_datamodule(train_cfg, given)
+        (given / "fashion-mnist").mkdir(parents=True)  # the folder, without the files
+        with pytest.raises(FileNotFoundError) as err:
+            run_datamodule(train_cfg, given)
+    assert str(given / "fashion-mnist") in str(err.value) and str(system) not in str(err.value)
 
 
 def test_too_few_real_images_stops_before_generation(checkpoint: Path, tmp_path: Path) -> None:

@@ -224,9 +224,12 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
     )
     if rank != 0:
         return None
+    location = getattr(
+        datamodule.source, "location", None
+    )  # the real images' folder (None: generated data)
     record = build_record(
         config=OmegaConf.to_container(train_cfg, resolve=True),
-        dataset=info,
+        dataset={**info, "root": None if location is None else str(Path(location).resolve())},
         checkpoint={"path": ev.meta["checkpoint"], "step": ev.meta["global_step"],
                     "theta_g_only": bool(cfg.theta_g_only), "images": ev.images},
         sampler={**(ev.sampler or {}), "guidance": ev.guidance},

@@ -53,7 +53,6 @@ from lt_diffusion.utils.io import atomic_write_text, remove_temporaries_below
 from lt_diffusion.utils.runlock import RunLock, RunLockedError, describe_holder, hold_run_lock
 from lt_diffusion.utils.threads import torch_threads
 
-
 # Folders of a run directory whose temporary files the training's start leaves alone: an
 # evaluation writes its records without the run's lock (one may be writing now), wandb keeps
 # its own files. Everything else there is written by the lock holder (checkpoints, export,
