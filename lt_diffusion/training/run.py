@@ -22,6 +22,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -80,12 +81,21 @@ def cluster_plugins() -> list[Any]:
     return []
 
 
-def build_logger(cfg: DictConfig, resume_step: int = 0) -> Any:
-    """The configured logger; a resuming CSV logger is told where the run resumes."""
+def build_logger(cfg: DictConfig, resume_step: int = 0, run_dir: Path | None = None) -> Any:
+    """The configured logger. A resuming CSV logger is told where the run resumes; a run that
+    resumes from a checkpoint continues the wandb run of ``run_dir`` (its id, from
+    ``<run_dir>/wandb/latest-run``), unless ``logger.id`` names one."""
     if cfg.get("logger") is None or cfg.logger.get("_target_") is None:
         return False
-    if issubclass(hydra.utils.get_class(cfg.logger._target_), ResumableCSVLogger):
+    target = hydra.utils.get_class(cfg.logger._target_)
+    if issubclass(target, ResumableCSVLogger):
         return instantiate(cfg.logger, resume_step=resume_step)
+    if issubclass(target, WandbLogger) and resume_step > 0 and not cfg.logger.get("id"):
+        from lt_diffusion.evaluation.tracking import wandb_run_id
+
+        run_id = wandb_run_id(run_dir) if run_dir is not None else None
+        if run_id is not None:
+            return instantiate(cfg.logger, id=run_id, resume="allow")
     return instantiate(cfg.logger)
 
 
@@ -151,7 +161,8 @@ def launch_record(run_dir: Path, cfg: DictConfig, enabled: bool = True) -> Itera
     holder of the run's lock instead (``configs/train.yaml`` turns Hydra's own off), so that a
     training the lock refuses leaves the live run's untouched: ``.hydra/`` (config.yaml, the
     composed config; hydra.yaml; overrides.yaml, the command line's overrides) and the log
-    ``train.log`` (appended to for the ``with`` block). Only under the train command's Hydra."""
+    ``train.log`` (appended to for the ``with`` block). Only under the Hydra of the train and
+    classify commands (their ``hydra.output_subdir`` is null)."""
     from hydra.core.hydra_config import HydraConfig
 
     if not enabled or not HydraConfig.initialized():
@@ -249,7 +260,7 @@ def _train(cfg: DictConfig, run_dir: Path, lock: RunLock | None) -> Path:
     )
     trainer: L.Trainer = instantiate(
         cfg.trainer,
-        logger=build_logger(cfg, resume_step),
+        logger=build_logger(cfg, resume_step, run_dir),
         callbacks=callbacks,
         # Lightning would add its own ModelCheckpoint (every epoch) when none is configured.
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
