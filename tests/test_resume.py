@@ -8,8 +8,11 @@ import contextlib
 import csv
 import io
 import logging
+import os
 import random
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +22,7 @@ import torch
 
 from lt_diffusion.training.checkpoint import read_checkpoint
 from lt_diffusion.training.rng import RNG_KEY
-from tests.conftest import compose_config, python_process
+from tests.conftest import ROOT, compose_config, python_process
 
 # Cheap runs: a batch of 4, a one-step grid of one image per class at the end.
 FAST = ("data.batch_size=4", "train.grid_per_class=1", "train.grid_steps=1")
@@ -273,3 +276,129 @@ def test_ddp_resume_is_exact_with_each_ranks_own_random_states(train_overrides, 
     assert_same_training_state(a, b)
     states = read_checkpoint(a)[RNG_KEY]
     assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
+
+
+# --- kill -9 of one rank of a two-process run, restart, until done -----------------------------
+
+DDP = ("trainer=ddp", "trainer.accelerator=cpu", "trainer.precision=32-true")
+
+
+def _start_job(args: list[str], log: Path) -> subprocess.Popen:
+    """``python <args>`` as a user starts it, its output (both ranks') appended to ``log``."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="offline")
+    with open(log, "a") as out:
+        return subprocess.Popen(
+            [sys.executable, *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+
+
+def _other_ranks(pid: int) -> list[int]:
+    """The training processes ``pid`` started (Lightning's launcher starts rank 1 as its
+    child; not a passing ``git describe``)."""
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            kids += [int(k) for k in (task / "children").read_text().split()]
+    ranks = []
+    for kid in kids:
+        with contextlib.suppress(OSError):
+            if b"lt_diffusion.train" in Path(f"/proc/{kid}/cmdline").read_bytes():
+                ranks.append(kid)
+    return ranks
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, waiting for its parent to reap it, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.slow
+def test_ddp_kill_loop_ends_with_the_uninterrupted_runs_state(train_overrides, tmp_path) -> None:
+    """Two CPU processes (gloo: the code path of NCCL ranks). SIGKILL of one rank at random
+    moments, of rank 0 while it writes a checkpoint too; the job then dies as a whole (when a
+    rank dies Lightning's launcher kills the others; a rank left waiting is killed as a
+    scheduler ends a job) and the same command starts it again, taking over the dead rank 0's
+    lock and sweeping its temporary file. The final state (every tensor of the weights, EMA,
+    optimizer; both ranks' random states) equals the uninterrupted two-process run's; a run
+    of another seed does not."""
+    steps = 24
+    ov = train_overrides(
+        *FAST,
+        *DDP,
+        f"train.max_steps={steps}",
+        "train.ckpt_every=2",
+        "train.log_every=1",
+        "model.dropout=0.3",
+        "method.objective.cond_drop_prob=0.5",
+    )
+    log = tmp_path / "jobs.log"
+
+    def job(run_dir: Path, *extra: str) -> subprocess.Popen:
+        return _start_job(
+            ["-m", "lt_diffusion.train", *ov, *extra, f"hydra.run.dir={run_dir}"], log
+        )
+
+    started = time.monotonic()
+    for proc in [job(tmp_path / "ref"), job(tmp_path / "seed1", "seed=1")]:
+        assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
+
+    run_dir = tmp_path / "killed"
+    ckpts, last = run_dir / "checkpoints", run_dir / "checkpoints" / "last.ckpt"
+    rng = random.Random(0)
+    killed, mid_write, torn_down = [], 0, 0
+    for attempt in range(14):
+        proc, kills_before = job(run_dir), len(killed)
+        start_step, deadline = _step(last), time.time() + 600
+        if attempt < 8:
+            if attempt % 2:  # rank 0 while a checkpoint write is under way
+                rank = 0
+                while proc.poll() is None and time.time() < deadline:
+                    if any(p.name.startswith(".last.ckpt.") for p in ckpts.glob("*.tmp")):
+                        mid_write += 1
+                        break
+                    time.sleep(0.002)
+            else:  # rank 0 or rank 1 at a random moment after the run made progress
+                rank = (attempt // 2) % 2
+                while proc.poll() is None and _step(last) <= start_step and time.time() < deadline:
+                    time.sleep(0.05)
+                time.sleep(rng.uniform(0.0, 3.0))
+            ranks = [proc.pid, *_other_ranks(proc.pid)]
+            if proc.poll() is None and len(ranks) == 2:
+                os.kill(ranks[rank], signal.SIGKILL)
+                killed.append(rank)
+                # The job ends as a whole: the other rank stops (gloo loses its peer, or
+                # Lightning kills it), or is killed after 30 s, as a scheduler would.
+                end = time.time() + 30
+                while any(_running(p) for p in ranks) and time.time() < end:
+                    time.sleep(0.2)
+                for p in ranks:
+                    if _running(p):
+                        os.kill(p, signal.SIGKILL)
+                        torn_down += 1
+        proc.wait(timeout=900)
+        if proc.returncode == 0:
+            break
+        # Killed, or rank 0 stopped by gloo's error when its peer died: nothing else fails.
+        assert len(killed) == kills_before + 1, log.read_text()[-4000:]
+    else:
+        pytest.fail("the run did not finish after 14 starts")
+    print(
+        f"{len(killed)} kills (ranks {killed}), {mid_write} during a checkpoint write, "
+        f"{torn_down} ranks left waiting and killed, {attempt + 1} starts, "
+        f"{time.monotonic() - started:.0f} s in all"
+    )
+
+    assert len(killed) >= 6 and 1 in killed and mid_write >= 1, (killed, mid_write)
+    reference = tmp_path / "ref" / "checkpoints" / "last.ckpt"
+    assert_same_training_state(reference, last)
+    states = read_checkpoint(last)[RNG_KEY]
+    assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
+    with pytest.raises(AssertionError, match="tensors differ"):
+        assert_same_training_state(reference, tmp_path / "seed1" / "checkpoints" / "last.ckpt")
+    assert not list(run_dir.rglob("*.tmp")) and not (run_dir / "train.lock").exists()
+    _, logged = _metrics(run_dir)
+    assert len(set(logged)) == len(logged) and logged == sorted(logged)
