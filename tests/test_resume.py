@@ -123,6 +123,27 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path) -> None:
     assert build_logger(mine, resume_step=4, run_dir=tmp_path)._wandb_init["id"] == "mine"
 
 
+def test_a_lost_wandb_service_ends_the_logging_not_the_training(tmp_path) -> None:
+    """SLURM's SIGTERM at a requeue ends wandb's service process with the training's: the
+    step's metrics then meet a closed connection. The training must go on to save that step
+    (tests/test_slurm.py has the real requeue)."""
+    from lt_diffusion.training.wandblog import WandbLogger
+
+    class Gone:  # a wandb run whose service process has ended
+        id, calls = "k3x9q2ab", 0
+
+        def log(self, *args: object, **kwargs: object) -> None:
+            Gone.calls += 1
+            raise ConnectionResetError("Connection lost")
+
+    logger = WandbLogger(project="p", save_dir=str(tmp_path), offline=True)
+    logger._experiment = Gone()
+    with pytest.warns(UserWarning, match=r"logs nothing more to wandb run k3x9q2ab \(from step 7"):
+        logger.log_metrics({"train/loss": 0.5}, step=7)
+    logger.log_metrics({"train/loss": 0.4}, step=8)  # not tried again, not raised
+    assert Gone.calls == 1 and "ConnectionResetError" in logger.service_lost
+
+
 def test_leftover_temporary_files_are_removed_at_start(train_overrides, tmp_path) -> None:
     """Every temporary file a training writes into its run directory (named by the atomic
     writers: ``.<target>.<8 characters>.tmp``) and a kill left behind is swept when the next
