@@ -107,18 +107,19 @@ def test_csv_log_keeps_its_history_across_resumes(train_overrides, tmp_path) -> 
     assert _metrics(run_dir)[1] == list(range(5))
 
 
-def test_a_resumed_run_continues_its_wandb_run(tmp_path) -> None:
-    """A run resuming from a checkpoint logs to its wandb run again (the id of the run folder
-    wandb wrote, ``wandb/latest-run``), a run starting at step 0 to a new one. End to end, with
-    real processes and requeues: tests/test_slurm.py."""
+def test_a_restarted_run_continues_its_wandb_run(tmp_path) -> None:
+    """A run directory is one wandb run: a run started again (resumed, or restarted by a kill
+    before its first checkpoint) logs to the id of the run folder an earlier attempt wrote
+    (``wandb/latest-run``). End to end, with real processes and requeues: tests/test_slurm.py."""
     from lt_diffusion.training.run import build_logger
 
     cfg = compose_config("train", ["logger=wandb", f"paths.run_dir={tmp_path}"])
+    assert build_logger(cfg, resume_step=0, run_dir=tmp_path)._wandb_init.get("id") is None
     (tmp_path / "wandb" / "offline-run-20260101_000000-k3x9q2ab").mkdir(parents=True)
     (tmp_path / "wandb" / "latest-run").symlink_to("offline-run-20260101_000000-k3x9q2ab")
-    resumed = build_logger(cfg, resume_step=4, run_dir=tmp_path)
-    assert resumed._wandb_init["id"] == "k3x9q2ab" and resumed._wandb_init["resume"] == "allow"
-    assert build_logger(cfg, resume_step=0, run_dir=tmp_path)._wandb_init.get("id") is None
+    for step in (4, 0):
+        again = build_logger(cfg, resume_step=step, run_dir=tmp_path)
+        assert again._wandb_init["id"] == "k3x9q2ab" and again._wandb_init["resume"] == "allow"
     mine = compose_config("train", ["logger=wandb", "+logger.id=mine", f"paths.run_dir={tmp_path}"])
     assert build_logger(mine, resume_step=4, run_dir=tmp_path)._wandb_init["id"] == "mine"
 

@@ -82,15 +82,16 @@ def cluster_plugins() -> list[Any]:
 
 
 def build_logger(cfg: DictConfig, resume_step: int = 0, run_dir: Path | None = None) -> Any:
-    """The configured logger. A resuming CSV logger is told where the run resumes; a run that
-    resumes from a checkpoint continues the wandb run of ``run_dir`` (its id, from
-    ``<run_dir>/wandb/latest-run``), unless ``logger.id`` names one."""
+    """The configured logger. A resuming CSV logger is told where the run resumes; wandb logs
+    to the run directory's wandb run when it has one (its id, from
+    ``<run_dir>/wandb/latest-run``: an earlier attempt's), unless ``logger.id`` names one, so
+    that a run directory is one wandb run however often it was stopped and started again."""
     if cfg.get("logger") is None or cfg.logger.get("_target_") is None:
         return False
     target = hydra.utils.get_class(cfg.logger._target_)
     if issubclass(target, ResumableCSVLogger):
         return instantiate(cfg.logger, resume_step=resume_step)
-    if issubclass(target, WandbLogger) and resume_step > 0 and not cfg.logger.get("id"):
+    if issubclass(target, WandbLogger) and not cfg.logger.get("id"):
         from lt_diffusion.evaluation.tracking import wandb_run_id
 
         run_id = wandb_run_id(run_dir) if run_dir is not None else None
