@@ -53,6 +53,7 @@ from lt_diffusion.training.run import (
     NOT_SWEPT,
     build_logger,
     cluster_plugins,
+    fit,
     launch_rank,
     launch_record,
     on_gpu,
@@ -291,7 +292,7 @@ def _fit(
         )
     if resume is not None:
         rank_zero_info(f"Resuming from {resume} at step {done}")
-    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
+    fit(trainer, module, datamodule=data, ckpt_path=str(resume) if resume else None)
 
 
 def _evaluate(

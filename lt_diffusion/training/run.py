@@ -23,7 +23,8 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from lt_diffusion.data.datamodule import stream_seed
@@ -98,6 +99,25 @@ def build_logger(cfg: DictConfig, resume_step: int = 0, run_dir: Path | None = N
         if run_id is not None:
             return instantiate(cfg.logger, id=run_id, resume="allow")
     return instantiate(cfg.logger)
+
+
+def fit(trainer: L.Trainer, module: L.LightningModule, **kwargs: Any) -> None:
+    """``trainer.fit``; an error raised once the process got SIGTERM ends the run as that
+    SIGTERM does (Lightning's ``SIGTERMException``: RunCheckpoint has saved what can be saved),
+    not as a failure. SLURM stops a job by signalling all its processes, so the helpers die
+    with the training (wandb's service, the ``scontrol requeue`` submitit runs at a time
+    limit) and their errors reach it; submitit would then record a failed result for a job that
+    is being requeued (its sweep, or table, counting it failed while it goes on)."""
+    try:
+        trainer.fit(module, **kwargs)
+    except Exception as err:
+        if not trainer.received_sigterm:
+            raise
+        rank_zero_warn(
+            f"{type(err).__name__} after SIGTERM ({str(err)[:200]}): part of the job being "
+            "stopped (a SLURM requeue, time limit or preemption), not a failure of the run"
+        )
+        raise SIGTERMException from err
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path, lock: RunLock | None) -> list[L.Callback]:
@@ -276,7 +296,7 @@ def _train(cfg: DictConfig, run_dir: Path, lock: RunLock | None) -> Path:
         # Counts the modules in eval mode by design too (the EMA copy, ...); the module warns
         # of trainable ones itself (DiffusionModule.on_train_start).
         warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode")
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+        fit(trainer, module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     if cfg.train.export and trainer.is_global_zero:
         export(module, trainer.global_step, run_dir / "export", lock)
     rank_zero_info(f"Run directory: {run_dir}\n  checkpoint: {ckpt_dir / LAST}")
