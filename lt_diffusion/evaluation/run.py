@@ -224,9 +224,7 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
     )
     if rank != 0:
         return None
-    location = getattr(
-        datamodule.source, "location", None
-    )  # the real images' folder (None: generated data)
+    location = getattr(datamodule.source, "location", None)  # None: generated data
     record = build_record(
         config=OmegaConf.to_container(train_cfg, resolve=True),
         dataset={**info, "root": None if location is None else str(Path(location).resolve())},
