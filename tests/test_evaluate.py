@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from lt_diffusion.evaluation.inception import ISUnavailableError, official_weights
 from lt_diffusion.evaluation.metrics import TooFewImagesError
@@ -130,20 +131,20 @@ def test_two_processes_make_the_record_of_one(checkpoint: Path, tmp_path: Path) 
 
 
 def test_data_root_is_the_folder_read_or_refused(checkpoint: Path, tmp_path: Path) -> None:
-    """``data_root=<dir>``: the dataset's folder under it is read, and the record names it; a
-    root without that folder is refused naming the path it expected."""
+    """``data_root=<dir>``: a root without the dataset's folder is refused naming the path it
+    expected, before any generation; a root with it is where the real images are read (the
+    record's ``dataset.root``, checked above for the run's own root)."""
     import shutil
+
+    from lt_diffusion.training.checkpoint import read_checkpoint, run_datamodule
 
     with pytest.raises(FileNotFoundError) as err:
         _evaluate(checkpoint, tmp_path, f"data_root={tmp_path}")
     assert f"expected in {tmp_path / 'cifar10'}" in str(err.value)
     shutil.copytree(checkpoint.parents[2] / "data" / "cifar10", tmp_path / "cifar10")
-    record = _evaluate(
-        checkpoint, tmp_path, f"data_root={tmp_path}", f"record={tmp_path / 'r.json'}",
-        "eval.per_split.generated=0", "track=false",
-    )  # fmt: skip
-    assert record["dataset"]["root"] == str(
-        (tmp_path / "cifar10" / "cifar-10-batches-py").resolve()
+    train_cfg = OmegaConf.create(read_checkpoint(checkpoint)["lt_diffusion"]["config"])
+    assert run_datamodule(train_cfg, tmp_path).source.location == (
+        tmp_path / "cifar10" / "cifar-10-batches-py"
     )
 
 
