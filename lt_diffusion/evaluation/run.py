@@ -293,9 +293,10 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
     if rank != 0:
         return None
     result = results[0] if len(results) == 1 else merge_repeats(results, seeds)
+    location = getattr(datamodule.source, "location", None)  # None: generated data
     record = build_record(
         config=OmegaConf.to_container(train_cfg, resolve=True),
-        dataset=info,
+        dataset={**info, "root": None if location is None else str(Path(location).resolve())},
         checkpoint={"path": ev.meta["checkpoint"], "step": ev.meta["global_step"],
                     "theta_g_only": bool(cfg.theta_g_only), "images": ev.images},
         sampler={**(ev.sampler or {}), "guidance": ev.guidance},
