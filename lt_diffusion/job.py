@@ -25,10 +25,10 @@ from typing import Any
 from omegaconf import DictConfig, open_dict
 
 from lt_diffusion.evaluation.record import RecordError
+from lt_diffusion.runs.checkpoint import read_checkpoint
 from lt_diffusion.runtime import hydra_command
 from lt_diffusion.sweep import FAILED, SWEEP_LOG_ENV, Job, read_manifest
 from lt_diffusion.tables.spec import read_table_record
-from lt_diffusion.training.checkpoint import read_checkpoint
 from lt_diffusion.utils.config import compose_config
 from lt_diffusion.utils.io import atomic_write_json
 

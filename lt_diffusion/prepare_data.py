@@ -27,7 +27,7 @@ _GROUPS = ("dataset", "imbalance", "paths")
 def run(overrides: Sequence[str]) -> LongTailDataModule:
     """The datamodule of the run ``overrides`` describe, set up, with its reference set."""
     # Imported here: Lightning takes seconds to import, which --help should not wait for.
-    from lt_diffusion.training.builders import build_datamodule
+    from lt_diffusion.runs.build import build_datamodule
 
     cfg = compose_config("train", overrides)
     datamodule = build_datamodule(cfg, on_device=False)

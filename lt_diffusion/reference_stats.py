@@ -44,8 +44,8 @@ def parse(args: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
 def run(args: Sequence[str]) -> Path:
     # Imported here: Lightning and torch-fidelity take seconds to import, --help should not wait.
     from lt_diffusion.evaluation.dataset_stats import dataset_statistics
+    from lt_diffusion.runs.build import build_datamodule
     from lt_diffusion.runtime import resolve_device
-    from lt_diffusion.training.builders import build_datamodule
 
     own, overrides = parse(args)
     cfg = compose_config("train", overrides)

@@ -268,7 +268,7 @@ def test_augmentation_end_to_end_on_tiny_fashion_mnist(tmp_path: Path, monkeypat
     and seed; the classifier trains on real + generated images; its record names the
     generator and validates."""
     from lt_diffusion.classification.run import run
-    from lt_diffusion.training import builders
+    from lt_diffusion.runs import build as builders
     from lt_diffusion.training import run as train
     from tests.fakedata import write_fashion_mnist
 
@@ -485,7 +485,7 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path: P
     """Two steps, stop, resume to four: the same weights as four steps straight (the batch
     stream, the crops and the learning-rate schedule are functions of the step)."""
     from lt_diffusion.classification.run import run
-    from lt_diffusion.training.checkpoint import read_checkpoint
+    from lt_diffusion.runs.checkpoint import read_checkpoint
     from tests.fakedata import write_fashion_mnist
 
     data = tmp_path / "data"

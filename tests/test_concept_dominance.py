@@ -244,7 +244,7 @@ def test_saturation_step() -> None:
 def _analysed(model: StableDiffusionBackbone, tmp_path: Path):
     """The model as a loaded run (what ltd-analyze gives compute), on CPU."""
     from lt_diffusion.analysis.common import AnalysedRun
-    from lt_diffusion.training.checkpoint import LoadedRun
+    from lt_diffusion.runs.load import LoadedRun
 
     cfg = compose_config(
         "train",

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from lt_diffusion.evaluation.inception import ISUnavailableError, official_weights
 from lt_diffusion.evaluation.metrics import TooFewImagesError
-from lt_diffusion.training.checkpoint import CheckpointError
+from lt_diffusion.runs.checkpoint import CheckpointError
 from tests.conftest import ROOT, compose_config, tiny_eval
 
 # Tiny protocol: ~60 Inception passes in all.
@@ -139,7 +139,8 @@ def test_data_root_is_the_folder_read_or_refused(checkpoint: Path, tmp_path: Pat
     record's ``dataset.root``, checked above for the run's own root)."""
     import shutil
 
-    from lt_diffusion.training.checkpoint import read_checkpoint, run_datamodule
+    from lt_diffusion.runs.checkpoint import read_checkpoint
+    from lt_diffusion.runs.load import run_datamodule
 
     with pytest.raises(FileNotFoundError) as err:
         _evaluate(checkpoint, tmp_path, f"data_root={tmp_path}")
@@ -155,7 +156,7 @@ def test_a_given_data_root_never_falls_back_to_the_system_copy(tmp_path: Path) -
     # Fashion-MNIST is also installed system-wide (Debian's copy, the default run's fallback):
     # a data_root given explicitly must hold it, or the evaluation stops naming the folder.
     from lt_diffusion.data import sources
-    from lt_diffusion.training.checkpoint import run_datamodule
+    from lt_diffusion.runs.load import run_datamodule
     from tests.fakedata import write_fashion_mnist
 
     system = tmp_path / "system"

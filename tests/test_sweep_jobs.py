@@ -14,6 +14,7 @@ import yaml
 from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
 from omegaconf import OmegaConf
 
+from lt_diffusion.runs.checkpoint import read_checkpoint
 from lt_diffusion.sweep import (
     FAILED,
     SWEEP_LOG_ENV,
@@ -25,7 +26,6 @@ from lt_diffusion.sweep import (
     read_manifest,
     write_manifest,
 )
-from lt_diffusion.training.checkpoint import read_checkpoint
 from tests.conftest import ROOT
 from tests.tables_fixture import TINY_EVAL
 

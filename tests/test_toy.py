@@ -150,7 +150,7 @@ def test_points_are_generated_deterministically_whatever_the_split() -> None:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_takes_a_step_on_points_or_refuses_clearly(method: str) -> None:
-    from lt_diffusion.training.builders import (
+    from lt_diffusion.runs.build import (
         build_datamodule,
         build_model,
         build_objective,

@@ -24,8 +24,8 @@ from torch import Tensor, nn
 
 from lt_diffusion.data.datamodule import stream_seed
 from lt_diffusion.data.splits import SPLITS
-from lt_diffusion.training.checkpoint import LoadedRun
-from lt_diffusion.training.checkpoint import load_run as load_checkpoint_run
+from lt_diffusion.runs.load import LoadedRun
+from lt_diffusion.runs.load import load_run as load_checkpoint_run
 from lt_diffusion.utils.io import atomic_write_json
 
 # Random streams derived from the analysis seed (see lt_diffusion.data.datamodule.stream_seed).
@@ -256,7 +256,7 @@ def rank_correlation(values: Sequence[float | None], counts: Sequence[int]) -> f
 
 @dataclass
 class AnalysedRun:
-    """A run rebuilt from its checkpoint (:func:`lt_diffusion.training.checkpoint.load_run`)
+    """A run rebuilt from its checkpoint (:func:`lt_diffusion.runs.load.load_run`)
     with its long-tailed training set, as the analyses use it."""
 
     run: LoadedRun

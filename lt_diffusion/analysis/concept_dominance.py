@@ -320,7 +320,7 @@ def compute(
     """Trace every prompt's concept attention, summarise dominance, score presence with CLIP
     when staged, relate dominance to the concepts' training frequency, ablate heads."""
     from lt_diffusion.diffusion import DDIMSampler
-    from lt_diffusion.training.builders import check_guidance
+    from lt_diffusion.runs.build import check_guidance
 
     model, device = run.model, run.device
     names = [str(n) for n in run.info["class_names"]]

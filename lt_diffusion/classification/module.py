@@ -33,7 +33,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from lt_diffusion.classification.losses import ClassificationLoss
 from lt_diffusion.methods.cm import cm_class_weights, per_sample_sq_dist
 from lt_diffusion.models.lowrank import expert_switch
-from lt_diffusion.training.checkpoint import META_KEY
+from lt_diffusion.runs.checkpoint import META_KEY
 
 
 class EpochSchedule:

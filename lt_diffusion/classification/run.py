@@ -38,10 +38,8 @@ from lt_diffusion.classification.metrics import classification_metrics, summary_
 from lt_diffusion.classification.module import ClassifierModule, EpochSchedule
 from lt_diffusion.classification.record import KIND
 from lt_diffusion.evaluation.record import build_record, write_record
-from lt_diffusion.runtime import code_version
-from lt_diffusion.training.builders import instantiate as checked_instantiate
-from lt_diffusion.training.callbacks import RunCheckpoint, RunLockGuard
-from lt_diffusion.training.checkpoint import (
+from lt_diffusion.runs.build import instantiate as checked_instantiate
+from lt_diffusion.runs.checkpoint import (
     LAST,
     META_KEY,
     AtomicCheckpointIO,
@@ -49,6 +47,8 @@ from lt_diffusion.training.checkpoint import (
     find_resume_checkpoint,
     read_checkpoint,
 )
+from lt_diffusion.runtime import code_version
+from lt_diffusion.training.callbacks import RunCheckpoint, RunLockGuard
 from lt_diffusion.training.run import (
     NOT_SWEPT,
     build_logger,

@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from lt_diffusion.data.splits import SPLITS
-from lt_diffusion.training.builders import sampler_label
+from lt_diffusion.runs.build import sampler_label
 from lt_diffusion.utils.config import CONFIG_DIR
 
 

@@ -28,21 +28,16 @@ from lt_diffusion.evaluation.record import build_record, conventions, record_fil
 from lt_diffusion.evaluation.repeats import merge_repeats, noise_seeds
 from lt_diffusion.evaluation.toy import run_toy_protocol
 from lt_diffusion.evaluation.tracking import log_to_training_run
-from lt_diffusion.runtime import code_version, resolve_device
-from lt_diffusion.training.builders import (
+from lt_diffusion.runs.build import (
     build_sampler,
     build_schedule,
     check_guidance,
     check_sampler,
     resolve_sampler,
 )
-from lt_diffusion.training.checkpoint import (
-    META_KEY,
-    CheckpointError,
-    load_run,
-    read_checkpoint,
-    run_datamodule,
-)
+from lt_diffusion.runs.checkpoint import META_KEY, CheckpointError, read_checkpoint
+from lt_diffusion.runs.load import load_run, run_datamodule
+from lt_diffusion.runtime import code_version, resolve_device
 from lt_diffusion.utils.identity import evaluation_identity
 from lt_diffusion.utils.imagefolder import read_folder_meta, read_image_folder
 

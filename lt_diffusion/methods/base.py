@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +19,19 @@ from torch import Tensor, nn
 from lt_diffusion.diffusion import DDIMSampler, NoiseSchedule, Sampler
 
 DROP_MODES = ("batch", "sample", "none")
+
+
+class TrainedRun(Protocol):
+    """What an objective reads of another trained run (a distillation teacher): handed in by
+    the training (:func:`lt_diffusion.runs.load.load_run`), so that methods sit below runs."""
+
+    model: nn.Module
+    train_cfg: Any
+    schedule: NoiseSchedule
+    objective: Objective
+
+
+RunLoader = Callable[[str], TrainedRun]
 
 
 @dataclass
@@ -135,14 +149,16 @@ class Objective(nn.Module):
         base = self._base()
         return base.model_output if base is not None else "eps"
 
-    def bind(self, model: nn.Module, schedule: NoiseSchedule) -> None:
-        """Called once by the training module with the live backbone and the schedule, before
-        the first step and before a resumed checkpoint's state is loaded: where an objective
-        that keeps networks of its own (consistency distillation's teacher and target) makes
-        them. A wrapper binds its base objective."""
+    def bind(
+        self, model: nn.Module, schedule: NoiseSchedule, load_run: RunLoader | None = None
+    ) -> None:
+        """Called once by the training module with the live backbone, the schedule and a run
+        loader, before the first step and before a resumed checkpoint's state is loaded: where
+        an objective that keeps networks of its own (consistency distillation's teacher and
+        target) makes them. A wrapper binds its base objective."""
         base = self._base()
         if base is not None:
-            base.bind(model, schedule)
+            base.bind(model, schedule, load_run)
 
     def after_optimizer_step(self, model: nn.Module) -> None:
         """Called by the training module after every optimizer step (a target network's EMA)."""

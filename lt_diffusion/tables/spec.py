@@ -620,7 +620,7 @@ class ResolvedRun:
     @property
     def done(self) -> bool:
         if not self.records:  # a required run: done when trained to its last step
-            from lt_diffusion.training.checkpoint import CheckpointError, read_checkpoint
+            from lt_diffusion.runs.checkpoint import CheckpointError, read_checkpoint
 
             try:
                 ckpt = read_checkpoint(self.checkpoint)
