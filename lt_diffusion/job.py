@@ -24,7 +24,7 @@ from typing import Any
 
 from omegaconf import DictConfig, open_dict
 
-from lt_diffusion.evaluation.record import RecordError
+from lt_diffusion.records.base import RecordError
 from lt_diffusion.runs.checkpoint import read_checkpoint
 from lt_diffusion.runtime import hydra_command
 from lt_diffusion.sweep import FAILED, SWEEP_LOG_ENV, Job, read_manifest

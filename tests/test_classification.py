@@ -26,7 +26,7 @@ from lt_diffusion.classification.losses import (
 from lt_diffusion.classification.metrics import classification_metrics
 from lt_diffusion.classification.module import ClassifierModule, EpochSchedule
 from lt_diffusion.classification.resnet import CifarResNet
-from lt_diffusion.evaluation.record import read_record
+from lt_diffusion.records.base import read_record
 from tests.conftest import ROOT, compose_config
 
 COUNTS = [500, 150, 40, 5]
@@ -331,7 +331,7 @@ def test_augmentation_end_to_end_on_tiny_fashion_mnist(tmp_path: Path, monkeypat
 
     # The record as a table cell: placed where cm_table_g13 expects its IR 100 CE run's record
     # (under that run's digest), the table reads its numbers and names no sampler.
-    from lt_diffusion.evaluation.record import write_record
+    from lt_diffusion.records.base import write_record
     from lt_diffusion.tables.aggregate import collect
     from lt_diffusion.tables.render import to_markdown
     from lt_diffusion.tables.spec import load_table_by_name, resolve

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from lt_diffusion.evaluation.plots import plot_fid_vs_count
-from lt_diffusion.evaluation.record import (
+from lt_diffusion.evaluation.record import conventions
+from lt_diffusion.records.base import (
     SCHEMA_VERSION,
     RecordError,
     build_record,
     class_index,
-    conventions,
     read_record,
     validate,
     write_record,

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from lt_diffusion.analysis.concept_dominance import ConceptDominanceSettings
-from lt_diffusion.evaluation.record import SCHEMA_VERSION, conventions, write_record
+from lt_diffusion.evaluation.record import conventions
+from lt_diffusion.records.base import SCHEMA_VERSION, write_record
 from lt_diffusion.tables import (
     TableSpecError,
     available_tables,

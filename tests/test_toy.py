@@ -224,7 +224,8 @@ def test_quick_benchmark_tells_a_trained_model_from_one_trained_on_shuffled_labe
     """One seed, 300 steps, IR 1: the quick version of table=toy2d_methods. A model trained on
     the true labels puts its points on its own class's modes; one trained on shuffled labels
     learns the marginal, so every class's points land on the other classes' modes."""
-    from lt_diffusion.evaluation.record import read_record, record_filename
+    from lt_diffusion.evaluation.record import record_filename
+    from lt_diffusion.records.base import read_record
     from lt_diffusion.tables.aggregate import metric_entry
 
     good = _train_and_evaluate(tmp_path, "good", [])

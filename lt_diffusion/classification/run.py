@@ -37,7 +37,7 @@ from lt_diffusion.classification.losses import ClassificationLoss
 from lt_diffusion.classification.metrics import classification_metrics, summary_line
 from lt_diffusion.classification.module import ClassifierModule, EpochSchedule
 from lt_diffusion.classification.record import KIND
-from lt_diffusion.evaluation.record import build_record, write_record
+from lt_diffusion.records.base import build_record, write_record
 from lt_diffusion.runs.build import instantiate as checked_instantiate
 from lt_diffusion.runs.checkpoint import (
     LAST,

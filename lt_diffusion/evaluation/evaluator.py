@@ -35,10 +35,10 @@ from lt_diffusion.evaluation.protocol import (
     images_per_class,
     real_images_per_class,
 )
-from lt_diffusion.evaluation.record import write_record
 from lt_diffusion.evaluation.reference import cache_key, cached_features, choose_real
 from lt_diffusion.evaluation.stats_file import StatsFile, StatsFileError, read_stats
 from lt_diffusion.evaluation.stats_file import check_space as check_stats_space
+from lt_diffusion.records.base import write_record
 
 
 @dataclass

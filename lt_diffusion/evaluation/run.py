@@ -21,13 +21,15 @@ from omegaconf import DictConfig, OmegaConf
 from lt_diffusion.diffusion.generate import is_vector_model
 from lt_diffusion.evaluation.distributed import init_from_env, world
 from lt_diffusion.evaluation.evaluator import run_protocol, save_record
+from lt_diffusion.evaluation.identity import evaluation_identity
 from lt_diffusion.evaluation.metrics import METRICS
 from lt_diffusion.evaluation.plots import plot_fid_vs_count
 from lt_diffusion.evaluation.protocol import protocol_sampler
-from lt_diffusion.evaluation.record import build_record, conventions, record_filename
+from lt_diffusion.evaluation.record import conventions, record_filename
 from lt_diffusion.evaluation.repeats import merge_repeats, noise_seeds
 from lt_diffusion.evaluation.toy import run_toy_protocol
 from lt_diffusion.evaluation.tracking import log_to_training_run
+from lt_diffusion.records.base import build_record
 from lt_diffusion.runs.build import (
     build_sampler,
     build_schedule,
@@ -38,7 +40,6 @@ from lt_diffusion.runs.build import (
 from lt_diffusion.runs.checkpoint import META_KEY, CheckpointError, read_checkpoint
 from lt_diffusion.runs.load import load_run, run_datamodule
 from lt_diffusion.runtime import code_version, resolve_device
-from lt_diffusion.utils.identity import evaluation_identity
 from lt_diffusion.utils.imagefolder import read_folder_meta, read_image_folder
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lt_diffusion.evaluation.record import RecordError, class_index
+from lt_diffusion.records.base import RecordError, class_index
 from lt_diffusion.tables.spec import (
     Block,
     Column,

@@ -52,16 +52,18 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lt_diffusion.classification import record as _classification_record  # noqa: F401 (kind)
 from lt_diffusion.classification.config import (
     classification_identity,
     experiment_task,
 )
 from lt_diffusion.classification.config import record_filename as classification_record_filename
+from lt_diffusion.evaluation.identity import evaluation_identity
 from lt_diffusion.evaluation.metrics import METRICS
 from lt_diffusion.evaluation.protocol import protocol_sampler
-from lt_diffusion.evaluation.record import RecordError, read_record, record_filename
+from lt_diffusion.evaluation.record import record_filename
+from lt_diffusion.records.base import RecordError, read_record
 from lt_diffusion.utils.config import CONFIG_DIR, compose_config
-from lt_diffusion.utils.identity import evaluation_identity
 
 _COMPARISON = re.compile(r"^(overall|per_split\.(many|medium|few)|per_class\.(class_)?\d+)$")
 
