@@ -325,8 +325,8 @@ def test_the_g9_table_trains_its_teachers_first(tmp_path) -> None:
     """cm_table_g9's rows distil cm_table2's DDPM runs: the spec requires them, so one command
     trains them (a first wave) and then the students (a second). Without ``requires`` a table
     is refused up front, naming the missing checkpoint; once it exists it is not."""
-    from lt_diffusion.table import check_start_points, launch_waves, plan
     from lt_diffusion.tables import TableSpecError
+    from lt_diffusion.tables.launch import check_start_points, launch_waves, plan
 
     out = [f"paths.output_dir={tmp_path}"]
     _, resolved, jobs = plan(compose_config("sweep", ["table=cm_table_g9", *out]))

@@ -225,7 +225,7 @@ def _as_schema_2(record: dict) -> dict:
 
 
 def test_schema_2_records_stay_readable(tmp_path: Path) -> None:
-    from lt_diffusion.tables.spec import read_table_record
+    from lt_diffusion.tables.resolve import read_table_record
 
     new = make_record()
     path = tmp_path / "old.json"

@@ -68,7 +68,7 @@ def test_table_specs_load_and_name_existing_experiments(name: str) -> None:
 def test_every_table_is_one_command_from_nothing(name: str, tmp_path: Path) -> None:
     """Every run a table's rows start from (``train.init_from``) is one the table trains (a row
     or a ``requires:`` run), in an earlier launch wave: no table needs another one run first."""
-    from lt_diffusion.table import check_start_points, launch_waves
+    from lt_diffusion.tables.launch import check_start_points, launch_waves
 
     spec = load_table_by_name(name)
     spec.seeds = [0]  # the start points name the seed: one is enough

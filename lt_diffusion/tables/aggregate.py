@@ -14,16 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from lt_diffusion.records.base import RecordError, class_index
-from lt_diffusion.tables.spec import (
-    Block,
-    Column,
-    EvalRef,
-    ResolvedRun,
-    Row,
-    TableSpec,
-    analysis_of,
-    read_table_record,
-)
+from lt_diffusion.tables.resolve import ResolvedRun, read_table_record
+from lt_diffusion.tables.spec import Block, Column, EvalRef, Row, TableSpec, analysis_of
 from lt_diffusion.tables.statistics import (
     POWER,
     PairedDifference,
