@@ -14,8 +14,8 @@ the process exits without a result, and the requeued job resumes from that check
 
 from __future__ import annotations
 
-from lt_diffusion.runtime import hydra_command
 from lt_diffusion.tables.job import run
+from lt_diffusion.utils.command import hydra_command
 
 main = hydra_command("job", run)
 

@@ -18,8 +18,8 @@ with the path of its log; it never stops the others.
 
 from __future__ import annotations
 
-from lt_diffusion.runtime import hydra_command
 from lt_diffusion.tables.launch import run_from_command_line
+from lt_diffusion.utils.command import hydra_command
 
 main = hydra_command("sweep", run_from_command_line)
 
