@@ -18,7 +18,7 @@ deterministic DDIM step is the exact Euler step of the probability-flow ODE in t
 of a framework run (``train.init_from``), frozen and in eval mode; the student starts from the
 same weights (the paper does). ``theta^-`` is kept in eval mode (no dropout in the target).
 
-A :class:`ComposableObjective`: CM wraps it like any base objective, its ``L_CM`` comparing the
+A :class:`Objective`: CM wraps it like any base objective, its ``L_CM`` comparing the
 student's backbone outputs with and without the reserved capacity at ``(x_{n+1}, tau_{n+1})``.
 """
 
@@ -36,9 +36,16 @@ from lt_diffusion.diffusion.consistency import (
     karras_timesteps,
     vp_sigmas,
 )
-from lt_diffusion.methods.base import NoisedBatch, ObjectiveOutput, RunLoader
-from lt_diffusion.methods.cm import per_sample_sq_dist
-from lt_diffusion.methods.common import ComposableObjective, Result, Step, call_model
+from lt_diffusion.methods.base import (
+    NoisedBatch,
+    Objective,
+    ObjectiveOutput,
+    Result,
+    RunLoader,
+    Step,
+    call_model,
+    mse,
+)
 from lt_diffusion.models.ema import ema_update
 
 
@@ -51,7 +58,7 @@ def ddim_step(
     return schedule.q_sample(schedule.predict_x0(x_t, t, eps), t_prev, eps)
 
 
-class ConsistencyDistillationObjective(ComposableObjective):
+class ConsistencyDistillationObjective(Objective):
     """Consistency distillation of a trained eps-prediction teacher.
 
     Args:
@@ -160,7 +167,7 @@ class ConsistencyDistillationObjective(ComposableObjective):
             x_prev = ddim_step(schedule, s.x_t, s.t, t_prev, eps.to(s.x_t.dtype))
             target_out = call_model(self.target, x_prev, t_prev, s.y_in, s.aug_labels)
             f_target = consistency_fn_vp(x_prev, t_prev, target_out, self.sigmas)
-        loss = per_sample_sq_dist(f, f_target).mean()  # float64 stays float64 (tests)
+        loss = mse(f, f_target, per_sample=True).mean()  # float64 stays float64 (tests)
         return ObjectiveOutput(loss, {"cd": loss.detach()}), s.context(out)
 
 

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from lt_diffusion.diffusion import NoiseSchedule, Sampler
-from lt_diffusion.methods import Objective
+from lt_diffusion.methods.base import Objective
 
 
 def instantiate(cfg: Any, **kwargs: Any) -> Any:

@@ -28,7 +28,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from lt_diffusion.diffusion import NoiseSchedule
 from lt_diffusion.diffusion.generate import is_latent_model
-from lt_diffusion.methods import Objective
+from lt_diffusion.methods.base import Objective
 from lt_diffusion.models.ema import ema_update
 from lt_diffusion.models.latent_cache import encoded_training_set
 from lt_diffusion.runs.checkpoint import META_KEY
