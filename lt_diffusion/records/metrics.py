@@ -199,7 +199,7 @@ def finite(out: dict[str, Any], name: str, value: float) -> dict[str, Any]:
 def compare(comparison: Comparison, names: Sequence[str]) -> dict[str, Any]:
     """Every requested metric of one comparison, as a record entry: the counts, each metric's
     value and the settings it used, and the notes of all of them."""
-    need = minimum_images(names, comparison.settings)
+    fewest = minimum_images(names, comparison.settings)
     if comparison.real_statistics is not None:
         needs_real = [m for m in names if METRICS[m].real == "features"]
         if needs_real:
@@ -210,7 +210,7 @@ def compare(comparison: Comparison, names: Sequence[str]) -> dict[str, Any]:
     n_real = comparison.n_real
     for what, n in (("real", n_real), ("generated", len(comparison.fake))):
         if n is not None:
-            need(n, need, f"{'/'.join(names)} ({what})")
+            need(n, fewest, f"{'/'.join(names)} ({what})")
     out: dict[str, Any] = {"n_generated": len(comparison.fake), "n_real": n_real}
     notes: list[str] = []
     for name in names:
