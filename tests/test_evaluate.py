@@ -320,7 +320,7 @@ def test_a_failed_save_keeps_the_old_record_and_shows_the_results(
     def full_disk(path, record):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("lt_diffusion.evaluation.run.save_record", full_disk)
+    monkeypatch.setattr("lt_diffusion.evaluation.run.write_record", full_disk)
     capsys.readouterr()
     with pytest.raises(evaluate.RecordSaveError, match=r"kept.json .*No space left.*untouched"):
         _evaluate(checkpoint, tmp_path, "eval.per_split.generated=0", f"record={target}")

@@ -24,8 +24,7 @@ from torch import Tensor, nn
 
 from lt_diffusion.data.datamodule import stream_seed
 from lt_diffusion.data.splits import SPLITS
-from lt_diffusion.runs.load import LoadedRun
-from lt_diffusion.runs.load import load_run as load_checkpoint_run
+from lt_diffusion.runs.load import LoadedRun, load_run
 from lt_diffusion.utils.io import atomic_write_json
 
 # Random streams derived from the analysis seed (see lt_diffusion.data.datamodule.stream_seed).
@@ -285,7 +284,7 @@ class AnalysedRun:
         )
 
 
-def load_run(
+def load_analysed_run(
     checkpoint: str | Path,
     device: str | torch.device = "auto",
     ema: bool = True,
@@ -299,7 +298,7 @@ def load_run(
     ``text_to_image``: the run of a text-conditioned backbone instead (Stable Diffusion: the
     concept analysis samples from prompts and reads no training image), without its data (the
     dataset description, class counts and names included, comes from the checkpoint)."""
-    run = load_checkpoint_run(checkpoint, device, ema=ema, theta_g_only=theta_g_only)
+    run = load_run(checkpoint, device, ema=ema, theta_g_only=theta_g_only)
     if text_to_image:
         if not (hasattr(run.model, "encode_prompts") and hasattr(run.model, "unet")):
             raise ValueError(
@@ -330,7 +329,7 @@ def record_paths(
     return folder / f"{stem}.json", folder / f"{stem}.png"
 
 
-def build_record(
+def build_analysis_record(
     name: str, settings: Any, run: AnalysedRun, results: dict[str, Any], code_version: str
 ) -> dict[str, Any]:
     """One analysis record: what was analysed (checkpoint, step, config, dataset with its
@@ -356,6 +355,6 @@ def build_record(
     }
 
 
-def save_record(path: str | Path, record: dict[str, Any]) -> Path:
+def write_analysis_record(path: str | Path, record: dict[str, Any]) -> Path:
     """Write the record atomically as strict JSON (undefined values are null, never NaN)."""
     return atomic_write_json(path, record, allow_nan=False)

@@ -67,7 +67,7 @@ from lt_diffusion.analysis.prompts import (
 from lt_diffusion.data.datamodule import stream_seed
 
 NAME = "concept_dominance"
-BACKBONE = "text_to_image"  # analyze loads the run with load_run(text_to_image=True)
+BACKBONE = "text_to_image"  # analyze loads the run with load_analysed_run(text_to_image=True)
 _NOISE, _GROUP = 103, 104  # random streams of the analysis seed
 
 

@@ -29,8 +29,8 @@ from lt_diffusion.classification.augment import generated_images, generated_per_
 from lt_diffusion.classification.config import (
     check_config,
     classification_identity,
+    classification_record_filename,
     generator_config,
-    record_filename,
 )
 from lt_diffusion.classification.data import ClassificationData
 from lt_diffusion.classification.losses import ClassificationLoss
@@ -170,7 +170,9 @@ def run(
     run_dir = Path(cfg.paths.run_dir)
     identity = classification_identity(cfg)
     record_path = (
-        Path(record) if record else run_dir / "records" / record_filename(identity["digest"])
+        Path(record)
+        if record
+        else run_dir / "records" / classification_record_filename(identity["digest"])
     )
     loss: ClassificationLoss = checked_instantiate(cfg.loss.fn)  # its settings' checks
     on_device = cfg.data.on_device

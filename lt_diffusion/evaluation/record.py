@@ -92,7 +92,7 @@ class Metrics(BaseModel):
         return None if value == {} else value
 
 
-class Sampler(Open):
+class SamplerEntry(Open):
     guidance: float | None  # None: an image folder that does not say
 
 
@@ -123,7 +123,7 @@ class Record(RecordBase):
     """The record of one evaluation (docs/evaluation.md)."""
 
     checkpoint: Checkpoint
-    sampler: Sampler
+    sampler: SamplerEntry
     protocol: dict[str, Any]
     extractors: dict[str, Extractor | dict[str, Any]]  # space -> extractor; "lpips": its nets
     reference: Reference

@@ -18,8 +18,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lt_diffusion.classification import record as _classification_record  # noqa: F401 (kind)
-from lt_diffusion.classification.config import classification_identity
-from lt_diffusion.classification.config import record_filename as classification_record_filename
+from lt_diffusion.classification.config import (
+    classification_identity,
+    classification_record_filename,
+)
 from lt_diffusion.evaluation.identity import evaluation_identity
 from lt_diffusion.evaluation.protocol import protocol_sampler
 from lt_diffusion.evaluation.record import record_filename
