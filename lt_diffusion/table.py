@@ -20,8 +20,11 @@ from __future__ import annotations
 
 from lt_diffusion.tables.launch import run_from_command_line
 from lt_diffusion.utils.command import hydra_command
+from lt_diffusion.utils.lazy import moved
 
 main = hydra_command("sweep", run_from_command_line)
+# The table pipeline moved to lt_diffusion.tables.launch: found there, with a warning, for one release.
+__getattr__ = moved(__name__, ("lt_diffusion.tables.launch",))
 
 if __name__ == "__main__":
     main()
