@@ -23,7 +23,7 @@ from lt_diffusion.utils.command import hydra_command
 from lt_diffusion.utils.lazy import moved
 
 main = hydra_command("sweep", run_from_command_line)
-# The table pipeline moved to lt_diffusion.tables.launch: found there, with a warning, for one release.
+# The pipeline moved to lt_diffusion.tables.launch: found there, with a warning, one release.
 __getattr__ = moved(__name__, ("lt_diffusion.tables.launch",))
 
 if __name__ == "__main__":

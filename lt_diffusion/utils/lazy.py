@@ -33,8 +33,8 @@ def moved(old: str, new: Sequence[str]) -> Callable[[str], Any]:
             target = importlib.import_module(module)
             if hasattr(target, name):
                 warnings.warn(
-                    f"{old}.{name} moved to {module}.{name}; import it from there ({old} "
-                    "goes in the next release)",
+                    f"{old}.{name} moved to {module}.{name}; import it from there (the old "
+                    "path goes in the next release)",
                     DeprecationWarning,
                     stacklevel=2,
                 )
