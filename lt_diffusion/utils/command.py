@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from lt_diffusion.runtime import CONFIG_DIR
@@ -33,5 +34,36 @@ def hydra_command(config_name: str, run: Callable[[Any], Any]) -> Callable[[], A
         quiet.take_verbose(sys.argv)
         quiet.install()
         return app()
+
+    return main
+
+
+def config_groups(groups: Sequence[str]) -> str:
+    """The options of the config ``groups``, a line each (for a plain command's ``--help``)."""
+    folder = Path(CONFIG_DIR)
+    return "\n".join(
+        f"  {g}: {', '.join(sorted(p.stem for p in (folder / g).glob('*.yaml')))}" for g in groups
+    )
+
+
+def overrides_command(
+    name: str, help_text: Callable[[], str], run: Callable[[list[str]], Any]
+) -> Callable[[Sequence[str] | None], None]:
+    """The entry point of a command that takes ``key=value`` overrides but is not a Hydra app
+    (it composes configs itself): ``--help`` prints ``help_text()``, any other flag (Hydra's
+    ``--multirun``, ``--hydra-help``) is refused with where to look."""
+
+    def main(argv: Sequence[str] | None = None) -> None:
+        args = list(sys.argv[1:] if argv is None else argv)
+        if any(a in ("-h", "--help") for a in args):
+            print(help_text())
+            return
+        flags = [a for a in args if a.startswith("-")]
+        if flags:
+            sys.exit(
+                f"{name} takes key=value overrides only, not {' '.join(flags)}; see "
+                f"python -m lt_diffusion.{name} --help"
+            )
+        run(args)
 
     return main
