@@ -18,6 +18,7 @@ find them", CVPR: FID's bias grows as 1 / n).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -246,18 +247,6 @@ register(
            features="dinov2", fixed_space=True, real="statistics")
 )  # fmt: skip
 register(Metric("kid", "KID", "lower", _kid, requires=("kid_subset_size",), digits=4, **_IMAGE))
-register(
-    Metric(
-        "precision", "precision", "higher", lambda c: _prc(c, "precision"), _pr_minimum, ("pr_k",),
-        **_IMAGE,
-    )
-)  # fmt: skip
-register(
-    Metric(
-        "recall", "recall", "higher", lambda c: _prc(c, "recall"), _pr_minimum, ("pr_k",),
-        **_IMAGE,
-    )
-)  # fmt: skip
 register(Metric("is", "IS", "higher", _is, **_FIXED, real="none"))
 
 
@@ -289,18 +278,13 @@ def _lpips(c: Comparison) -> dict[str, Any]:
     return out
 
 
-register(
-    Metric(
-        "density", "density", "higher", lambda c: _dc(c, "density"), _pr_minimum, ("pr_k",),
-        **_IMAGE,
-    )
-)  # fmt: skip
-register(
-    Metric(
-        "coverage", "coverage", "higher", lambda c: _dc(c, "coverage"), _pr_minimum, ("pr_k",),
-        **_IMAGE,
-    )
-)  # fmt: skip
+# The k-NN metrics: precision / recall (one pass) and density / coverage (Naeem et al.), on
+# the same k-NN balls of the real features.
+for _name, _fn in (("precision", _prc), ("recall", _prc), ("density", _dc), ("coverage", _dc)):
+    register(
+        Metric(_name, _name, "higher", functools.partial(_fn, which=_name), _pr_minimum,
+               ("pr_k",), **_IMAGE)
+    )  # fmt: skip
 register(Metric("vendi", "Vendi", "higher", _vendi, digits=2, **_IMAGE))
 register(
     Metric(
