@@ -187,12 +187,6 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def per_sample_sq_error(pred: Tensor, target: Tensor) -> Tensor:
-    """``||pred - target||^2`` averaged over pixels, per sample (B,), in at least float32."""
-    dtype = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), torch.float32)
-    return (pred.to(dtype) - target.to(dtype)).pow(2).flatten(1).mean(1)
-
-
 @contextlib.contextmanager
 def deterministic_kernels() -> Iterator[None]:
     """cuDNN in deterministic mode inside the block, so repeated forwards of the same inputs
