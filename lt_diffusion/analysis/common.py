@@ -25,7 +25,6 @@ from torch import Tensor, nn
 from lt_diffusion.data.datamodule import stream_seed
 from lt_diffusion.data.splits import SPLITS
 from lt_diffusion.runs.load import LoadedRun, load_run
-from lt_diffusion.utils.io import atomic_write_json
 
 # Random streams derived from the analysis seed (see lt_diffusion.data.datamodule.stream_seed).
 _SELECT, _DRAW = 101, 102
@@ -347,8 +346,3 @@ def build_analysis_record(
         "diffusion": {"num_timesteps": run.schedule.num_timesteps},
         "results": results,
     }
-
-
-def write_analysis_record(path: str | Path, record: dict[str, Any]) -> Path:
-    """Write the record atomically as strict JSON (undefined values are null, never NaN)."""
-    return atomic_write_json(path, record, allow_nan=False)

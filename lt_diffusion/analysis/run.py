@@ -15,8 +15,8 @@ from lt_diffusion.analysis.common import (
     load_analysed_run,
     record_paths,
     settings_from_config,
-    write_analysis_record,
 )
+from lt_diffusion.records.base import write_record
 from lt_diffusion.runtime import code_version
 
 
@@ -71,7 +71,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     record = build_analysis_record(name, settings, loaded, results, code_version())
     if hasattr(module, "validate"):  # an analysis with a record schema checks it before writing
         module.validate(record)
-    write_analysis_record(json_path, record)
+    write_record(json_path, record)  # validated as its kind, then atomically
     module.plot(record, png_path)
     print("\n".join(_summary_lines(record)))
     print(f"Record: {json_path}\nPlot: {png_path}")

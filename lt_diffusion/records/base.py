@@ -16,6 +16,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -148,22 +149,31 @@ class RecordBase(Open):
 
 
 Upgrade = Callable[[dict[str, Any]], dict[str, Any]]
-# kind -> (model, upgrade of an older schema); records without ``kind`` are evaluations.
-KINDS: dict[str, tuple[type[BaseModel], Upgrade]] = {}
 
 
-def register_kind(kind: str, model: type[BaseModel], upgrade: Upgrade | None = None) -> None:
-    """Make records of ``kind`` readable and writable: validated by ``model``; ``upgrade``
-    brings a record of an older schema to the current one (default: the number only)."""
-    KINDS[kind] = (model, upgrade or _renumber)
+@dataclass(frozen=True)
+class Kind:
+    """A record kind: its model, its schema number and how a record of schema 2 is upgraded."""
+
+    model: type[BaseModel]
+    schema: int = SCHEMA_VERSION
+    upgrade: Upgrade | None = None
 
 
-def _renumber(record: dict[str, Any]) -> dict[str, Any]:
-    return record
+# kind -> Kind; records without ``kind`` are evaluations.
+KINDS: dict[str, Kind] = {}
 
 
-def record_kind(record: Mapping[str, Any]) -> tuple[type[BaseModel], Upgrade]:
-    """The model and upgrade of a record's ``kind``."""
+def register_kind(
+    kind: str, model: type[BaseModel], upgrade: Upgrade | None = None, schema: int = SCHEMA_VERSION
+) -> None:
+    """Make records of ``kind`` readable and writable: validated by ``model`` at ``schema``;
+    ``upgrade`` fills in what a record of schema 2 lacks (default: the number only)."""
+    KINDS[kind] = Kind(model, schema, upgrade)
+
+
+def record_kind(record: Mapping[str, Any]) -> Kind:
+    """The registered kind of a record (``kind``; none: an evaluation)."""
     kind = record.get("kind", "evaluation")
     if kind not in KINDS:
         raise RecordError(
@@ -177,24 +187,25 @@ def upgrade(record: Mapping[str, Any]) -> dict[str, Any]:
     """A record of schema 2 in the current one (a copy; current ones unchanged): the number,
     ``upgraded_from``, then what its kind's upgrade fills in."""
     out = dict(record)
-    if out.get("schema") != 2:
+    kind = record_kind(out)
+    if out.get("schema") != 2 or kind.schema != SCHEMA_VERSION:
         return out
     out["schema"], out["upgraded_from"] = SCHEMA_VERSION, 2
-    return record_kind(out)[1](out)
+    return kind.upgrade(out) if kind.upgrade else out
 
 
 def validate(record: Any, source: str = "record") -> dict[str, Any]:
     """Raise :class:`RecordError` listing every problem; returns the record when it is valid."""
     if not isinstance(record, Mapping):
         raise RecordError(f"{source} is not a JSON object")
-    if record.get("schema", SCHEMA_VERSION) != SCHEMA_VERSION:
+    kind = record_kind(record)
+    if record.get("schema", kind.schema) != kind.schema:
         raise RecordError(
-            f"{source} has schema {record['schema']!r}, not {SCHEMA_VERSION} (written by "
-            "another version; read it with read_record, which upgrades schema 2): evaluate "
-            "again"
+            f"{source} has schema {record['schema']!r}, not {kind.schema} (written by another "
+            "version; read it with read_record, which upgrades schema 2): evaluate again"
         )
     try:
-        record_kind(record)[0].model_validate(dict(record))
+        kind.model.model_validate(dict(record))
     except ValidationError as err:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'] if 'function-after' not in str(p)) or 'record'}"

@@ -24,9 +24,9 @@ from typing import Any
 
 from omegaconf import DictConfig, open_dict
 
-from lt_diffusion.records.base import RecordError
+from lt_diffusion.records.base import RecordError, read_record
 from lt_diffusion.runs.checkpoint import read_checkpoint
-from lt_diffusion.tables.resolve import read_table_record
+from lt_diffusion.tables import resolve as _kinds  # noqa: F401  (the kinds a table reads)
 from lt_diffusion.tables.sweep import FAILED, SWEEP_LOG_ENV, Job, read_manifest
 from lt_diffusion.utils.config import compose_config
 from lt_diffusion.utils.io import atomic_write_json
@@ -80,7 +80,7 @@ def missing_records(job: Job, step: int | None = None) -> list[int]:
             out.append(i)
         elif step is not None:
             try:
-                if int(read_table_record(path)["checkpoint"]["step"]) != step:
+                if int(read_record(path)["checkpoint"]["step"]) != step:
                     out.append(i)
             except RecordError:
                 out.append(i)

@@ -17,14 +17,16 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lt_diffusion.classification import record as _classification_record  # noqa: F401 (kind)
+# The kinds of record a table reads (each registers itself with lt_diffusion.records).
+from lt_diffusion.analysis import ANALYSES as _analysis_kind  # noqa: F401
+from lt_diffusion.classification import record as _classification_kind  # noqa: F401
 from lt_diffusion.classification.config import (
     classification_identity,
     classification_record_filename,
 )
 from lt_diffusion.evaluation.identity import evaluation_identity
 from lt_diffusion.evaluation.protocol import protocol_sampler
-from lt_diffusion.evaluation.record import record_filename
+from lt_diffusion.evaluation.record import record_filename  # (and the evaluation kind)
 from lt_diffusion.records.base import RecordError, read_record
 from lt_diffusion.tables.spec import EvalRef, RunRef, TableSpec, TableSpecError
 from lt_diffusion.utils.config import CONFIG_DIR, compose_config
@@ -35,26 +37,6 @@ def analysis_digest(settings: Mapping[str, Any]) -> str:
     analysis record counts only when it was made under the table's settings."""
     text = json.dumps(settings, sort_keys=True, default=list)
     return hashlib.sha1(text.encode()).hexdigest()[:10]
-
-
-def read_table_record(path: str | Path) -> dict[str, Any]:
-    """An evaluation record (:func:`read_record`) or an analysis record (``kind: analysis``,
-    checked by its analysis's ``validate`` when it has one); RecordError when unusable."""
-    try:
-        record = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise RecordError(f"{path} is not a readable JSON record: {err}") from err
-    if not isinstance(record, dict) or record.get("kind") != "analysis":
-        return read_record(path)
-    from lt_diffusion.analysis import ANALYSES
-
-    module = ANALYSES.get(str(record.get("analysis")), (None,))[0]
-    if module is None or not isinstance(record.get("results"), dict):
-        raise RecordError(f"{path}: not a record of a known analysis")
-    try:
-        return module.validate(record) if hasattr(module, "validate") else record
-    except ValueError as err:
-        raise RecordError(f"{path}: {err}") from err
 
 
 @dataclass
@@ -91,7 +73,7 @@ class ResolvedRun:
         if not path.is_file():
             return "missing"
         try:
-            record = read_table_record(path)
+            record = read_record(path)
         except RecordError as err:
             return str(err)
         return self.stale_reason(ev, record)
