@@ -77,7 +77,7 @@ def container(cfg: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
             OmegaConf.set_struct(cfg, False)
             for key in list(cfg.paths):
                 cfg.paths[key] = f"<paths.{key}>"
-        return OmegaConf.tocontainer(cfg, resolve=True)  # type: ignore[return-value]
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     return copy.deepcopy(dict(cfg))
 
 
