@@ -4,9 +4,7 @@ nothing of the project (the commands' entry point is :mod:`lt_diffusion.utils.co
 
 from __future__ import annotations
 
-import importlib
 import subprocess
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -51,16 +49,3 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def __getattr__(name: str) -> Any:
-    """``hydra_command`` moved to :mod:`lt_diffusion.utils.command`: found there, with a
-    warning, for one release (by name, so that runtime imports nothing of the project)."""
-    if name != "hydra_command":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    warnings.warn(
-        "lt_diffusion.runtime.hydra_command moved to lt_diffusion.utils.command.hydra_command",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return importlib.import_module("lt_diffusion.utils.command").hydra_command
