@@ -18,6 +18,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from lt_diffusion.analysis import (
+    composition,
     concept_dominance,
     feature_overlap,
     gradient_dominance,
@@ -32,6 +33,7 @@ ANALYSES: dict[str, tuple[ModuleType, type]] = {
     feature_overlap.NAME: (feature_overlap, feature_overlap.FeatureOverlapSettings),
     gradient_dominance.NAME: (gradient_dominance, gradient_dominance.GradientDominanceSettings),
     concept_dominance.NAME: (concept_dominance, concept_dominance.ConceptDominanceSettings),
+    composition.NAME: (composition, composition.CompositionSettings),
 }
 
 __all__ = ["ANALYSES"]
