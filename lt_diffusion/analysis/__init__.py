@@ -23,6 +23,7 @@ from lt_diffusion.analysis import (
     feature_overlap,
     gradient_dominance,
     imba_distance,
+    prompt_composition,
     pruning,
 )
 
@@ -34,6 +35,7 @@ ANALYSES: dict[str, tuple[ModuleType, type]] = {
     gradient_dominance.NAME: (gradient_dominance, gradient_dominance.GradientDominanceSettings),
     concept_dominance.NAME: (concept_dominance, concept_dominance.ConceptDominanceSettings),
     composition.NAME: (composition, composition.CompositionSettings),
+    prompt_composition.NAME: (prompt_composition, prompt_composition.PromptCompositionSettings),
 }
 
 __all__ = ["ANALYSES"]

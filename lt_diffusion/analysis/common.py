@@ -267,6 +267,14 @@ class AnalysedRun:
     run: LoadedRun
     datamodule: Any
     info: dict[str, Any]
+    data_root: str | None = None  # where a text-to-image run's data are, when read later
+
+    def training_data(self) -> Any:
+        """The run's long-tailed datamodule (built now for a text-to-image run, whose analyses
+        load it only when they read training images)."""
+        if self.datamodule is None:
+            self.datamodule = self.run.datamodule(self.data_root)
+        return self.datamodule
 
     def __getattr__(self, name: str) -> Any:  # model, meta, schedule, device, run_dir, ...
         if name.startswith("__") or name == "run":  # copy / pickle probe a bare instance
@@ -303,7 +311,8 @@ def load_run(
 
     ``text_to_image``: the run of a text-conditioned backbone instead (Stable Diffusion: the
     concept analysis samples from prompts and reads no training image), without its data (the
-    dataset description, class counts and names included, comes from the checkpoint)."""
+    dataset description, class counts and names included, comes from the checkpoint; an
+    analysis that reads training images builds them with :meth:`AnalysedRun.training_data`)."""
     run = load_checkpoint_run(checkpoint, device, ema=ema, theta_g_only=theta_g_only)
     if text_to_image:
         if not (hasattr(run.model, "encode_prompts") and hasattr(run.model, "unet")):
@@ -311,7 +320,7 @@ def load_run(
                 f"{checkpoint} is not a text-to-image model ({run.train_cfg.model.get('_target_')}"
                 "): this analysis needs a Stable Diffusion backbone (model=sd_lora)"
             )
-        return AnalysedRun(run, None, dict(run.meta["dataset"]))
+        return AnalysedRun(run, None, dict(run.meta["dataset"]), data_root)
     if getattr(run.model, "latent_shape", None) is not None:
         raise ValueError(
             f"{checkpoint} is a latent-diffusion model ({run.train_cfg.model.get('_target_')}): "

@@ -145,7 +145,7 @@ def frequency_fit(
 ) -> dict[str, Any]:
     """The distances against inverse frequency: Spearman's rho of ``D`` and ``1 / f`` with its
     p-value, and the least-squares slope of ``log D`` on ``log(1 / f)`` with its 95 %
-    t-interval (``n - 2`` degrees of freedom), over the units with a positive distance and
+    t-interval ``[slope_low, slope_high]`` (``n - 2`` degrees of freedom), over the units with a positive distance and
     count; None where fewer than three such units or a constant side leave them undefined."""
     from scipy import stats
 
@@ -153,7 +153,7 @@ def frequency_fit(
     out: dict[str, Any] = {
         "unit": unit, "names": names, "distance": values, "count": [float(n) for n in counts],
         "n": len(keep), "spearman": None, "spearman_p": None, "loglog_slope": None,
-        "slope_ci95": None,
+        "slope_low": None, "slope_high": None,
     }  # fmt: skip
     if len(keep) < 3 or len({n for _, n in keep}) < 2 or len({v for v, _ in keep}) < 2:
         return out
@@ -165,7 +165,7 @@ def frequency_fit(
     out.update(
         spearman=finite_or_none(rho.statistic), spearman_p=finite_or_none(rho.pvalue),
         loglog_slope=finite_or_none(fit.slope),
-        slope_ci95=[finite_or_none(fit.slope - half), finite_or_none(fit.slope + half)],
+        slope_low=finite_or_none(fit.slope - half), slope_high=finite_or_none(fit.slope + half),
     )  # fmt: skip
     return out
 
@@ -239,7 +239,7 @@ def plot(record: dict[str, Any], path: str | Path) -> Path:
             slope = fit["loglog_slope"]
             xs = np.geomspace(inv.min(), inv.max(), 20)
             centre = np.exp(np.mean(np.log(dist)) + slope * (np.log(xs) - np.mean(np.log(inv))))
-            lo, hi = fit["slope_ci95"]
+            lo, hi = fit["slope_low"], fit["slope_high"]
             ax2.plot(xs, centre, "-", color="gray",
                      label=f"slope {slope:.2f} [{lo:.2f}, {hi:.2f}]")  # fmt: skip
             ax2.legend(fontsize=8)
