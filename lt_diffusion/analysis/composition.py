@@ -73,6 +73,17 @@ def group_mean(entries: list[dict[str, Any]], key: str) -> dict[str, float | Non
     return out
 
 
+def shift_summary(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The mean shift per group, and why a group has none (no sample of its pairs composes)."""
+    out: dict[str, Any] = group_mean(entries, "shift")
+    empty = [g for g in GROUPS if out[g] is None]
+    out["unavailable"] = (
+        f"no generated sample of the {' / '.join(empty)} pairs composes its pair: the shift of "
+        "composing samples is undefined there" if empty else None
+    )
+    return out
+
+
 def score_pairs(
     rule: Any,
     pairs: list[tuple[int, int]],
@@ -147,7 +158,7 @@ def compute(
         "success": group_mean(entries, "success"),
         "shows_b": group_mean(entries, "shows_b"),
         "neglect": group_mean(entries, "neglect")["tail"],
-        "shift": group_mean(entries, "shift"),
+        "shift": shift_summary(entries),
         "concept_counts": {"a": concept_counts[0], "b": concept_counts[1]},
         # A few samples of every pair, for the plot (the record stays small).
         "examples": {e["pair"]: points[labels.numpy() == c][:50].round(4).tolist()

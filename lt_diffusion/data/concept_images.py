@@ -3,17 +3,21 @@
 (or .png), e.g. ``piano/`` and ``submarine/``, staged by the user from any source.
 
 The concepts are the classes, in the order the config lists them (the head concept first).
-``n_per_class`` is the pool per concept: the first ``n_per_class`` files of its folder (sorted
-by name). The imbalance profile then keeps them all for the head concept and a seeded subset of
-``int(n_per_class / R)`` for the tail one (``imbalance=step_ir100``): the paper's head / tail
-counts (piano-submarine 3K / 0.03K is ``n_per_class=3000`` at 100:1; the balanced 0.15K /
-0.15K is ``n_per_class=150`` with ``imbalance=ir1``). Given the run's profile and ratio, the
-source refuses when it is built (before any image is decoded or any training step) a folder
-with too few images or a ratio that leaves a concept without an image.
+``n_per_class`` is the scale: the head concept's image count. The pool of a concept is the first
+``n_per_class`` files of its folder (sorted by name; all of them where it holds fewer), and the
+imbalance profile keeps all of the head concept's and a seeded subset of ``int(n_per_class /
+R)`` of the tail one's (``imbalance=step_ir100``): the paper's head / tail counts
+(piano-submarine 3K / 0.03K is ``n_per_class=3000`` at 100:1, and needs 3000 piano and at least
+30 submarine images; the balanced 0.15K / 0.15K is ``n_per_class=150`` with ``imbalance=ir1``).
+A tail folder holding more than its count lets the seed (``imbalance.seed``) choose which.
+Given the run's profile and ratio, the source refuses when it is built (before any image is
+decoded or any training step) a folder with fewer images than the profile keeps of its concept,
+or a ratio that leaves a concept without an image.
 
 Images are decoded once into a prepared copy at the configured size
 (:mod:`lt_diffusion.data.prepare`, centre crop, bicubic), as for the other image datasets.
-The balanced reference split is the pool itself.
+The reference split (for image metrics) is the pool itself; the IMBA experiments' analysis
+(``analysis=prompt_composition``) reads the training images only for their mean colour.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ class ConceptImageSource(_ImageFileSource):
         root: the folder holding one subfolder per concept.
         image_size: side of the prepared square images.
         concepts: the concept names (folder names; ``_`` is a space in prompts).
-        n_per_class: images per concept in the pool (the head concept's count).
+        n_per_class: the head concept's image count (the scale); at most this many images
+            of each concept make the pool.
         profile, ratio: the run's imbalance (the dataset config passes them) for the checks.
         name: the dataset's name.
     """
@@ -63,31 +68,8 @@ class ConceptImageSource(_ImageFileSource):
         self.n_per_class = int(n_per_class)
         if self.n_per_class < 1:
             raise ValueError(f"dataset.source.n_per_class must be >= 1, got {n_per_class}")
-        self._files = self._pool()
         self.counts = self._counts(profile, ratio)
-
-    def _pool(self) -> list[list[str]]:
-        """The first ``n_per_class`` image files of every concept's folder (relative paths);
-        an error naming the folders without enough images."""
-        files, short = [], []
-        for concept in self.class_names:
-            folder = self.root / concept
-            found = (
-                sorted(f.name for f in folder.iterdir() if f.suffix in IMAGE_SUFFIXES)
-                if folder.is_dir()
-                else []
-            )
-            if len(found) < self.n_per_class:
-                short.append(f"{folder} ({len(found)} images)")
-            files.append([f"{concept}/{f}" for f in found[: self.n_per_class]])
-        if short:
-            raise FileNotFoundError(
-                f"dataset.source.n_per_class={self.n_per_class} images are needed per concept, "
-                f"but {'; '.join(short)} hold fewer: stage at least that many images (.jpg or "
-                f".png) of each concept in <data_root>/{self.root.name}/<concept>/, or lower "
-                "n_per_class (the scale)"
-            )
-        return files
+        self._files = self._pool()
 
     def _counts(self, profile: str, ratio: float) -> list[int]:
         """The images the profile keeps per concept; an error when one keeps none."""
@@ -104,6 +86,29 @@ class ConceptImageSource(_ImageFileSource):
                 f"{math.ceil(ratio)} or lower the ratio"
             )
         return longtail_counts(profile, self.n_per_class, self.num_classes, ratio)
+
+    def _pool(self) -> list[list[str]]:
+        """Per concept, the first ``n_per_class`` image files of its folder (relative paths,
+        sorted names; fewer where the folder holds fewer); an error naming the folders holding
+        fewer images than the profile keeps of their concept."""
+        files, short = [], []
+        for concept, need in zip(self.class_names, self.counts):
+            folder = self.root / concept
+            found = (
+                sorted(f.name for f in folder.iterdir() if f.suffix in IMAGE_SUFFIXES)
+                if folder.is_dir()
+                else []
+            )
+            if len(found) < need:
+                short.append(f"{folder} holds {len(found)}, needs {need}")
+            files.append([f"{concept}/{f}" for f in found[: self.n_per_class]])
+        if short:
+            raise FileNotFoundError(
+                f"too few images of a concept for this ratio and scale ({'; '.join(short)}): "
+                f"stage them (.jpg or .png) in <data_root>/{self.root.name}/<concept>/, or lower "
+                "dataset.source.n_per_class (the scale)"
+            )
+        return files
 
     def listing(self, split: str) -> tuple[list[str], np.ndarray]:
         labels = np.repeat(np.arange(self.num_classes), [len(f) for f in self._files])
