@@ -258,7 +258,7 @@ def test_stable_diffusion_tables_are_one_command_each(tmp_path: Path) -> None:
     for table in SD_TABLES:
         name = _shrunk(table, configs)
         _table(out, name, f"hydra.searchpath=[file://{configs}]", "workers=2",
-               f"train_overrides=[{','.join(train)}]", env=judges)  # fmt: skip
+               f"train_overrides=[{','.join(json.dumps(o) for o in train)}]", env=judges)  # fmt: skip
         rows = list(csv_rows(out / "tables" / f"{name}.csv"))
         assert rows and all(r["status"] == "ok" for r in rows), rows
     causal = {(r["row"], r["column"]): r for r in csv_rows(out / "tables" / "imba_causal_tiny.csv")}
@@ -275,7 +275,7 @@ def test_synthetic_tables_are_one_command_each(tmp_path: Path) -> None:
     first = ""
     for table in PAIR_TABLES:
         first += _table(out, table, "table.seeds=[0]", "workers=2",
-                        f"train_overrides=[{','.join(train)}]")  # fmt: skip
+                        f"train_overrides=[{','.join(json.dumps(o) for o in train)}]")  # fmt: skip
         rows = list(csv_rows(out / "tables" / f"{table}.csv"))
         assert rows and all(r["status"] == "ok" for r in rows), rows
     assert "imba_pairs_methods: 4 runs, 1 done, 3 to run" in first  # the standard loss's run
