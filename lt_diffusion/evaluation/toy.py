@@ -123,9 +123,12 @@ def run_toy_protocol(
     guidance: float = 0.0,
     cache_dir: Path | None = None,
     folder: Any = None,
+    noise_seed: int | None = None,
 ) -> dict[str, Any]:
     """Run ``eval=toy``; returns ``{"metrics", "protocol", "extractor", "generated_per_class",
-    "seconds"}`` on rank 0 ({} elsewhere). ``cache_dir`` is unused (nothing to cache)."""
+    "seconds"}`` on rank 0 ({} elsewhere). ``cache_dir`` is unused (nothing to cache);
+    ``noise_seed`` seeds the generation (default ``protocol.seed``, which also picks the real
+    draws)."""
     if model is None or folder is not None:
         raise ValueError(
             "the synthetic benchmark evaluates a checkpoint (checkpoint=...): its points are "
@@ -145,7 +148,8 @@ def run_toy_protocol(
     bs, seed = int(protocol.batch_size), int(protocol.seed)
     with torch_threads(protocol.get("threads"), "eval.threads"):
         points = generate_vectors(
-            model, sampler, labels, seed=seed, batch_size=bs, guidance=guidance, device=device,
+            model, sampler, labels, seed=seed if noise_seed is None else noise_seed,
+            batch_size=bs, guidance=guidance, device=device,
             rank=rank, world_size=size, progress=rank == 0,
         )  # fmt: skip
     points = gather_order(gather_objects(points), len(labels), bs).numpy()
