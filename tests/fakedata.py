@@ -443,9 +443,9 @@ def write_tiny_clip(root: Path, seed: int = 0, max_length: int = 77) -> Path:
             "pad_token_id": 1}  # fmt: skip
     vision = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4,
               "num_hidden_layers": 2, "image_size": 32, "patch_size": 8}  # fmt: skip
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(
-        root
-    )
+    CLIPModel(
+        CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+    ).save_pretrained(root)
     CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(root)
     return root
 
@@ -456,8 +456,13 @@ def write_tiny_vqa(root: Path, answer: str | None = None, seed: int = 0) -> Path
     a staged VQA folder holds (``$LT_DIFFUSION_VQA``). ``answer`` ("yes" / "no"): the answer
     decoder's output bias makes it the first word of every answer."""
     import torch
-    from transformers import BertTokenizer, BlipConfig, BlipForQuestionAnswering
-    from transformers import BlipImageProcessor, BlipProcessor
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForQuestionAnswering,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

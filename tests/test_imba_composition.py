@@ -214,7 +214,10 @@ def test_imba_weights_each_token_by_its_own_distance(sched, granularity) -> None
     model, objective = _model(), IMBAObjective(gamma=0.8, lam=0.9, granularity=granularity)
     objective.setup([10] * 16)
     g = torch.Generator().manual_seed(1)
-    x0, y = torch.rand(6, 4, generator=g, dtype=torch.float64) - 0.5, torch.tensor([0, 3, 8, 9, 15, 2])
+    x0, y = (
+        torch.rand(6, 4, generator=g, dtype=torch.float64) - 0.5,
+        torch.tensor([0, 3, 8, 9, 15, 2]),
+    )
     torch.manual_seed(3)
     got = objective(model, x0, y, sched).loss
 
@@ -302,7 +305,9 @@ def test_composition_record_is_the_rule_applied_to_its_samples(trained) -> None:
 
     rec = _analyze(trained, "analysis=composition", "analysis.samples_per_pair=30",
                    "analysis.steps=5")  # fmt: skip
-    res = validate(json.loads((trained.parent.parent / "analyses" / "composition.json").read_text()))
+    res = validate(
+        json.loads((trained.parent.parent / "analyses" / "composition.json").read_text())
+    )
     assert res["results"]["success"] == rec["results"]["success"]
     rule = circle_concepts(SIZES)
     tail, head = [], []

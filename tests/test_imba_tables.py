@@ -68,7 +68,9 @@ def test_causal_numbers_are_the_papers() -> None:
 def test_ablation_numbers_are_the_papers(table: str, heading: str) -> None:
     text = _paper().split(heading, 1)[1]
     names = next(line for line in text.splitlines() if line.strip())  # "Method Baseline ..."
-    success = [float(v) / 100 for v in re.search(r"Success Rate ([\d.% ]+)", text)[1].split("%")[:-1]]
+    success = [
+        float(v) / 100 for v in re.search(r"Success Rate ([\d.% ]+)", text)[1].split("%")[:-1]
+    ]
     clip = [float(v) for v in re.search(r"CLIP Score ([\d. ]+)", text)[1].split()]
     rows = load_table_by_name(table).blocks[0].rows
     assert len(rows) == len(success) == len(clip) == 3
@@ -80,7 +82,9 @@ def test_ablation_numbers_are_the_papers(table: str, heading: str) -> None:
 def test_gamma_study_says_what_the_paper_says() -> None:
     text = _paper()
     assert r"\(\gamma = 0.8\) achieves the best balance" in text
-    assert "gamma -> 2 induces severe color shift" in text.replace(r"\(\gamma \to 2\)", "gamma -> 2")
+    assert "gamma -> 2 induces severe color shift" in text.replace(
+        r"\(\gamma \to 2\)", "gamma -> 2"
+    )
     spec = load_table_by_name("imba_gamma")
     labels = [r.label for r in spec.blocks[0].rows]
     assert labels[0].startswith("gamma 0 ") and "gamma 0.8 (paper)" in labels
@@ -155,8 +159,11 @@ def test_vqa_presence_is_the_models_own_answer(vqa_yes: Path, tmp_path: Path) ->
         assert present.shape == (3, 2) and bool((present == want).all())
         model = BlipForQuestionAnswering.from_pretrained(folder).eval()
         proc = BlipProcessor.from_pretrained(folder)
-        inputs = proc(images=[im.permute(1, 2, 0).numpy() for im in images],
-                      text=["is there a golden retriever in the image?"] * 3, return_tensors="pt")
+        inputs = proc(
+            images=[im.permute(1, 2, 0).numpy() for im in images],
+            text=["is there a golden retriever in the image?"] * 3,
+            return_tensors="pt",
+        )
         with torch.no_grad():
             direct = proc.batch_decode(model.generate(**inputs, max_new_tokens=3),
                                        skip_special_tokens=True)  # fmt: skip
@@ -176,7 +183,9 @@ def test_a_required_judge_that_is_not_staged_is_refused_before_any_work(
         "analysis=prompt_composition", "analysis.require=[vqa]",
         f"checkpoint={tmp_path / 'none.ckpt'}",  # never read: the settings fail first
     ])  # fmt: skip
-    with pytest.raises(FileNotFoundError, match=r"require lists vqa, but no VQA model is staged") as e:
+    with pytest.raises(
+        FileNotFoundError, match=r"require lists vqa, but no VQA model is staged"
+    ) as e:
         analyze.run(cfg)
     assert "BlipForQuestionAnswering" in str(e.value) and "save_pretrained" in str(e.value)
     with pytest.raises(FileNotFoundError, match=r"analysis.vqa=.*missing does not exist"):

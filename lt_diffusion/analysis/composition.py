@@ -79,7 +79,9 @@ def shift_summary(entries: list[dict[str, Any]]) -> dict[str, Any]:
     empty = [g for g in GROUPS if out[g] is None]
     out["unavailable"] = (
         f"no generated sample of the {' / '.join(empty)} pairs composes its pair: the shift of "
-        "composing samples is undefined there" if empty else None
+        "composing samples is undefined there"
+        if empty
+        else None
     )
     return out
 
@@ -161,8 +163,10 @@ def compute(
         "shift": shift_summary(entries),
         "concept_counts": {"a": concept_counts[0], "b": concept_counts[1]},
         # A few samples of every pair, for the plot (the record stays small).
-        "examples": {e["pair"]: points[labels.numpy() == c][:50].round(4).tolist()
-                     for c, e in enumerate(entries)},  # fmt: skip
+        "examples": {
+            e["pair"]: points[labels.numpy() == c][:50].round(4).tolist()
+            for c, e in enumerate(entries)
+        },  # fmt: skip
     }
 
 

@@ -136,7 +136,9 @@ def imba_distance_per_concept(
                               power=power, tokens=model_tokens(model))  # fmt: skip
             concepts = model.token_concepts(b.y).cpu()
             total.index_add_(0, concepts.flatten(), d.double().cpu().flatten())
-            count.index_add_(0, concepts.flatten(), torch.ones(concepts.numel(), dtype=torch.float64))
+            count.index_add_(
+                0, concepts.flatten(), torch.ones(concepts.numel(), dtype=torch.float64)
+            )
     return [finite_or_none(float(t / n)) if n else None for t, n in zip(total, count)]
 
 

@@ -264,7 +264,7 @@ def plot(record: dict[str, Any], path: str | Path) -> Path:
             if present is None:
                 continue
             arr = np.asarray(present, dtype=float)
-            for k, concept in enumerate(entry["concepts"]):
+            for k in range(len(entry["concepts"])):
                 bars.setdefault(f"{scorer}: concept {k + 1}", []).append(arr[:, k].mean())
             bars.setdefault(f"{scorer}: both", []).append(arr.all(1).mean())
     width = 0.8 / max(len(bars), 1)
@@ -279,6 +279,8 @@ def plot(record: dict[str, Any], path: str | Path) -> Path:
     else:
         ax.legend(fontsize=7)
     clip, vqa = res["clip"]["success"], res["vqa"]["success"]
-    what = ", ".join(f"{k} success {v:.2f}" for k, v in (("VQA", vqa), ("CLIP", clip)) if v is not None)
+    what = ", ".join(
+        f"{k} success {v:.2f}" for k, v in (("VQA", vqa), ("CLIP", clip)) if v is not None
+    )
     ax.set_title(title_of(record, what or "no scorer staged"), fontsize=9)
     return save_figure(fig, path)

@@ -77,7 +77,9 @@ class VqaScorer:
         inputs = self.processor(images=pixels, text=list(questions), return_tensors="pt",
                                 padding=True).to(self.device)  # fmt: skip
         out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-        return [a.strip().lower() for a in self.processor.batch_decode(out, skip_special_tokens=True)]
+        return [
+            a.strip().lower() for a in self.processor.batch_decode(out, skip_special_tokens=True)
+        ]
 
     def present(
         self, images: Tensor, concepts: Sequence[str], question: str = QUESTION
