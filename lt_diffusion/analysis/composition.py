@@ -132,6 +132,7 @@ def compute(
     """Generate every pair's samples and score them with the data's rule."""
     from lt_diffusion.diffusion import DDIMSampler, generate_vectors
     from lt_diffusion.training.builders import check_guidance
+    from lt_diffusion.utils.threads import torch_threads
 
     rule, pairs = pair_table(run)
     counts = [int(n) for n in run.info["class_counts"]]
@@ -142,10 +143,12 @@ def compute(
     sampler = DDIMSampler(run.schedule, steps=int(settings.steps), eta=0.0, clip_denoised=True)
     n = int(settings.samples_per_pair)
     labels = torch.arange(len(pairs)).repeat_interleave(n)
-    points = generate_vectors(
-        run.model, sampler, labels, seed=int(settings.seed), batch_size=int(batch_size),
-        guidance=guidance, device=run.device, progress=show_progress,
-    ).numpy()  # fmt: skip
+    # The run's own CPU threads (a tiny model samples faster on one; utils/threads.py).
+    with torch_threads(run.train_cfg.train.get("threads"), "train.threads"):
+        points = generate_vectors(
+            run.model, sampler, labels, seed=int(settings.seed), batch_size=int(batch_size),
+            guidance=guidance, device=run.device, progress=show_progress,
+        ).numpy()  # fmt: skip
     entries = score_pairs(rule, pairs, counts, points, labels.numpy())
     concept_counts = [[0] * k for k in rule.sizes]
     for (a, b), count in zip(pairs, counts):

@@ -43,6 +43,7 @@ from lt_diffusion.analysis.common import (
     split_means,
 )
 from lt_diffusion.diffusion import NoiseSchedule
+from lt_diffusion.utils.threads import torch_threads
 
 NAME = "imba_distance"
 GRANULARITIES = ("token", "sample")
@@ -186,7 +187,9 @@ def compute(
     uniform = settings.t == UNIFORM
     t = None if uniform else check_timestep(settings.t, run.schedule.num_timesteps, "analysis.t")
     samples = run.samples(settings.images_per_class, settings.draws, settings.seed, t)
-    with deterministic_kernels():
+    # The run's own CPU threads (a tiny model runs faster on one; utils/threads.py).
+    threads = torch_threads(run.train_cfg.train.get("threads"), "train.threads")
+    with deterministic_kernels(), threads:
         dist = imba_distance_per_class(
             run.model, run.schedule, samples, settings.gamma, settings.granularity,
             settings.power, batch_size, run.device, show_progress,

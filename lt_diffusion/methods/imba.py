@@ -140,6 +140,7 @@ class IMBAObjective(ComposableObjective):
     """
 
     name = "imba"
+    weight_term = "imba_dist"  # the logged name of the mean loss weight
     trains_null_label = True  # its unconditional term trains the null label on every sample
     drops_labels = False
 
@@ -204,8 +205,6 @@ class IMBAObjective(ComposableObjective):
                 )
             x0, y = concept_collage(x0, y, self.concepts_per_caption)
         return super().compute(model, x0, y, schedule, aug_labels)
-
-    weight_term = "imba_dist"  # the logged name of the mean loss weight
 
     def weights(self, s: Step, y: Tensor, eps_u: Tensor) -> Tensor:
         """The conditional loss's weights, detached: one per token (``(B, H, W)``; ``(B, T)``
