@@ -223,7 +223,8 @@ def _table(out: Path, table: str, *args: str, env: dict | None = None) -> str:
 def _shrunk(name: str, configs: Path, scale: int = 10) -> str:
     """A copy of table ``name`` as ``<name>_tiny`` under ``configs/table/`` (add ``configs`` to
     Hydra's search path): one seed, every row's data scale (``dataset.source.n_per_class``,
-    the dataset config's default where a row sets none) divided by ``scale``."""
+    the dataset config's default where a row sets none) divided by ``scale``, its analysis at
+    two images per prompt and three sampler steps."""
     from omegaconf import OmegaConf
 
     spec = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "table" / f"{name}.yaml"))
@@ -235,6 +236,7 @@ def _shrunk(name: str, configs: Path, scale: int = 10) -> str:
             n = next((int(o.split("=")[1]) for o in row.get("overrides", [])
                       if "n_per_class" in o), n0)  # fmt: skip
             row["overrides"] = [*over, f"dataset.source.n_per_class={n // scale}"]
+            row["analysis"] = {**row.get("analysis", {}), "images_per_prompt": 2, "steps": 3}
     spec.update(name=f"{name}_tiny", seeds=[0])
     (configs / "table").mkdir(parents=True, exist_ok=True)
     (configs / "table" / f"{name}_tiny.yaml").write_text(json.dumps(spec))
@@ -261,7 +263,8 @@ def test_stable_diffusion_tables_are_one_command_each(tmp_path: Path) -> None:
         "model.latent_cache_dir=null", "model.gradient_checkpointing=false",
         "dataset.image_size=32", "trainer=cpu", "logger=none", "data.batch_size=4",
         "train.max_steps=2", "train.warmup_steps=1", "train.ckpt_every=2", "train.grid_every=0",
-        "train.grid_per_class=1", "train.grid_steps=2", f"paths.data_root={tmp_path / 'data'}",
+        "train.grid_per_class=1", "train.grid_steps=2", "train.threads=1",
+        f"paths.data_root={tmp_path / 'data'}",
     ]  # fmt: skip
     out, configs = tmp_path / "out", tmp_path / "configs"
     for table in SD_TABLES:
