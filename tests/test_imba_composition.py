@@ -5,8 +5,10 @@ recomputations, the composition and IMBA-distance analyses, and the refusals."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,8 @@ from lt_diffusion.data.concept_pairs import (
 from lt_diffusion.methods import FrequencyBalancedObjective, IMBAObjective
 from lt_diffusion.methods.imba import inverse_frequency, token_view, token_weights
 from lt_diffusion.models import ConceptPairMLP
-from tests.conftest import compose_config
+from lt_diffusion.tables import load_table_by_name
+from tests.conftest import ROOT, compose_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SIZES = (2, 8)
@@ -36,28 +39,55 @@ NAMES = [pair_name(a, b) for a, b in class_pairs(SIZES)]
 # The data: exact counts at the paper's ratios and scales
 
 
-# (scale override, imbalance, paper's head / tail samples per concept)
-PAPER_SETTINGS = [
-    (1500, "step_ir100", None, 3000, 30),  # piano-submarine 3K / 0.03K, 100:1
-    (7500, "step_ir100", None, 15000, 150),  # 15K / 0.15K, 100:1
-    (75, "ir1", None, 150, 150),  # 0.15K / 0.15K, 1:1
-    (500, "step_ir100", 10, 1000, 100),  # volcano-twins 1K / 0.1K, 10:1
-    (2500, "step_ir100", 10, 5000, 500),  # 5K / 0.5K, 10:1
-    (250, "ir1", None, 500, 500),  # 0.5K / 0.5K, 1:1
-]
+PAPER = ROOT.parent / "shared" / "papers" / "imba_loss_iccv2025.txt"
 
 
-@pytest.mark.parametrize("n,imbalance,ratio,head,tail", PAPER_SETTINGS)
-def test_concept_counts_are_the_papers_exactly(n, imbalance, ratio, head, tail) -> None:
-    """The datamodule keeps exactly the paper's samples per head and tail concept, spread
-    evenly over the two positions, and every pair keeps at least one sample."""
+def _k(text: str) -> int:
+    """``3K`` -> 3000, ``0.03K`` -> 30."""
+    return round(float(text.rstrip("K")) * 1000)
+
+
+def _paper_causal_rows() -> list[tuple[str, int, int, int]]:
+    """The paper's causal table: (pair, head images, tail images, ratio) per row."""
+    if not PAPER.is_file():
+        pytest.skip(f"the paper's text is not at {PAPER} (outside the repository)")
+    rows = re.findall(
+        r"^(piano-submarine|volcano-twins) \([a-z ]+\) (\S+K) (\S+K) (\d+):1 \d+% 0\.\d+$",
+        PAPER.read_text(), re.MULTILINE,
+    )  # fmt: skip
+    assert len(rows) == 6
+    return [(pair, _k(head), _k(tail), int(ratio)) for pair, head, tail, ratio in rows]
+
+
+@functools.cache
+def _causal_spec_rows() -> list[tuple[tuple[str, int, int, int], list[str]]]:
+    """table=imba_pairs_causal's rows: the setting their labels name (pair, head, tail,
+    ratio) and the training overrides of their seed-1 run (seed 1 redraws the data)."""
+    spec = load_table_by_name("imba_pairs_causal")
+    out = []
+    for block in spec.blocks:
+        ratio, pair = re.fullmatch(r"(\d+):1 \((\S+)\)", block.label).groups()
+        for row in block.rows:
+            head, tail, balanced = re.fullmatch(
+                r"(\S+K) / (\S+K)( \(balanced\))?", row.label
+            ).groups()
+            setting = (pair, _k(head), _k(tail), 1 if balanced else int(ratio))
+            run = spec.run_ref(row.experiments["tail"], 1, row.overrides)
+            out.append((setting, run.train_overrides()))
+    return out
+
+
+@pytest.mark.parametrize("i", range(6))
+def test_each_causal_row_keeps_the_papers_counts_exactly(i: int) -> None:
+    """Row ``i`` of table=imba_pairs_causal is the paper's causal row ``i`` (pair, head and
+    tail counts, ratio), and the datamodule its run builds keeps exactly that many samples per
+    head and tail concept, spread evenly over the two positions, every pair at least one."""
     from hydra.utils import instantiate
 
-    overrides = [f"dataset.source.n_per_class={n}", f"imbalance={imbalance}"]
-    if ratio is not None:
-        overrides.append(f"imbalance.ratio={ratio}")
-    cfg = compose_config("train", ["experiment=imba/pairs_plain", *overrides])
-    dm = instantiate(cfg.data, sampler="uniform", on_device=False)
+    paper, spec_rows = _paper_causal_rows(), _causal_spec_rows()
+    assert [setting for setting, _ in spec_rows] == paper  # the same rows, in the paper's order
+    (_, head, tail, _), overrides = spec_rows[i]
+    dm = instantiate(compose_config("train", overrides).data, sampler="uniform", on_device=False)
     dm.setup()
     counted = torch.bincount(dm.train_labels, minlength=16).tolist()
     assert counted == dm.class_counts

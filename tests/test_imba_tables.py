@@ -92,6 +92,25 @@ def test_gamma_study_says_what_the_paper_says() -> None:
     assert all(v is None for r in spec.blocks[0].rows for v in r.published.values())
 
 
+def test_size_rows_state_the_parameters_of_the_model_they_build() -> None:
+    """Each row of imba_pairs_size says its width and the parameter count (in millions, as
+    rounded in the label) of the concept-pair model its run builds."""
+    from hydra.utils import instantiate
+
+    spec = load_table_by_name("imba_pairs_size")
+    widths = []
+    for row in spec.blocks[0].rows:
+        width, millions = re.fullmatch(r"width (\d+) \(([\d.]+)M\)", row.label).groups()
+        run = spec.run_ref(row.experiments["tail"], 0, row.overrides)
+        cfg = compose_config("train", run.train_overrides())
+        assert int(cfg.model.ch) == int(width)
+        params = sum(p.numel() for p in instantiate(cfg.model).parameters())
+        digits = len(millions.split(".")[1])
+        assert round(params / 1e6, digits) == float(millions), (row.label, params)
+        widths.append(int(width))
+    assert widths == [32, 64, 128, 256] and spec.blocks[0].baseline == "width 64 (0.11M)"
+
+
 def test_every_run_of_the_tables_has_its_own_directory() -> None:
     """Rows of one experiment differ by their overrides: each must name its own run (scale,
     ratio and concepts in the dataset's name, width and gamma in the tag), or two rows would
@@ -192,6 +211,18 @@ def test_a_required_judge_that_is_not_staged_is_refused_before_any_work(
         PromptCompositionSettings(vqa=str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="subset of"):
         PromptCompositionSettings(require=("human",))
+    # A table whose cells require the VQA judge: refused when the table command resolves its
+    # runs, before any run is launched (nothing written under the output folder).
+    from omegaconf import OmegaConf
+
+    from lt_diffusion.tables import TableSpecError, load_table, resolve
+
+    raw = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "table" / "imba_causal.yaml"))
+    row = {**raw["blocks"][0]["rows"][0], "analysis": {"require": "[vqa]"}}  # an override
+    raw.update(seeds=[0], blocks=[{**raw["blocks"][0], "rows": [row]}])
+    with pytest.raises(TableSpecError, match=r"require lists vqa, but no VQA model is staged") as e:
+        resolve(load_table(raw), [f"paths.output_dir={tmp_path / 'out'}"])
+    assert "save_pretrained" in str(e.value) and not (tmp_path / "out").exists()
 
 
 def test_mean_colour_and_record_checks() -> None:
