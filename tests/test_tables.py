@@ -528,6 +528,11 @@ def test_analysis_columns_read_analysis_records(tmp_path: Path) -> None:
         None, "no CLIP model is staged"
     )  # fmt: skip
     assert "holds no number" in metric_entry(record, "analysis.concept_dominance.nope")[1]
+    # A table of analysis cells names the analysis, not a protocol, sampler or guidance.
+    result = collect(spec, list(resolved.values()))
+    for text in (to_markdown(result), to_latex(result)):
+        assert "the analysis " in text and "concept" in text and "docs/analyses.md" in text
+        assert "Protocol" not in text and "guidance" not in text, text
     write_json(imba.records[before], record)  # results that do not validate
     assert "invalid concept_dominance record" in imba.record_problem(before)
 
