@@ -18,10 +18,12 @@ from __future__ import annotations
 from types import ModuleType
 
 from lt_diffusion.analysis import (
+    composition,
     concept_dominance,
     feature_overlap,
     gradient_dominance,
     imba_distance,
+    prompt_composition,
     pruning,
 )
 
@@ -32,6 +34,8 @@ ANALYSES: dict[str, tuple[ModuleType, type]] = {
     feature_overlap.NAME: (feature_overlap, feature_overlap.FeatureOverlapSettings),
     gradient_dominance.NAME: (gradient_dominance, gradient_dominance.GradientDominanceSettings),
     concept_dominance.NAME: (concept_dominance, concept_dominance.ConceptDominanceSettings),
+    composition.NAME: (composition, composition.CompositionSettings),
+    prompt_composition.NAME: (prompt_composition, prompt_composition.PromptCompositionSettings),
 }
 
 __all__ = ["ANALYSES"]

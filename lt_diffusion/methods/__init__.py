@@ -21,7 +21,7 @@ from lt_diffusion.methods.coral import CORALObjective, supcon_loss
 from lt_diffusion.methods.ddpm import DDPMObjective
 from lt_diffusion.methods.focal import FocalObjective
 from lt_diffusion.methods.group_expert import GroupExpertObjective, group_expert_lora
-from lt_diffusion.methods.imba import IMBAObjective, imba_distance
+from lt_diffusion.methods.imba import FrequencyBalancedObjective, IMBAObjective, imba_distance
 from lt_diffusion.methods.oc import (
     OCObjective,
     oc_gate,
@@ -39,6 +39,7 @@ from lt_diffusion.methods.pd_cbdm import PDCBDMObjective, head_tail_split, rever
 __all__ = [
     "ConsistencyDistillationObjective",
     "CORALObjective",
+    "FrequencyBalancedObjective",
     "IMBAObjective",
     "OverlapObjective",
     "PDCBDMObjective",
