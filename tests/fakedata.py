@@ -395,6 +395,99 @@ def write_tiny_sd(
     return root
 
 
+def write_concept_images(
+    root: str | Path,
+    counts: dict[str, int],
+    hw: tuple[int, int] = (32, 32),
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """``root/<concept>/<concept>_<k>.png`` for the IMBA experiments' concept images
+    (``dataset=concept_images``); the returned arrays per concept are in file-name order."""
+    out = {}
+    for c, (concept, n) in enumerate(counts.items()):
+        images = _file_images(np.full(int(n), c), len(counts), hw, seed + c)
+        for k, img in enumerate(images):
+            _save_image(Path(root) / concept / f"{concept}_{k:05d}.png", img)
+        out[concept] = images
+    return out
+
+
+def _tiny_clip_tokenizer(folder: Path, max_length: int) -> None:
+    """The tiny Stable Diffusion's letter-level CLIP BPE vocabulary in ``folder``."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for token in [*letters, *(c + "</w>" for c in letters), "pa", "in"]:
+        vocab[token] = len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\np a\ni n\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": max_length}))
+
+
+def write_tiny_clip(root: Path, seed: int = 0, max_length: int = 77) -> Path:
+    """A tiny randomly initialised transformers ``CLIPModel`` with its ``CLIPProcessor`` (the
+    letter-level tokenizer, 32 px images), saved with save_pretrained: what a staged CLIP
+    folder holds (``$LT_DIFFUSION_CLIP``)."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    root = Path(root)
+    _tiny_clip_tokenizer(root / "_tokenizer", max_length)
+    tokenizer = CLIPTokenizer.from_pretrained(str(root / "_tokenizer"))
+    size = {"shortest_edge": 32}
+    images = CLIPImageProcessor(size=size, crop_size={"height": 32, "width": 32})
+    torch.manual_seed(seed)
+    text = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 37,
+            "num_attention_heads": 4, "num_hidden_layers": 2,
+            "max_position_embeddings": max_length, "bos_token_id": 0, "eos_token_id": 1,
+            "pad_token_id": 1}  # fmt: skip
+    vision = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4,
+              "num_hidden_layers": 2, "image_size": 32, "patch_size": 8}  # fmt: skip
+    CLIPModel(
+        CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+    ).save_pretrained(root)
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(root)
+    return root
+
+
+def write_tiny_vqa(root: Path, answer: str | None = None, seed: int = 0) -> Path:
+    """A tiny randomly initialised transformers ``BlipForQuestionAnswering`` with its
+    ``BlipProcessor`` (a small BERT vocabulary, 32 px images), saved with save_pretrained: what
+    a staged VQA folder holds (``$LT_DIFFUSION_VQA``). ``answer`` ("yes" / "no"): the answer
+    decoder's output bias makes it the first word of every answer."""
+    import torch
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForQuestionAnswering,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "yes", "no", "is", "there",
+             "a", "in", "the", "image", "?", "of", "photo"]  # fmt: skip
+    (root / "_vocab.txt").write_text("\n".join(words) + "\n")
+    tokenizer = BertTokenizer(str(root / "_vocab.txt"), do_lower_case=True)
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    text = {"vocab_size": len(tokenizer), "hidden_size": 32, "encoder_hidden_size": 32,
+            "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2,
+            "max_position_embeddings": 64, "bos_token_id": tokenizer.bos_token_id,
+            "sep_token_id": tokenizer.sep_token_id, "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
+    vision = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4,
+              "num_hidden_layers": 2, "image_size": 32, "patch_size": 8}  # fmt: skip
+    torch.manual_seed(seed)
+    model = BlipForQuestionAnswering(BlipConfig(text_config=text, vision_config=vision))
+    if answer is not None:
+        with torch.no_grad():
+            model.text_decoder.cls.predictions.bias[tokenizer.convert_tokens_to_ids(answer)] += 1e3
+    model.save_pretrained(root)
+    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+                  tokenizer=tokenizer).save_pretrained(root)  # fmt: skip
+    return root
+
+
 # -- fine-grained text-to-image datasets (CM Table G.11) ------------------------------------
 
 CAPTIONS_PER_IMAGE = 10

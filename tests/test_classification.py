@@ -334,7 +334,7 @@ def test_augmentation_end_to_end_on_tiny_fashion_mnist(tmp_path: Path, monkeypat
     from lt_diffusion.records.base import write_record
     from lt_diffusion.tables.aggregate import collect
     from lt_diffusion.tables.render import to_markdown
-    from lt_diffusion.tables.resolve import resolve
+    from lt_diffusion.tables.resolution import resolve
     from lt_diffusion.tables.spec import load_table_by_name
 
     spec = load_table_by_name("cm_table_g13")
@@ -359,7 +359,7 @@ def test_cm_tables_resolve_to_classification_runs_and_records(tmp_path: Path) ->
     digest; G.8's no-augmentation row is G.13's IR 100 CE run (trained once for both); the
     table command plans them as classify jobs."""
     from lt_diffusion.tables.launch import plan
-    from lt_diffusion.tables.resolve import resolve
+    from lt_diffusion.tables.resolution import resolve
     from lt_diffusion.tables.spec import load_table_by_name
 
     out = [f"paths.output_dir={tmp_path}"]

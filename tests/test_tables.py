@@ -38,7 +38,10 @@ from lt_diffusion.utils.io import atomic_write_json as write_json
 
 ALL_TABLES = available_tables()
 # Tables of numbers no paper publishes for these rows (ours only).
-UNPUBLISHED = {"coral_diversity", "dominance_imba"}
+UNPUBLISHED = {
+    "coral_diversity", "dominance_imba", "imba_gamma", "imba_distance_check",
+    "imba_pairs_causal", "imba_pairs_size", "imba_pairs_methods", "imba_pairs_gamma",
+}  # fmt: skip
 
 
 def test_every_paper_table_is_there() -> None:
@@ -526,6 +529,11 @@ def test_analysis_columns_read_analysis_records(tmp_path: Path) -> None:
         None, "no CLIP model is staged"
     )  # fmt: skip
     assert "holds no number" in metric_entry(record, "analysis.concept_dominance.nope")[1]
+    # A table of analysis cells names the analysis, not a protocol, sampler or guidance.
+    result = collect(spec, list(resolved.values()))
+    for text in (to_markdown(result), to_latex(result)):
+        assert "the analysis " in text and "concept" in text and "docs/analyses.md" in text
+        assert "Protocol" not in text and "guidance" not in text, text
     write_json(imba.records[before], record)  # results that do not validate
     assert "invalid concept_dominance record" in imba.record_problem(before)
 

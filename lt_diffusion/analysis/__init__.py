@@ -21,10 +21,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lt_diffusion.analysis import (
+    composition,
     concept_dominance,
     feature_overlap,
     gradient_dominance,
     imba_distance,
+    prompt_composition,
     pruning,
 )
 from lt_diffusion.analysis.common import RECORD_KIND, RECORD_SCHEMA
@@ -37,6 +39,8 @@ ANALYSES: dict[str, tuple[ModuleType, type]] = {
     feature_overlap.NAME: (feature_overlap, feature_overlap.FeatureOverlapSettings),
     gradient_dominance.NAME: (gradient_dominance, gradient_dominance.GradientDominanceSettings),
     concept_dominance.NAME: (concept_dominance, concept_dominance.ConceptDominanceSettings),
+    composition.NAME: (composition, composition.CompositionSettings),
+    prompt_composition.NAME: (prompt_composition, prompt_composition.PromptCompositionSettings),
 }
 
 

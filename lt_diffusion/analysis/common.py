@@ -83,7 +83,7 @@ def check_timestep(t: int | None, num_timesteps: int, what: str = "t") -> int:
 class ClassBatch:
     """One batch of a class's fixed draws: ``x_t = q_sample(x0, t, noise)``."""
 
-    x0: Tensor  # (B, C, H, W) in [-1, 1]
+    x0: Tensor  # (B, C, H, W) in [-1, 1], or points (B, D)
     t: Tensor  # (B,) int64
     noise: Tensor  # (B, C, H, W)
     y: Tensor  # (B,) int64, the class
@@ -94,7 +94,8 @@ class ClassSamples:
     """The training images of each class with fixed draws of ``(t, noise)``.
 
     Args:
-        images: uint8 ``(N, C, H, W)`` training images (the long-tailed subset).
+        images: uint8 ``(N, C, H, W)`` training images (the long-tailed subset), or float
+            ``(N, D)`` training points (vector data).
         labels: int64 ``(N,)`` labels (class 0 the most frequent).
         num_classes: number of classes.
         images_per_class: at most this many images of a class (a seeded random subset); None
@@ -117,10 +118,12 @@ class ClassSamples:
         t: int | None = None,
     ) -> None:
         check_sampling(images_per_class, draws)
-        if images.dtype != torch.uint8 or images.ndim != 4 or len(images) != len(labels):
+        is_image = images.dtype == torch.uint8 and images.ndim == 4
+        is_points = images.is_floating_point() and images.ndim == 2
+        if not (is_image or is_points) or len(images) != len(labels):
             raise ValueError(
-                f"ClassSamples needs uint8 images (N, C, H, W) and N labels, got "
-                f"{images.dtype} {tuple(images.shape)} and {tuple(labels.shape)}"
+                f"ClassSamples needs uint8 images (N, C, H, W) or float points (N, D) and N "
+                f"labels, got {images.dtype} {tuple(images.shape)} and {tuple(labels.shape)}"
             )
         self.images, self.labels = images.cpu(), labels.cpu().long()
         self.num_classes, self.draws, self.seed = int(num_classes), int(draws), int(seed)
@@ -167,7 +170,9 @@ class ClassSamples:
             draws = [self._draw(int(i)) for i in part]
             t = torch.cat([d[0] for d in draws])
             noise = torch.cat([d[1] for d in draws])
-            x0 = self.images[part].float().div_(127.5).sub_(1.0)
+            x0 = self.images[part].float()
+            if self.images.dtype == torch.uint8:  # images to [-1, 1]; points as they are
+                x0 = x0.div_(127.5).sub_(1.0)
             x0 = x0.repeat_interleave(self.draws, dim=0)
             yield ClassBatch(
                 x0=x0.to(device=device, dtype=dtype),
@@ -254,6 +259,14 @@ class AnalysedRun:
     run: LoadedRun
     datamodule: Any
     info: dict[str, Any]
+    data_root: str | None = None  # where a text-to-image run's data are, when read later
+
+    def training_data(self) -> Any:
+        """The run's long-tailed datamodule (built now for a text-to-image run, whose analyses
+        load it only when they read training images)."""
+        if self.datamodule is None:
+            self.datamodule = self.run.datamodule(self.data_root)
+        return self.datamodule
 
     def __getattr__(self, name: str) -> Any:  # model, meta, schedule, device, run_dir, ...
         if name.startswith("__") or name == "run":  # copy / pickle probe a bare instance
@@ -290,7 +303,8 @@ def load_analysed_run(
 
     ``text_to_image``: the run of a text-conditioned backbone instead (Stable Diffusion: the
     concept analysis samples from prompts and reads no training image), without its data (the
-    dataset description, class counts and names included, comes from the checkpoint)."""
+    dataset description, class counts and names included, comes from the checkpoint; an
+    analysis that reads training images builds them with :meth:`AnalysedRun.training_data`)."""
     run = load_run(checkpoint, device, ema=ema, theta_g_only=theta_g_only)
     if text_to_image:
         if not (hasattr(run.model, "encode_prompts") and hasattr(run.model, "unet")):
@@ -298,7 +312,7 @@ def load_analysed_run(
                 f"{checkpoint} is not a text-to-image model ({run.train_cfg.model.get('_target_')}"
                 "): this analysis needs a Stable Diffusion backbone (model=sd_lora)"
             )
-        return AnalysedRun(run, None, dict(run.meta["dataset"]))
+        return AnalysedRun(run, None, dict(run.meta["dataset"]), data_root)
     if getattr(run.model, "latent_shape", None) is not None:
         raise ValueError(
             f"{checkpoint} is a latent-diffusion model ({run.train_cfg.model.get('_target_')}): "

@@ -10,6 +10,14 @@ between the true noise and the unconditional prediction at ``t = T - 1`` (``t: n
 the training method's ``gamma`` / ``granularity`` / ``power`` settings; a token-level distance
 ``(B, H, W)`` is averaged over its positions. Plotted against the class count: a proxy for
 inverse frequency shows a falling curve.
+
+The check of the claim itself (``vs_frequency``): the distances against ``1 / frequency``,
+Spearman's rank correlation (with its p-value) and the slope of ``log D`` on ``log(1 / f)`` by
+least squares (with its 95 % t-interval): ``D ∝ 1 / f`` is a slope of 1 (of ``gamma`` with the
+elementwise power: use ``gamma: 1`` for the paper's distance). Its unit is the class, or, for a
+model whose tokens show one concept each (the concept-pair model of the synthetic composition
+data), the **concept**: per concept the mean token distance over the tokens that show it,
+against the number of training samples showing it (both vocabularies pooled).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -34,16 +43,18 @@ from lt_diffusion.analysis.common import (
     split_means,
 )
 from lt_diffusion.diffusion import NoiseSchedule
+from lt_diffusion.utils.threads import torch_threads
 
 NAME = "imba_distance"
 GRANULARITIES = ("token", "sample")
+UNIFORM = "uniform"  # analysis.t: each draw's t uniform, as training draws it
 
 
 @dataclass(frozen=True)
 class ImbaDistanceSettings:
     """Settings of the IMBA-distance analysis (configs/analysis/imba_distance.yaml)."""
 
-    t: int | None = None
+    t: int | str | None = None  # a timestep, null (T - 1) or "uniform" (t ~ U{0..T-1} per draw)
     gamma: float = 0.8
     granularity: str = "token"
     power: str = "elementwise"
@@ -59,6 +70,11 @@ class ImbaDistanceSettings:
                 f"analysis.granularity must be one of {GRANULARITIES}, got {self.granularity!r}"
             )
         check_sampling(self.images_per_class, self.draws)
+        t = self.t
+        if not (t is None or t == UNIFORM or (isinstance(t, int) and not isinstance(t, bool))):
+            raise ValueError(
+                f"analysis.t must be a timestep, null (T - 1) or {UNIFORM!r}, got {t!r}"
+            )
 
 
 @torch.no_grad()
@@ -75,7 +91,7 @@ def imba_distance_per_class(
 ) -> list[float | None]:
     """Per class, the mean IMBA distance between the true noise and the unconditional
     prediction on its fixed draws (float64 accumulation; None for a class without images)."""
-    from lt_diffusion.methods.imba import imba_distance
+    from lt_diffusion.methods.imba import imba_distance, model_tokens
 
     dtype = model_dtype(model)
     out: list[float | None] = []
@@ -85,12 +101,75 @@ def imba_distance_per_class(
             x_t = schedule.q_sample(b.x0, b.t, b.noise)
             eps_uncond = model(x_t, b.t, None)  # y=None: the null label, the unconditional model
             d = imba_distance(
-                b.noise, eps_uncond, gamma=gamma, granularity=granularity, power=power
-            )
+                b.noise, eps_uncond, gamma=gamma, granularity=granularity, power=power,
+                tokens=model_tokens(model),
+            )  # fmt: skip
             per_sample = d.double().flatten(1).mean(1) if d.ndim > 1 else d.double()
             total += float(per_sample.sum())
             n += len(per_sample)
         out.append(finite_or_none(total / n) if n else None)
+    return out
+
+
+@torch.no_grad()
+def imba_distance_per_concept(
+    model: nn.Module,
+    schedule: NoiseSchedule,
+    samples: ClassSamples,
+    gamma: float = 0.8,
+    power: str = "elementwise",
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> list[float | None]:
+    """Per concept of a model whose tokens each show one concept (``model.token_concepts``),
+    the mean token-level IMBA distance over the tokens that show it (float64 accumulation;
+    None for a concept no sample shows)."""
+    from lt_diffusion.methods.imba import imba_distance, model_tokens
+
+    dtype = model_dtype(model)
+    n_concepts = sum(model.vocab_sizes)
+    total = torch.zeros(n_concepts, dtype=torch.float64)
+    count = torch.zeros(n_concepts, dtype=torch.float64)
+    for c in range(samples.num_classes):
+        for b in samples.batches(c, batch_size, device, dtype):
+            x_t = schedule.q_sample(b.x0, b.t, b.noise)
+            d = imba_distance(b.noise, model(x_t, b.t, None), gamma=gamma, granularity="token",
+                              power=power, tokens=model_tokens(model))  # fmt: skip
+            concepts = model.token_concepts(b.y).cpu()
+            total.index_add_(0, concepts.flatten(), d.double().cpu().flatten())
+            count.index_add_(
+                0, concepts.flatten(), torch.ones(concepts.numel(), dtype=torch.float64)
+            )
+    return [finite_or_none(float(t / n)) if n else None for t, n in zip(total, count)]
+
+
+def frequency_fit(
+    values: list[float | None], counts: list[float], names: list[str], unit: str
+) -> dict[str, Any]:
+    """The distances against inverse frequency: Spearman's rho of ``D`` and ``1 / f`` with its
+    p-value, and the least-squares slope of ``log D`` on ``log(1 / f)`` with its 95 %
+    t-interval ``[slope_low, slope_high]`` (``n - 2`` degrees of freedom), over the units with a positive distance and
+    count; None where fewer than three such units or a constant side leave them undefined."""
+    from scipy import stats
+
+    keep = [(v, float(n)) for v, n in zip(values, counts) if v is not None and v > 0 and n > 0]
+    out: dict[str, Any] = {
+        "unit": unit, "names": names, "distance": values, "count": [float(n) for n in counts],
+        "n": len(keep), "spearman": None, "spearman_p": None, "loglog_slope": None,
+        "slope_low": None, "slope_high": None,
+    }  # fmt: skip
+    if len(keep) < 3 or len({n for _, n in keep}) < 2 or len({v for v, _ in keep}) < 2:
+        return out
+    d = np.array([v for v, _ in keep])
+    inv = 1.0 / np.array([n for _, n in keep])
+    rho = stats.spearmanr(d, inv)
+    fit = stats.linregress(np.log(inv), np.log(d))
+    half = float(stats.t.ppf(0.975, len(keep) - 2) * fit.stderr)
+    out.update(
+        spearman=finite_or_none(rho.statistic), spearman_p=finite_or_none(rho.pvalue),
+        loglog_slope=finite_or_none(fit.slope),
+        slope_low=finite_or_none(fit.slope - half), slope_high=finite_or_none(fit.slope + half),
+    )  # fmt: skip
     return out
 
 
@@ -105,32 +184,74 @@ def compute(
             f"the IMBA distance (lt_diffusion.methods.imba) cannot be imported ({err}): this "
             "installation lacks the IMBA method"
         ) from err
-    t = check_timestep(settings.t, run.schedule.num_timesteps, "analysis.t")
+    uniform = settings.t == UNIFORM
+    t = None if uniform else check_timestep(settings.t, run.schedule.num_timesteps, "analysis.t")
     samples = run.samples(settings.images_per_class, settings.draws, settings.seed, t)
-    with deterministic_kernels():
+    # The run's own CPU threads (a tiny model runs faster on one; utils/threads.py).
+    threads = torch_threads(run.train_cfg.train.get("threads"), "train.threads")
+    with deterministic_kernels(), threads:
         dist = imba_distance_per_class(
             run.model, run.schedule, samples, settings.gamma, settings.granularity,
             settings.power, batch_size, run.device, show_progress,
         )  # fmt: skip
+        model = run.model
+        if hasattr(model, "token_concepts"):  # one concept per token: the concepts are the unit
+            per_concept = imba_distance_per_concept(
+                model, run.schedule, samples, settings.gamma, settings.power, batch_size,
+                run.device,
+            )  # fmt: skip
+            names = [f"{v}{k}" for v, size in zip("ab", model.vocab_sizes) for k in range(size)]
+            counts = model.concept_counts(run.info["class_counts"]).tolist()
+            vs_frequency = frequency_fit(per_concept, counts, names, "concept")
+        else:
+            names = [str(n) for n in run.info["class_names"]]
+            vs_frequency = frequency_fit(dist, run.info["class_counts"], names, "class")
     return {
-        "t": t,
+        "t": UNIFORM if uniform else t,
         "distance": dist,
         "n_samples": [samples.count(c) for c in range(samples.num_classes)],
         "per_split": {"distance": split_means(dist, run.info["splits"])},
         "spearman_vs_count": rank_correlation(dist, run.info["class_counts"]),
+        "vs_frequency": vs_frequency,
     }
 
 
 def plot(record: dict[str, Any], path: str | Path) -> Path:
-    """Mean IMBA distance against the class's training count."""
+    """Two panels: the mean IMBA distance per class against the class's training count, and
+    the distance per unit (class or concept) against the inverse frequency, log-log, with the
+    least-squares line."""
     from lt_diffusion.analysis.plots import new_figure, save_figure, scatter_vs_count, title_of
 
     ds, res, st = record["dataset"], record["results"], record["settings"]
-    fig, (ax,) = new_figure()
+    fig, (ax, ax2) = new_figure(2)
     scatter_vs_count(ax, res["distance"], ds["class_counts"], ds["splits"], ds.get("class_names"))
     ax.set_ylabel(rf"IMBA distance ($\gamma$={st['gamma']}, {st['granularity']})")
     rho = res.get("spearman_vs_count")
     extra = f", Spearman vs count {rho:.2f}" if rho is not None else ""
     ax.set_title(title_of(record, f"unconditional, t={res['t']}{extra}"), fontsize=9)
     ax.legend(fontsize=8)
+    fit = res.get("vs_frequency") or {}
+    pts = [(n, d, name) for n, d, name in zip(fit.get("count", []), fit.get("distance", []),
+                                              fit.get("names", [])) if d and n]  # fmt: skip
+    if pts:
+        total = sum(n for n, _, _ in pts)
+        inv = np.array([total / n for n, _, _ in pts])  # 1 / frequency
+        dist = np.array([d for _, d, _ in pts])
+        ax2.loglog(inv, dist, "o", color="tab:purple")
+        for x, y, (_, _, name) in zip(inv, dist, pts):
+            ax2.annotate(name, (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+        if fit.get("loglog_slope") is not None:
+            slope = fit["loglog_slope"]
+            xs = np.geomspace(inv.min(), inv.max(), 20)
+            centre = np.exp(np.mean(np.log(dist)) + slope * (np.log(xs) - np.mean(np.log(inv))))
+            lo, hi = fit["slope_low"], fit["slope_high"]
+            ax2.plot(xs, centre, "-", color="gray",
+                     label=f"slope {slope:.2f} [{lo:.2f}, {hi:.2f}]")  # fmt: skip
+            ax2.legend(fontsize=8)
+        rho2 = fit.get("spearman")
+        ax2.set_title(f"per {fit['unit']}: Spearman(D, 1/f) "
+                      + (f"{rho2:.2f} (p={fit['spearman_p']:.2g})" if rho2 is not None else "n/a"),
+                      fontsize=9)  # fmt: skip
+    ax2.set_xlabel("1 / frequency (total / count)")
+    ax2.set_ylabel("IMBA distance")
     return save_figure(fig, path)

@@ -1,5 +1,6 @@
 """Backbones mapping ``(x_t, t, y)`` to a prediction (DESIGN.md, step 2)."""
 
+from lt_diffusion.models.concept_pair_mlp import ConceptPairMLP
 from lt_diffusion.models.latent import LatentBackbone, LatentUNet, load_autoencoder
 from lt_diffusion.models.latent_cache import EncodedSet, encoded_training_set
 from lt_diffusion.models.mlp import MLPDenoiser
@@ -22,6 +23,7 @@ from lt_diffusion.models.unet import (
 
 __all__ = [
     "ATTENTION_BLOCKS",
+    "ConceptPairMLP",
     "EncodedSet",
     "ExpertAdapterSwitch",
     "LatentBackbone",

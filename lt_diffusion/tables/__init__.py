@@ -2,7 +2,7 @@
 
 from lt_diffusion.tables.aggregate import Cell, TableResult, collect, metric_entry, metric_value
 from lt_diffusion.tables.render import to_csv, to_latex, to_markdown, write_table
-from lt_diffusion.tables.resolve import ResolvedRun, resolve
+from lt_diffusion.tables.resolution import ResolvedRun, resolve
 from lt_diffusion.tables.spec import (
     Column,
     EvalRef,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lt_diffusion.records.base import RecordError, class_index, read_record
-from lt_diffusion.tables.resolve import ResolvedRun
+from lt_diffusion.tables.resolution import ResolvedRun
 from lt_diffusion.tables.spec import Block, Column, EvalRef, Row, TableSpec, analysis_of
 from lt_diffusion.tables.statistics import (
     POWER,

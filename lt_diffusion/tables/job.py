@@ -26,7 +26,7 @@ from omegaconf import DictConfig, open_dict
 
 from lt_diffusion.records.base import RecordError, read_record
 from lt_diffusion.runs.checkpoint import read_checkpoint
-from lt_diffusion.tables import resolve as _kinds  # noqa: F401  (the kinds a table reads)
+from lt_diffusion.tables import resolution as _kinds  # noqa: F401  (the kinds a table reads)
 from lt_diffusion.tables.sweep import FAILED, SWEEP_LOG_ENV, Job, read_manifest
 from lt_diffusion.utils.config import compose_config
 from lt_diffusion.utils.io import atomic_write_json

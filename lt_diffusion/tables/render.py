@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from lt_diffusion.tables.aggregate import Cell, TableResult
-from lt_diffusion.tables.spec import Block, Column, Row, sampler_text
+from lt_diffusion.tables.spec import Block, Column, Row, analysis_of, sampler_text
 from lt_diffusion.tables.statistics import PERMUTATION_MIN_PAIRS
 from lt_diffusion.utils.io import atomic_write_text
 
@@ -195,6 +195,12 @@ def _protocol_text(result: TableResult, code: Callable[[str], str], tex: bool) -
     the test split for classification tables (whose records sample nothing)."""
     if result.spec.task == "classify":
         return "Each dataset's test split, top-1 predictions, in " + ("\\%." if tex else "%.")
+    analyses = [analysis_of(c.metric) for c in result.spec.columns]
+    if all(analyses):  # no generation record: the protocol, sampler and guidance do not apply
+        names = list(dict.fromkeys(analyses))
+        which = "analysis" if len(names) == 1 else "analyses"
+        listed = ", ".join(code(str(a)) for a in names)
+        return f"Cells from the {which} {listed} of each run's checkpoint (docs/analyses.md)."
     return (
         f"Protocol {code(result.spec.eval)}, sampler {code(_sampler_text(result))}, guidance "
         f"{_guidance_text(result, tex=tex)}. {_reference_text(result, tex)}"

@@ -1,6 +1,6 @@
 """Table specs (``configs/table/<name>.yaml``): which runs make a paper table's cells, the
 metric of each column and the published numbers, parsed and checked (their expansion into runs
-and records: :mod:`lt_diffusion.tables.resolve`).
+and records: :mod:`lt_diffusion.tables.resolution`).
 
 A spec::
 
@@ -526,5 +526,5 @@ def load_table_by_name(name: str, config_dir: str | Path = CONFIG_DIR) -> TableS
     return load_table(OmegaConf.load(path), config_dir)
 
 
-# Moved to lt_diffusion.tables.resolve (importable from here for one release, with a warning).
-__getattr__ = moved(__name__, ("lt_diffusion.tables.resolve",))
+# Moved to lt_diffusion.tables.resolution (importable from here for one release, with a warning).
+__getattr__ = moved(__name__, ("lt_diffusion.tables.resolution",))
