@@ -42,6 +42,7 @@ from lt_diffusion.tables import (
     to_markdown,
     write_table,
 )
+from lt_diffusion.training import vectorized
 
 
 def _launcher_overrides() -> list[str]:
@@ -132,6 +133,24 @@ def launch_waves(pending: list[ResolvedRun]) -> list[list[int]]:
     return [[i for i in wave if wave[i] == k] for k in range(max(wave.values(), default=-1) + 1)]
 
 
+def together(pairs: list[tuple[Job, ResolvedRun]]) -> list[Job]:
+    """The jobs of one wave, with the runs that train together (``train.engine: vectorized``,
+    settings equal but for the seeds: the seeds of a synthetic-benchmark row) made one job:
+    the first such run's, holding the others in ``together``."""
+    out: list[Job] = []
+    lead: dict[str, Job] = {}
+    for job, r in pairs:
+        key = vectorized.group_key(r.config)
+        if key is None or job.task != "train":
+            out.append(job)
+        elif key in lead:
+            lead[key].together.append(job)
+        else:
+            lead[key] = job
+            out.append(job)
+    return out
+
+
 def run(cfg: DictConfig, hydra_overrides: list[str], launcher: Any, sweep_dir: Path) -> Path:
     """Launch what is missing (the runs other runs start from first), then write the table;
     returns the Markdown file."""
@@ -143,12 +162,13 @@ def run(cfg: DictConfig, hydra_overrides: list[str], launcher: Any, sweep_dir: P
     print(f"{spec.name}: {len(jobs)} runs, {len(jobs) - len(todo)} done, {len(todo)} to run")
     waves = launch_waves([r for _, r in todo]) if todo and cfg.launch else []
     for k, indices in enumerate(waves):
-        wave = []
+        pairs = []
         for job, r in (todo[i] for i in indices):
             if r.start_point is not None and not r.start_point.is_file():  # its run failed
                 print(f"  skipped {job.key}: {r.start_point} was not trained (see its failure)")
             else:
-                wave.append(job)
+                pairs.append((job, r))
+        wave = together(pairs)
         if not wave:
             continue
         wave_dir = sweep_dir if len(waves) == 1 else sweep_dir / f"wave{k}"
@@ -156,6 +176,8 @@ def run(cfg: DictConfig, hydra_overrides: list[str], launcher: Any, sweep_dir: P
         manifest = write_manifest(wave_dir / "manifest.json", spec.name, wave)
         for i, job in enumerate(wave):
             print(f"  job {i}: {job.key} -> {job.run_dir}")
+            for other in job.together:
+                print(f"         with {other.key} -> {other.run_dir}")
         code = launch(manifest, len(wave), hydra_overrides, wave_dir, int(cfg.workers))
         if code != 0:
             print(f"The sweep exited with code {code}; failed runs are marked in the table.")

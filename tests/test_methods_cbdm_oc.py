@@ -253,9 +253,10 @@ def test_oc_loss_equals_formula_and_no_gradient_flows_through_the_selection(sche
     abar = abar_of(t)
     x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
     with torch.no_grad():
-        # A draw from softmax(l_i) by the Gumbel-max trick, from the softmax formula.
-        gumbel = -torch.log(-torch.log(torch.rand(8, 8, dtype=torch.float64)))
-        j = (torch.log(_oc_probs_formula(x_t, x0, t)) + gumbel).argmax(1)
+        # A draw from softmax(l_i) by inverse CDF (one uniform per row), from the formula.
+        cdf = _oc_probs_formula(x_t, x0, t).cumsum(1)
+        u = torch.rand(8, 1, dtype=cdf.dtype) * cdf[:, -1:]
+        j = (cdf <= u).sum(1).clamp_max(7)
         q = torch.tensor(COUNTS, dtype=torch.float64) / sum(COUNTS)
         j = torch.where(q[y[j]] >= q[y], j, torch.arange(8))
         eps_hat = (x_t - abar.sqrt() * x0[j]) / (1 - abar).sqrt()
