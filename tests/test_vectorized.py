@@ -142,8 +142,8 @@ def test_keyed_draws_are_per_key_whatever_the_vmap() -> None:
 
     batched = vmap(f, randomness="error")(torch.tensor([3, 8, 11]))
     alone = f(torch.tensor(8))
-    for b, a in zip(batched, alone):
-        assert torch.equal(b[1], a)
+    for b, a, i in zip(batched, alone, f(8)):  # a tensor key or a plain int: the same numbers
+        assert torch.equal(b[1], a) and torch.equal(a, i)
     assert not torch.equal(batched[0][0], batched[0][1])
     u, z, k = (x.double().numpy() for x in alone)
     assert stats.kstest(u, "uniform").pvalue > 1e-3 and stats.kstest(z, "norm").pvalue > 1e-3

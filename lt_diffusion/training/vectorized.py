@@ -178,7 +178,7 @@ def run(cfgs: Sequence[DictConfig]) -> list[Path]:
         for m in members:
             if m not in todo:
                 print(f"Run already complete at step {m.step}: {m.resume}")
-        with torch_threads(cfgs[0].train.get("threads"), "train.threads"):
+        with torch_threads(cfgs[0].train.get("threads"), "train.threads"), _no_accelerator_probe():
             for step in sorted({m.step for m in todo}):
                 _train([m for m in todo if m.step == step])
     return [m.run_dir for m in members]
@@ -223,7 +223,21 @@ class _Functional(nn.Module):
             return getattr(self._modules["skeleton"], name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return functional_call(self.skeleton, self.state, args, kwargs)
+        if not self.state:  # the tensors are bound into the skeleton (one seed)
+            return self.skeleton(*args, **kwargs)
+        # Every tensor of the skeleton is given, none tied: no untying pass per call.
+        return functional_call(self.skeleton, self.state, args, kwargs, tie_weights=False)
+
+
+def _bind(module: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Make ``tensors`` (views of the stacked weights) the module's own, in place of its
+    parameters and buffers: the one-seed loop then runs the module as it is."""
+    for name, t in tensors.items():
+        owner, _, leaf = name.rpartition(".")
+        sub = module.get_submodule(owner)
+        sub._parameters.pop(leaf, None)
+        sub._buffers.pop(leaf, None)
+        object.__setattr__(sub, leaf, t)
 
 
 def _stack(modules: Sequence[nn.Module], what: str) -> dict[str, Tensor]:
@@ -279,17 +293,34 @@ def _train(members: list[Member]) -> None:
 
     skeleton = copy.deepcopy(first.model).train()
     model = _Functional(skeleton)
-    objective = first.objective.train()
-    keys = torch.tensor([m.seed for m in members], dtype=torch.long)
+    objective = copy.deepcopy(first.objective).train()
+    seeds = [m.seed for m in members]
     model_names = list(params)
 
-    def loss_of(p: dict, o: dict, key: Tensor, x0: Tensor, y: Tensor, step: int) -> Any:
+    def loss_of(p: dict, o: dict, key: Tensor | int, x0: Tensor, y: Tensor, step: int) -> Any:
         model.state = p
         with draws.keyed(key, step):
-            out = functional_call(objective, o, (model, x0, y, schedule))
+            if o:  # the objective's own weights or running statistics (CORAL, Focal)
+                out = functional_call(objective, o, (model, x0, y, schedule), tie_weights=False)
+            else:
+                out = objective(model, x0, y, schedule)
         return out.loss, out.terms
 
-    batched = vmap(loss_of, in_dims=(0, 0, 0, 0, 0, None), randomness="error")
+    if len(members) > 1:
+        vmapped = vmap(loss_of, in_dims=(0, 0, 0, 0, 0, None), randomness="error")
+        keys = torch.tensor(seeds, dtype=torch.long)
+
+        def batched(x0: Tensor, y: Tensor, step: int) -> Any:
+            return vmapped({k: params[k] for k in model_names}, obj_state, keys, x0, y, step)
+
+    else:  # one seed: its slices bound into the modules once, no vmap, no per-call swapping
+        _bind(skeleton, {k: v[0] for k, v in params.items()})
+        _bind(objective, {k: v[0] for k, v in obj_state.items()})
+
+        def batched(x0: Tensor, y: Tensor, step: int) -> Any:
+            loss, terms = loss_of({}, {}, seeds[0], x0[0], y[0], step)
+            return loss[None], {k: v[None] for k, v in terms.items()}
+
     streams = [_stream(m, start) for m in members]
     log = _Log(members, int(cfg.train.log_every), start)
     ema_decay, clip = float(cfg.train.ema_decay), float(cfg.train.get("grad_clip") or 0.0)
@@ -305,7 +336,7 @@ def _train(members: list[Member]) -> None:
             lr = lr_lambda(step)
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * lr
-            loss, terms = batched({k: params[k] for k in model_names}, obj_state, keys, x0, y, step)
+            loss, terms = batched(x0, y, step)
             optimizer.zero_grad(set_to_none=True)
             loss.sum().backward()
             if clip > 0:
@@ -353,20 +384,37 @@ def _clip_per_seed(tensors: list[Tensor], max_norm: float) -> None:
     grads = [t.grad for t in tensors if t.grad is not None]
     if not grads:
         return
-    sq = torch.stack([g.reshape(g.shape[0], -1).pow(2).sum(1) for g in grads]).sum(0)
-    coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+    seeds = grads[0].shape[0]
+    norm = torch.cat([g.reshape(seeds, -1) for g in grads], dim=1).norm(dim=1)
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for g in grads:
         g.mul_(coef.reshape(-1, *([1] * (g.ndim - 1))))
 
 
 def _lerp(ema: dict[str, Tensor], params: dict[str, Tensor], weight: float) -> None:
-    """``ema <- ema + weight (param - ema)`` for parameters; buffers copied (as ema_update)."""
-    for k, v in ema.items():
-        p = params[k].detach()
-        if v.is_floating_point() and params[k].requires_grad:
-            v.lerp_(p, weight)
-        else:
-            v.copy_(p)
+    """``ema <- ema + weight (param - ema)`` for parameters (one fused call); buffers copied
+    (as ema_update)."""
+    moving = [k for k in ema if params[k].requires_grad]
+    torch._foreach_lerp_([ema[k] for k in moving], [params[k].detach() for k in moving], weight)
+    for k in ema.keys() - set(moving):
+        ema[k].copy_(params[k])
+
+
+@contextlib.contextmanager
+def _no_accelerator_probe() -> Any:
+    """On the CPU, hide absent GPUs from torch while training: each optimizer step otherwise
+    asks NVML for a device count (a shared-library load) that torch does not cache before
+    CUDA is initialised, a sizeable share of a toy step."""
+    import os
+
+    if torch.cuda.is_initialized() or "CUDA_VISIBLE_DEVICES" in os.environ:
+        yield
+        return
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        yield
+    finally:
+        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
 
 
 def _meta(m: Member) -> dict[str, Any]:

@@ -32,15 +32,19 @@ _GOLDEN = 0x9E3779B9  # decorrelates the key, step and call words before mixing
 class _Keyed:
     """The state of one :func:`keyed` context: its key, step and the draws made so far."""
 
-    def __init__(self, key: Tensor, step: int) -> None:
-        self.key, self.step, self.calls = key, int(step), 0
+    def __init__(self, key: Tensor | int, step: int) -> None:
+        # Once per context; a plain int key (one seed, no vmap) is mixed in Python.
+        f = mix_int if isinstance(key, int) else mix
+        base = key if isinstance(key, int) else key.long()
+        self.base, self.mix = f(f(base & _MASK) ^ (int(step) & _MASK)), f
+        self.calls = 0
 
     def words(self, n: int, device: torch.device) -> Tensor:
         """``n`` 32-bit words (int64 in ``[0, 2^32)``) of the next draw."""
         self.calls += 1
-        base = mix(mix(mix(self.key.long() & _MASK) ^ (self.step & _MASK)) ^ self.calls)
+        start = self.mix(self.base ^ self.calls)
         index = torch.arange(n, device=device, dtype=torch.long)
-        return mix(mix((base + index * _GOLDEN) & _MASK))
+        return mix(mix((start + index * _GOLDEN) & _MASK))
 
 
 _ACTIVE: list[_Keyed] = []
@@ -53,10 +57,18 @@ def mix(x: Tensor) -> Tensor:
     return (x >> 16) ^ x
 
 
+def mix_int(x: int) -> int:
+    """:func:`mix` of one Python integer in ``[0, 2^32)``."""
+    x = (((x >> 16) ^ x) * _MUL) & _MASK
+    x = (((x >> 16) ^ x) * _MUL) & _MASK
+    return (x >> 16) ^ x
+
+
 @contextmanager
-def keyed(key: Tensor, step: int) -> Iterator[None]:
-    """Draw from the counter-based generator of ``key`` (an integer tensor, e.g. a seed; one
-    per vmapped seed) at training step ``step`` inside the block."""
+def keyed(key: Tensor | int, step: int) -> Iterator[None]:
+    """Draw from the counter-based generator of ``key`` (an integer, or an integer tensor:
+    one per vmapped seed) at training step ``step`` inside the block; the same key gives the
+    same numbers either way."""
     _ACTIVE.append(_Keyed(key, step))
     try:
         yield
