@@ -11,10 +11,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
 import lt_diffusion
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+def subset_tag(seed: Any) -> str:
+    """The run-name part of a long-tailed subset drawn with another seed than the papers' 0
+    (``imbalance.name: ir100-subset3``), so runs on different subsets never share a directory."""
+    return "" if int(seed) == 0 else f"-subset{int(seed)}"
+
+
+# Every composition of the project's configs imports this module (CONFIG_DIR) first.
+OmegaConf.register_new_resolver("subset_tag", subset_tag, replace=True)
 
 
 def code_version() -> str:

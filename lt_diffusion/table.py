@@ -9,8 +9,10 @@ Everything is checked before any job starts: the table spec and every experiment
 all exist are skipped, so running the command again launches nothing, and deleting one record
 relaunches only that run. The jobs (train, then evaluate) go through a Hydra multirun of
 :mod:`lt_diffusion.job`; afterwards the records are aggregated into the table (mean ± std over
-seeds, best and second best marked, the published value and our difference beside each cell),
-written as Markdown, LaTeX and CSV under ``<output_dir>/tables/``. A failed run shows as failed
+seeds, best and second best marked, the published value and our difference beside each cell,
+▲ / ▼ where a row differs from its block's baseline by a paired test over seeds, Holm-adjusted;
+``table.view=diff`` for the differences ± their 95% interval), written as Markdown, LaTeX and
+CSV under ``<output_dir>/tables/``. A failed run shows as failed
 with the path of its log; it never stops the others.
 """
 
@@ -68,7 +70,7 @@ def _overrides(cfg: DictConfig) -> tuple[list[str], list[str]]:
 
 def plan(cfg: DictConfig) -> tuple[TableSpec, list[ResolvedRun], list[Job]]:
     """The table spec, its resolved runs, and one job per run (all checks done here)."""
-    if cfg.get("table") is None:  # no default table, so that --help composes without one
+    if cfg.get("table") is None or "name" not in cfg.table:  # so that --help composes without one
         raise TableSpecError(
             f"choose the table to reproduce: table=<name>, one of {', '.join(available_tables())}"
         )

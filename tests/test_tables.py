@@ -350,7 +350,7 @@ def _compile(tmp_path: Path, body: str) -> None:
         pytest.skip("no pdflatex (apt-get install texlive-latex-recommended)")
     doc = tmp_path / "doc.tex"
     doc.write_text(
-        "\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n"
+        "\\documentclass{article}\n\\usepackage{booktabs,amssymb}\n\\begin{document}\n"
         + body
         + "\\end{document}\n"
     )
@@ -370,7 +370,7 @@ def test_latex_is_a_complete_float_that_compiles(filled, tmp_path: Path) -> None
     tex = to_latex(result)
     _tex_balanced(tex)
     lines = tex.splitlines()
-    assert lines[1].startswith(r"% Needs \usepackage{booktabs} in the preamble")
+    assert lines[1].startswith(r"% Needs \usepackage{booktabs,amssymb} in the preamble")
     assert lines[3] == r"\begin{table}[t]" and lines[-1] == r"\end{table}"
     assert r"\label{tab:t}" in tex and r"\toprule" in tex and r"\bottomrule" in tex
     caption = tex[tex.index(r"\caption") : tex.index(r"\label")]

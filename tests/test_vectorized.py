@@ -127,7 +127,9 @@ def test_a_table_trains_a_rows_seeds_as_one_job(tmp_path: Path) -> None:
         run = ResolvedRun(RunRef(f"toy/toy2d_{exp}", seed), cfg, tmp_path / str(seed), {})
         pairs.append((Job(f"{exp}/{seed}", [], str(tmp_path), 1, 1), run))
     image = compose_config("train", ["experiment=fashion_mnist_demo"])
-    pairs.append((Job("fm", [], str(tmp_path), 1, 1), ResolvedRun(RunRef("f", 0), image, tmp_path, {})))
+    pairs.append(
+        (Job("fm", [], str(tmp_path), 1, 1), ResolvedRun(RunRef("f", 0), image, tmp_path, {}))
+    )
     jobs = together(pairs)
     assert [j.key for j in jobs] == ["ddpm/0", "oc/0", "fm"]
     assert [j.key for j in jobs[0].together] == ["ddpm/1", "ddpm/2"] and not jobs[1].together
@@ -136,8 +138,10 @@ def test_a_table_trains_a_rows_seeds_as_one_job(tmp_path: Path) -> None:
 def test_keyed_draws_are_per_key_whatever_the_vmap() -> None:
     def f(key: torch.Tensor) -> tuple[torch.Tensor, ...]:
         with draws.keyed(key, 5):
-            return draws.rand((4000,)), draws.randn_like(torch.zeros(4000)), draws.randint(
-                0, 10, (4000,)
+            return (
+                draws.rand((4000,)),
+                draws.randn_like(torch.zeros(4000)),
+                draws.randint(0, 10, (4000,)),
             )
 
     batched = vmap(f, randomness="error")(torch.tensor([3, 8, 11]))

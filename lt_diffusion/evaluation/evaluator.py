@@ -108,9 +108,11 @@ def generated_features(
     extractor: torch.nn.Module,
     device: torch.device,
     keep_images: int = 0,
+    noise_seed: int | None = None,
 ) -> Generated:
     """Generate and featurise this rank's chunks, gather, restore global order; keep the first
-    ``keep_images`` images of each class."""
+    ``keep_images`` images of each class. ``noise_seed``: the generation's seed (default
+    ``protocol.seed``)."""
     rank, size = world()
     labels = class_labels(per_class)
     bs = int(protocol.batch_size)
@@ -118,7 +120,7 @@ def generated_features(
         model,
         sampler,
         labels,
-        seed=int(protocol.seed),
+        seed=int(protocol.seed) if noise_seed is None else noise_seed,
         batch_size=bs,
         image_shape=(model.in_channels, model.image_size, model.image_size),
         guidance=guidance,
@@ -312,8 +314,11 @@ def run_protocol(
     sampler: Any = None,
     guidance: float = 0.0,
     folder: tuple[Tensor, Tensor] | None = None,
+    noise_seed: int | None = None,
 ) -> dict[str, Any]:
-    """Run the protocol; returns ``{"metrics": ..., "protocol": ..., "extractor": ...}``."""
+    """Run the protocol; returns ``{"metrics": ..., "protocol": ..., "extractor": ...}``.
+    ``noise_seed`` seeds the generation (default ``protocol.seed``, which also picks the real
+    images)."""
     wanted = M.check_metrics(list(protocol.metrics))
     num_classes = dataset_info["num_classes"]
     _, ref_labels = datamodule.reference_set()
@@ -339,7 +344,7 @@ def run_protocol(
         gen = folder_features(*folder, per_class, protocol, extractor, device, keep)
     else:
         gen = generated_features(
-            model, sampler, per_class, protocol, guidance, extractor, device, keep
+            model, sampler, per_class, protocol, guidance, extractor, device, keep, noise_seed
         )
     t_gen = time.time() - t0
     rank, _ = world()

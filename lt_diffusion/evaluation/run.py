@@ -25,6 +25,7 @@ from lt_diffusion.evaluation.metrics import METRICS
 from lt_diffusion.evaluation.plots import plot_fid_vs_count
 from lt_diffusion.evaluation.protocol import protocol_sampler
 from lt_diffusion.evaluation.record import build_record, record_filename
+from lt_diffusion.evaluation.repeats import merge_repeats, noise_seeds
 from lt_diffusion.evaluation.toy import run_toy_protocol
 from lt_diffusion.evaluation.tracking import log_to_training_run
 from lt_diffusion.runtime import code_version, resolve_device
@@ -188,6 +189,13 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
     device = resolve_device(cfg.device)
     if device.type == "cuda" and size > 1:
         device = torch.device("cuda", torch.cuda.current_device())
+    repeats = int(cfg.eval.get("repeats", 1))
+    if repeats != 1 and not cfg.checkpoint:
+        raise ValueError(
+            f"eval.repeats={repeats} draws new generation sets from a checkpoint; a folder of "
+            "images is one set: evaluate it with eval.repeats=1, or give checkpoint=<.ckpt>"
+        )
+    noise_seeds(int(cfg.eval.seed), repeats)  # refuses a count below 1 before any work
     ev = from_checkpoint(cfg, device) if cfg.checkpoint else from_folder(cfg)
     train_cfg = ev.train_cfg
     identity = evaluation_identity(
@@ -211,19 +219,25 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
         sampler = build_sampler(OmegaConf.create(ev.sampler), build_schedule(train_cfg).to(device))
     # Models of points (the synthetic benchmark) get its exact metrics, in the same record.
     protocol_fn = run_toy_protocol if is_vector_model(ev.model) else run_protocol
-    result = protocol_fn(
-        protocol=cfg.eval,
-        dataset_info=info,
-        datamodule=datamodule,
-        cache_dir=Path(cfg.paths.cache_dir),
-        device=device,
-        model=ev.model,
-        sampler=sampler,
-        guidance=ev.guidance or 0.0,
-        folder=ev.folder,
-    )
+    seeds = noise_seeds(int(cfg.eval.seed), int(cfg.eval.get("repeats", 1)))
+    results = [
+        protocol_fn(
+            protocol=cfg.eval,
+            dataset_info=info,
+            datamodule=datamodule,
+            cache_dir=Path(cfg.paths.cache_dir),
+            device=device,
+            model=ev.model,
+            sampler=sampler,
+            guidance=ev.guidance or 0.0,
+            folder=ev.folder,
+            noise_seed=seed,
+        )
+        for seed in seeds
+    ]
     if rank != 0:
         return None
+    result = results[0] if len(results) == 1 else merge_repeats(results, seeds)
     record = build_record(
         config=OmegaConf.to_container(train_cfg, resolve=True),
         dataset=info,

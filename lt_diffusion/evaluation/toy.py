@@ -214,9 +214,12 @@ def run_toy_protocol(
     guidance: float = 0.0,
     cache_dir: Path | None = None,
     folder: Any = None,
+    noise_seed: int | None = None,
 ) -> dict[str, Any]:
     """Run ``eval=toy``; returns ``{"metrics", "protocol", "extractor", "generated_per_class",
-    "seconds"}`` on rank 0 ({} elsewhere). ``cache_dir`` is unused (nothing to cache)."""
+    "seconds"}`` on rank 0 ({} elsewhere). ``cache_dir`` is unused (nothing to cache);
+    ``noise_seed`` seeds the generation (default ``protocol.seed``, which also picks the real
+    draws)."""
     if model is None or folder is not None:
         raise ValueError(
             "the synthetic benchmark evaluates a checkpoint (checkpoint=...): its points are "
@@ -237,6 +240,7 @@ def run_toy_protocol(
     rank, size = world()
     labels = torch.cat([torch.full((n,), c, dtype=torch.long) for c, n in enumerate(per_class)])
     bs, seed = int(protocol.batch_size), int(protocol.seed)
+    gen_seed = seed if noise_seed is None else int(noise_seed)  # eval.repeats: other noise
     points = None
     if generator in ("model", "true_score"):
         if generator == "true_score":
@@ -245,7 +249,7 @@ def run_toy_protocol(
             model = TF.TrueScoreDenoiser(truth, sampler.schedule, prior).to(device)
         with torch_threads(protocol.get("threads"), "eval.threads"):
             points = generate_vectors(
-                model, sampler, labels, seed=seed, batch_size=bs, guidance=guidance,
+                model, sampler, labels, seed=gen_seed, batch_size=bs, guidance=guidance,
                 device=device, rank=rank, world_size=size, progress=rank == 0,
             )  # fmt: skip
         points = gather_order(gather_objects(points), len(labels), bs).numpy()
@@ -259,10 +263,10 @@ def run_toy_protocol(
             real_c = reference[ref_labels == c]
             real = real_c[choose_real(len(real_c), n_real, seed + c)].numpy()
             if generator == "true_draws":
-                fake = TF.true_draws(truth, c, n_gen, seed)
+                fake = TF.true_draws(truth, c, n_gen, gen_seed)
             elif generator == "class_gmm":
                 fake = TF.class_gmm_points(
-                    train_x[train_y == c], truth.modes_per_class, c, n_gen, seed
+                    train_x[train_y == c], truth.modes_per_class, c, n_gen, gen_seed
                 )
             else:
                 fake = points[labels.numpy() == c][:n_gen]

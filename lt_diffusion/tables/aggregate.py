@@ -1,6 +1,8 @@
 """Aggregate records into a table: per cell the values over seeds, mean ± std, the published
-number and our difference, the status of the cell, and best / second best per column inside a
-block (as the papers mark them). Built from records only, never from logs."""
+number and our difference, the status of the cell, best / second best per column inside a
+block (as the papers mark them), and each row's paired difference to its block's baseline with
+its interval, p-values and mark (:mod:`lt_diffusion.tables.statistics`). Built from records
+only, never from logs."""
 
 from __future__ import annotations
 
@@ -21,6 +23,14 @@ from lt_diffusion.tables.spec import (
     TableSpec,
     analysis_of,
     read_table_record,
+)
+from lt_diffusion.tables.statistics import (
+    POWER,
+    PairedDifference,
+    detectable_difference,
+    holm,
+    paired_difference,
+    pooled_sd,
 )
 
 STATUSES = ("ok", "partial", "pending", "failed", "unavailable", "missing", "invalid")
@@ -74,6 +84,19 @@ def _analysis_entry(record: Mapping[str, Any], path: str) -> tuple[float | None,
     return None, f"the analysis record holds no number at {path}"
 
 
+def _eval_std(record: Mapping[str, Any], path: str) -> float | None:
+    """The spread of the number at ``path`` over the record's generation sets
+    (``<metric>_std`` of ``eval.repeats``), when the record measured it."""
+    if analysis_of(path) is not None:
+        return None
+    where, _, name = path.rpartition(".")
+    try:
+        value, _ = metric_entry(record, f"{where}.{name}_std")
+    except (RecordError, KeyError):
+        return None
+    return value
+
+
 def metric_value(record: Mapping[str, Any], path: str) -> float | None:
     """The number at ``path`` of a record; ``None`` when the record holds none there."""
     return metric_entry(record, path)[0]
@@ -90,12 +113,23 @@ class Cell:
     """
 
     status: str
-    values: list[float] = field(default_factory=list)
+    by_seed: dict[int, float] = field(default_factory=dict)  # seed -> the record's number
     n_expected: int = 0
     published: float | None = None
     failed: dict[int, str] = field(default_factory=dict)  # seed -> its failed job's log
     note: str | None = None  # missing / unavailable: why; invalid: what is wrong with a record
     rank: int | None = None  # 1 best, 2 second best among the complete cells of its block
+    # Against the block's baseline row (None in the baseline row and where nothing pairs):
+    paired: PairedDifference | None = None
+    p_adj: float | None = None  # the marks' p-value, Holm-adjusted over the table
+    mark: str | None = None  # "better" | "worse": significantly, at the table's level
+    baseline: bool = False  # the cell is its block's baseline
+    # seed -> the std of the metric over its record's generation sets (eval.repeats > 1)
+    eval_std: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def values(self) -> list[float]:
+        return list(self.by_seed.values())
 
     @property
     def mean(self) -> float | None:
@@ -118,6 +152,24 @@ class Cell:
 
 
 @dataclass
+class Statistics:
+    """What a table's marks rest on: the test, the level, the number of comparisons Holm
+    adjusts for, per column the smallest difference the seeds could detect (80% power at the
+    Bonferroni level ``alpha / comparisons``, Holm's strictest step, from the pooled paired
+    spread) and the (block, column) pairs whose best mean is not distinguishable from the
+    second best."""
+
+    test: str
+    alpha: float
+    comparisons: int
+    detectable: dict[str, float | None] = field(default_factory=dict)
+    indistinct: list[tuple[str, str]] = field(default_factory=list)
+    power: float = POWER
+    # column key -> the mean over its records of one evaluation's std (eval.repeats > 1)
+    eval_noise: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class TableResult:
     spec: TableSpec
     # per block of the spec: its rows, each with {column key: Cell}
@@ -129,10 +181,16 @@ class TableResult:
     # The classifier-free guidance weights and the samplers the records were made with.
     guidance: tuple[float, ...] = ()
     samplers: tuple[str, ...] = ()
+    statistics: Statistics | None = None
 
     @property
     def columns(self) -> list[Column]:
         return self.spec.columns
+
+    @property
+    def testable(self) -> bool:
+        """Whether the table has the seeds for a paired test (two or more)."""
+        return len(self.spec.seeds) >= 2
 
 
 class _Records:
@@ -178,7 +236,8 @@ def _cell(
     if row.missing is not None:
         return Cell("missing", published=published, note=row.missing)
     evals = spec.cell_evals(row, column)
-    values: list[float] = []
+    values: dict[int, float] = {}
+    eval_std: dict[int, float] = {}
     failed: dict[int, str] = {}
     unavailable, invalid, stale = None, None, None
     for ev in evals:
@@ -199,7 +258,10 @@ def _cell(
             if value is None:
                 unavailable = why
             else:
-                values.append(value)
+                values[ev.run.seed] = value
+                noise = _eval_std(record, column.metric)
+                if noise is not None:
+                    eval_std[ev.run.seed] = noise
         elif ev.run.key in failures:
             failed[ev.run.seed] = failures[ev.run.key]
     n = len(evals)
@@ -216,7 +278,7 @@ def _cell(
         status, note = "failed", None
     else:
         status, note = "pending", stale
-    return Cell(status, values, n, published, failed, note)
+    return Cell(status, values, n, published, failed, note, eval_std=eval_std)
 
 
 def _mark_ranks(rows: list[tuple[Row, dict[str, Cell]]], columns: Sequence[Column]) -> None:
@@ -230,6 +292,52 @@ def _mark_ranks(rows: list[tuple[Row, dict[str, Cell]]], columns: Sequence[Colum
         for cell in cells:
             pos = distinct.index(round(sign * cell.mean, 12))
             cell.rank = pos + 1 if pos < 2 else None
+
+
+def _compare_with_baselines(
+    spec: TableSpec, blocks: list[tuple[Block, list[tuple[Row, dict[str, Cell]]]]]
+) -> Statistics:
+    """Each cell's paired difference to its block's baseline, the p-values adjusted over the
+    whole table (Holm), the marks, and what the table could detect."""
+    tested: list[tuple[Cell, Column]] = []
+    for block, rows in blocks:
+        base = next(cells for row, cells in rows if row.label == block.baseline)
+        for row, cells in rows:
+            for col in spec.columns:
+                cell, ref = cells[col.key], base[col.key]
+                if row.label == block.baseline:
+                    cell.baseline = True
+                elif cell.by_seed and ref.by_seed:
+                    cell.paired = paired_difference(cell.by_seed, ref.by_seed)
+                    if cell.paired.p(spec.test) is not None:
+                        tested.append((cell, col))
+    adjusted = holm([cell.paired.p(spec.test) for cell, _ in tested])  # type: ignore[union-attr]
+    for (cell, col), p_adj in zip(tested, adjusted):
+        cell.p_adj = p_adj
+        diff = cell.paired.diff  # type: ignore[union-attr]
+        if p_adj < spec.alpha and diff:
+            cell.mark = "better" if (diff < 0) == (col.better == "lower") else "worse"
+    stats = Statistics(spec.test, spec.alpha, len(tested))
+    for col in spec.columns:
+        noise = [v for _, rows in blocks for _, c in rows for v in c[col.key].eval_std.values()]
+        if noise:
+            stats.eval_noise[col.key] = statistics.fmean(noise)
+    for col in spec.columns:
+        spread = pooled_sd([c.paired for c, k in tested if k.key == col.key])  # type: ignore[misc]
+        stats.detectable[col.key] = (
+            None
+            if spread is None
+            else detectable_difference(spread, len(spec.seeds), spec.alpha / len(tested))
+        )
+    for block, rows in blocks:
+        for col in spec.columns:
+            best, second = ([c[col.key] for _, c in rows if c[col.key].rank == k] for k in (1, 2))
+            if len(best) != 1 or len(second) != 1:  # ties: nothing to distinguish
+                continue
+            p = paired_difference(best[0].by_seed, second[0].by_seed).p(spec.test)
+            if p is not None and p >= spec.alpha:
+                stats.indistinct.append((block.label, col.key))
+    return stats
 
 
 def collect(
@@ -260,4 +368,5 @@ def collect(
         tuple(eval_overrides),
         read.guidance(),
         read.samplers(),
+        _compare_with_baselines(spec, blocks),
     )

@@ -30,11 +30,18 @@ where the plain ``label`` (Markdown, CSV, and escaped into the ``.tex`` otherwis
 ``requires:`` lists experiments the table trains (at its seeds) without evaluating them: the
 runs its rows start from (``train.init_from``, e.g. Table G.9's distillation teachers), trained
 before the rows that start from them.
+
+Statistics (docs/tables.md, "Reading the statistics"): each block's rows are compared with its
+``baseline:`` row (a label; default the first row) over the seeds both have. ``vary:`` lists
+config keys that take the seed as well (``imbalance.seed``: each seed redraws the long-tailed
+subset; ``eval.seed``: the evaluation's noise); ``test: t | permutation`` and ``alpha:`` choose
+the test of the marks; ``view: values | diff`` what the cells show (``table.view=diff``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import re
@@ -106,6 +113,7 @@ def read_table_record(path: str | Path) -> dict[str, Any]:
 
 
 BETTER = ("lower", "higher")
+VIEWS = ("values", "diff")  # a cell's mean ± std, or its difference to the baseline ± CI
 
 
 class TableSpecError(ValueError):
@@ -136,6 +144,11 @@ class RunRef:
 
     def train_overrides(self) -> list[str]:
         return [f"experiment={self.experiment}", f"seed={self.seed}", *self.overrides]
+
+
+def seeded(keys: Sequence[str], seed: int) -> tuple[str, ...]:
+    """``key=<seed>`` overrides of the keys a table varies with the seed."""
+    return tuple(f"{key}={seed}" for key in keys)
 
 
 # A sampler choice of a spec: ``(("group", "ddim"), ("steps", 50))``, hashable; () for the
@@ -192,6 +205,7 @@ class EvalRef:
     theta_g_only: bool = False
     analysis: str | None = None  # an analysis record (ltd-analyze) instead of an evaluation
     analysis_settings: SamplerChoice = ()  # the row's analysis settings, ((key, value), ...)
+    varied: tuple[str, ...] = ()  # ``eval.<key>=<seed>`` of the table's ``vary:``
 
     @property
     def command(self) -> str:
@@ -209,7 +223,7 @@ class EvalRef:
         out += [f"eval.sampler.{k}={_override_value(v)}" for k, v in self.sampler]
         if self.guidance is not None:
             out.append(f"eval.guidance={self.guidance}")
-        return out
+        return [*out, *self.varied]
 
 
 @dataclass(frozen=True)
@@ -242,6 +256,11 @@ class Block:
     label: str
     rows: list[Row]
     tex: str | None = None
+    baseline: str = ""  # the label of the row every other row is compared with
+
+    @property
+    def baseline_row(self) -> Row:
+        return next(r for r in self.rows if r.label == self.baseline)
 
 
 @dataclass
@@ -255,6 +274,18 @@ class TableSpec:
     columns: list[Column]
     blocks: list[Block] = field(default_factory=list)
     requires: list[str] = field(default_factory=list)  # experiments trained, not evaluated
+    vary: list[str] = field(default_factory=list)  # config keys that take the seed too
+    test: str = "t"  # the test behind the marks: paired t, or the sign-flip permutation test
+    alpha: float = 0.05  # the table-wide level of the marks (Holm-adjusted)
+    view: str = "values"
+
+    def run_ref(self, experiment: str, seed: int, overrides: Sequence[str] = ()) -> RunRef:
+        """The run of ``experiment`` at ``seed``, with the training keys the table varies."""
+        varied = seeded([k for k in self.vary if not k.startswith("eval.")], seed)
+        return RunRef(experiment, seed, (*overrides, *varied))
+
+    def eval_varied(self, seed: int) -> tuple[str, ...]:
+        return seeded([k for k in self.vary if k.startswith("eval.")], seed)
 
     @property
     def task(self) -> str:
@@ -269,19 +300,21 @@ class TableSpec:
         if row.missing is not None:
             return []
         analysis = analysis_of(column.metric)
+        experiment = row.experiments[column.key]
         if analysis is not None:  # one record per run and settings, whatever the column
             return [
-                EvalRef(RunRef(row.experiments[column.key], seed, row.overrides), eval="",
+                EvalRef(self.run_ref(experiment, seed, row.overrides), eval="",
                         analysis=analysis, analysis_settings=row.analysis)
                 for seed in self.seeds
             ]  # fmt: skip
         return [
             EvalRef(
-                run=RunRef(row.experiments[column.key], seed, row.overrides),
+                run=self.run_ref(experiment, seed, row.overrides),
                 eval=row.eval or self.eval,
                 sampler=self.sampler + row.sampler,  # the row's keys come last and win
                 guidance=row.guidance,
                 theta_g_only=row.theta_g_only,
+                varied=self.eval_varied(seed),
             )
             for seed in self.seeds
         ]
@@ -299,7 +332,7 @@ class TableSpec:
     def runs(self) -> list[RunRef]:
         """Every training run, each once (a run evaluated twice is trained once): the required
         runs, then the evaluated ones."""
-        required = [RunRef(e, seed) for e in self.requires for seed in self.seeds]
+        required = [self.run_ref(e, seed) for e in self.requires for seed in self.seeds]
         return list(dict.fromkeys([*required, *(ev.run for ev in self.evaluations())]))
 
     def evaluations_of(self, run: RunRef) -> list[EvalRef]:
@@ -432,14 +465,7 @@ def load_table(
     if not seeds or len(set(seeds)) != len(seeds):
         raise _fail(name, "seeds", f"give at least one seed, each once (got {seeds})")
     columns = _columns(name, raw["columns"])
-    blocks = [
-        Block(
-            str(b.get("label", "")),
-            [_row(name, r, columns, Path(config_dir)) for r in b["rows"]],
-            _tex(name, f"block {b.get('label', '')!r}", b),
-        )
-        for b in raw["blocks"]
-    ]
+    blocks = [_block(name, b, columns, Path(config_dir)) for b in raw["blocks"]]
     requires = [str(e) for e in raw.get("requires") or []]
     for e in requires:
         if not (Path(config_dir) / "experiment" / f"{e}.yaml").is_file():
@@ -454,7 +480,69 @@ def load_table(
         columns=columns,
         blocks=blocks,
         requires=requires,
+        vary=_vary(name, raw.get("vary")),
+        **_statistics(name, raw, len(seeds)),
     )
+
+
+def _block(name: str, raw: Mapping[str, Any], columns: list[Column], config_dir: Path) -> Block:
+    """A block with its rows and its baseline (named, or its first row)."""
+    label = str(raw.get("label", ""))
+    where = f"block {label!r}"
+    if not raw.get("rows"):
+        raise _fail(name, where, "list its rows")
+    rows = [_row(name, r, columns, config_dir) for r in raw["rows"]]
+    labels = [r.label for r in rows]
+    baseline = str(raw.get("baseline", labels[0]))
+    if baseline not in labels:
+        raise _fail(
+            name, where,
+            f"baseline {baseline!r} names no row of this block; name one of {labels} (or leave "
+            "baseline out: the block's first row)",
+        )  # fmt: skip
+    if labels.count(baseline) > 1:
+        raise _fail(name, where, f"baseline {baseline!r} names {labels.count(baseline)} rows: "
+                    "give the rows distinct labels")  # fmt: skip
+    if next(r for r in rows if r.label == baseline).missing is not None:
+        raise _fail(name, where, f"baseline {baseline!r} is a missing row: name a row that runs")
+    return Block(label, rows, _tex(name, where, raw), baseline)
+
+
+def _vary(name: str, raw: Any) -> list[str]:
+    """The config keys a table varies with the seed (checked against the composed configs
+    when the table is resolved)."""
+    keys = [] if raw is None else raw
+    if isinstance(keys, str) or not all(isinstance(k, str) and k for k in keys):
+        raise _fail(name, "vary", f"give a list of config keys, e.g. [imbalance.seed], got {raw!r}")
+    if "seed" in keys or len(set(keys)) != len(keys):
+        raise _fail(
+            name, "vary", f"list each key once, not `seed` itself (it always varies): {keys}"
+        )
+    return list(keys)
+
+
+def _statistics(name: str, raw: Mapping[str, Any], n_seeds: int) -> dict[str, Any]:
+    """The spec's test, level and view, checked."""
+    from lt_diffusion.tables.statistics import PERMUTATION_MIN_PAIRS, TESTS
+
+    test, view = str(raw.get("test", "t")), str(raw.get("view", "values"))
+    if test not in TESTS:
+        raise _fail(name, "test", f"{test!r} is not one of {TESTS}")
+    if test == "permutation" and n_seeds < PERMUTATION_MIN_PAIRS:
+        raise _fail(
+            name, "test",
+            f"the permutation test needs at least {PERMUTATION_MIN_PAIRS} seeds (the table has "
+            f"{n_seeds}): add seeds or use test: t",
+        )  # fmt: skip
+    if view not in VIEWS:
+        raise _fail(name, "view", f"{view!r} is not one of {VIEWS} (table.view=diff)")
+    try:
+        alpha = float(raw.get("alpha", 0.05))
+    except (TypeError, ValueError):
+        alpha = -1.0
+    if not 0 < alpha < 1:
+        raise _fail(name, "alpha", f"must be a level between 0 and 1, got {raw.get('alpha')!r}")
+    return {"test": test, "alpha": alpha, "view": view}
 
 
 def available_tables(config_dir: str | Path = CONFIG_DIR) -> list[str]:
@@ -562,6 +650,7 @@ def resolve(
                 )
                 cfg.eval.sampler = protocol_sampler(cfg.eval, config_dir)
             except Exception as err:
+                _check_vary(spec, [], eval_overrides, config_dir)  # the clearer error first
                 raise TableSpecError(
                     f"table {spec.name}: evaluation {ev.eval_overrides()}: {err}"
                 ) from err
@@ -576,6 +665,7 @@ def resolve(
             if run.task == "classify":  # its test evaluation has no settings of its own
                 identity = classification_identity(cfg, config_dir)
         except Exception as err:
+            _check_vary(spec, train_overrides, [], config_dir)  # the clearer error first
             raise TableSpecError(
                 f"table {spec.name}: run {run.key} does not compose: {err}"
             ) from err
@@ -626,3 +716,45 @@ def _analysis_settings(table: str, ev: EvalRef, config_dir: str | Path) -> dict[
     except Exception as err:
         raise TableSpecError(f"table {table}: analysis {ev.eval_overrides()}: {err}") from err
     return json.loads(json.dumps(dataclasses.asdict(settings)))
+
+
+def _check_vary(
+    spec: TableSpec,
+    train_overrides: Sequence[str],
+    eval_overrides: Sequence[str],
+    config_dir: str | Path,
+) -> None:
+    """Every key of ``vary:`` exists in the config it changes: ``eval.*`` in the evaluation
+    config, any other in the training config of every experiment the table runs (called when a
+    composition failed, to say so when a varied key is the cause)."""
+    if not spec.vary:
+        return
+    runs = list(dict.fromkeys(RunRef(r.experiment, spec.seeds[0]) for r in spec.runs()))
+    configs: list[tuple[str, DictConfig]] = []
+    try:
+        for run in runs:
+            cfg = compose_config(run.task, [*run.train_overrides(), *train_overrides], config_dir)
+            configs.append((f"the training config of {run.experiment}", cfg))
+        if any(k.startswith("eval.") for k in spec.vary) and spec.task == "train":
+            cfg = compose_config("evaluate", [f"eval={spec.eval}", *eval_overrides], config_dir)
+            configs.append((f"the evaluation config (eval={spec.eval})", cfg))
+    except Exception:  # not because of a varied key: the caller reports it
+        return
+    for key in spec.vary:
+        for what, cfg in configs:
+            if key.startswith("eval.") != what.startswith("the evaluation"):
+                continue
+            if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
+                parent, _, leaf = key.rpartition(".")
+                node = OmegaConf.select(cfg, parent) if parent else cfg
+                near = difflib.get_close_matches(
+                    leaf, list(node) if isinstance(node, DictConfig) else [], n=1
+                )
+                hint = f" (did you mean {parent + '.' if parent else ''}{near[0]}?)" if near else ""
+                raise TableSpecError(
+                    f"table {spec.name}: vary: {key!r} is not a key of {what}{hint}; list keys "
+                    "the runs have, e.g. imbalance.seed (the long-tailed draw) or eval.seed"
+                )
+
+
+_ABSENT = object()

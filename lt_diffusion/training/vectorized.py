@@ -70,7 +70,14 @@ ENGINES = ("lightning", "vectorized")
 ENGINE = "vectorized"
 # Settings in which runs trained together may differ (their seed, the seed-drawn subset, and
 # what derives from them); everything else that defines the weights must be equal.
-SEED_KEYS = ("seed", "imbalance.seed", "data.seed", "data.subset_seed", "run_name")
+SEED_KEYS = (
+    "seed",
+    "imbalance.seed",
+    "imbalance.name",
+    "data.seed",
+    "data.subset_seed",
+    "run_name",
+)
 OPTIMIZER_KEY = "vectorized_optimizer"
 LOG_FILE = "train_log.csv"
 

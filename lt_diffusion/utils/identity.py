@@ -116,6 +116,8 @@ def evaluation_identity(
     protocol.pop("sampler", None)  # resolved into ``sampler``
     protocol.pop("guidance", None)  # resolved into ``guidance``
     protocol.pop("threads", None)  # how fast, not what
+    if protocol.get("repeats", 1) == 1:  # one generation set: the evaluation as it always was
+        protocol.pop("repeats", None)
     if images is not None:
         generation: dict[str, Any] = {"images": dict(images)}
     else:
