@@ -45,6 +45,7 @@ from lt_diffusion.tables import (
     write_table,
 )
 from lt_diffusion.training import vectorized
+from lt_diffusion.training.config_keys import unknown_keys
 
 
 def _launcher_overrides() -> list[str]:
@@ -78,6 +79,7 @@ def plan(cfg: DictConfig) -> tuple[TableSpec, list[ResolvedRun], list[Job]]:
     train_overrides, eval_overrides = _overrides(cfg)
     paths = _paths(cfg)
     resolved = resolve(spec, train_overrides, eval_overrides)
+    check_run_keys(spec, resolved)
     jobs = [
         Job(
             key=r.run.key,
@@ -98,6 +100,20 @@ def plan(cfg: DictConfig) -> tuple[TableSpec, list[ResolvedRun], list[Job]]:
         for r in resolved
     ]
     return spec, resolved, jobs
+
+
+def check_run_keys(spec: TableSpec, resolved: list[ResolvedRun]) -> None:
+    """Refuse, before anything is launched, a training run whose config has a key nothing
+    reads: a row's ``+method.objective.<key>`` its method does not take (a hyperparameter grid
+    over a setting the method does not have) would otherwise fail only when its job starts."""
+    for r in resolved:
+        problems = unknown_keys(r.config) if r.run.task == "train" else []
+        if problems:
+            raise TableSpecError(
+                f"table {spec.name}: run {r.run.key}: " + "; ".join(problems)
+                + ". Fix the row's overrides (each key must be a setting of its method, model, "
+                "...), or drop the row"
+            )  # fmt: skip
 
 
 def check_start_points(resolved: list[ResolvedRun]) -> None:

@@ -33,6 +33,7 @@ from lt_diffusion.diffusion import NoiseSchedule
 GENERATORS = ("model", "true_score", "class_gmm", "true_draws")
 # Stream of the floors' own draws (apart from the protocol's noise and real subsets).
 _FLOOR_STREAM = 7
+_REG_COVAR = 1e-6  # scikit-learn's GaussianMixture default
 
 
 def noised_eps(
@@ -111,7 +112,7 @@ def true_draws(truth: GaussianMixtureClasses, label: int, n: int, seed: int) -> 
 
 def fit_class_gmm(points: np.ndarray, max_components: int, seed: int) -> object:
     """A Gaussian mixture with isotropic components fitted to one class's training points, the
-    number of components chosen by BIC among ``1 .. min(max_components, N)``."""
+    number of components chosen by BIC among ``1 .. min(max_components, N)``; N >= 2."""
     from sklearn.mixture import GaussianMixture
 
     x = np.asarray(points, dtype=np.float64)
@@ -130,9 +131,15 @@ def fit_class_gmm(points: np.ndarray, max_components: int, seed: int) -> object:
 def class_gmm_points(
     train_points: np.ndarray, max_components: int, label: int, n: int, seed: int
 ) -> np.ndarray:
-    """``n`` draws of the GMM fitted to class ``label``'s training points (floor (b))."""
-    gmm = fit_class_gmm(train_points, max_components, seed)
-    state = int(floor_rng(seed, label).integers(2**31 - 1))
+    """``n`` draws of the GMM fitted to class ``label``'s training points (floor (b)); a class
+    with one training point gives it back with scikit-learn's minimal component variance
+    (``reg_covar``, 1e-6): all one point supports."""
+    rng = floor_rng(seed, label)
+    train = np.asarray(train_points, dtype=np.float64)
+    if len(train) == 1:
+        return train[0] + np.sqrt(_REG_COVAR) * rng.standard_normal((int(n), train.shape[1]))
+    gmm = fit_class_gmm(train, max_components, seed)
+    state = int(rng.integers(2**31 - 1))
     gmm.random_state = state  # sklearn's sample() draws from the estimator's random_state
     x, _ = gmm.sample(int(n))
     return x[np.random.default_rng(state).permutation(len(x))]  # sample() groups by component
