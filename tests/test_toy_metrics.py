@@ -132,7 +132,7 @@ def test_unobserved_recall_is_a_brute_force_count_of_the_hidden_modes() -> None:
     rng = np.random.default_rng(7)
     modes = np.ones((3, 4), dtype=bool)
     modes[1, [0, 2]] = False  # class 1 never showed sub-modes 0 and 2
-    for trial in range(4):
+    for _ in range(4):
         # Points on a random mix of modes, some on none, some on other classes' modes.
         k = rng.integers(0, truth.mode_means.shape[0] + 2, size=37)
         pts = np.where(
