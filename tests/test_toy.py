@@ -344,7 +344,9 @@ def test_the_validation_draws_are_fresh_and_never_the_test_draws() -> None:
     assert np.bincount(val.labels).tolist() == [40] * 10
     for other in (test, train):
         assert not np.isin(val.points[:, 0], other.points[:, 0]).any()
-    np.testing.assert_array_equal(val.points, small_source(n_validation=40).load("validation").points)
+    np.testing.assert_array_equal(
+        val.points, small_source(n_validation=40).load("validation").points
+    )
     with pytest.raises(ValueError, match="validation_seed=0 is the source's own seed"):
         small_source(validation_seed=0)
     assert not np.array_equal(small_source(validation_seed=5).load("validation").points, val.points)
@@ -352,7 +354,9 @@ def test_the_validation_draws_are_fresh_and_never_the_test_draws() -> None:
     dm = LongTailDataModule(source, image_size=None, num_classes=10, channels=2, hflip=False)
     dm.setup()
     points, labels = reference_points(dm, {"reference": "validation"})
-    assert torch.equal(points, torch.from_numpy(val.points)) and labels.tolist() == val.labels.tolist()
+    assert (
+        torch.equal(points, torch.from_numpy(val.points)) and labels.tolist() == val.labels.tolist()
+    )
     load = source.load
     source.load = lambda split: load("test" if split == "validation" else split)  # a broken split
     with pytest.raises(ValueError, match="shares 400 points with the test draws"):
