@@ -23,7 +23,7 @@ def run(cfg: DictConfig) -> Any:
     to import, which ``--help`` and shell completion (at every TAB) do not need."""
     from lt_diffusion.training.run import run as run_command
 
-    return run_command(cfg)
+    return run_command(cfg, launch_files=True)
 
 
 main = hydra_command("train", run)

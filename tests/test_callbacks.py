@@ -5,6 +5,7 @@ out from the command line."""
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
@@ -95,6 +96,33 @@ def test_an_interrupt_saves_the_current_step_an_error_does_not(
     with pytest.raises(SIGTERMException if error == "SIGTERMException" else ValueError):
         _train([*ov, f"+callbacks.stop.error={error}"], tmp_path / "r")
     assert _step(tmp_path / "r" / "checkpoints" / "last.ckpt") == saved
+
+
+class TermThenLoseService(L.Callback):
+    """When step ``step`` ends: SIGTERM to this process, as SLURM stops a job, and the error
+    of a helper process the signal ended too (wandb's service)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler notes it
+            raise ConnectionResetError("Connection lost")
+
+
+def test_an_error_after_sigterm_ends_the_run_as_the_sigterm(train_overrides, tmp_path) -> None:
+    # SLURM signals every process of a job: a helper's error after the SIGTERM is part of the
+    # stop (submitit must not record a failure for a job being requeued). The same error
+    # without a SIGTERM is a failure (ValueError above).
+    ov = train_overrides(
+        *FAST, "train.max_steps=9", "train.ckpt_every=2", "callbacks.sample_grid=null"
+    )
+    ov += [f"+callbacks.lost._target_={__name__}.TermThenLoseService", "+callbacks.lost.step=3"]
+    with pytest.raises(SIGTERMException) as err:
+        _train(ov, tmp_path / "r")
+    assert isinstance(err.value.__cause__, ConnectionResetError)
+    assert _step(tmp_path / "r" / "checkpoints" / "last.ckpt") == 2  # not a clean stop: no save
 
 
 @pytest.mark.slow

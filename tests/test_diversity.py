@@ -22,6 +22,7 @@ from lt_diffusion.evaluation import diversity as D
 from lt_diffusion.evaluation import evaluator as E
 from lt_diffusion.evaluation import metrics as M
 from lt_diffusion.evaluation.record import Entry
+from tests.stand_ins import stand_in_space
 
 # ---------------------------------------------------------------------------- density, coverage
 
@@ -290,7 +291,8 @@ def test_kept_images_are_the_first_of_each_class_whatever_the_ranks(monkeypatch)
     model.in_channels, model.image_size = 3, 8
 
     def run() -> E.Generated:
-        return E.generated_features(model, None, per_class, protocol, 0.0, _Pixels(), "cpu", keep)
+        extractors = {"inception": _Pixels()}
+        return E.generated_features(model, None, per_class, protocol, 0.0, extractors, "cpu", keep)
 
     single = run()
     captured = {}
@@ -311,7 +313,8 @@ def test_kept_images_are_the_first_of_each_class_whatever_the_ranks(monkeypatch)
         want = torch.arange(starts[c], starts[c] + keep)
         for gen in (single, split):
             assert gen.images[c][:, 0, 0, 0].tolist() == want.tolist()
-            np.testing.assert_array_equal(gen.pool[c], single.pool[c])
+            ours = gen.features["inception"][c]
+            np.testing.assert_array_equal(ours, single.features["inception"][c])
 
 
 class _Data:
@@ -336,11 +339,7 @@ def test_the_record_holds_each_class_lpips_and_split_means(tmp_path, monkeypatch
     the mean over its classes."""
     path, _ = _alexnet_file(tmp_path)
     monkeypatch.setenv(D.LPIPS_WEIGHTS_ENV, str(path))
-    monkeypatch.setattr(
-        E,
-        "load_extractor",
-        lambda *a, **k: (_Pixels(), {"weights_sha256": "0", "has_logits": False}),
-    )
+    stand_in_space(monkeypatch, _Pixels(), dim=48)
     labels = torch.tensor([2, 0, 1, 0, 2, 1, 0, 1, 2, 0, 1, 2, 0, 1, 2])
     images = _images(len(labels), seed=5)
     real = _images(12, seed=6)
@@ -376,7 +375,7 @@ def test_the_record_holds_each_class_lpips_and_split_means(tmp_path, monkeypatch
         assert entry["lpips_images"] == 3
     overall = out["metrics"]["overall"]
     assert overall["lpips_diversity"] == pytest.approx(np.mean(list(per_class.values())), rel=1e-5)
-    assert out["extractor"]["lpips"]["trunk_weights"] == path.name
+    assert out["extractors"]["lpips"]["trunk_weights"] == path.name
 
 
 def test_lpips_settings_are_checked_before_any_work(tmp_path, monkeypatch) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from lt_diffusion.evaluation.inception import ISUnavailableError, official_weights
 from lt_diffusion.evaluation.metrics import TooFewImagesError
@@ -53,60 +54,127 @@ def _evaluate(checkpoint: Path | None, tmp_path: Path, *extra: str):
     return evaluate.run(cfg)
 
 
-def _comparable(record: dict) -> dict:
-    return {k: record[k] for k in ("generated_per_class", "dataset", "sampler")}
+# The evaluate command, recording the images it generates (each rank's, with its share of the
+# chunks) before it goes on: what "the same images" is checked against.
+SPY = """
+import os, sys, torch
+from lt_diffusion import evaluate
+from lt_diffusion.evaluation import evaluator
+
+generate = evaluator.generate
+
+def recorded(*args, rank, world_size, **kwargs):
+    images = generate(*args, rank=rank, world_size=world_size, **kwargs)
+    torch.save(images, os.path.join(os.environ["SPY_DIR"], f"rank{rank}-of-{world_size}.pt"))
+    return images
+
+evaluator.generate = recorded
+evaluate.main()
+"""
+# Per class 3 or 4 generated images (the splits' counts) in chunks of 3, rank k % 2 taking
+# chunk k: classes 0, 2, 3 and 5 have images on both ranks, in unequal parts.
+BATCH = 3
+PER_CLASS = tiny_eval(
+    {"eval.per_split.generated": 12, "eval.per_split.real_per_class": 3,
+     "eval.per_class.generated": 3, "eval.kid_subset_size": 3, "eval.batch_size": BATCH}
+)  # fmt: skip
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+def test_two_processes_make_the_record_of_one(checkpoint: Path, tmp_path: Path) -> None:
+    """The evaluate command under torchrun (two gloo processes) and alone: the same generated
+    images, bit for bit, and the same record, number for number, overall, per split and per
+    class (classes whose images fall on both ranks in unequal parts)."""
+    from lt_diffusion.diffusion import gather_order
+    from lt_diffusion.diffusion.generate import chunk_ranges
+    from lt_diffusion.evaluation.evaluator import class_labels
 
+    (tmp_path / "spy.py").write_text(SPY)
+    # One thread per process in both: CPU reductions (convolutions, BLAS) depend on it.
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", SPY_DIR=str(tmp_path))
+    common = [f"checkpoint={checkpoint}", *PER_CLASS, "track=false"]
+    launchers = {
+        "one": [sys.executable, str(tmp_path / "spy.py")],
+        "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                "--master_port=29517", str(tmp_path / "spy.py")],
+    }  # fmt: skip
+    records = {}
+    for name, launcher in launchers.items():
+        cmd = [
+            *launcher,
+            *common,
+            f"paths.cache_dir={tmp_path / name}",
+            f"record={tmp_path / name}.json",
+        ]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        records[name] = json.loads((tmp_path / f"{name}.json").read_text())
 
-def test_record_then_same_record_from_two_gloo_processes(checkpoint: Path, tmp_path: Path) -> None:
-    # Same thread count as the torchrun workers below: CPU reductions depend on it.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        one = _evaluate(checkpoint, tmp_path, f"record={tmp_path / 'one.json'}")
-    finally:
-        torch.set_num_threads(threads)
-    m = one["metrics"]
-    assert set(m["per_split"]) == {"many", "medium", "few"}
-    assert m["overall"]["n_generated"] == 10 and m["overall"]["n_real"] == 30
+    one = torch.load(tmp_path / "rank0-of-1.pt")
+    parts = [torch.load(tmp_path / f"rank{r}-of-2.pt") for r in (0, 1)]
+    assert torch.equal(gather_order(parts, len(one), BATCH), one)
+    labels = class_labels(records["one"]["generated_per_class"])
+    on_rank = [labels[torch.cat([torch.arange(a, b) for a, b in chunk_ranges(len(one), BATCH, r, 2)])]
+               for r in (0, 1)]  # fmt: skip
+    split = [(int((on_rank[0] == c).sum()), int((on_rank[1] == c).sum())) for c in range(10)]
+    assert sum(a != b and a > 0 and b > 0 for a, b in split) >= 4, split
+
+    for record in records.values():  # when and how long: the only fields that may differ
+        del record["created"], record["seconds"]
+    assert records["two"] == records["one"]
+    m = records["one"]["metrics"]
+    assert len(m["per_class"]) == 10 and set(m["per_split"]) == {"many", "medium", "few"}
+    assert m["per_class"]["class_000"]["n_generated"] == 3 and m["per_class"]["class_000"]["fid"]
     assert (
-        m["per_split"]["few"]["n_generated"] == 12 and m["per_split"]["many"]["n_generated"] == 12
+        records["one"]["dataset"]["class_counts"][0] == 20
+        and records["one"]["extractors"]["inception"]["weights_sha256"]
     )
-    assert m["overall"]["kid_subset_size"] == 5 and m["overall"]["pr_k"] == 2
-    assert one["dataset"]["class_counts"][0] == 20
-    assert one["extractor"]["weights_sha256"]
-    assert (tmp_path / "one.json").is_file() and (tmp_path / "one.png").is_file()
+    data = checkpoint.parents[2] / "data" / "cifar10" / "cifar-10-batches-py"
+    assert records["one"]["dataset"]["root"] == str(data.resolve())  # the folder read
+    assert (tmp_path / "one.png").is_file()
 
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        "--master_port=29517", "-m", "lt_diffusion.evaluate",
-        f"checkpoint={checkpoint}", f"paths.cache_dir={tmp_path / 'cache2'}",
-        *PROTOCOL, f"record={tmp_path / 'two.json'}",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    two = json.loads((tmp_path / "two.json").read_text())
-    one = json.loads((tmp_path / "one.json").read_text())
-    assert _comparable(two) == _comparable(one)
-    # Features are bit-identical (same chunks, same seeds); the metrics may differ only by
-    # NumPy's multithreaded BLAS rounding in the covariance / eigenvalue step (~1e-12).
-    flat_one, flat_two = _flatten(one["metrics"]), _flatten(two["metrics"])
-    assert flat_one.keys() == flat_two.keys()
-    for key, value in flat_one.items():
-        if isinstance(value, float):
-            assert flat_two[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
-        else:  # counts, settings, notes
-            assert flat_two[key] == value, key
+
+def test_data_root_is_the_folder_read_or_refused(checkpoint: Path, tmp_path: Path) -> None:
+    """``data_root=<dir>``: a root without the dataset's folder is refused naming the path it
+    expected, before any generation; a root with it is where the real images are read (the
+    record's ``dataset.root``, checked above for the run's own root)."""
+    import shutil
+
+    from lt_diffusion.training.checkpoint import read_checkpoint, run_datamodule
+
+    with pytest.raises(FileNotFoundError) as err:
+        _evaluate(checkpoint, tmp_path, f"data_root={tmp_path}")
+    assert f"expected in {tmp_path / 'cifar10'}" in str(err.value)
+    shutil.copytree(checkpoint.parents[2] / "data" / "cifar10", tmp_path / "cifar10")
+    train_cfg = OmegaConf.create(read_checkpoint(checkpoint)["lt_diffusion"]["config"])
+    assert run_datamodule(train_cfg, tmp_path).source.location == (
+        tmp_path / "cifar10" / "cifar-10-batches-py"
+    )
+
+
+def test_a_given_data_root_never_falls_back_to_the_system_copy(tmp_path: Path) -> None:
+    # Fashion-MNIST is also installed system-wide (Debian's copy, the default run's fallback):
+    # a data_root given explicitly must hold it, or the evaluation stops naming the folder.
+    from lt_diffusion.data import sources
+    from lt_diffusion.training.checkpoint import run_datamodule
+    from tests.fakedata import write_fashion_mnist
+
+    system = tmp_path / "system"
+    write_fashion_mnist(system, 20, 1, seed=0)
+    train_cfg = compose_config(
+        "train",
+        ["dataset=fashion_mnist_lt", "imbalance=ir10", f"paths.data_root={tmp_path / 'trained'}",
+         f"paths.run_dir={tmp_path / 'run'}", "dataset.source.download=false"],
+    )  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sources, "DEBIAN_FASHION_MNIST", system)
+        assert run_datamodule(train_cfg).source.location == system  # the run's own root: as trained
+        given = tmp_path / "given"
+        with pytest.raises(FileNotFoundError, match=f"expected in {given / 'fashion-mnist'}"):
+            run_datamodule(train_cfg, given)
+        (given / "fashion-mnist").mkdir(parents=True)  # the folder, without the files
+        with pytest.raises(FileNotFoundError) as err:
+            run_datamodule(train_cfg, given)
+    assert str(given / "fashion-mnist") in str(err.value) and str(system) not in str(err.value)
 
 
 def test_too_few_real_images_stops_before_generation(checkpoint: Path, tmp_path: Path) -> None:

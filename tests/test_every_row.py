@@ -43,6 +43,7 @@ from lt_diffusion.tables import load_table_by_name
 from lt_diffusion.tables.aggregate import metric_entry
 from lt_diffusion.tables.spec import EvalRef, available_tables
 from tests.conftest import CONFIG_DIR, compose_config
+from tests.stand_ins import stand_in_space
 
 EXPERIMENTS = sorted(
     str(p.relative_to(Path(CONFIG_DIR) / "experiment").with_suffix(""))
@@ -259,16 +260,6 @@ class RandomProjection(nn.Module):
         return (torch.tanh(x @ self.w),)
 
 
-def _stand_in(device: Any = "cpu", want_logits: bool = False, require_logits: bool = False):
-    info = {
-        "name": "random-projection (smoke test stand-in)",
-        "weights_sha256": "0" * 64,
-        "has_logits": False,
-        "is_unavailable": "no logits layer in the smoke test's stand-in extractor",
-    }
-    return RandomProjection().to(device), info
-
-
 def _lpips_stand_in(device: Any = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """LPIPS with the package's linear layers on a random AlexNet trunk, for when torchvision's
     AlexNet weights are not staged (test_diversity.py checks LPIPS itself)."""
@@ -359,7 +350,7 @@ def test_the_row_builds_trains_samples_and_evaluates(
         return
     checkpoint = _train(experiment, world, dataset)
     if experiment not in INCEPTION_ROWS:
-        monkeypatch.setattr(evaluator, "load_extractor", _stand_in)
+        stand_in_space(monkeypatch, RandomProjection(), dim=32, name="random-projection")
     try:
         alexnet_weights()
     except LPIPSWeightsError:

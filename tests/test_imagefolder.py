@@ -5,6 +5,7 @@ a file that cannot be used is named."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,20 @@ def test_modes_are_converted_to_the_datasets_channels(tmp_path: Path) -> None:
     as_rgb = read_png(_save(tmp_path / "g.png", Image.fromarray(grey)), 3)
     assert as_rgb.shape == (8, 8, 3) and (as_rgb == grey[..., None]).all()
     assert read_png(tmp_path / "g.png").shape == (8, 8, 1)  # as stored
+
+
+def test_grey_images_for_an_rgb_dataset_are_converted_with_a_warning(tmp_path: Path) -> None:
+    grey = [Image.fromarray(_rgb(s)[..., 0]) for s in range(2)]
+    root = _folder(tmp_path / "g", [*grey, Image.fromarray(_rgb(5))])
+    with pytest.warns(UserWarning, match=r"2 of 3 images in .* are greyscale, converted to RGB"):
+        x, _, _ = read_image_folder(root, channels=3)
+    assert (x[0] == x[0, :1]).all() and x.shape == (3, 3, 8, 8)
+    with pytest.warns(UserWarning, match="1 of 3 images .* colour, converted to greyscale"):
+        read_image_folder(root, channels=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # images as the dataset stores them: not a word
+        read_image_folder(_folder(tmp_path / "c", [Image.fromarray(_rgb(6))]), channels=3)
+        read_image_folder(_folder(tmp_path / "l", grey), channels=1)
 
 
 def _save(path: Path, im: Image.Image) -> Path:

@@ -249,7 +249,7 @@ def test_compare_records_counts_settings_and_unavailable_is() -> None:
 def test_compare_refuses_unknown_metrics_and_too_few_images() -> None:
     real, fake = _two_sets(30, 20, 4, seed=9)
     with pytest.raises(ValueError, match="unknown metrics"):
-        M.compare(_comparison(real, fake), ["fid", "fd_dinov2"])
+        M.compare(_comparison(real, fake), ["fid", "fd_alexnet"])
     with pytest.raises(M.TooFewImagesError):
         M.compare(_comparison(real, fake[:3]), ["precision"])
 

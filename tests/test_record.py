@@ -19,6 +19,7 @@ from lt_diffusion.evaluation.record import (
     RecordError,
     build_record,
     class_index,
+    conventions,
     read_record,
     validate,
     write_record,
@@ -61,7 +62,9 @@ def make_record(per_class: bool = True) -> dict:
         checkpoint={"path": "runs/x/checkpoints/last.ckpt", "step": 1000},
         sampler={"name": "ddim50", "steps": 50, "guidance": 0.0},
         protocol={"name": "quick", "pr_k": 5},
-        extractor={"name": "inception-v3-compat", "weights_sha256": "0" * 64, "has_logits": False},
+        extractors={"inception": {"name": "inception-v3-compat", "weights_sha256": "0" * 64}},
+        reference={"origin": "dataset", "split": "train", "description": "the training split"},
+        conventions=conventions(0.0),
         metrics=metrics,
         identity={"digest": "0123abcd", "train": "t", "protocol": "p", "generation": "g"},
         code_version="v0-test",
@@ -99,7 +102,10 @@ def test_failed_serialisation_leaves_the_old_record_intact(tmp_path: Path) -> No
 @pytest.mark.parametrize(
     "edit,message",
     [
-        (lambda r: r.pop("extractor"), "extractor: Field required"),
+        (lambda r: r.pop("reference"), "reference: Field required"),
+        (lambda r: r.pop("conventions"), "conventions: Field required"),
+        (lambda r: r["extractors"]["inception"].pop("weights_sha256"), "lack their name or"),
+        (lambda r: r["metrics"]["overall"].update(primary="fid2"), "primary names 'fid2'"),
         (lambda r: r["metrics"]["overall"].pop("is_unavailable"), "without is_unavailable"),
         (lambda r: r["metrics"]["overall"].pop("kid_subset_size"), "kid_subset_size"),
         (lambda r: r["metrics"]["per_split"]["few"].pop("pr_k"), "without the \\['pr_k'\\]"),
@@ -204,3 +210,93 @@ def test_the_documented_json_schema_is_the_records() -> None:
     from tests.conftest import ROOT
 
     assert json.loads((ROOT / "docs" / "record.schema.json").read_text()) == json_schema()
+
+
+# ---------------------------------------------------------------------------- schema 3
+
+
+def _as_schema_2(record: dict) -> dict:
+    """The record as schema 2 wrote it: one ``extractor``, no reference or conventions."""
+    old = copy.deepcopy(record)
+    old["schema"] = 2
+    del old["reference"], old["conventions"]
+    old["extractor"] = {**old.pop("extractors")["inception"], "has_logits": False}
+    return old
+
+
+def test_schema_2_records_stay_readable(tmp_path: Path) -> None:
+    from lt_diffusion.tables.spec import read_table_record
+
+    new = make_record()
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(_as_schema_2(new)))
+    with pytest.raises(RecordError, match="schema 2.*read it with read_record"):
+        validate(json.loads(path.read_text()))
+    for read in (read_record, read_table_record):  # the evaluation's and the tables' reader
+        old = read(path)
+        assert old["schema"] == 3 and old["upgraded_from"] == 2
+        assert old["metrics"] == new["metrics"] and old["identity"] == new["identity"]
+        assert old["extractors"]["inception"]["weights_sha256"] == "0" * 64
+        assert (
+            old["reference"]["origin"] == "dataset"
+            and "schema 2" in old["reference"]["description"]
+        )
+        assert old["conventions"] == conventions(0.0)
+    # The synthetic benchmark's records named no extractor; an LPIPS part moves beside it.
+    toy = _as_schema_2(new)
+    toy["extractor"] = {
+        "name": "none (exact metrics)",
+        "weights_sha256": "none",
+        "lpips": {"net": "alex"},
+    }
+    path.write_text(json.dumps(toy))
+    assert read_record(path)["extractors"] == {"lpips": {"net": "alex"}}
+
+
+def test_the_guidance_convention_is_diffusers_scale_w_plus_one() -> None:
+    """What the record states: eps_c + w (eps_c - eps_u) (guided_eps) is diffusers'
+    eps_u + s (eps_c - eps_u) at s = w + 1."""
+    from lt_diffusion.diffusion import guided_eps
+
+    class Net(torch.nn.Module):
+        null_label = 3
+
+        def forward(self, x, t, y):
+            return x * (y.float() + 1)[:, None] + t.float()[:, None] / 10
+
+    x, t, y = torch.randn(4, 2, dtype=torch.float64), torch.arange(4), torch.tensor([0, 1, 2, 0])
+    eps_c, eps_u = Net()(x, t, y), Net()(x, t, torch.full_like(y, 3))
+    for w in (0.0, 1.5, 4.0):
+        stated = conventions(w)["guidance"]
+        s = stated["diffusers_guidance_scale"]
+        assert s == w + 1 and stated["formula"] == "eps_c + w (eps_c - eps_u)"
+        torch.testing.assert_close(guided_eps(Net(), x, t, y, w), eps_u + s * (eps_c - eps_u))
+    assert "exactly class-uniform" in conventions(None)["labels"]
+    assert conventions(None)["guidance"]["diffusers_guidance_scale"] is None
+
+
+def _small(record: dict) -> dict:
+    """Per-class entries as the evaluator writes small comparisons."""
+    record["protocol"]["metrics"] = ["fid", "precision", "recall"]
+    for c, entry in enumerate(record["metrics"]["per_class"].values()):
+        entry.update(small_sample=True, primary="kid", kid=0.01 * (c + 1), kid_std=0.002)
+    return record
+
+
+def test_small_comparisons_show_kid_with_its_std_first_and_fid_marked(tmp_path, capsys) -> None:
+    from lt_diffusion.evaluation.run import print_table
+
+    record = _small(make_record())
+    validate(record)
+    print_table(record)
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if "KID ± std" in line)
+    assert header.index("KID ± std") < header.index("FID")
+    assert "0.0300 ± 0.0020" in out and "40.00*" in out  # class 2: KID first, FID marked
+    assert "30.50*" not in out  # overall: 100 / 200 images, but not flagged small here
+    assert "Reference: the training split." in out
+    assert "10 of 14 comparisons have fewer than 2048 images" in out
+    assert "compare only with numbers of the same protocol" in out
+    path = plot_fid_vs_count(record, tmp_path / "kid.png")
+    fid_plot = plot_fid_vs_count(make_record(), tmp_path / "fid.png")
+    assert path.read_bytes() != fid_plot.read_bytes()

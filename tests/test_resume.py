@@ -8,8 +8,11 @@ import contextlib
 import csv
 import io
 import logging
+import os
 import random
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +22,7 @@ import torch
 
 from lt_diffusion.training.checkpoint import read_checkpoint
 from lt_diffusion.training.rng import RNG_KEY
-from tests.conftest import compose_config, python_process
+from tests.conftest import ROOT, compose_config, python_process
 
 # Cheap runs: a batch of 4, a one-step grid of one image per class at the end.
 FAST = ("data.batch_size=4", "train.grid_per_class=1", "train.grid_steps=1")
@@ -104,17 +107,73 @@ def test_csv_log_keeps_its_history_across_resumes(train_overrides, tmp_path) -> 
     assert _metrics(run_dir)[1] == list(range(5))
 
 
-def test_leftover_temporary_checkpoints_are_removed_at_start(train_overrides, tmp_path) -> None:
+def test_a_restarted_run_continues_its_wandb_run(tmp_path) -> None:
+    """A run directory is one wandb run: a run started again (resumed, or restarted by a kill
+    before its first checkpoint) logs to the id of the run folder an earlier attempt wrote
+    (``wandb/latest-run``). End to end, with real processes and requeues: tests/test_slurm.py."""
+    from lt_diffusion.training.run import build_logger
+
+    cfg = compose_config("train", ["logger=wandb", f"paths.run_dir={tmp_path}"])
+    assert build_logger(cfg, resume_step=0, run_dir=tmp_path)._wandb_init.get("id") is None
+    (tmp_path / "wandb" / "offline-run-20260101_000000-k3x9q2ab").mkdir(parents=True)
+    (tmp_path / "wandb" / "latest-run").symlink_to("offline-run-20260101_000000-k3x9q2ab")
+    for step in (4, 0):
+        again = build_logger(cfg, resume_step=step, run_dir=tmp_path)
+        assert again._wandb_init["id"] == "k3x9q2ab" and again._wandb_init["resume"] == "allow"
+    mine = compose_config("train", ["logger=wandb", "+logger.id=mine", f"paths.run_dir={tmp_path}"])
+    assert build_logger(mine, resume_step=4, run_dir=tmp_path)._wandb_init["id"] == "mine"
+
+
+def test_a_lost_wandb_service_ends_the_logging_not_the_training(tmp_path) -> None:
+    """SLURM's SIGTERM at a requeue ends wandb's service process with the training's: the
+    step's metrics then meet a closed connection. The training must go on to save that step
+    (tests/test_slurm.py has the real requeue)."""
+    from lt_diffusion.training.wandblog import WandbLogger
+
+    class Gone:  # a wandb run whose service process has ended
+        id, calls = "k3x9q2ab", 0
+
+        def log(self, *args: object, **kwargs: object) -> None:
+            Gone.calls += 1
+            raise ConnectionResetError("Connection lost")
+
+    logger = WandbLogger(project="p", save_dir=str(tmp_path), offline=True)
+    logger._experiment = Gone()
+    with pytest.warns(UserWarning, match=r"logs nothing more to wandb run k3x9q2ab \(from step 7"):
+        logger.log_metrics({"train/loss": 0.5}, step=7)
+    logger.log_metrics({"train/loss": 0.4}, step=8)  # not tried again, not raised
+    assert Gone.calls == 1 and "ConnectionResetError" in logger.service_lost
+
+
+def test_leftover_temporary_files_are_removed_at_start(train_overrides, tmp_path) -> None:
+    """Every temporary file a training writes into its run directory (named by the atomic
+    writers: ``.<target>.<8 characters>.tmp``) and a kill left behind is swept when the next
+    training holds the lock; an evaluation's (records/, written without the lock) and
+    wandb's are not, nor files that are not ours."""
     run_dir = tmp_path / "r"
-    ckpts = run_dir / "checkpoints"
-    ckpts.mkdir(parents=True)
-    leftover = ckpts / ".last.ckpt.k2j4_x9q.tmp"  # the atomic writer's name, killed mid-write
-    leftover.write_bytes(b"\0" * 1000)
-    keep = ckpts / "notes.tmp"  # not one of ours
-    keep.write_text("mine")
+    leftovers = [
+        "checkpoints/.last.ckpt.k2j4_x9q.tmp",
+        "checkpoints/.step_0000004.ckpt.a1b2c3d4.tmp",
+        "export/.ema.safetensors.q1w2e3r4.tmp",
+        "export/.config.yaml.zz99aa00.tmp",
+        ".config.yaml.t5y6u7i8.tmp",
+        ".train.lock.0f3e9a1c.tmp",
+        ".hydra/.overrides.yaml.p0o9i8u7.tmp",
+        "logs/.metrics.csv.m3n4b5v6.tmp",
+        "samples/.latest.png.c7x8z9l0.tmp",
+    ]
+    kept = [
+        "checkpoints/notes.tmp",
+        "records/.quick-ddim20.json.g5h6j7k8.tmp",
+        "wandb/.x.y.abcdefgh.tmp",
+    ]
+    for name in (*leftovers, *kept):
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_bytes(b"\0" * 100)
     _train(train_overrides(*FAST, "train.max_steps=1"), run_dir)
-    assert not leftover.exists() and keep.exists()
-    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "notes.tmp"]
+    assert [n for n in leftovers if (run_dir / n).exists()] == []
+    assert all((run_dir / n).exists() for n in kept)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt", "notes.tmp"]
 
 
 def test_max_steps_below_one_is_refused_before_any_work(train_overrides, tmp_path) -> None:
@@ -239,3 +298,129 @@ def test_ddp_resume_is_exact_with_each_ranks_own_random_states(train_overrides, 
     assert_same_training_state(a, b)
     states = read_checkpoint(a)[RNG_KEY]
     assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
+
+
+# --- kill -9 of one rank of a two-process run, restart, until done -----------------------------
+
+DDP = ("trainer=ddp", "trainer.accelerator=cpu", "trainer.precision=32-true")
+
+
+def _start_job(args: list[str], log: Path) -> subprocess.Popen:
+    """``python <args>`` as a user starts it, its output (both ranks') appended to ``log``."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="offline")
+    with open(log, "a") as out:
+        return subprocess.Popen(
+            [sys.executable, *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+
+
+def _other_ranks(pid: int) -> list[int]:
+    """The training processes ``pid`` started (Lightning's launcher starts rank 1 as its
+    child; not a passing ``git describe``)."""
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            kids += [int(k) for k in (task / "children").read_text().split()]
+    ranks = []
+    for kid in kids:
+        with contextlib.suppress(OSError):
+            if b"lt_diffusion.train" in Path(f"/proc/{kid}/cmdline").read_bytes():
+                ranks.append(kid)
+    return ranks
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, waiting for its parent to reap it, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.slow
+def test_ddp_kill_loop_ends_with_the_uninterrupted_runs_state(train_overrides, tmp_path) -> None:
+    """Two CPU processes (gloo: the code path of NCCL ranks). SIGKILL of one rank at random
+    moments, of rank 0 while it writes a checkpoint too; the job then dies as a whole (when a
+    rank dies Lightning's launcher kills the others; a rank left waiting is killed as a
+    scheduler ends a job) and the same command starts it again, taking over the dead rank 0's
+    lock and sweeping its temporary file. The final state (every tensor of the weights, EMA,
+    optimizer; both ranks' random states) equals the uninterrupted two-process run's; a run
+    of another seed does not."""
+    steps = 24
+    ov = train_overrides(
+        *FAST,
+        *DDP,
+        f"train.max_steps={steps}",
+        "train.ckpt_every=2",
+        "train.log_every=1",
+        "model.dropout=0.3",
+        "method.objective.cond_drop_prob=0.5",
+    )
+    log = tmp_path / "jobs.log"
+
+    def job(run_dir: Path, *extra: str) -> subprocess.Popen:
+        return _start_job(
+            ["-m", "lt_diffusion.train", *ov, *extra, f"hydra.run.dir={run_dir}"], log
+        )
+
+    started = time.monotonic()
+    for proc in [job(tmp_path / "ref"), job(tmp_path / "seed1", "seed=1")]:
+        assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
+
+    run_dir = tmp_path / "killed"
+    ckpts, last = run_dir / "checkpoints", run_dir / "checkpoints" / "last.ckpt"
+    rng = random.Random(0)
+    killed, mid_write, torn_down = [], 0, 0
+    for attempt in range(14):
+        proc, kills_before = job(run_dir), len(killed)
+        start_step, deadline = _step(last), time.time() + 600
+        if attempt < 8:
+            if attempt % 2:  # rank 0 while a checkpoint write is under way
+                rank = 0
+                while proc.poll() is None and time.time() < deadline:
+                    if any(p.name.startswith(".last.ckpt.") for p in ckpts.glob("*.tmp")):
+                        mid_write += 1
+                        break
+                    time.sleep(0.002)
+            else:  # rank 0 or rank 1 at a random moment after the run made progress
+                rank = (attempt // 2) % 2
+                while proc.poll() is None and _step(last) <= start_step and time.time() < deadline:
+                    time.sleep(0.05)
+                time.sleep(rng.uniform(0.0, 3.0))
+            ranks = [proc.pid, *_other_ranks(proc.pid)]
+            if proc.poll() is None and len(ranks) == 2:
+                os.kill(ranks[rank], signal.SIGKILL)
+                killed.append(rank)
+                # The job ends as a whole: the other rank stops (gloo loses its peer, or
+                # Lightning kills it), or is killed after 30 s, as a scheduler would.
+                end = time.time() + 30
+                while any(_running(p) for p in ranks) and time.time() < end:
+                    time.sleep(0.2)
+                for p in ranks:
+                    if _running(p):
+                        os.kill(p, signal.SIGKILL)
+                        torn_down += 1
+        proc.wait(timeout=900)
+        if proc.returncode == 0:
+            break
+        # Killed, or rank 0 stopped by gloo's error when its peer died: nothing else fails.
+        assert len(killed) == kills_before + 1, log.read_text()[-4000:]
+    else:
+        pytest.fail("the run did not finish after 14 starts")
+    print(
+        f"{len(killed)} kills (ranks {killed}), {mid_write} during a checkpoint write, "
+        f"{torn_down} ranks left waiting and killed, {attempt + 1} starts, "
+        f"{time.monotonic() - started:.0f} s in all"
+    )
+
+    assert len(killed) >= 6 and 1 in killed and mid_write >= 1, (killed, mid_write)
+    reference = tmp_path / "ref" / "checkpoints" / "last.ckpt"
+    assert_same_training_state(reference, last)
+    states = read_checkpoint(last)[RNG_KEY]
+    assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
+    with pytest.raises(AssertionError, match="tensors differ"):
+        assert_same_training_state(reference, tmp_path / "seed1" / "checkpoints" / "last.ckpt")
+    assert not list(run_dir.rglob("*.tmp")) and not (run_dir / "train.lock").exists()
+    _, logged = _metrics(run_dir)
+    assert len(set(logged)) == len(logged) and logged == sorted(logged)

@@ -15,7 +15,7 @@ import lightning as L
 import pytest
 
 from lt_diffusion.utils.runlock import LOCK_NAME, RunLock, RunLockedError, hold_run_lock
-from tests.conftest import ROOT
+from tests.conftest import ROOT, python_process
 
 HOLD = """
 import sys
@@ -82,21 +82,52 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path: Path) -> None:
     assert holder.returncode == 0 and not (tmp_path / LOCK_NAME).exists()  # released
 
 
-def test_a_second_training_stops_before_any_work(train_overrides, tmp_path: Path) -> None:
-    from lt_diffusion import train
-    from tests.conftest import compose_config
+def _tree(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file below ``folder``: its bytes and modification time."""
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
-    run_dir = tmp_path / "run"
+
+def test_a_refused_training_touches_nothing_in_the_live_run(train_overrides, tmp_path) -> None:
+    """The train command as a user runs it, on a run another training holds: refused, naming
+    the holder, and not one file of the live run is written, replaced or added (Hydra's launch
+    record .hydra/ and train.log included: the lock holder writes those)."""
+    overrides = train_overrides("train.max_steps=2")
+    run_dir = tmp_path / "outputs" / "runs" / "cifar10_lt-ir10-ddpm-seed0"  # derived by Hydra
+    for name in (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "train.log",
+                 "config.yaml", "checkpoints/last.ckpt", "logs/metrics.csv"):  # fmt: skip
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_text(f"the live run's {name}\n")
     holder = _holder(run_dir)
     try:
-        cfg = compose_config(
-            "train", [*train_overrides("train.max_steps=2"), f"paths.run_dir={run_dir}"]
-        )
-        with pytest.raises(RunLockedError, match=f"process {holder.pid} on host"):
-            train.run(cfg)
-        assert not (run_dir / "checkpoints").exists() and not (run_dir / "config.yaml").exists()
+        before = _tree(run_dir)
+        proc = python_process(["-m", "lt_diffusion.train", *overrides])
+        log = proc.communicate(timeout=300)[0]
+        assert proc.returncode != 0 and f"process {holder.pid} on host" in log, log[-3000:]
+        assert _tree(run_dir) == before
     finally:
         holder.communicate("")
+
+
+def test_a_candidate_lock_file_swept_meanwhile_is_written_again(tmp_path, monkeypatch) -> None:
+    # The holder's start sweeps .train.lock.*.tmp: a refused process racing it must still get
+    # its answer (here: the lock, as the holder is gone by then), not a FileNotFoundError.
+    link, calls = os.link, []
+
+    def swept_first(src, dst):
+        calls.append(src)
+        if len(calls) == 1:
+            Path(src).unlink()
+        return link(src, dst)
+
+    monkeypatch.setattr(os, "link", swept_first)
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    assert len(calls) == 2 and lock.lost() is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".train.lock.guard", LOCK_NAME]
 
 
 def test_the_lock_of_a_dead_process_is_taken_over(tmp_path: Path) -> None:

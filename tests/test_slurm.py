@@ -20,6 +20,7 @@ from lt_diffusion.training.checkpoint import read_checkpoint
 from tests.conftest import ROOT
 from tests.slurm_cluster import LocalSlurm, unavailable_reason
 from tests.tables_fixture import TINY_EVAL, tiny_table_overrides, write_tiny_table
+from tests.test_resume import assert_same_training_state
 
 pytestmark = [
     pytest.mark.slurm,
@@ -110,3 +111,124 @@ def test_table_on_slurm_with_a_requeued_job(
     assert "pending" not in table and "failed" not in table, table
     ours = [json.loads(r.read_text())["metrics"]["overall"]["fid"] for r in records]
     assert all(f"{v:.2f}" in table for v in ours), table
+
+
+# --- requeue and time limit of a training job: exact, same wandb run, same CSV log ------------
+
+# A training of ~1 minute on one CPU thread (thread counts change CPU rounding): every step
+# draws from every random state (dropout, the CFG coin), a checkpoint every 3 steps.
+STEPS = 60
+TRAIN = [
+    "dataset=cifar10_lt", "imbalance=ir10", "model=unet_tiny", "trainer=cpu",
+    "dataset.source.download=false", "data.batch_size=4", "train.warmup_steps=2",
+    f"train.max_steps={STEPS}", "train.ckpt_every=3", "train.log_every=1", "train.grid_every=0",
+    "train.grid_per_class=1", "train.grid_steps=1", "train.threads=1", "model.dropout=0.3",
+    "method.objective.cond_drop_prob=0.5",
+]  # fmt: skip
+# name: (logger, what happens to the job, its time limit in minutes)
+JOBS = {
+    "ref": ("csv", "nothing: the uninterrupted run", 20),
+    "requeue-csv": ("csv", "scontrol requeue at step >= 9", 20),
+    "requeue-wandb": ("wandb", "scontrol requeue at step >= 9", 20),
+    # 30 s before the limit SLURM sends USR2: submitit requeues the job, SLURM stops it (SIGTERM,
+    # SIGKILL 5 s later); as often as the limit comes before the run is done.
+    "limit-csv": ("csv", "its time limit", 1),
+    "limit-wandb": ("wandb", "its time limit", 1),
+}
+
+
+def _resumed_steps(run_dir: Path) -> list[int]:
+    """The steps the run's attempts resumed from, as its train.log says."""
+    text = (run_dir / "train.log").read_text()
+    return [int(s) for s in re.findall(r"Resuming from \S+ at step (\d+)", text)]
+
+
+@pytest.mark.slow
+def test_requeued_and_timed_out_trainings_equal_the_uninterrupted_run(
+    slurm: LocalSlurm, tiny_cifar: Path, tmp_path: Path
+) -> None:
+    """Training jobs submitted as users do (``lt_diffusion.train --multirun
+    hydra/launcher=slurm``), each interrupted by SLURM: ``scontrol requeue`` while it runs, or
+    its time limit. Each attempt resumes at the last checkpoint the previous one left; the final
+    state (weights, EMA, optimizer, random states) equals the uninterrupted job's bit for bit,
+    the wandb run keeps its id (offline), the CSV log is the uninterrupted run's byte for byte.
+    A run of another seed is shown unequal."""
+    out = tmp_path / "outputs"
+    runs = {name: out / "runs" / f"cifar10_lt-ir10-ddpm-seed0-{name}" for name in JOBS}
+    procs, logs = {}, {}
+    started = time.monotonic()
+    for name, (logger, _, minutes) in JOBS.items():
+        cmd = [
+            sys.executable, "-m", "lt_diffusion.train", "--multirun", "hydra/launcher=slurm",
+            f"hydra.launcher.name={name}", f"hydra.launcher.timeout_min={minutes}",
+            "hydra.launcher.signal_delay_s=30", *TRAIN, f"logger={logger}", f"tag=-{name}",
+            f"paths.data_root={tiny_cifar}", f"paths.output_dir={out}",
+        ]  # fmt: skip
+        logs[name] = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115
+        procs[name] = subprocess.Popen(
+            cmd, cwd=ROOT, env={**slurm.env, "WANDB_MODE": "offline"}, stdout=logs[name],
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    left_at: dict[str, list[int]] = {name: [] for name in JOBS}  # step of last.ckpt per requeue
+    requeued, released = set(), set()
+    try:
+        deadline = time.monotonic() + 1800
+        while any(p.poll() is None for p in procs.values()):
+            assert time.monotonic() < deadline, "the jobs did not finish in 30 minutes"
+            for line in slurm.run("squeue", "-h", "-o", "%i|%j|%T|%r").split():
+                job, name, state, reason = line.split("|")
+                last = runs[name] / "checkpoints" / "last.ckpt"
+                if name.startswith("requeue") and name not in requeued and state == "RUNNING":
+                    if last.is_file() and _step(last) >= 9:
+                        slurm.run("scontrol", "requeue", job)
+                        requeued.add(name)
+                elif state == "PENDING" and reason == "BeginTime":
+                    # Requeued: its processes have ended. A requeued job waits ~2 minutes
+                    # before it may start again: release it now.
+                    restarts = re.search(
+                        r"Restarts=(\d+)", slurm.run("scontrol", "show", "job", job)
+                    )
+                    key = (job, restarts.group(1) if restarts else "?")
+                    if key not in released:
+                        released.add(key)
+                        left_at[name].append(_step(last) if last.is_file() else 0)
+                    slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+            time.sleep(0.5)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+        for f in logs.values():
+            f.close()
+    elapsed = time.monotonic() - started
+    for name, p in procs.items():
+        assert p.returncode == 0, (tmp_path / f"{name}.log").read_text()[-4000:]
+    print(f"SLURM jobs: {elapsed:.0f} s; steps left at each requeue: {left_at}")
+
+    reference = runs["ref"] / "checkpoints" / "last.ckpt"
+    assert _step(reference) == STEPS and left_at["ref"] == []
+    for name in JOBS:
+        if name == "ref":
+            continue
+        run_dir, logger = runs[name], JOBS[name][0]
+        # Interrupted at least once mid-training, and each attempt resumed where the last left.
+        assert any(0 < s < STEPS for s in left_at[name]), (name, left_at[name])
+        assert set(_resumed_steps(run_dir)) == {s for s in left_at[name] if s > 0}, name
+        assert_same_training_state(reference, run_dir / "checkpoints" / "last.ckpt")
+        if logger == "wandb":
+            ids = {p.name.rsplit("-", 1)[1] for p in run_dir.glob("wandb/offline-run-*")}
+            attempts = len(list(run_dir.glob("wandb/offline-run-*")))
+            assert len(ids) == 1 and attempts >= 2, (name, ids, attempts)
+        else:
+            csv_log = (run_dir / "logs" / "metrics.csv").read_bytes()
+            assert csv_log == (runs["ref"] / "logs" / "metrics.csv").read_bytes(), name
+
+    # The comparison can fail: the same job with another seed ends elsewhere.
+    from lt_diffusion import train
+    from tests.conftest import compose_config
+
+    seed1 = tmp_path / "seed1"
+    train.run(compose_config("train", [*TRAIN, "logger=csv", "seed=1", f"paths.data_root={tiny_cifar}",
+                                       f"paths.run_dir={seed1}"]))  # fmt: skip
+    with pytest.raises(AssertionError, match="tensors differ"):
+        assert_same_training_state(reference, seed1 / "checkpoints" / "last.ckpt")

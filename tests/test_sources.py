@@ -94,6 +94,27 @@ def test_missing_fashion_mnist_names_every_place(tmp_path: Path, no_debian: None
     assert "no-debian" in msg and "paths.data_root" in msg
 
 
+def test_fashion_mnist_without_the_system_copy_reads_only_its_root(tmp_path: Path) -> None:
+    # The system-wide copy (here a folder of the test's files) is read when the root lacks
+    # the files, and the source says so; with system_copy=False (a root given explicitly) the
+    # root's absence is an error naming it, whatever is installed elsewhere.
+    system = tmp_path / "system"
+    truth = write_fashion_mnist(system, 1, 1, seed=3)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sources, "DEBIAN_FASHION_MNIST", system)
+        src = FashionMNISTSource(tmp_path / "given", download=False)
+        assert_same(src.load("train"), truth["train"])
+        assert src.location == system
+        with pytest.raises(FileNotFoundError) as err:
+            FashionMNISTSource(tmp_path / "given", download=False, system_copy=False).load("test")
+    assert str(tmp_path / "given") in str(err.value) and str(system) not in str(err.value)
+    write_fashion_mnist(tmp_path / "given", 1, 1, seed=4, torchvision_layout=True)
+    src = FashionMNISTSource(tmp_path / "given", download=False, system_copy=False)
+    src.load("test")
+    assert src.location == tmp_path / "given" / "FashionMNIST" / "raw"
+    assert CIFAR10Source(tmp_path / "c").location == tmp_path / "c" / "cifar-10-batches-py"
+
+
 def test_failed_download_is_reported_with_a_short_timeout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

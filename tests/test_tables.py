@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from lt_diffusion.analysis.concept_dominance import ConceptDominanceSettings
-from lt_diffusion.evaluation.record import SCHEMA_VERSION, write_record
+from lt_diffusion.evaluation.record import SCHEMA_VERSION, conventions, write_record
 from lt_diffusion.tables import (
     TableSpecError,
     available_tables,
@@ -161,7 +161,9 @@ def _record(fid: float, digest: str = "0", step: int = 1) -> dict:
         "dataset": {"name": "d", "class_counts": [5, 1], "splits": ["many", "few"]},
         "checkpoint": {"path": "x", "step": step}, "protocol": {},
         "sampler": {"name": "ddim20", "guidance": 1.5},
-        "extractor": {"weights_sha256": "0", "has_logits": False},
+        "extractors": {"inception": {"name": "inception-v3-compat", "weights_sha256": "0"}},
+        "reference": {"origin": "dataset", "description": "the balanced training split"},
+        "conventions": conventions(1.5),
         "metrics": {"overall": _entry(fid), "per_split": {"few": _entry(fid + 1)},
                     "per_class": {"class_001": _entry(fid + 2)}},
     }  # fmt: skip
@@ -529,3 +531,13 @@ def test_analysis_columns_read_analysis_records(tmp_path: Path) -> None:
     bad = {**_spec(), "columns": [{"key": "x", "metric": "analysis.no_such_analysis.value"}]}
     with pytest.raises(TableSpecError, match="nor an analysis path"):
         load_table(bad)
+
+
+def test_the_caption_states_the_reference_the_records_compared_with(filled, tmp_path) -> None:
+    spec, resolved, _ = filled
+    result = collect(spec, resolved)
+    assert result.references == ("the balanced training split",)
+    assert "Reference: the balanced training split." in to_markdown(result)
+    assert "Reference: the balanced training split." in to_latex(result)
+    empty = collect(spec, resolve(spec, [f"paths.output_dir={tmp_path / 'none'}"]))
+    assert "Reference: each dataset's default reference set" in to_markdown(empty)

@@ -258,7 +258,7 @@ def test_quick_benchmark_tells_a_trained_model_from_one_trained_on_shuffled_labe
     few_entry = good["metrics"]["per_split"]["few"]
     assert few_entry["borrowing"] == pytest.approx(np.mean([e["borrowing"] for e in few]))
     assert few_entry["n_generated"] == 200 * len(few)
-    assert good["extractor"]["weights_sha256"] == "none"
+    assert good["extractors"] == {} and good["reference"]["origin"] == "dataset"
 
 
 def test_an_image_protocol_on_points_names_the_toy_protocol(tmp_path: Path) -> None:

@@ -51,6 +51,10 @@ def test_train_kill_resume_and_sample(train_overrides, tmp_path: Path) -> None:
     log2 = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, log2
     assert f"Resuming from {last} at step {killed_at}" in log2
+    # Hydra's launch record, written by the lock holder: this attempt's overrides and its log.
+    assert f"train.max_steps={target}" in (run_dir / ".hydra" / "overrides.yaml").read_text()
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert f"Resuming from {last} at step {killed_at}" in (run_dir / "train.log").read_text()
     ckpt = read_checkpoint(last)
     assert ckpt["global_step"] == target
     meta = ckpt["lt_diffusion"]

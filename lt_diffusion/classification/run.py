@@ -50,13 +50,16 @@ from lt_diffusion.training.checkpoint import (
     read_checkpoint,
 )
 from lt_diffusion.training.run import (
+    NOT_SWEPT,
     build_logger,
     cluster_plugins,
+    fit,
     launch_rank,
+    launch_record,
     on_gpu,
     process_seed,
 )
-from lt_diffusion.utils.io import atomic_write_text, remove_temporaries
+from lt_diffusion.utils.io import atomic_write_text, remove_temporaries_below
 from lt_diffusion.utils.runlock import hold_run_lock
 from lt_diffusion.utils.threads import torch_threads
 
@@ -154,10 +157,14 @@ def steps_per_epoch(n_images: int, batch_size: int, world_size: int) -> int:
     return max(1, math.ceil(n_images / (batch_size * world_size)))
 
 
-def run(cfg: DictConfig, record: str | Path | None = None) -> dict[str, Any] | None:
+def run(
+    cfg: DictConfig, record: str | Path | None = None, launch_files: bool = False
+) -> dict[str, Any] | None:
     """Train the classification run ``cfg`` describes, then evaluate it on the test split and
     write its record (to ``record``, default ``<run_dir>/records/classify-test-<digest>.json``).
-    Returns the record (None on the ranks other than 0 of a distributed run)."""
+    Returns the record (None on the ranks other than 0 of a distributed run). ``launch_files``:
+    the classify command's Hydra launch record, written under the run's lock
+    (:func:`lt_diffusion.training.run.launch_record`)."""
     torch.set_float32_matmul_precision("high")  # TF32 matmuls where the GPU has them
     check_config(cfg)
     run_dir = Path(cfg.paths.run_dir)
@@ -174,11 +181,12 @@ def run(cfg: DictConfig, record: str | Path | None = None) -> dict[str, Any] | N
     ckpt_dir = run_dir / "checkpoints"
     with (
         hold_run_lock(run_dir, enabled=launch_rank() == 0) as lock,
+        launch_record(run_dir, cfg, enabled=launch_files and lock is not None),
         torch_threads(cfg.train.get("threads"), "train.threads"),
     ):
         if lock is not None:
-            for tmp in remove_temporaries(ckpt_dir):
-                rank_zero_info(f"Removed {tmp}, a checkpoint write that was killed mid-way")
+            for tmp in remove_temporaries_below(run_dir, skip=NOT_SWEPT):
+                rank_zero_info(f"Removed {tmp}, a write that was killed mid-way")
         data.prepare()  # the data files, before anything long
         resume = find_resume_checkpoint(ckpt_dir, cfg)
         if resume is not None and not cfg.train.resume:
@@ -270,7 +278,7 @@ def _fit(
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         max_steps=total,
-        logger=build_logger(cfg, done),
+        logger=build_logger(cfg, done, run_dir),
         callbacks=callbacks,
         enable_checkpointing=True,
         plugins=[AtomicCheckpointIO(), *cluster_plugins()],
@@ -284,7 +292,7 @@ def _fit(
         )
     if resume is not None:
         rank_zero_info(f"Resuming from {resume} at step {done}")
-    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
+    fit(trainer, module, datamodule=data, ckpt_path=str(resume) if resume else None)
 
 
 def _evaluate(

@@ -11,6 +11,7 @@ round trip: a load takes well under a second.
 from __future__ import annotations
 
 import gzip
+import logging
 import pickle
 import socket
 from abc import ABC, abstractmethod
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "test")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -70,6 +73,12 @@ class Source(ABC):
     def load(self, split: str) -> ImageArrays | VectorArrays:
         """Load ``split`` ("train" or "test") as uint8 images (or float points) and int64
         labels."""
+
+    @property
+    def location(self) -> Path | None:
+        """The folder the data are read from (after :meth:`load`, the one it read); None for
+        generated data."""
+        return getattr(self, "root", None)
 
     def _check_split(self, split: str) -> None:
         if split not in SPLIT_NAMES:
@@ -172,6 +181,10 @@ class _CIFARSource(Source):
     @property
     def folder(self) -> Path:
         return self.root / self.release.base_folder
+
+    @property
+    def location(self) -> Path:
+        return self.folder
 
     def _files(self, split: str | None = None) -> list[str]:
         """The data files of ``split``, or every file of the release (data, then meta)."""
@@ -308,7 +321,9 @@ def read_idx(path: Path, ndim: int | None = None) -> np.ndarray:
 
 
 class FashionMNISTSource(Source):
-    """Fashion-MNIST from idx files: ``root``, ``root/FashionMNIST/raw``, then Debian's copy."""
+    """Fashion-MNIST from idx files: ``root``, ``root/FashionMNIST/raw``, then (``system_copy``)
+    Debian's copy. ``system_copy=False`` when a root was given explicitly: its files, or an
+    error naming it."""
 
     name = "fashion_mnist"
     num_classes = 10
@@ -323,9 +338,19 @@ class FashionMNISTSource(Source):
         "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
     }
 
+    def __init__(self, root: str | Path, download: bool = True, system_copy: bool = True) -> None:
+        super().__init__(root, download)
+        self.system_copy = bool(system_copy)
+        self._read_from: Path | None = None
+
+    @property
+    def location(self) -> Path:
+        return self._read_from or self.root
+
     def candidates(self) -> list[Path]:
         """Folders searched, in order."""
-        return [self.root, self.root / "FashionMNIST" / "raw", DEBIAN_FASHION_MNIST]
+        system = [DEBIAN_FASHION_MNIST] if self.system_copy else []
+        return [self.root, self.root / "FashionMNIST" / "raw", *system]
 
     @staticmethod
     def _file(folder: Path, stem: str) -> Path | None:
@@ -353,16 +378,23 @@ class FashionMNISTSource(Source):
             )
             found = self._find(split)
         if found is None:
+            system = (
+                f" and {DEBIAN_FASHION_MNIST} (Debian: apt-get install dataset-fashion-mnist)"
+                if self.system_copy
+                else ""
+            )
             raise _missing(
                 "Fashion-MNIST",
                 self.root,
                 [f"{stem}.gz" for stem in self.FILES[split]],
-                f"Also searched {self.root / 'FashionMNIST' / 'raw'} and "
-                f"{DEBIAN_FASHION_MNIST} (Debian: apt-get install dataset-fashion-mnist). "
+                f"Also searched {self.root / 'FashionMNIST' / 'raw'}{system}. "
                 "Download the files on a machine with network access and copy them here.",
                 error,
             )
         img, lbl = found
+        self._read_from = img.parent
+        if img.parent == DEBIAN_FASHION_MNIST:
+            log.info(f"Fashion-MNIST: no idx files in {self.root}, read {DEBIAN_FASHION_MNIST}")
         images = read_idx(img, ndim=3)
         labels = self._check_labels(read_idx(lbl, ndim=1), lbl)
         if len(images) != len(labels):

@@ -1,6 +1,6 @@
-"""Evaluation of generated images: the Inception feature extractor (offline), features,
-metrics (FID, KID, Precision/Recall, IS via torch-fidelity), the cache of real statistics,
-records and plots.
+"""Evaluation of generated images: the feature extractors (Inception offline; DINOv2, VGG-16,
+CLIP when staged), features, metrics (FID, FD_DINOv2, KID, Precision/Recall, IS via
+torch-fidelity), the cache of real features, statistics files, records and plots.
 
 The public names below are imported lazily, so ``import lt_diffusion.evaluation`` stays cheap
 (matplotlib and torch-fidelity load on first use).
@@ -21,6 +21,8 @@ _EXPORTS = {
         "prepare_weights",
     ),
     "features": ("extract_features",),
+    "extractors": ("SPACES", "FeatureSpace", "FeatureWeightsError"),
+    "stats_file": ("StatsFileError", "read_stats", "write_stats"),
     "metrics": (
         "KID",
         "METRICS",

@@ -1,8 +1,10 @@
-"""Inception features of uint8 images.
+"""Features of uint8 images from torch-fidelity's extractors (Inception, DINOv2, VGG-16, CLIP:
+:mod:`lt_diffusion.evaluation.extractors`).
 
 The images go into torch-fidelity's extractor as they are: uint8, its own TF-1.x-compatible
-bilinear resize to 299 (no antialias: the papers' numbers were made that way; torchmetrics >= 1.8
-antialiases by default, which shifts FID) and its ``(x - 128) / 128`` scaling. Batches are fixed
+bilinear resize (to 299 for Inception, 224 for the others; no antialias: the papers' numbers
+were made that way; torchmetrics >= 1.8 antialiases by default, which shifts FID) and its own
+scaling (Inception: ``(x - 128) / 128``; the others: ImageNet mean and std). Batches are fixed
 (``batch_size`` consecutive images), so any split of the work that keeps the batches gives the
 same features.
 """
@@ -10,12 +12,15 @@ same features.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from lt_diffusion.evaluation.extractors import space_of
 
 POOL_DIM = 2048
 LOGITS_LAYER = "logits_unbiased"  # the layer torch-fidelity's IS is computed from
@@ -74,12 +79,14 @@ def extract_features(
     progress: bool = False,
     allow_tf32: bool = False,
 ) -> dict[str, np.ndarray | None]:
-    """Inception features of ``images``.
+    """Features of ``images``: the extractor's first layer (Inception's pool3, DINOv2's CLS
+    token, VGG-16's fc2_relu, CLIP's embedding) and Inception's logits when it yields them.
 
     Args:
         images: uint8 ``(N, C, H, W)`` with C in {1, 3} (one channel is repeated to three), or
             an iterable of such batches (or of ``(images, labels, ...)`` tuples); any size.
-        extractor: from :func:`lt_diffusion.evaluation.inception.load_extractor`.
+        extractor: a torch-fidelity extractor (:func:`lt_diffusion.evaluation.extractors.load`,
+            :func:`lt_diffusion.evaluation.inception.load_extractor`).
         batch_size: images per forward pass (larger incoming batches are split).
         device: where to run; default: the extractor's device.
         progress: show a progress bar.
@@ -87,19 +94,25 @@ def extract_features(
             features are no longer float32-exact); default off.
 
     Returns:
-        ``{"pool": float64 (N, 2048), "logits": float64 (N, 1008) or None}``; logits when the
-        extractor was built with them (``load_extractor(..., want_logits=True)`` and weights
-        that have them). Zero images give ``(0, 2048)``.
+        ``{"pool": float64 (N, D), "logits": float64 (N, 1008) or None}``: "pool" holds the
+        first layer's features (D = 2048 for Inception); logits when the extractor was built
+        with them (``load_extractor(..., want_logits=True)`` and weights that have them). Zero
+        images give ``(0, D)``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     layers = list(getattr(extractor, "features_list", ()))
-    if "2048" not in layers:
+    if not layers or layers[0] == LOGITS_LAYER:
         raise ValueError(
-            f"the extractor yields {layers}, not the 2048-d pool features: build it with "
-            "lt_diffusion.evaluation.inception.load_extractor"
+            f"the extractor yields {layers}, not a feature layer first: build it with "
+            "lt_diffusion.evaluation.extractors.load"
         )
-    device = torch.device(device) if device is not None else next(extractor.parameters()).device
+    layer = layers[0]
+    space = space_of(getattr(extractor, "name", ""))
+    if device is None:  # the extractor's own (a parameter's, else a buffer's)
+        tensor = next(itertools.chain(extractor.parameters(), extractor.buffers()), None)
+        device = tensor.device if tensor is not None else "cpu"
+    device = torch.device(device)
     want_logits = LOGITS_LAYER in layers
     total = len(images) if isinstance(images, Tensor) else None
     pools: list[Tensor] = []
@@ -109,21 +122,20 @@ def extract_features(
         if progress:
             from tqdm.auto import tqdm
 
-            bar = stack.enter_context(
-                tqdm(total=total, desc="Inception features", unit="img", leave=False)
-            )
+            what = f"{space.name} features" if space else "features"
+            bar = stack.enter_context(tqdm(total=total, desc=what, unit="img", leave=False))
         stack.enter_context(_full_fp32(device, allow_tf32))
         for batch in _batches(images, batch_size):
             x = batch.to(device, non_blocking=True)
             if x.shape[1] == 1:
                 x = x.expand(-1, 3, -1, -1)  # grayscale: the same plane in R, G and B
             out = dict(zip(layers, extractor(x)))
-            pools.append(out["2048"].double().cpu())
+            pools.append(out[layer].double().cpu())
             if want_logits:
                 logits.append(out[LOGITS_LAYER].double().cpu())
             if bar is not None:
                 bar.update(len(batch))
-    pool = torch.cat(pools).numpy() if pools else np.zeros((0, POOL_DIM))
+    pool = torch.cat(pools).numpy() if pools else np.zeros((0, space.dim if space else 0))
     if not want_logits:
         return {"pool": pool, "logits": None}
     return {"pool": pool, "logits": torch.cat(logits).numpy() if logits else np.zeros((0, 1008))}

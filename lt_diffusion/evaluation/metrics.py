@@ -1,5 +1,7 @@
-"""The metrics of an evaluation: FID, KID, Precision / Recall and IS from Inception features
-(through torch-fidelity's own metric functions, returning plain floats), the diversity metrics
+"""The metrics of an evaluation: FID, KID, Precision / Recall and IS from Inception features,
+FD on DINOv2 features (through torch-fidelity's own metric functions, returning plain floats;
+the feature space of KID, precision / recall and the diversity metrics is a protocol setting,
+:func:`feature_spaces`), the diversity metrics
 of :mod:`lt_diffusion.evaluation.diversity` (density, coverage, Vendi, LPIPS), and the **registry**
 :data:`METRICS` that every consumer reads (the evaluator, record validation, table specs, the
 printed table). A new metric is one :class:`Metric` entry plus its function (docs/extending.md).
@@ -8,7 +10,10 @@ Conventions: ``real`` first, ``fake`` (generated) second in every signature here
 PRC takes generated first; the swap is done inside). Statistics are float64. Sets too small for
 a metric raise :class:`TooFewImagesError` saying what to change; FID from fewer images than
 feature dimensions works but is rank-deficient and biased upwards, which is warned about and
-noted in the record entry (:func:`compare`).
+noted in the record entry (:func:`compare`). A comparison with fewer images per side than FID's
+feature dimension (:func:`small_sample`) reports KID ± std as its primary number and marks FID
+as biased (Chong & Forsyth 2020, "Effectively Unbiased FID and Inception Score and where to
+find them", CVPR: FID's bias grows as 1 / n).
 """
 
 from __future__ import annotations
@@ -38,11 +43,12 @@ class SmallSampleWarning(UserWarning):
 
 
 class Statistics(NamedTuple):
-    """Mean and covariance (float64) of a feature set, and how many images made them."""
+    """Mean and covariance (float64) of a feature set, and how many images made them (None: a
+    statistics file that does not say)."""
 
     mu: np.ndarray
     sigma: np.ndarray
-    n: int
+    n: int | None
 
 
 class KID(NamedTuple):
@@ -212,12 +218,28 @@ class Comparison:
     fake_logits: np.ndarray | None = None
     is_unavailable: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # The real set's mean and covariance from a statistics file (eval.reference) instead of
+    # ``real`` (then empty): only metrics with ``real="statistics"`` can be computed.
+    real_statistics: Statistics | None = None
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def once(self, key: str, fn: Callable[[], Any]) -> Any:
         if key not in self._cache:
             self._cache[key] = fn()
         return self._cache[key]
+
+    @property
+    def n_real(self) -> int | None:
+        """Real images compared (None: a statistics file that does not say)."""
+        if self.real_statistics is not None:
+            return self.real_statistics.n
+        return len(self.real)
+
+    def real_stats(self) -> Statistics:
+        """The real set's statistics: the file's, or computed once from ``real``."""
+        if self.real_statistics is not None:
+            return self.real_statistics
+        return self.once("real_statistics", lambda: _quiet_statistics(self.real))
 
 
 @dataclass(frozen=True)
@@ -228,7 +250,12 @@ class Metric:
     ``<name>_unavailable``: why); ``min_images(settings)``: the fewest images per set it
     accepts (checked before any generation); ``requires``: entry keys that must accompany a
     value (the settings a number depends on); ``better``: ``lower`` or ``higher`` (tables mark
-    the best); ``label`` / ``digits``: how tables and the terminal show it.
+    the best); ``label`` / ``digits``: how tables and the terminal show it. ``features``: the
+    feature space it is computed in (:mod:`lt_diffusion.evaluation.extractors`; None: it reads
+    no image features), settable per protocol (``eval.features``) unless ``fixed_space`` (its
+    name states the space: FID, IS, FD_DINOv2). ``real``: what it needs of the real images:
+    their ``features``, only their ``statistics`` (mean and covariance: a statistics file can
+    stand in), or ``none``.
     """
 
     name: str
@@ -238,6 +265,9 @@ class Metric:
     min_images: Callable[[Mapping[str, Any]], int] = lambda settings: 2
     requires: tuple[str, ...] = ()
     digits: int = 3
+    features: str | None = None
+    fixed_space: bool = False
+    real: str = "features"
 
 
 METRICS: dict[str, Metric] = {}
@@ -250,16 +280,23 @@ def register(metric: Metric) -> Metric:
     return metric
 
 
-def _fid(c: Comparison) -> dict[str, Any]:
+def _quiet_statistics(x: np.ndarray) -> Statistics:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SmallSampleWarning)  # noted in the entry instead
-        value = fid(statistics(c.real), statistics(c.fake))
-    out = _finite({}, "fid", value)
-    n, d = min(len(c.real), len(c.fake)), c.real.shape[1]
+        return statistics(x)
+
+
+def _fd(c: Comparison, name: str) -> dict[str, Any]:
+    """The Fréchet distance of the comparison's feature space (FID on Inception features)."""
+    real = c.real_stats()
+    value = fid(real, _quiet_statistics(c.fake))
+    out = _finite({}, name, value)
+    d = len(real.mu)
+    n = min(len(c.fake), real.n if real.n is not None else len(c.fake))
     if n < d:
         out["notes"] = [
-            f"FID from fewer images than feature dimensions ({n} < {d}): rank-deficient, "
-            "biased upwards; compare only equal n"
+            f"{METRICS[name].label} from fewer images than feature dimensions ({n} < {d}): "
+            "rank-deficient, biased upwards; compare only equal n"
         ]
     return out
 
@@ -294,15 +331,28 @@ def _pr_minimum(settings: Mapping[str, Any]) -> int:
     return int(settings["pr_k"]) + 1  # k neighbours besides the sample itself
 
 
-register(Metric("fid", "FID", "lower", _fid, digits=2))
-register(Metric("kid", "KID", "lower", _kid, requires=("kid_subset_size",), digits=4))
+_IMAGE = {"features": "inception"}  # feature metrics: Inception unless the protocol says
+_FIXED = {"features": "inception", "fixed_space": True}
+register(Metric("fid", "FID", "lower", lambda c: _fd(c, "fid"), digits=2, **_FIXED,
+                real="statistics"))  # fmt: skip
+register(
+    Metric("fd_dinov2", "FD_DINOv2", "lower", lambda c: _fd(c, "fd_dinov2"), digits=2,
+           features="dinov2", fixed_space=True, real="statistics")
+)  # fmt: skip
+register(Metric("kid", "KID", "lower", _kid, requires=("kid_subset_size",), digits=4, **_IMAGE))
 register(
     Metric(
-        "precision", "precision", "higher", lambda c: _prc(c, "precision"), _pr_minimum, ("pr_k",)
+        "precision", "precision", "higher", lambda c: _prc(c, "precision"), _pr_minimum, ("pr_k",),
+        **_IMAGE,
     )
-)
-register(Metric("recall", "recall", "higher", lambda c: _prc(c, "recall"), _pr_minimum, ("pr_k",)))
-register(Metric("is", "IS", "higher", _is))
+)  # fmt: skip
+register(
+    Metric(
+        "recall", "recall", "higher", lambda c: _prc(c, "recall"), _pr_minimum, ("pr_k",),
+        **_IMAGE,
+    )
+)  # fmt: skip
+register(Metric("is", "IS", "higher", _is, **_FIXED, real="none"))
 
 
 # Diversity (lt_diffusion/evaluation/diversity.py; docs/evaluation.md, "Diversity metrics").
@@ -338,13 +388,23 @@ def _lpips(c: Comparison) -> dict[str, Any]:
 
 
 register(
-    Metric("density", "density", "higher", lambda c: _dc(c, "density"), _pr_minimum, ("pr_k",))
-)
+    Metric(
+        "density", "density", "higher", lambda c: _dc(c, "density"), _pr_minimum, ("pr_k",),
+        **_IMAGE,
+    )
+)  # fmt: skip
 register(
-    Metric("coverage", "coverage", "higher", lambda c: _dc(c, "coverage"), _pr_minimum, ("pr_k",))
+    Metric(
+        "coverage", "coverage", "higher", lambda c: _dc(c, "coverage"), _pr_minimum, ("pr_k",),
+        **_IMAGE,
+    )
+)  # fmt: skip
+register(Metric("vendi", "Vendi", "higher", _vendi, digits=2, **_IMAGE))
+register(
+    Metric(
+        "lpips_diversity", "LPIPS div.", "higher", _lpips, requires=("lpips_images",), real="none"
+    )
 )
-register(Metric("vendi", "Vendi", "higher", _vendi, digits=2))
-register(Metric("lpips_diversity", "LPIPS div.", "higher", _lpips, requires=("lpips_images",)))
 
 
 def check_metrics(names: Sequence[str]) -> list[str]:
@@ -353,6 +413,50 @@ def check_metrics(names: Sequence[str]) -> list[str]:
     if unknown:
         raise ValueError(f"unknown metrics {unknown} in eval.metrics: choose from {list(METRICS)}")
     return list(names)
+
+
+def feature_spaces(names: Sequence[str], features: Mapping[str, Any] | None) -> dict[str, str]:
+    """``{metric: feature space}`` of the metrics ``names`` that read image features: the
+    protocol's ``eval.features`` entry, else the metric's own space. Refused: an unknown metric
+    or space, a space for a metric that reads no features or whose name fixes its space (FID
+    is Inception's; FD on DINOv2 is ``fd_dinov2``). Entries of registered metrics the protocol
+    does not compute are ignored (overriding ``eval.metrics`` keeps the protocol's choices)."""
+    from lt_diffusion.evaluation.extractors import check_space
+
+    asked = {str(k): str(v) for k, v in (features or {}).items()}
+    check_metrics(list(asked))
+    out: dict[str, str] = {}
+    for name in check_metrics(names):
+        metric = METRICS[name]
+        if metric.features is None:
+            if name in asked:
+                raise ValueError(f"eval.features.{name}: {name} reads no image features")
+            continue
+        space = check_space(asked.get(name, metric.features)).name
+        if metric.fixed_space and space != metric.features:
+            raise ValueError(
+                f"eval.features.{name}={space}: {metric.label} is computed on {metric.features} "
+                f"features by definition; add the metric of that space instead (e.g. fd_dinov2 "
+                "for the Fréchet distance on DINOv2) or leave eval.features.{name} unset"
+            )
+        out[name] = space
+    return out
+
+
+def defining_features(names: Sequence[str], features: Mapping[str, Any] | None) -> dict[str, str]:
+    """The entries of ``eval.features`` that change what ``names`` compute (a space other than
+    the metric's own): what identifies the results (:mod:`lt_diffusion.utils.identity`)."""
+    return {m: s for m, s in feature_spaces(names, features).items() if s != METRICS[m].features}
+
+
+# Below this many images on either side a comparison is "small": the covariance of the
+# features is rank-deficient and FID is biased upwards (it shrinks as 1 / n; Chong & Forsyth
+# 2020). Its primary number is then KID ± std (unbiased at any n; the std over subsets says
+# how noisy it is). The dimension of the space FID is computed in: 2048 for Inception.
+def small_sample(n_real: int | None, n_generated: int, dim: int) -> bool:
+    """Whether a comparison of ``n_real`` (None: unknown) and ``n_generated`` images in a
+    ``dim``-dimensional feature space is small (docs/evaluation.md, Small samples)."""
+    return min(n_generated, n_generated if n_real is None else n_real) < dim
 
 
 def minimum_images(names: Sequence[str], settings: Mapping[str, Any]) -> int:
@@ -373,9 +477,18 @@ def compare(comparison: Comparison, names: Sequence[str]) -> dict[str, Any]:
     """Every requested metric of one comparison, as a record entry: the counts, each metric's
     value and the settings it used, and the notes of all of them."""
     need = minimum_images(names, comparison.settings)
-    for what, n in (("real", len(comparison.real)), ("generated", len(comparison.fake))):
-        _need(n, need, f"{'/'.join(names)} ({what})")
-    out: dict[str, Any] = {"n_generated": len(comparison.fake), "n_real": len(comparison.real)}
+    if comparison.real_statistics is not None:
+        needs_real = [m for m in names if METRICS[m].real == "features"]
+        if needs_real:
+            raise ValueError(
+                f"{needs_real} need the real images' features; a statistics file holds only "
+                "their mean and covariance"
+            )
+    n_real = comparison.n_real
+    for what, n in (("real", n_real), ("generated", len(comparison.fake))):
+        if n is not None:
+            _need(n, need, f"{'/'.join(names)} ({what})")
+    out: dict[str, Any] = {"n_generated": len(comparison.fake), "n_real": n_real}
     notes: list[str] = []
     for name in names:
         values = METRICS[name].compute(comparison)

@@ -1,4 +1,5 @@
-"""Per-class (or per-split) FID against the class's training count: where the long tail hurts."""
+"""Per-class (or per-split) FID, or KID ± std for small comparisons, against the class's
+training count: where the long tail hurts."""
 
 from __future__ import annotations
 
@@ -64,25 +65,39 @@ def save_figure(fig: Any, path: str | Path) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def _fid(entry: Any) -> float | None:
-    v = entry.get("fid") if isinstance(entry, dict) else None
+def _value(entry: Any, name: str) -> float | None:
+    v = entry.get(name) if isinstance(entry, dict) else None
     return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+def _shown(entries: list[Any]) -> str:
+    """The metric a plot of these entries shows: KID (± std) when they are small comparisons
+    with KID as their primary number (FID is biased there), else FID."""
+    small = [e for e in entries if isinstance(e, dict) and e.get("primary") == "kid"]
+    return "kid" if entries and len(small) == len(entries) else "fid"
 
 
 def plot_fid_vs_count(record: dict[str, Any], path: str | Path) -> Path | None:
     """Scatter FID against training images per class (log x), coloured by split, into a PNG
-    (written atomically). Per-class FID when the record has it; otherwise each split's FID as a
-    bar spanning its classes' counts. Returns the path, or None when the record has no FID."""
+    (written atomically). Per-class values when the record has them; otherwise each split's as
+    a bar spanning its classes' counts. Small comparisons (KID their primary number, FID biased
+    at their n) show KID with its std over subsets as error bars instead, and the title says
+    why. Returns the path, or None when the record has neither."""
     dataset = record["dataset"]
     counts, splits = dataset["class_counts"], dataset["splits"]
     names = dataset.get("class_names") or [str(c) for c in range(len(counts))]
     metrics = record["metrics"]
+    classes = metrics.get("per_class", {})
+    name = _shown(list(classes.values()) or list(metrics.get("per_split", {}).values()))
+    label = "KID (± std over subsets)" if name == "kid" else "FID"
     per_class = {
-        class_index(k): _fid(v)
-        for k, v in metrics.get("per_class", {}).items()
-        if _fid(v) is not None
+        class_index(k): _value(v, name) for k, v in classes.items() if _value(v, name) is not None
     }
-    per_split = {s: _fid(v) for s, v in metrics.get("per_split", {}).items() if _fid(v) is not None}
+    per_split = {
+        s: _value(v, name)
+        for s, v in metrics.get("per_split", {}).items()
+        if _value(v, name) is not None
+    }
     if not per_class and not per_split:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
@@ -90,8 +105,14 @@ def plot_fid_vs_count(record: dict[str, Any], path: str | Path) -> Path | None:
         if per_class:
             values = [per_class.get(c) for c in range(len(counts))]
             scatter_vs_count(ax, values, counts, splits, names)
-            n = next(iter(metrics["per_class"].values())).get("n_generated")
-            what = f"per-class FID ({n} generated per class)"
+            if name == "kid":
+                for c, v in per_class.items():
+                    std = _value(classes[f"class_{c:03d}"], "kid_std") or 0.0
+                    ax.errorbar(max(counts[c], 1), v, yerr=std, color=SPLIT_COLORS[splits[c]],
+                                capsize=3, lw=1, zorder=2)  # fmt: skip
+            first = next(iter(classes.values()))
+            n = first.get("n_generated")
+            what = f"per-class {label.split(' ')[0]} ({n} generated per class)"
         else:
             for split in SPLIT_NAMES:
                 if split not in per_split:
@@ -101,17 +122,29 @@ def plot_fid_vs_count(record: dict[str, Any], path: str | Path) -> Path | None:
                 v = per_split[split]
                 ax.plot([lo, hi], [v, v], color=SPLIT_COLORS[split], lw=3, label=split)
                 ax.scatter([math.sqrt(lo * hi)], [v], color=SPLIT_COLORS[split], zorder=3)
-            n = metrics["per_split"][next(iter(per_split))].get("n_generated")
-            what = f"per-split FID ({n} generated per split; bar: the split's class counts)"
-        overall = _fid(metrics.get("overall") or {})
-        if overall is not None:  # FID depends on n: the label says which n
-            n_all = metrics["overall"].get("n_generated")
-            ax.axhline(
-                overall, color="gray", ls="--", lw=1, label=f"overall {overall:.2f} (n={n_all})"
+                if name == "kid":
+                    std = _value(metrics["per_split"][split], "kid_std") or 0.0
+                    ax.errorbar([math.sqrt(lo * hi)], [v], yerr=std, color=SPLIT_COLORS[split],
+                                capsize=3, lw=1)  # fmt: skip
+            first = metrics["per_split"][next(iter(per_split))]
+            n = first.get("n_generated")
+            what = (
+                f"per-split {label.split(' ')[0]} ({n} generated per split; bar: the split's "
+                "class counts)"
             )
+        if name == "kid":
+            what += f"\nsmall samples: FID is biased at n = {n}, so KID ± std is shown"
+        overall = _value(metrics.get("overall") or {}, name)
+        if overall is not None:  # the value depends on n: the label says which n
+            n_all = metrics["overall"].get("n_generated")
+            digits = 4 if name == "kid" else 2
+            ax.axhline(
+                overall, color="gray", ls="--", lw=1,
+                label=f"overall {overall:.{digits}f} (n={n_all})",
+            )  # fmt: skip
         ax.set_xscale("log")
         ax.set_xlabel("training images of the class (log scale)")
-        ax.set_ylabel("FID")
+        ax.set_ylabel(label)
         ax.set_title(f"{dataset['name']}: {what}", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)

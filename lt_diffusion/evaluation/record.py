@@ -5,6 +5,14 @@ is docs/record.schema.json (regenerate with ``python -m lt_diffusion.evaluation.
 Metric entries are checked against the metric registry (:data:`metrics.METRICS`): a value is a
 finite number, or None with ``<metric>_unavailable`` saying why, and comes with the settings it
 depends on (``kid_subset_size`` with KID, ``pr_k`` with precision / recall).
+
+Schema 3 (issue 27) adds what a reader needs to put a number beside a paper's: ``extractors``
+(each feature space's torch-fidelity extractor, layer, dimension and weights' SHA-256; it
+replaces schema 2's single ``extractor``), ``reference`` (which real images, or which
+statistics file, the metrics compared with), ``conventions`` (the guidance formula and the
+label schedule) and, in small comparisons, ``small_sample`` / ``primary``. Records of schema 2
+are read through :func:`upgrade` (they keep their numbers; what they did not state is filled
+in from what the code of that version did, and ``upgraded_from`` says so).
 """
 
 from __future__ import annotations
@@ -30,7 +38,9 @@ from lt_diffusion import runtime
 from lt_diffusion.evaluation.metrics import METRICS
 from lt_diffusion.utils.io import atomic_write_json
 
-SCHEMA_VERSION = 2  # 2: identity (settings digests); the sampler that ran, from the protocol
+# 2: identity (settings digests); the sampler that ran, from the protocol.
+# 3: extractors (per feature space), reference, conventions; small-sample entries.
+SCHEMA_VERSION = 3
 SPLIT_NAMES = ("many", "medium", "few")
 _CLASS_KEY = re.compile(r"^(?:class_)?(\d+)$")
 Split = Literal["many", "medium", "few"]
@@ -84,10 +94,22 @@ class MetricEntry(_Open):
 
 
 class Entry(MetricEntry):
-    """One comparison: its image counts and every metric computed on it."""
+    """One comparison: its image counts and every metric computed on it. ``n_real`` is None
+    when a statistics file that does not state its count stood in for the real images;
+    ``small_sample``: fewer images per side than FID's feature dimension, ``primary`` then
+    names the number to read (KID)."""
 
     n_generated: NonNegativeInt
-    n_real: NonNegativeInt
+    n_real: NonNegativeInt | None
+    small_sample: bool = False
+    primary: str | None = None
+
+    @model_validator(mode="after")
+    def _primary(self) -> Entry:
+        extra = self.model_extra or {}
+        if self.primary is not None and self.primary not in extra:
+            raise ValueError(f"primary names {self.primary!r}, which the entry does not hold")
+        return self
 
 
 def check_metric_values(values: Mapping[str, Any]) -> None:
@@ -153,8 +175,26 @@ class Sampler(_Open):
 
 
 class Extractor(_Open):
+    """A feature space's extractor: torch-fidelity's name, the layer, its weights' SHA-256."""
+
+    name: str
     weights_sha256: str
-    has_logits: bool
+
+
+class Reference(_Open):
+    """What the metrics compared with: the dataset's real images (``origin: dataset``: which
+    split) or a statistics file (``origin: file``: its path, SHA-256, extractor, counts)."""
+
+    origin: Literal["dataset", "file"]
+    description: str
+
+
+class Conventions(_Open):
+    """The guidance formula (and the same weight in diffusers' convention) and how generated
+    labels are drawn, so that numbers can be put beside papers that use another."""
+
+    guidance: dict[str, Any]
+    labels: str
 
 
 class Identity(_Open):
@@ -164,7 +204,7 @@ class Identity(_Open):
 class RecordBase(_Open):
     """What every record of the family has (the generation and the classification records)."""
 
-    schema_version: Literal[2] = Field(alias="schema")
+    schema_version: Literal[3] = Field(alias="schema")
     code_version: str
     created: str | None = None
     identity: Identity
@@ -193,8 +233,19 @@ class Record(RecordBase):
     checkpoint: Checkpoint
     sampler: Sampler
     protocol: dict[str, Any]
-    extractor: Extractor
+    extractors: dict[str, Extractor | dict[str, Any]]  # space -> extractor; "lpips": its nets
+    reference: Reference
+    conventions: Conventions
     metrics: Metrics
+
+    @model_validator(mode="after")
+    def _spaces(self) -> Record:
+        bad = [
+            k for k, v in self.extractors.items() if k != "lpips" and not isinstance(v, Extractor)
+        ]
+        if bad:
+            raise ValueError(f"extractors {bad} lack their name or weights_sha256")
+        return self
 
 
 def _record_model(record: Mapping[str, Any]) -> type[BaseModel]:
@@ -207,6 +258,67 @@ def _record_model(record: Mapping[str, Any]) -> type[BaseModel]:
     return Record
 
 
+# What schema 2's code did, stated by schema 3 records (upgrade() fills them in).
+GUIDANCE_FORMULA = "eps_c + w (eps_c - eps_u)"
+LABELS = (
+    "exactly class-uniform: each comparison's generated images are split over its classes as "
+    "evenly as the count divides (per-class counts differ by at most one), labels in class "
+    "order, not drawn at random"
+)
+
+
+def conventions(guidance: float | None) -> dict[str, Any]:
+    """The record's ``conventions``: the guidance formula with weight ``w`` and the same weight
+    in diffusers' ``uncond + s (cond - uncond)`` (s = w + 1; w = 0 is purely conditional), and
+    the label schedule (:data:`LABELS`)."""
+    return {
+        "guidance": {
+            "formula": GUIDANCE_FORMULA,
+            "w": guidance,
+            "diffusers_guidance_scale": None if guidance is None else float(guidance) + 1.0,
+            "diffusers_formula": "eps_u + s (eps_c - eps_u), s = w + 1",
+        },
+        "labels": LABELS,
+    }
+
+
+def upgrade(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A record of an older schema in the current one (a copy; current ones unchanged).
+
+    2 -> 3: ``extractor`` becomes ``extractors`` (``{"inception": ...}``, its LPIPS part under
+    ``"lpips"``; none for the synthetic benchmark's exact metrics); ``reference`` says the
+    dataset's own reference split (all schema 2 could use); ``conventions`` are the formula and
+    label schedule schema 2's code used (unchanged since); ``upgraded_from: 2``."""
+    out = dict(record)
+    if out.get("schema") != 2:
+        return out
+    out["schema"] = 3
+    out["upgraded_from"] = 2
+    if out.get("kind") == "classification":
+        return out
+    old = dict(out.pop("extractor", None) or {})
+    extractors: dict[str, Any] = {}
+    if "lpips" in old:
+        extractors["lpips"] = old.pop("lpips")
+    if old.get("weights_sha256") not in (None, "none"):
+        extractors["inception"] = {
+            "space": "inception", "layer": "2048", "dim": 2048,
+            "name": old.get("name", "inception-v3-compat"), **old,
+        }  # fmt: skip
+    out["extractors"] = extractors
+    out.setdefault(
+        "reference",
+        {
+            "origin": "dataset",
+            "description": "the dataset's own reference split (written under schema 2, which "
+            "did not state it; it had no other reference)",
+        },
+    )
+    guidance = (out.get("sampler") or {}).get("guidance")
+    out.setdefault("conventions", conventions(guidance))
+    return out
+
+
 def validate(record: Any, source: str = "record") -> dict[str, Any]:
     """Raise :class:`RecordError` listing every problem; returns the record when it is valid."""
     if not isinstance(record, Mapping):
@@ -214,7 +326,8 @@ def validate(record: Any, source: str = "record") -> dict[str, Any]:
     if record.get("schema", SCHEMA_VERSION) != SCHEMA_VERSION:
         raise RecordError(
             f"{source} has schema {record['schema']!r}, not {SCHEMA_VERSION} (written by "
-            "another version): evaluate again"
+            "another version; read it with read_record, which upgrades schema 2): evaluate "
+            "again"
         )
     try:
         _record_model(record).model_validate(dict(record))
@@ -258,7 +371,8 @@ def write_record(path: str | Path, record: dict[str, Any]) -> Path:
 
 
 def read_record(path: str | Path) -> dict[str, Any]:
-    """Read and validate a record; :class:`RecordError` says what is wrong."""
+    """Read and validate a record, upgrading an older schema (:func:`upgrade`);
+    :class:`RecordError` says what is wrong."""
     path = Path(path)
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
@@ -266,6 +380,8 @@ def read_record(path: str | Path) -> dict[str, Any]:
         raise RecordError(
             f"{path} is not a readable record ({err}): re-run the evaluation"
         ) from err
+    if isinstance(record, Mapping):
+        record = upgrade(record)
     return validate(record, str(path))
 
 

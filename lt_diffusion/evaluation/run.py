@@ -24,7 +24,7 @@ from lt_diffusion.evaluation.evaluator import run_protocol, save_record
 from lt_diffusion.evaluation.metrics import METRICS
 from lt_diffusion.evaluation.plots import plot_fid_vs_count
 from lt_diffusion.evaluation.protocol import protocol_sampler
-from lt_diffusion.evaluation.record import build_record, record_filename
+from lt_diffusion.evaluation.record import build_record, conventions, record_filename
 from lt_diffusion.evaluation.repeats import merge_repeats, noise_seeds
 from lt_diffusion.evaluation.toy import run_toy_protocol
 from lt_diffusion.evaluation.tracking import log_to_training_run
@@ -62,9 +62,48 @@ def check_dataset(cfg: DictConfig, train_cfg: DictConfig, source: str) -> None:
             )
 
 
+def _cell(entry: dict[str, Any], metric: Any) -> str:
+    """A metric's value as the terminal shows it: KID with its std, FID of a small comparison
+    marked biased (*), n/a without a number."""
+    if metric.name not in entry:
+        return "-"
+    value = entry[metric.name]
+    if value is None:
+        return "n/a"
+    text = f"{value:.{metric.digits}f}"
+    if metric.name == "kid" and entry.get("kid_std") is not None:
+        text += f" ± {entry['kid_std']:.{metric.digits}f}"
+    if entry.get("small_sample") and metric.real == "statistics":
+        text += "*"
+    return text
+
+
+def table_caption(record: dict[str, Any]) -> list[str]:
+    """The lines under the terminal table: the reference compared with, and what a small
+    comparison's numbers mean."""
+    ref = record["reference"]
+    where = f"{ref['path']}: " if ref.get("origin") == "file" else ""
+    lines = [f"Reference: {where}{ref['description']}."]
+    m = record["metrics"]
+    entries = [m["overall"], *m["per_split"].values(), *m["per_class"].values()]
+    small = [e for e in entries if e and e.get("small_sample")]
+    if small:
+        smallest = min(min(e["n_generated"], e["n_real"] or e["n_generated"]) for e in small)
+        fid_dim = record["extractors"].get("inception", {}).get("dim", 2048)
+        lines.append(
+            f"* {len(small)} of {len(entries)} comparisons have fewer than {fid_dim} images on a "
+            f"side (down to {smallest}): FID is biased upwards there and its value depends on "
+            "n; read KID ± std (unbiased; std over subsets). Numbers of protocol "
+            f"'{record['protocol']['name']}' compare only with numbers of the same protocol, "
+            "never with papers' (50,000 images)."
+        )
+    return lines
+
+
 def print_table(record: dict[str, Any]) -> None:
     """The record's comparisons as a terminal table: one column per metric the protocol
-    computed (labels and digits from the metric registry)."""
+    computed (labels and digits from the metric registry; KID first, with its std, when the
+    comparisons are small), then the reference and what small comparisons mean."""
     from rich.console import Console
     from rich.table import Table
 
@@ -73,17 +112,33 @@ def print_table(record: dict[str, Any]) -> None:
     rows += list(m["per_split"].items()) + list(m["per_class"].items())
     names = record["dataset"]["class_names"]
     table = Table(title=f"{record['dataset']['name']} - protocol {record['protocol']['name']}")
-    cols = [METRICS[c] for c in record["protocol"].get("metrics", METRICS) if c in METRICS]
-    for label in ("", *(c.label for c in cols), "generated", "real"):
+    spaces = record["protocol"].get("features") or {}
+    shown = [c for c in record["protocol"].get("metrics", METRICS) if c in METRICS]
+    if any(v.get("kid") is not None for _, v in rows) and "kid" not in shown:
+        shown.append("kid")  # computed for the small comparisons
+    if any(v.get("primary") == "kid" for _, v in rows):
+        shown.sort(key=lambda c: c != "kid")
+    cols = [METRICS[c] for c in shown]
+    labels = [
+        c.label
+        + (
+            f" ({spaces[c.name]})"
+            if not c.fixed_space and spaces.get(c.name, c.features) != c.features
+            else ""
+        )
+        + (" ± std" if c.name == "kid" else "")
+        for c in cols
+    ]
+    for label in ("", *labels, "generated", "real"):
         table.add_column(label, justify="right")
     for name, v in rows:
         label = names[int(name[6:])] if name.startswith("class_") else name
-        values = [
-            "-" if c.name not in v else "n/a" if v[c.name] is None else f"{v[c.name]:.{c.digits}f}"
-            for c in cols
-        ]
-        table.add_row(label, *values, str(v["n_generated"]), str(v["n_real"]))
-    Console(width=120).print(table)
+        n_real = "?" if v["n_real"] is None else str(v["n_real"])
+        table.add_row(label, *(_cell(v, c) for c in cols), str(v["n_generated"]), n_real)
+    console = Console(width=120)
+    console.print(table)
+    for line in table_caption(record):
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 def run(cfg: DictConfig) -> dict[str, Any] | None:
@@ -238,12 +293,14 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
     if rank != 0:
         return None
     result = results[0] if len(results) == 1 else merge_repeats(results, seeds)
+    location = getattr(datamodule.source, "location", None)  # None: generated data
     record = build_record(
         config=OmegaConf.to_container(train_cfg, resolve=True),
-        dataset=info,
+        dataset={**info, "root": None if location is None else str(Path(location).resolve())},
         checkpoint={"path": ev.meta["checkpoint"], "step": ev.meta["global_step"],
                     "theta_g_only": bool(cfg.theta_g_only), "images": ev.images},
         sampler={**(ev.sampler or {}), "guidance": ev.guidance},
+        conventions=conventions(ev.guidance),
         identity=identity,
         code_version=code_version(),
         **result,

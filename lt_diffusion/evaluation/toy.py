@@ -43,11 +43,14 @@ from lt_diffusion.evaluation.protocol import comparisons, images_per_class
 from lt_diffusion.evaluation.reference import choose_real
 from lt_diffusion.utils.threads import torch_threads
 
-# What the record's "extractor" field holds: the metrics read the points themselves.
-NO_EXTRACTOR = {
-    "name": "none (exact metrics on the points, against the known mixture)",
-    "weights_sha256": "none",
-    "has_logits": False,
+# What the record's "reference" says: no feature extractor (the record's extractors are
+# empty), the metrics read the points and the mixture themselves.
+REFERENCE = {
+    "origin": "dataset",
+    "split": "test",
+    "description": "fresh true draws of each class (the source's balanced reference split, "
+    "real_per_class a class) for the distances, and the known mixture itself for the mode "
+    "metrics; no feature extractor: the metrics read the points",
 }
 
 
@@ -216,10 +219,10 @@ def run_toy_protocol(
     folder: Any = None,
     noise_seed: int | None = None,
 ) -> dict[str, Any]:
-    """Run ``eval=toy``; returns ``{"metrics", "protocol", "extractor", "generated_per_class",
-    "seconds"}`` on rank 0 ({} elsewhere). ``cache_dir`` is unused (nothing to cache);
-    ``noise_seed`` seeds the generation (default ``protocol.seed``, which also picks the real
-    draws)."""
+    """Run ``eval=toy``; returns ``{"metrics", "protocol", "extractors", "reference",
+    "generated_per_class", "seconds"}`` on rank 0 ({} elsewhere). ``cache_dir`` is unused
+    (nothing to cache); ``noise_seed`` seeds the generation (default ``protocol.seed``, which
+    also picks the real draws)."""
     if model is None or folder is not None:
         raise ValueError(
             "the synthetic benchmark evaluates a checkpoint (checkpoint=...): its points are "
@@ -285,7 +288,8 @@ def run_toy_protocol(
         result = {
             "metrics": metrics,
             "protocol": OmegaConf.to_container(protocol, resolve=True),
-            "extractor": dict(NO_EXTRACTOR),
+            "extractors": {},
+            "reference": dict(REFERENCE),
             "generated_per_class": per_class,
             "seconds": {"generate": t_gen, "total": time.time() - t0},
         }

@@ -181,6 +181,8 @@ class TableResult:
     # The classifier-free guidance weights and the samplers the records were made with.
     guidance: tuple[float, ...] = ()
     samplers: tuple[str, ...] = ()
+    # What the records compared with (each record's reference, in words).
+    references: tuple[str, ...] = ()
     statistics: Statistics | None = None
 
     @property
@@ -217,6 +219,18 @@ class _Records:
         return tuple(sorted({
             float(r["sampler"]["guidance"]) for r in self._evaluations()
         }))  # fmt: skip
+
+    def references(self) -> tuple[str, ...]:
+        """Each record's reference in a few words: the first clause of its description, or
+        the statistics file it read."""
+        out = set()
+        for r in self._evaluations():
+            ref = r.get("reference") or {}
+            if ref.get("origin") == "file":
+                out.add(f"the statistics file {ref.get('path')} ({ref.get('description')})")
+            elif ref.get("description"):
+                out.add(str(ref["description"]).split(";")[0])
+        return tuple(sorted(out))
 
     def _evaluations(self) -> list[dict[str, Any]]:
         """The evaluation records read (analysis and classification records have no sampler of
@@ -368,5 +382,6 @@ def collect(
         tuple(eval_overrides),
         read.guidance(),
         read.samplers(),
-        _compare_with_baselines(spec, blocks),
+        references=read.references(),
+        statistics=_compare_with_baselines(spec, blocks),
     )

@@ -197,8 +197,18 @@ def _protocol_text(result: TableResult, code: Callable[[str], str], tex: bool) -
         return "Each dataset's test split, top-1 predictions, in " + ("\\%." if tex else "%.")
     return (
         f"Protocol {code(result.spec.eval)}, sampler {code(_sampler_text(result))}, guidance "
-        f"{_guidance_text(result, tex=tex)}."
+        f"{_guidance_text(result, tex=tex)}. {_reference_text(result, tex)}"
     )
+
+
+def _reference_text(result: TableResult, tex: bool) -> str:
+    """The real images (or statistics file) the records compared with."""
+    refs = result.references or (
+        "each dataset's default reference set (the full, balanced training split for a long "
+        "tail made by a profile; docs/evaluation.md)",
+    )
+    text = "; ".join(refs)
+    return f"Reference: {_tex_escape(text) if tex else text}."
 
 
 # Markdown

@@ -10,6 +10,7 @@ and the resolved ``config.yaml`` beside it (:func:`export_ema`, :func:`load_expo
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 from dataclasses import dataclass
 from functools import cached_property
@@ -17,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.utils import get_class
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from lt_diffusion.utils.identity import training_settings
@@ -261,13 +263,26 @@ class LoadedRun:
 
 def run_datamodule(train_cfg: DictConfig, data_root: str | Path | None = None) -> Any:
     """A trained run's long-tailed data, set up; ``data_root``: the datasets' folder now, when
-    it is not where the run was trained (the dataset's own folder name is kept)."""
+    it is not where the run was trained (the dataset's own folder name is kept). A root given
+    must hold that folder, and only its files are read: no system-wide copy stands in for
+    them (the source's ``location`` says which folder was read)."""
     from lt_diffusion.training.builders import build_datamodule
 
     if data_root and "root" in train_cfg.dataset.source:  # generated data have no root
         train_cfg = copy.deepcopy(train_cfg)
         source = train_cfg.dataset.source
-        source.root = str(Path(data_root) / Path(source.root).name)
+        folder = Path(data_root) / Path(source.root).name
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"data_root={data_root} has no {folder.name}/ folder: the run's dataset "
+                f"({train_cfg.dataset.name}) is expected in {folder} (it was trained on "
+                f"{source.root}). Point data_root at the folder that holds {folder.name}/, or "
+                "leave data_root unset to read the data where the run was trained."
+            )
+        source.root = str(folder)
+        if "system_copy" in inspect.signature(get_class(source._target_)).parameters:
+            with open_dict(source):
+                source.system_copy = False
         train_cfg.data.source = source
     datamodule = build_datamodule(train_cfg)
     datamodule.setup()

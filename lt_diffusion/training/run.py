@@ -9,8 +9,11 @@ holds ``<run_dir>/train.lock`` (:mod:`lt_diffusion.utils.runlock`).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,9 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from lt_diffusion.data.datamodule import stream_seed
@@ -47,9 +52,16 @@ from lt_diffusion.training.checkpoint import (
 from lt_diffusion.training.config_keys import check_known_keys
 from lt_diffusion.training.csvlog import ResumableCSVLogger
 from lt_diffusion.training.module import DiffusionModule
-from lt_diffusion.utils.io import atomic_write_text, remove_temporaries
+from lt_diffusion.utils import quiet
+from lt_diffusion.utils.io import atomic_write_text, remove_temporaries_below
 from lt_diffusion.utils.runlock import RunLock, RunLockedError, describe_holder, hold_run_lock
 from lt_diffusion.utils.threads import torch_threads
+
+# Folders of a run directory whose temporary files the training's start leaves alone: an
+# evaluation writes its records without the run's lock (one may be writing now), wandb keeps
+# its own files. Everything else there is written by the lock holder (checkpoints, export,
+# config.yaml, .hydra, logs, sample grids, the lock file itself).
+NOT_SWEPT = ("records", "wandb")
 
 
 def on_gpu(cfg: DictConfig) -> bool:
@@ -72,13 +84,44 @@ def cluster_plugins() -> list[Any]:
     return []
 
 
-def build_logger(cfg: DictConfig, resume_step: int = 0) -> Any:
-    """The configured logger; a resuming CSV logger is told where the run resumes."""
+def build_logger(cfg: DictConfig, resume_step: int = 0, run_dir: Path | None = None) -> Any:
+    """The configured logger. A resuming CSV logger is told where the run resumes; wandb logs
+    to the run directory's wandb run when it has one (its id, from
+    ``<run_dir>/wandb/latest-run``: an earlier attempt's), unless ``logger.id`` names one, so
+    that a run directory is one wandb run however often it was stopped and started again."""
     if cfg.get("logger") is None or cfg.logger.get("_target_") is None:
         return False
-    if issubclass(hydra.utils.get_class(cfg.logger._target_), ResumableCSVLogger):
+    target = hydra.utils.get_class(cfg.logger._target_)
+    if issubclass(target, ResumableCSVLogger):
         return instantiate(cfg.logger, resume_step=resume_step)
+    if issubclass(target, WandbLogger):
+        quiet.prepare_wandb()  # its settings warnings follow WANDB_SILENT only after setup
+    if issubclass(target, WandbLogger) and not cfg.logger.get("id"):
+        from lt_diffusion.evaluation.tracking import wandb_run_id
+
+        run_id = wandb_run_id(run_dir) if run_dir is not None else None
+        if run_id is not None:
+            return instantiate(cfg.logger, id=run_id, resume="allow")
     return instantiate(cfg.logger)
+
+
+def fit(trainer: L.Trainer, module: L.LightningModule, **kwargs: Any) -> None:
+    """``trainer.fit``; an error raised once the process got SIGTERM ends the run as that
+    SIGTERM does (Lightning's ``SIGTERMException``: RunCheckpoint has saved what can be saved),
+    not as a failure. SLURM stops a job by signalling all its processes, so the helpers die
+    with the training (wandb's service, the ``scontrol requeue`` submitit runs at a time
+    limit) and their errors reach it; submitit would then record a failed result for a job that
+    is being requeued (its sweep, or table, counting it failed while it goes on)."""
+    try:
+        trainer.fit(module, **kwargs)
+    except Exception as err:
+        if not trainer.received_sigterm:
+            raise
+        rank_zero_warn(
+            f"{type(err).__name__} after SIGTERM ({str(err)[:200]}): part of the job being "
+            "stopped (a SLURM requeue, time limit or preemption), not a failure of the run"
+        )
+        raise SIGTERMException from err
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path, lock: RunLock | None) -> list[L.Callback]:
@@ -137,11 +180,42 @@ def _say_complete(ckpt: Path) -> None:
     rank_zero_info(f"Run already complete at step {_step(ckpt)}: {ckpt}")
 
 
-def run(cfg: DictConfig) -> Path:
+@contextlib.contextmanager
+def launch_record(run_dir: Path, cfg: DictConfig, enabled: bool = True) -> Iterator[None]:
+    """What Hydra writes into a command's output folder when it starts, written here by the
+    holder of the run's lock instead (``configs/train.yaml`` turns Hydra's own off), so that a
+    training the lock refuses leaves the live run's untouched: ``.hydra/`` (config.yaml, the
+    composed config; hydra.yaml; overrides.yaml, the command line's overrides) and the log
+    ``train.log`` (appended to for the ``with`` block). Only under the Hydra of the train and
+    classify commands (their ``hydra.output_subdir`` is null)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not enabled or not HydraConfig.initialized():
+        yield
+        return
+    hc = HydraConfig.get()
+    folder = run_dir / ".hydra"
+    atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(cfg))
+    atomic_write_text(folder / "hydra.yaml", OmegaConf.to_yaml({"hydra": hc}))
+    atomic_write_text(folder / "overrides.yaml", OmegaConf.to_yaml(hc.overrides.task))
+    # Hydra's default job log file: <output dir>/<job name>.log, its format.
+    handler = logging.FileHandler(run_dir / f"{hc.job.name}.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def run(cfg: DictConfig, launch_files: bool = False) -> Path:
     """Train the run ``cfg`` describes; returns its run directory.
 
     Rank 0 holds the run directory's lock for the whole training (the other ranks of a
-    distributed run write nothing of their own)."""
+    distributed run write nothing of their own). ``launch_files``: the train command's Hydra
+    launch record goes into the run directory once the lock is held (:func:`launch_record`)."""
     torch.set_float32_matmul_precision("high")  # TF32 matmuls where the GPU has them
     run_dir = Path(cfg.paths.run_dir)
     check_known_keys(cfg)
@@ -158,6 +232,7 @@ def run(cfg: DictConfig) -> Path:
         return run_dir
     with (
         hold_run_lock(run_dir, enabled=launch_rank() == 0) as lock,
+        launch_record(run_dir, cfg, enabled=launch_files and lock is not None),
         torch_threads(cfg.train.get("threads"), "train.threads"),
     ):
         return _train(cfg, run_dir, lock)
@@ -181,8 +256,8 @@ def _train(cfg: DictConfig, run_dir: Path, lock: RunLock | None) -> Path:
         if lock.took_over:
             rank_zero_info(f"Took over the run directory from {describe_holder(lock.took_over)}")
         # Under the lock no one else writes here: these are leftovers of killed writes.
-        for tmp in remove_temporaries(ckpt_dir):
-            rank_zero_info(f"Removed {tmp}, a checkpoint write that was killed mid-way")
+        for tmp in remove_temporaries_below(run_dir, skip=NOT_SWEPT):
+            rank_zero_info(f"Removed {tmp}, a write that was killed mid-way")
     L.seed_everything(process_seed(cfg.seed, launch_rank()), workers=True, verbose=False)
 
     # Cheap checks first: the callbacks' settings, the data source (files, ratio, names) and the
@@ -225,7 +300,7 @@ def _train(cfg: DictConfig, run_dir: Path, lock: RunLock | None) -> Path:
     )
     trainer: L.Trainer = instantiate(
         cfg.trainer,
-        logger=build_logger(cfg, resume_step),
+        logger=build_logger(cfg, resume_step, run_dir),
         callbacks=callbacks,
         # Lightning would add its own ModelCheckpoint (every epoch) when none is configured.
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
@@ -240,7 +315,7 @@ def _train(cfg: DictConfig, run_dir: Path, lock: RunLock | None) -> Path:
         # Counts the modules in eval mode by design too (the EMA copy, ...); the module warns
         # of trainable ones itself (DiffusionModule.on_train_start).
         warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode")
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+        fit(trainer, module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     if cfg.train.export and trainer.is_global_zero:
         export(module, trainer.global_step, run_dir / "export", lock)
     rank_zero_info(f"Run directory: {run_dir}\n  checkpoint: {ckpt_dir / LAST}")

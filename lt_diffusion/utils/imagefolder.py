@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,11 @@ def read_png(path: Path, channels: int | None = None) -> np.ndarray:
     alpha dropped, grey / colour converted to ``channels`` (1 or 3; None: as stored).
 
     A file that cannot be decoded raises :class:`ValueError` naming it."""
+    return _read_png(path, channels)[0]
+
+
+def _read_png(path: Path, channels: int | None) -> tuple[np.ndarray, int]:
+    """:func:`read_png`, and the number of channels the file stores (1: grey, 3: colour)."""
     try:
         with Image.open(path) as im:
             im.load()
@@ -94,7 +100,7 @@ def read_png(path: Path, channels: int | None = None) -> np.ndarray:
         raise ValueError(
             f"{path} cannot be read as an image ({type(err).__name__}: {err}): replace or remove it"
         ) from err
-    return array[..., None] if array.ndim == 2 else array
+    return (array[..., None] if array.ndim == 2 else array), 1 if grey else 3
 
 
 def _palette_is_grey(im: Image.Image) -> bool:
@@ -108,16 +114,19 @@ def read_image_folder(
     """Read a folder written by :func:`write_image_folder`: uint8 (N, C, H, W), labels, meta.
 
     Every PNG is converted by its mode (:func:`read_png`) to ``channels`` (the dataset's; None:
-    as the first image is stored); a file that cannot be read, or of another size than the
-    others, stops the reading with its name."""
+    as the first image is stored), with a warning when grey images are made colour or colour
+    images grey (a folder of another dataset's or model's images, most likely); a file that
+    cannot be read, or of another size than the others, stops the reading with its name."""
     root = Path(root)
     meta = read_folder_meta(root)
-    images, labels, files = [], [], []
+    images, labels, files, converted = [], [], [], []
     for c in range(int(meta["num_classes"])):
         for f in sorted(class_dir(root, c).glob("*.png")):
-            a = read_png(f, channels)
+            a, stored = _read_png(f, channels)
             if channels is None:
                 channels = a.shape[-1]
+            if stored != a.shape[-1]:
+                converted.append(f)
             if images and a.shape != images[0].shape:
                 raise ValueError(
                     f"{f} is {a.shape[1]}x{a.shape[0]} with {a.shape[2]} channel(s), but "
@@ -129,5 +138,18 @@ def read_image_folder(
             files.append(f)
     if not images:
         raise FileNotFoundError(f"no PNG images under {root}/class_XXX/")
+    if converted:
+        how = (
+            "greyscale, converted to RGB (the grey value in all three channels)"
+            if channels == 3
+            else "colour, converted to greyscale (PIL's luma)"
+        )
+        warnings.warn(
+            f"{len(converted)} of {len(images)} images in {root} (e.g. {converted[0]}) are "
+            f"{how} for a {channels}-channel dataset: images of this dataset's models have "
+            f"{channels} channel(s), so check that the folder holds the samples you mean to "
+            "read",
+            stacklevel=2,
+        )
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return x, torch.tensor(labels, dtype=torch.long), meta

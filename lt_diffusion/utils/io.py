@@ -118,6 +118,18 @@ def remove_temporaries(directory: str | Path) -> list[Path]:
     return removed
 
 
+def remove_temporaries_below(root: str | Path, skip: tuple[str, ...] = ()) -> list[Path]:
+    """:func:`remove_temporaries` in ``root`` and every folder below it, except the folders
+    of ``root`` named in ``skip``; the same caution applies."""
+    root = Path(root)
+    removed: list[Path] = []
+    for folder, subdirs, _ in os.walk(root):
+        if Path(folder) == root:
+            subdirs[:] = [d for d in subdirs if d not in skip]
+        removed += remove_temporaries(folder)
+    return removed
+
+
 @contextlib.contextmanager
 def exclusive_lock(path: Path) -> Iterator[None]:
     """An exclusive ``flock`` on ``path`` (created, never deleted) for the block: processes of

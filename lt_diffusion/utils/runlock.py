@@ -110,6 +110,14 @@ class RunLock:
             return {}  # unreadable: refused like a live holder, the message says what to do
         return holder if isinstance(holder, dict) else {}
 
+    def _write_candidate(self) -> Path:
+        """This process's lock file, complete, under a temporary name of the atomic writers'
+        form (``.train.lock.<8 characters>.tmp``), so that one left by a kill is swept at the
+        next start (:func:`lt_diffusion.utils.io.remove_temporaries`)."""
+        tmp = self.run_dir / f".{LOCK_NAME}.{self.me['token'][:8]}.tmp"
+        tmp.write_text(json.dumps(self.me, indent=1) + "\n")
+        return tmp
+
     def _stale(self, holder: dict[str, Any]) -> bool:
         if not holder:
             return False
@@ -123,8 +131,7 @@ class RunLock:
     def acquire(self) -> None:
         """Take the lock, or raise :class:`RunLockedError` naming the holder."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.run_dir / f".{LOCK_NAME}.{self.me['token']}.tmp"
-        tmp.write_text(json.dumps(self.me, indent=1) + "\n")
+        tmp = self._write_candidate()
         try:
             with _host_guard(self.run_dir):
                 while True:
@@ -133,6 +140,9 @@ class RunLock:
                         return
                     except FileExistsError:
                         holder = self._read()
+                    except FileNotFoundError:  # swept by the holder's start: write it again
+                        tmp = self._write_candidate()
+                        continue
                     if holder is None:  # released meanwhile: try again
                         continue
                     if not self._stale(holder):
