@@ -200,6 +200,8 @@ def _train_and_evaluate(out: Path, tag: str, overrides: list[str]) -> dict:
         "train",
         ["experiment=toy/toy2d_ddpm", "imbalance=ir1", "seed=0", f"tag=-{tag}",
          f"paths.output_dir={out}", "train.max_steps=300", "train.grid_per_class=5",
+         # the benchmark draws no scatter per run; this one does (the engine's own scatter)
+         "callbacks.sample_grid={_target_:lt_diffusion.training.callbacks.SampleGrid}",
          *overrides],
     )  # fmt: skip
     run_dir = out / "runs" / str(cfg.run_name)
@@ -353,14 +355,14 @@ def test_the_validation_draws_are_fresh_and_never_the_test_draws() -> None:
 
     dm = LongTailDataModule(source, image_size=None, num_classes=10, channels=2, hflip=False)
     dm.setup()
-    points, labels = reference_points(dm, {"reference": "validation"})
+    points, labels = reference_points(dm, {"reference_split": "validation"})
     assert (
         torch.equal(points, torch.from_numpy(val.points)) and labels.tolist() == val.labels.tolist()
     )
     load = source.load
     source.load = lambda split: load("test" if split == "validation" else split)  # a broken split
     with pytest.raises(ValueError, match="shares 400 points with the test draws"):
-        reference_points(dm, {"reference": "validation"})
+        reference_points(dm, {"reference_split": "validation"})
 
 
 def test_a_table_refuses_a_key_the_rows_method_does_not_have(tmp_path: Path) -> None:

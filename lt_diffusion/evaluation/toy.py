@@ -5,7 +5,7 @@ overall, into the metrics part of an ordinary record (:mod:`lt_diffusion.evaluat
 so ``lt_diffusion.table`` aggregates toy records like image records.
 
 Per class, ``eval.per_class.generated`` points are compared with ``real_per_class`` fresh true
-draws of the class (the source's balanced reference split, a seeded choice; ``eval.reference:
+draws of the class (the source's balanced reference split, a seeded choice; ``eval.reference_split:
 validation`` takes the validation split instead, for choosing hyperparameters) for the
 distances, and with the mixture itself for the mode metrics.
 
@@ -54,6 +54,16 @@ REFERENCE = {
 }
 
 
+def reference_entry(protocol: DictConfig) -> dict[str, Any]:
+    """The record's "reference": :data:`REFERENCE`, with the split the points were compared
+    with."""
+    split = str(protocol.get("reference_split", "test"))
+    if split == "test":
+        return dict(REFERENCE)
+    description = REFERENCE["description"].replace("balanced reference split", f"{split} split")
+    return {**REFERENCE, "split": split, "description": description}
+
+
 def check_toy_protocol(protocol: DictConfig) -> list[str]:
     """The protocol's metrics, or a clear error for an image protocol or too few points."""
     wanted = list(protocol.get("metrics") or [])
@@ -74,10 +84,17 @@ def check_toy_protocol(protocol: DictConfig) -> list[str]:
     generator = protocol.get("generator", "model")
     if generator not in TF.GENERATORS:
         raise ValueError(f"eval.generator must be one of {TF.GENERATORS}, got {generator!r}")
-    if protocol.get("reference", "test") not in REFERENCES:
+    if protocol.get("reference"):  # the image protocols' statistics file
         raise ValueError(
-            f"eval.reference must be one of {REFERENCES} (the source's split the points are "
-            f"compared with), got {protocol.get('reference')!r}"
+            f"eval.reference={protocol.get('reference')}: a statistics file stands in for real "
+            "images' features; the toy protocol compares points with the source's own draws. "
+            "Leave eval.reference null and choose the draws with eval.reference_split "
+            f"({' | '.join(REFERENCES)})"
+        )
+    if protocol.get("reference_split", "test") not in REFERENCES:
+        raise ValueError(
+            f"eval.reference_split must be one of {REFERENCES} (the source's split the points "
+            f"are compared with), got {protocol.get('reference_split')!r}"
         )
     if "memorization" in wanted and not float(protocol.get("memorization_radius") or 0) > 0:
         raise ValueError(
@@ -185,10 +202,10 @@ def mean_entry(entries: list[dict[str, Any]], wanted: list[str]) -> dict[str, An
 
 
 def reference_points(datamodule: Any, protocol: DictConfig) -> tuple[Tensor, Tensor]:
-    """The real points the protocol compares with (``eval.reference``), in the datamodule's
+    """The real points the protocol compares with (``eval.reference_split``), in the datamodule's
     class order: the test draws, or the validation draws (refused when they share a point
     with the test draws: choosing on them would be choosing on the test set)."""
-    if protocol.get("reference", "test") == "test":
+    if protocol.get("reference_split", "test") == "test":
         return datamodule.reference_set()
     source = datamodule.source
     if not hasattr(source, "n_validation"):
@@ -289,7 +306,7 @@ def run_toy_protocol(
             "metrics": metrics,
             "protocol": OmegaConf.to_container(protocol, resolve=True),
             "extractors": {},
-            "reference": dict(REFERENCE),
+            "reference": reference_entry(protocol),
             "generated_per_class": per_class,
             "seconds": {"generate": t_gen, "total": time.time() - t0},
         }
