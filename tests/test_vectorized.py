@@ -74,7 +74,7 @@ def test_an_interrupted_group_resumes_exactly(tmp_path: Path, monkeypatch) -> No
     with pytest.raises(KeyboardInterrupt):
         vectorized.run(configs(tmp_path / "b", [0, 1], 8, "focal"))
     monkeypatch.undo()
-    run_dir = tmp_path / "b" / "runs" / "toy2d-ir100-focal-seed1"
+    run_dir = tmp_path / "b" / "runs" / "toy2d-ir100-subset1-focal-seed1"  # imbalance.seed 1
     assert read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 4
     resumed = vectorized.run(configs(tmp_path / "b", [0, 1], 8, "focal"))
     for x, y in zip(straight, resumed):
