@@ -386,3 +386,19 @@ def test_a_table_refuses_a_key_the_rows_method_does_not_have(tmp_path: Path) -> 
         check_run_keys(grid, resolve(grid))
     ok = spec("method.objective.cond_drop_prob=0.2")
     check_run_keys(ok, resolve(ok))
+
+
+def test_training_refuses_a_variant_whose_class_would_miss_every_sub_mode(tmp_path: Path) -> None:
+    """Through the train command: refused before the first step, no checkpoint written."""
+    from lt_diffusion import train
+
+    cfg = compose_config(
+        "train",
+        ["experiment=toy/toy2d_ddpm", "dataset=toy2d_shared", f"paths.output_dir={tmp_path}",
+         "dataset.source.hidden=[0,0,0,0,0,0,2,2,2,4]", "train.max_steps=5"],
+    )  # fmt: skip
+    run_dir = tmp_path / "runs" / str(cfg.run_name)
+    cfg.paths.run_dir = str(run_dir)
+    with pytest.raises(ValueError, match="class 9 4 hidden sub-modes of 4: its training draw"):
+        train.run(cfg)
+    assert not list(run_dir.rglob("*.ckpt")) and not (run_dir / "config.yaml").exists()
