@@ -47,7 +47,7 @@ demo: setup
 
 # The method comparison on the synthetic benchmark (docs/toy_benchmark.md): every method at
 # IR 100, one seed (table=toy2d_demo), its table, and DDPM's points against the best method's.
-# The full table (3 seeds, IR 100 and 1): python -m lt_diffusion.table table=toy2d_methods workers=2.
+# The full table (10 seeds, IR 100 and 1, floors): python -m lt_diffusion.table table=toy2d_methods workers=2.
 demo-toy: setup
 	$(PY) -m lt_diffusion.table table=toy2d_demo workers=2
 	$(PY) scripts/plot_toy.py --table toy2d_demo

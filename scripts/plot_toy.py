@@ -1,13 +1,18 @@
-"""Generated points per class of the synthetic benchmark: DDPM against the best other row of
-a toy table, for one seed, drawn over the true modes (a PNG next to the table).
+"""Figures of a synthetic-benchmark table (PNGs next to the table):
+
+* ``<table>_points.png``: generated points per class, DDPM against the best other method row,
+  for one seed, drawn over the true modes;
+* ``<table>_fidelity_diversity.png``: one panel per method row, each class's fidelity (mode
+  precision) against its diversity (coverage), the means over the seeds, DDPM's in grey.
 
     .venv/bin/python scripts/plot_toy.py                                  # table=toy2d_methods
-    .venv/bin/python scripts/plot_toy.py --table toy2d_demo --column borrowing_few
+    .venv/bin/python scripts/plot_toy.py --table toy2d_demo --column borrow_few
 
-The best row is the one with the best mean over the seeds that have a record, in ``--column``
-of ``--block`` (by the column's own ``better``); the points are regenerated from the two runs'
-checkpoints exactly as their records' evaluation generated them (the protocol's sampler,
-guidance, seed and chunks).
+The best row is the method row (not a floor) with the best mean over the seeds that have a
+record, in ``--column`` of ``--block`` (by the column's own ``better``); the points are
+regenerated from the two runs' checkpoints exactly as their records' evaluation generated them
+(the protocol's sampler, guidance, seed and chunks). The fidelity-diversity figure reads the
+records only.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lt_diffusion.diffusion import generate_vectors
 from lt_diffusion.evaluation.toy import class_truth
-from lt_diffusion.evaluation.toy_plots import plot_points_per_class
+from lt_diffusion.evaluation.toy_plots import plot_fidelity_diversity, plot_points_per_class
 from lt_diffusion.records.base import read_record
 from lt_diffusion.runs.build import build_datamodule, build_sampler, build_schedule
 from lt_diffusion.runs.load import load_sampling_model
@@ -55,7 +60,7 @@ def main() -> None:
     parser.add_argument("--table", default="toy2d_methods")
     parser.add_argument("--output-dir", default="outputs", help="the table's paths.output_dir")
     parser.add_argument("--block", default="IR=100", help="label of the block to compare in")
-    parser.add_argument("--column", default="borrowing_few", help="column key that picks 'best'")
+    parser.add_argument("--column", default="borrow_few", help="column key that picks 'best'")
     parser.add_argument("--baseline", default="DDPM", help="label of the baseline row")
     parser.add_argument("--seed", type=int, default=0, help="the seed whose points are drawn")
     args = parser.parse_args()
@@ -80,8 +85,9 @@ def main() -> None:
                 paths[ev.run.seed] = resolved.records[ev]
         return paths
 
+    methods = [row for row in block.rows if row.eval is None]  # not the floors
     scores = {}
-    for row in block.rows:
+    for row in methods:
         values = [metric_value(read_record(p), column.metric) for p in records(row).values()]
         values = [v for v in values if v is not None]
         if values and row.label != args.baseline:
@@ -109,6 +115,28 @@ def main() -> None:
         class_truth(datamodule), panels, info["class_counts"], info["splits"], png
     )
     print(f"best in {args.block} by {column.label}: {best} ({scores[best]:.3f} mean over seeds)")
+    print(f"Plot: {png}")
+
+    num = len(info["class_counts"])
+
+    def per_class(row, metric: str) -> np.ndarray:
+        """The row's per-class means over its seeds' records."""
+        values = np.full((len(records(row)) or 1, num), np.nan)
+        for i, p in enumerate(records(row).values()):
+            rec = read_record(p)
+            for c in range(num):
+                v = metric_value(rec, f"per_class.class_{c:03d}.{metric}")
+                values[i, c] = np.nan if v is None else v
+        return np.nanmean(values, axis=0)
+
+    panels = [
+        (row.label, per_class(row, "mode_precision"), per_class(row, "mode_coverage"))
+        for row in methods
+        if records(row)
+    ]
+    reference = next((p for p in panels if p[0] == args.baseline), None)
+    png = out / "tables" / f"{spec.name}_fidelity_diversity.png"
+    plot_fidelity_diversity(panels, reference, info["splits"], png)
     print(f"Plot: {png}")
 
 

@@ -53,8 +53,16 @@ EXPERIMENTS = sorted(
 )
 
 
+def _row_key(ev: EvalRef) -> str:
+    """``experiment``, or ``experiment@dataset`` for a row that runs it on another dataset
+    (``dataset=`` among its overrides: the synthetic benchmark's variants)."""
+    dataset = next((o[8:] for o in ev.run.overrides if o.startswith("dataset=")), None)
+    return ev.run.experiment if dataset is None else f"{ev.run.experiment}@{dataset}"
+
+
 def _table_evaluations() -> dict[str, list[tuple[EvalRef, list[str]]]]:
-    """experiment -> its evaluations in any table, each with the metric paths it must give."""
+    """row key (:func:`_row_key`) -> its evaluations in any table, each with the metric paths
+    it must give."""
     out: dict[str, dict[EvalRef, set[str]]] = defaultdict(dict)
     for name in available_tables():
         spec = load_table_by_name(name)
@@ -63,11 +71,25 @@ def _table_evaluations() -> dict[str, list[tuple[EvalRef, list[str]]]]:
             for row in block.rows:
                 for column in spec.columns:
                     for ev in spec.cell_evals(row, column):
-                        out[ev.run.experiment].setdefault(ev, set()).add(column.metric)
+                        out[_row_key(ev)].setdefault(ev, set()).add(column.metric)
     return {e: [(ev, sorted(m)) for ev, m in evs.items()] for e, evs in out.items()}
 
 
 TABLE_EVALS = _table_evaluations()
+# Rows on another dataset than their experiment's: by default each such dataset runs with the
+# experiment that has the most evaluations on it (the floors' rows), every one under -m slow.
+_VARIANTS = sorted(k for k in TABLE_EVALS if "@" in k)
+_SMOKED = {
+    max((v for v in _VARIANTS if v.split("@")[1] == d), key=lambda v: len(TABLE_EVALS[v]))
+    for d in {k.split("@")[1] for k in _VARIANTS}
+}
+# Stable Diffusion rows of the IMBA tables that differ from imba/sd_imba only in loss settings
+# tested on their own (tests/test_imba_composition.py); tests/test_imba_tables.py runs all of
+# them end to end in its (slow) table commands. Seconds each on the tiny Stable Diffusion.
+SLOW_ROWS = {"imba/sd_budget", "imba/sd_plain", "imba/sd_imba_sample", "imba/sd_freq"}
+ROWS = [pytest.param(e, marks=pytest.mark.slow) if e in SLOW_ROWS else e for e in EXPERIMENTS] + [
+    pytest.param(k, marks=() if k in _SMOKED else pytest.mark.slow) for k in _VARIANTS
+]
 # This row evaluates with the real Inception (tests/test_stable_diffusion.py evaluates the SD
 # path with it too); the others with a stand-in (see above).
 INCEPTION_ROWS = {"cm/cifar10_lt_ir50_focal"}
@@ -134,10 +156,12 @@ def _paths(world: dict[str, Path]) -> list[str]:
     ]
 
 
-def _row_config(experiment: str, world: dict[str, Path]) -> DictConfig:
-    """The row as written, plus what makes it a seconds-long CPU smoke (see the docstring)."""
+def _row_config(experiment: str, world: dict[str, Path], dataset: str = "") -> DictConfig:
+    """The row as written (on ``dataset`` when given), plus what makes it a seconds-long CPU
+    smoke (see the docstring)."""
+    other = [f"dataset={dataset}"] if dataset else []
     cfg = compose_config(
-        "train", [f"experiment={experiment}", "seed=0", *_paths(world), *SMOKE_TRAIN]
+        "train", [f"experiment={experiment}", *other, "seed=0", *_paths(world), *SMOKE_TRAIN]
     )
     with open_dict(cfg):
         if cfg.dataset.source.get("download") is not None:
@@ -165,17 +189,19 @@ def _row_config(experiment: str, world: dict[str, Path]) -> DictConfig:
         elif target.endswith(".UNet"):
             cfg.model.update(_unet_reduction(int(cfg.dataset.image_size)))
         elif target.endswith((".MLPDenoiser", ".ConceptPairMLP")):  # the synthetic data's
-            cfg.dataset.source.n_per_class = 100
+            # The transfer variant's tail must still show its training sub-modes.
+            hidden = cfg.dataset.source.get("hidden")
+            cfg.dataset.source.n_per_class = 1000 if hidden else 100
         else:  # a new kind of backbone: add its reduction here
             raise AssertionError(f"{experiment}: no reduced width for {target}")
     return cfg
 
 
-def _train(experiment: str, world: dict[str, Path]) -> Path:
+def _train(experiment: str, world: dict[str, Path], dataset: str = "") -> Path:
     """One training step of the row through lt_diffusion.train; its checkpoint."""
     from lt_diffusion import train
 
-    cfg = _row_config(experiment, world)
+    cfg = _row_config(experiment, world, dataset)
     init_from = cfg.train.get("init_from")
     if init_from and not Path(init_from).is_file():  # fine-tuning rows start from another row
         dependency = Path(init_from).parent.parent.name.replace("-seed0", "")
@@ -326,21 +352,13 @@ def _evaluate(checkpoint: Path, ev: EvalRef, world: dict[str, Path]) -> dict[str
     return record
 
 
-# Stable Diffusion rows of the IMBA tables that differ from imba/sd_imba only in loss settings
-# tested on their own (tests/test_imba_composition.py); tests/test_imba_tables.py runs all of
-# them end to end in its (slow) table commands. Seconds each on the tiny Stable Diffusion.
-SLOW_ROWS = {"imba/sd_budget", "imba/sd_plain", "imba/sd_imba_sample", "imba/sd_freq"}
-
-
-@pytest.mark.parametrize(
-    "experiment",
-    [pytest.param(e, marks=pytest.mark.slow) if e in SLOW_ROWS else e for e in EXPERIMENTS],
-)
+@pytest.mark.parametrize("row", ROWS)
 def test_the_row_builds_trains_samples_and_evaluates(
-    experiment: str, world: dict[str, Path], monkeypatch
+    row: str, world: dict[str, Path], monkeypatch
 ) -> None:
     from lt_diffusion.evaluation import evaluator
 
+    experiment, _, dataset = row.partition("@")
     if experiment_task(experiment) == "classify":
         record = _classify(experiment, world)
         for _, metrics in TABLE_EVALS.get(experiment, []):
@@ -348,14 +366,14 @@ def test_the_row_builds_trains_samples_and_evaluates(
                 value, why = metric_entry(record, metric)
                 assert value is not None and math.isfinite(value), (experiment, metric, why)
         return
-    checkpoint = _train(experiment, world)
+    checkpoint = _train(experiment, world, dataset)
     if experiment not in INCEPTION_ROWS:
         stand_in_space(monkeypatch, RandomProjection(), dim=32, name="random-projection")
     try:
         alexnet_weights()
     except LPIPSWeightsError:
         monkeypatch.setattr(evaluator, "load_lpips", _lpips_stand_in)
-    for ev, metrics in TABLE_EVALS.get(experiment, []):
+    for ev, metrics in TABLE_EVALS.get(row, []):
         record = _evaluate(checkpoint, ev, world)
         assert record["checkpoint"]["theta_g_only"] == ev.theta_g_only
         for metric in metrics:

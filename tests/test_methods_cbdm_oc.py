@@ -253,9 +253,10 @@ def test_oc_loss_equals_formula_and_no_gradient_flows_through_the_selection(sche
     abar = abar_of(t)
     x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
     with torch.no_grad():
-        # A draw from softmax(l_i) by the Gumbel-max trick, from the softmax formula.
-        gumbel = -torch.log(-torch.log(torch.rand(8, 8, dtype=torch.float64)))
-        j = (torch.log(_oc_probs_formula(x_t, x0, t)) + gumbel).argmax(1)
+        # A draw from softmax(l_i) by inverse CDF (one uniform per row), from the formula.
+        cdf = _oc_probs_formula(x_t, x0, t).cumsum(1)
+        u = torch.rand(8, 1, dtype=cdf.dtype) * cdf[:, -1:]
+        j = (cdf <= u).sum(1).clamp_max(7)
         q = torch.tensor(COUNTS, dtype=torch.float64) / sum(COUNTS)
         j = torch.where(q[y[j]] >= q[y], j, torch.arange(8))
         eps_hat = (x_t - abar.sqrt() * x0[j]) / (1 - abar).sqrt()
@@ -312,3 +313,34 @@ def test_short_training_run_lowers_the_loss(make) -> None:
     losses = train_losses(make(), steps=60)["loss"]
     first, last = losses[:10].mean(), losses[-10:].mean()
     assert last < 0.5 * first, (first, last)
+
+
+def test_oc_ties_reject_keeps_only_same_class_references_at_equal_frequencies(sched) -> None:
+    """The published t2h gate (q_ref >= q_anchor) accepts every reference when all classes are
+    equally frequent; ties=reject accepts only the anchor's own class there, and still accepts
+    strictly more frequent classes; cut_time keeps the anchors with t <= cut_time on their own
+    target."""
+    q = torch.tensor([0.25, 0.25, 0.5])
+    anchor, ref = torch.tensor([0, 0, 0, 2]), torch.tensor([0, 1, 2, 0])
+    same = anchor == ref
+    assert oc_gate(q[anchor], q[ref], "t2h").tolist() == [True, True, True, False]
+    assert oc_gate(q[anchor], q[ref], "t2h", same).tolist() == [True, False, True, False]
+    assert oc_gate(q[anchor], q[ref], "h2t", same).tolist() == [True, False, False, True]
+
+    torch.manual_seed(0)
+    n = 64
+    x0 = torch.randn(n, 3) * 0.01  # every point alike: the posterior spreads over the batch
+    y = torch.arange(n) % 4
+    t = torch.randint(0, T, (n,))
+    x_t = x0 + torch.randn_like(x0)
+    for ties, cut in (("accept", -1), ("reject", -1), ("accept", T // 2)):
+        oc = OCObjective(ties=ties, cut_time=cut)
+        oc.setup([10, 10, 10, 10])  # balanced: every frequency ties
+        j = oc.select(x_t, x0, y, t, sched)
+        moved = j != torch.arange(n)
+        cross = y[j] != y
+        if ties == "reject":
+            assert not cross.any()
+        else:
+            assert cross.any()
+        assert not moved[t <= cut].any()

@@ -59,7 +59,7 @@ def test_table_specs_load_and_name_existing_experiments(name: str) -> None:
         for row in block.rows:
             # This project's own tables (the synthetic benchmark, the diversity table) have no
             # published numbers.
-            unpublished = spec.eval == "toy" or name in UNPUBLISHED
+            unpublished = str(spec.eval).startswith("toy") or name in UNPUBLISHED
             assert unpublished or any(v is not None for v in row.published.values()), (
                 f"{row.label}: no published value"
             )

@@ -200,6 +200,8 @@ def _train_and_evaluate(out: Path, tag: str, overrides: list[str]) -> dict:
         "train",
         ["experiment=toy/toy2d_ddpm", "imbalance=ir1", "seed=0", f"tag=-{tag}",
          f"paths.output_dir={out}", "train.max_steps=300", "train.grid_per_class=5",
+         # the benchmark draws no scatter per run; this one does (the engine's own scatter)
+         "callbacks.sample_grid={_target_:lt_diffusion.training.callbacks.SampleGrid}",
          *overrides],
     )  # fmt: skip
     run_dir = out / "runs" / str(cfg.run_name)
@@ -277,3 +279,128 @@ def test_an_image_protocol_on_points_names_the_toy_protocol(tmp_path: Path) -> N
     )
     with pytest.raises(ValueError, match="eval=toy"):
         evaluate.run(ecfg)
+
+
+def shared_source(**kw) -> ToySource:
+    cfg = compose_config("train", ["experiment=toy/toy2d_ddpm", "dataset=toy2d_shared"])
+    args = {k: v for k, v in cfg.dataset.source.items() if not k.startswith("_")}
+    return ToySource(**{**args, "n_per_class": 1000, "n_reference": 40, "n_validation": 40, **kw})
+
+
+@pytest.mark.parametrize("ratio", [100, 1])
+def test_the_transfer_variants_counts_and_missed_sub_modes_are_exact(ratio: int) -> None:
+    """Every class gets LDAM's count, and the sub-modes its training points miss are exactly
+    its hidden ones, whatever the long-tailed draw."""
+    source = shared_source()
+    mixture, K = source.mixture, source.mixture.modes_per_class
+    assert source.training_modes.sum(1).tolist() == [4] * 6 + [2] * 4
+    for subset in range(5):
+        dm = LongTailDataModule(
+            source, image_size=None, num_classes=10, channels=2, ratio=ratio, hflip=False,
+            subset_seed=subset,
+        )  # fmt: skip
+        dm.setup()
+        assert dm.class_counts == longtail_counts("exp", 1000, 10, ratio)
+        hit = mixture.hit_mode(dm.train_images.numpy().astype(np.float64))
+        labels = dm.train_labels.numpy()
+        for c in range(10):
+            seen = np.zeros(K, dtype=bool)
+            own = hit[(labels == c) & (hit >= c * K) & (hit < (c + 1) * K)] - c * K
+            seen[own] = True
+            assert (seen == source.training_modes[c]).all(), (ratio, subset, c)
+    # The references are drawn from the full densities: every sub-mode.
+    ref = source.load("test")
+    for c in range(10):
+        hits = mixture.hit_mode(ref.points[ref.labels == c].astype(np.float64))
+        assert set(hits[hits >= 0] - c * K) == set(range(K))
+
+
+def test_the_transfer_variant_refuses_what_it_cannot_hold() -> None:
+    with pytest.raises(ValueError, match="would miss every"):
+        shared_source(hidden=[0] * 9 + [4])
+    with pytest.raises(ValueError, match="one count per class"):
+        shared_source(hidden=[1, 1])
+    with pytest.raises(ValueError, match="constellation layout"):
+        small_source(hidden=[1] * 10)
+    # A tail class of 2 points cannot show its 2 training sub-modes every time: refused
+    # before training, never silently missing more than it hides.
+    tiny = shared_source(n_per_class=200)
+    refused = 0
+    for subset in range(10):
+        dm = LongTailDataModule(
+            tiny, image_size=None, num_classes=10, channels=2, ratio=100, hflip=False,
+            subset_seed=subset,
+        )  # fmt: skip
+        try:
+            dm.setup()
+        except ValueError as err:
+            assert "miss more sub-modes than" in str(err)
+            refused += 1
+    assert refused > 0
+
+
+def test_the_validation_draws_are_fresh_and_never_the_test_draws() -> None:
+    from lt_diffusion.evaluation.toy import reference_points
+
+    source = small_source(n_validation=40)
+    val, test, train = (source.load(s) for s in ("validation", "test", "train"))
+    assert np.bincount(val.labels).tolist() == [40] * 10
+    for other in (test, train):
+        assert not np.isin(val.points[:, 0], other.points[:, 0]).any()
+    np.testing.assert_array_equal(
+        val.points, small_source(n_validation=40).load("validation").points
+    )
+    with pytest.raises(ValueError, match="validation_seed=0 is the source's own seed"):
+        small_source(validation_seed=0)
+    assert not np.array_equal(small_source(validation_seed=5).load("validation").points, val.points)
+
+    dm = LongTailDataModule(source, image_size=None, num_classes=10, channels=2, hflip=False)
+    dm.setup()
+    points, labels = reference_points(dm, {"reference_split": "validation"})
+    assert (
+        torch.equal(points, torch.from_numpy(val.points)) and labels.tolist() == val.labels.tolist()
+    )
+    load = source.load
+    source.load = lambda split: load("test" if split == "validation" else split)  # a broken split
+    with pytest.raises(ValueError, match="shares 400 points with the test draws"):
+        reference_points(dm, {"reference_split": "validation"})
+
+
+def test_a_table_refuses_a_key_the_rows_method_does_not_have(tmp_path: Path) -> None:
+    """A hyperparameter grid naming a setting the method does not take stops the table before
+    anything is launched (Hydra refuses one without `+`; the key check one with it)."""
+    from lt_diffusion.tables.launch import check_run_keys
+    from lt_diffusion.tables.resolution import resolve
+    from lt_diffusion.tables.spec import TableSpecError, load_table
+
+    def spec(override: str):
+        return load_table({
+            "name": "grid", "seeds": [100], "eval": "toy_val",
+            "columns": [{"key": "sw", "metric": "per_split.few.sw"}],
+            "blocks": [{"label": "IR=100", "rows": [
+                {"label": "x", "experiment": "toy/toy2d_ddpm", "overrides": [override]}]}],
+        })  # fmt: skip
+
+    with pytest.raises(TableSpecError, match="method.objective.tau"):
+        resolve(spec("method.objective.tau=1"))
+    grid = spec("+method.objective.tau=1")
+    with pytest.raises(TableSpecError, match="tau is not an argument of"):
+        check_run_keys(grid, resolve(grid))
+    ok = spec("method.objective.cond_drop_prob=0.2")
+    check_run_keys(ok, resolve(ok))
+
+
+def test_training_refuses_a_variant_whose_class_would_miss_every_sub_mode(tmp_path: Path) -> None:
+    """Through the train command: refused before the first step, no checkpoint written."""
+    from lt_diffusion import train
+
+    cfg = compose_config(
+        "train",
+        ["experiment=toy/toy2d_ddpm", "dataset=toy2d_shared", f"paths.output_dir={tmp_path}",
+         "dataset.source.hidden=[0,0,0,0,0,0,2,2,2,4]", "train.max_steps=5"],
+    )  # fmt: skip
+    run_dir = tmp_path / "runs" / str(cfg.run_name)
+    cfg.paths.run_dir = str(run_dir)
+    with pytest.raises(ValueError, match="class 9 4 hidden sub-modes of 4: its training draw"):
+        train.run(cfg)
+    assert not list(run_dir.rglob("*.ckpt")) and not (run_dir / "config.yaml").exists()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.stats import wasserstein_distance
 
-from lt_diffusion.data.toy import GaussianMixtureClasses, ring_mixture
+from lt_diffusion.data.toy import GaussianMixtureClasses, constellation_mixture, ring_mixture
 from lt_diffusion.evaluation import toy_metrics as TM
 
 
@@ -112,3 +112,53 @@ def test_metrics_refuse_bad_input(truth: GaussianMixtureClasses) -> None:
         TM.mmd(pts, pts, 0.0)
     with pytest.raises(ValueError, match="non-finite"):
         TM.sliced_wasserstein(pts, np.full((3, 2), np.nan))
+
+
+def _brute_hits(truth: GaussianMixtureClasses, points: np.ndarray) -> list[int]:
+    """Each point's mode (or -1) by a loop over every mode's hit ball."""
+    out = []
+    for p in points:
+        inside = [
+            m
+            for m, mean in enumerate(truth.mode_means)
+            if sum((p[d] - mean[d]) ** 2 for d in range(truth.dim)) <= truth.hit_radius**2
+        ]
+        out.append(inside[0] if inside else -1)
+    return out
+
+
+def test_unobserved_recall_is_a_brute_force_count_of_the_hidden_modes() -> None:
+    truth = constellation_mixture(3, 4, dim=2, radius=0.6, spread=0.12, std=0.02)
+    rng = np.random.default_rng(7)
+    modes = np.ones((3, 4), dtype=bool)
+    modes[1, [0, 2]] = False  # class 1 never showed sub-modes 0 and 2
+    for _ in range(4):
+        # Points on a random mix of modes, some on none, some on other classes' modes.
+        k = rng.integers(0, truth.mode_means.shape[0] + 2, size=37)
+        pts = np.where(
+            (k < truth.mode_means.shape[0])[:, None],
+            truth.mode_means[np.minimum(k, truth.mode_means.shape[0] - 1)],
+            rng.uniform(-0.9, 0.9, (37, 2)),
+        ) + truth.std * rng.standard_normal((37, 2))
+        hits = _brute_hits(truth, pts)
+        q, w = truth.hit_quantile, truth.weights[1]
+        want = sum(min(hits.count(4 + j) / 37, q * w[j]) for j in (0, 2)) / (q * (w[0] + w[2]))
+        assert TM.unobserved_recall(truth, pts, 1, modes) == pytest.approx(want, abs=1e-12)
+    assert TM.unobserved_recall(truth, pts, 0, modes) is None  # nothing hidden
+    exact = np.repeat(truth.means[1, [0, 2]], [500, 500], axis=0)  # all on the hidden two
+    assert TM.unobserved_recall(truth, exact, 1, modes) == pytest.approx(1.0)
+
+
+def test_memorization_is_a_brute_force_count_of_near_copies() -> None:
+    rng = np.random.default_rng(3)
+    for dim in (2, 16):
+        train = rng.uniform(-1, 1, (60, dim))
+        near = train[:10] + 0.01 * rng.standard_normal((10, dim))
+        gen = np.concatenate([near, rng.uniform(-1, 1, (30, dim))])
+        for radius in (0.02, 0.3, 0.9):
+            want = np.mean(
+                [any(np.sqrt(((g - t) ** 2).sum()) <= radius for t in train) for g in gen]
+            )
+            assert TM.memorization(gen, train, radius) == pytest.approx(want, abs=0)
+    with pytest.raises(ValueError, match="radius"):
+        TM.memorization(gen, train, 0.0)

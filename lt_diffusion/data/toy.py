@@ -17,6 +17,14 @@ disguise.
 Scale: every coordinate stays within ``sqrt(radius^2 + lift^2) + 5 std`` of 0 (the shipped
 configs keep it below 0.95), the range the samplers' final clamp to ``[-1, 1]`` assumes.
 
+The *constellation* layout (:func:`constellation_mixture`, the transfer variant) gives every
+class the same constellation of ``K`` sub-modes, a regular ``K``-gon of radius ``spread``
+around the class's own centre on the ring (the same shape, only translated): what one class
+teaches about the constellation holds for every other. Its source can hide sub-modes from the
+training pool (``hidden``: per class, how many of its sub-modes have no training point), so that
+a tail class's training draw misses part of its density, which sharing with the other classes
+might recover.
+
 A point *hits* a mode when its squared distance to the mean is at most ``std^2 q_D``, ``q_D``
 the ``hit_quantile`` quantile of the chi-square law with ``D`` degrees of freedom: a true draw
 of a mode hits it with probability exactly ``hit_quantile``. The layout is refused when two
@@ -24,22 +32,28 @@ hit balls overlap, so a point hits at most one mode.
 
 :class:`ToySource` draws the data from the mixture with a seed (there is no file): a training
 pool of ``n_per_class`` points per class, which the long-tail profile subsamples like an image
-dataset, and a separate, balanced reference split of ``n_reference`` points per class.
+dataset, a separate, balanced reference split of ``n_reference`` points per class (the *test*
+draws the benchmark's records compare with), and a *validation* split of ``n_validation``
+fresh points per class, for choosing hyperparameters without looking at the test draws.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 from scipy.stats import chi2
 
-from lt_diffusion.data.sources import SPLIT_NAMES, Source, VectorArrays
+from lt_diffusion.data.sources import Source, VectorArrays
 
-# Independent random streams of one source seed (layout, training pool, reference split).
-_LAYOUT, _TRAIN, _REFERENCE = 0, 1, 2
+# Independent random streams of one source seed (layout, training pool, reference split,
+# validation split, the choice of hidden sub-modes).
+_LAYOUT, _TRAIN, _REFERENCE, _VALIDATION, _HIDDEN = 0, 1, 2, 3, 4
+LAYOUTS = ("ring", "constellation")
+SOURCE_SPLITS = ("train", "test", "validation")
 # Coordinates must stay inside the samplers' final clamp to [-1, 1] (5 std: 3e-7 per draw).
 _MAX_EXTENT = 1.0
 
@@ -107,10 +121,23 @@ class GaussianMixtureClasses:
         d[np.diag_indices_from(d)] = np.inf
         return float(d.min())
 
-    def sample(self, c: int, n: int, rng: np.random.Generator) -> np.ndarray:
-        """``n`` draws of class ``c``, float64 ``(n, D)``."""
-        k = rng.choice(self.modes_per_class, size=n, p=self.weights[c])
+    def sample(
+        self, c: int, n: int, rng: np.random.Generator, weights: np.ndarray | None = None
+    ) -> np.ndarray:
+        """``n`` draws of class ``c``, float64 ``(n, D)``; ``weights`` (K,) replaces the class's
+        mode weights (a training pool without some sub-modes)."""
+        p = self.weights[c] if weights is None else np.asarray(weights, dtype=np.float64)
+        k = rng.choice(self.modes_per_class, size=n, p=p / p.sum())
         return self.means[c, k] + self.std * rng.standard_normal((n, self.dim))
+
+    def log_density(self, x: np.ndarray, c: int) -> np.ndarray:
+        """``log p(x | c)`` of every point, float64 ``(N,)``."""
+        x = np.asarray(x, dtype=np.float64)
+        d2 = ((x[:, None, :] - self.means[c][None]) ** 2).sum(-1)
+        log_norm = -0.5 * self.dim * math.log(2.0 * math.pi * self.std**2)
+        terms = np.log(np.maximum(self.weights[c], 1e-300))[None] - d2 / (2.0 * self.std**2)
+        top = terms.max(1, keepdims=True)
+        return log_norm + top[:, 0] + np.log(np.exp(terms - top).sum(1))
 
     def hit_mode(self, points: np.ndarray) -> np.ndarray:
         """The mode (index into :attr:`mode_means`) each point hits, or -1; ``(N,)`` int64.
@@ -145,10 +172,28 @@ def ring_mixture(
     seed: int = 0,
 ) -> GaussianMixtureClasses:
     """The ring layout of the module docstring; a clear error for one that cannot hold."""
-    if int(num_classes) < 1 or int(modes_per_class) < 1:
+    C, K, D = _check_layout(num_classes, modes_per_class, dim, radius, lift, std, weight_ratio)
+    rng = np.random.default_rng([int(seed), _LAYOUT])
+    j = np.arange(C * K)
+    angle = 2.0 * np.pi * j / (C * K)
+    flat = np.zeros((C * K, D))
+    flat[:, 0], flat[:, 1] = radius * np.cos(angle), radius * np.sin(angle)
+    flat = _lift_and_turn(flat, lift, rng)
+    # Mode j is class j mod C's (j // C)-th mode: neighbours on the ring differ in class.
+    means = flat.reshape(K, C, D).transpose(1, 0, 2).copy()
+    return _checked(means, _weights(C, K, weight_ratio), std, hit_quantile)
+
+
+def _check_layout(
+    num_classes: int, modes: int, dim: int, radius: float, lift: float, std: float,
+    weight_ratio: float, extra: float = 0.0,
+) -> tuple[int, int, int]:  # fmt: skip
+    """The settings common to both layouts, checked; ``extra``: how far modes reach beyond
+    the ring's radius in its plane (the constellation's spread)."""
+    if int(num_classes) < 1 or int(modes) < 1:
         raise ValueError(
             f"dataset.num_classes and dataset.source.modes_per_class must be >= 1, got "
-            f"{num_classes} and {modes_per_class}"
+            f"{num_classes} and {modes}"
         )
     if int(dim) < 2:
         raise ValueError(f"dataset.channels (the dimension) must be >= 2, got {dim}")
@@ -162,44 +207,104 @@ def ring_mixture(
         )
     if dim == 2 and lift > 0:
         raise ValueError("dataset.source.lift needs dim > 2 (there is no room off the ring)")
-    extent = math.hypot(radius, lift) + 5.0 * std
+    extent = math.hypot(radius + extra, lift) + 5.0 * std
     if extent > _MAX_EXTENT:
         raise ValueError(
-            f"modes reach {extent:.3g} from the origin (sqrt(radius^2 + lift^2) + 5 std): the "
-            "samplers clamp to [-1, 1]; lower dataset.source.radius / lift / std"
+            f"modes reach {extent:.3g} from the origin (sqrt((radius + spread)^2 + lift^2) + "
+            "5 std): the samplers clamp to [-1, 1]; lower dataset.source.radius / spread / "
+            "lift / std"
         )
-    C, K, D = int(num_classes), int(modes_per_class), int(dim)
-    rng = np.random.default_rng([int(seed), _LAYOUT])
-    j = np.arange(C * K)
-    angle = 2.0 * np.pi * j / (C * K)
-    flat = np.zeros((C * K, D))
-    flat[:, 0], flat[:, 1] = radius * np.cos(angle), radius * np.sin(angle)
-    if D > 2:
-        off = rng.standard_normal((C * K, D - 2))
-        flat[:, 2:] = lift * off / np.linalg.norm(off, axis=1, keepdims=True)
-        q, r = np.linalg.qr(rng.standard_normal((D, D)))
-        flat = flat @ (q * np.sign(np.diag(r))).T  # a uniformly random rotation (Haar)
-    # Mode j is class j mod C's (j // C)-th mode: neighbours on the ring differ in class.
-    means = flat.reshape(K, C, D).transpose(1, 0, 2).copy()
-    w = weight_ratio ** np.arange(K, dtype=np.float64)
-    weights = np.tile(w / w.sum(), (C, 1))
+    return int(num_classes), int(modes), int(dim)
+
+
+def _weights(num_classes: int, modes: int, weight_ratio: float) -> np.ndarray:
+    w = weight_ratio ** np.arange(modes, dtype=np.float64)
+    return np.tile(w / w.sum(), (num_classes, 1))
+
+
+def _lift_and_turn(flat: np.ndarray, lift: float, rng: np.random.Generator) -> np.ndarray:
+    """In ``D > 2``: each row moved by ``lift`` along its own random direction off the plane of
+    the first two coordinates, then the whole layout turned by a uniformly random rotation."""
+    n, D = flat.shape
+    if D == 2:
+        return flat
+    off = rng.standard_normal((n, D - 2))
+    flat[:, 2:] = lift * off / np.linalg.norm(off, axis=1, keepdims=True)
+    q, r = np.linalg.qr(rng.standard_normal((D, D)))
+    return flat @ (q * np.sign(np.diag(r))).T  # a uniformly random rotation (Haar)
+
+
+def _checked(
+    means: np.ndarray, weights: np.ndarray, std: float, hit_quantile: float
+) -> GaussianMixtureClasses:
+    """The mixture, refused when two modes' hit balls overlap."""
     mix = GaussianMixtureClasses(means, weights, float(std), float(hit_quantile))
     gap = mix.min_mode_distance()
-    if C * K > 1 and gap <= 2.0 * mix.hit_radius:
+    if mix.mode_means.shape[0] > 1 and gap <= 2.0 * mix.hit_radius:
         raise ValueError(
             f"two modes are {gap:.3g} apart but hit balls have radius {mix.hit_radius:.3g}: "
-            "the classes would overlap; lower dataset.source.std, raise radius, or use fewer "
-            "classes / modes_per_class"
+            "the classes would overlap; lower dataset.source.std, raise radius (or spread), or "
+            "use fewer classes / modes_per_class"
         )
     return mix
 
 
-class ToySource(Source):
-    """Points drawn from :func:`ring_mixture` (float32 ``(N, D)``, no files).
+def constellation_mixture(
+    num_classes: int,
+    modes_per_class: int = 4,
+    dim: int = 2,
+    radius: float = 0.65,
+    spread: float = 0.1,
+    std: float = 0.02,
+    lift: float = 0.0,
+    weight_ratio: float = 1.0,
+    hit_quantile: float = 0.99,
+    seed: int = 0,
+) -> GaussianMixtureClasses:
+    """The transfer layout: class ``c``'s centre on the ring (angle ``2 pi c / C``), its ``K``
+    sub-modes at ``centre + spread (cos(2 pi k / K + pi / K), sin(...))``, the same
+    constellation for every class. In ``D > 2`` each class centre is lifted off the plane by
+    ``lift`` along its own random direction (its sub-modes with it) and the layout is turned by
+    a random rotation, as :func:`ring_mixture` does."""
+    if not spread > 0:
+        raise ValueError(f"dataset.source.spread must be > 0, got {spread}")
+    C, K, D = _check_layout(
+        num_classes, modes_per_class, dim, radius, lift, std, weight_ratio, extra=spread
+    )
+    rng = np.random.default_rng([int(seed), _LAYOUT])
+    angle = 2.0 * np.pi * np.arange(C) / C
+    centres = np.zeros((C, D))
+    centres[:, 0], centres[:, 1] = radius * np.cos(angle), radius * np.sin(angle)
+    phase = 2.0 * np.pi * np.arange(K) / K + np.pi / K
+    offsets = np.zeros((K, D))
+    offsets[:, 0], offsets[:, 1] = spread * np.cos(phase), spread * np.sin(phase)
+    flat = (centres[:, None, :] + offsets[None, :, :]).reshape(C * K, D)
+    if D > 2:  # one lift per class (its constellation moves with it), then one rotation
+        off = rng.standard_normal((C, D - 2))
+        lifts = lift * off / np.linalg.norm(off, axis=1, keepdims=True)
+        flat[:, 2:] = np.repeat(lifts, K, axis=0)
+        q, r = np.linalg.qr(rng.standard_normal((D, D)))
+        flat = flat @ (q * np.sign(np.diag(r))).T
+    means = flat.reshape(C, K, D).copy()
+    return _checked(means, _weights(C, K, weight_ratio), std, hit_quantile)
 
-    ``train``: ``n_per_class`` points of every class (the pool a long-tail profile subsamples);
-    ``test``: ``n_reference`` fresh points of every class (the balanced reference split,
-    drawn from another stream of the same seed). The same settings always give the same points.
+
+class ToySource(Source):
+    """Points drawn from :func:`ring_mixture` or :func:`constellation_mixture` (float32
+    ``(N, D)``, no files).
+
+    ``train``: ``n_per_class`` points of every class (the pool a long-tail profile subsamples),
+    drawn only from the class's training sub-modes (all of them unless ``hidden`` says
+    otherwise); ``test``: ``n_reference`` fresh points of every class (the balanced reference
+    split the records compare with, drawn from another stream of the same seed);
+    ``validation``: ``n_validation`` fresh points of every class (hyperparameter choice), the
+    reference split of source seed ``validation_seed`` (null: a stream of its own). Both
+    reference splits are drawn from the full class densities. The same settings always give
+    the same points.
+
+    ``hidden`` (constellation layout): per class, in the source's class order (class 0 the
+    head under the long-tail profiles), how many of its sub-modes get no training point; which
+    ones is a seeded choice (:attr:`training_modes`).
     """
 
     data_kind = "vector"
@@ -220,36 +325,125 @@ class ToySource(Source):
         n_reference: int = 2000,
         seed: int = 0,
         name: str = "toy",
+        layout: str = "ring",
+        spread: float = 0.1,
+        hidden: Sequence[int] | None = None,
+        n_validation: int = 2000,
+        validation_seed: int | None = None,
     ) -> None:
         # No root: the data are generated (Source's root / download do not apply).
-        if int(n_per_class) < 1 or int(n_reference) < 1:
+        for key, n in (("n_per_class", n_per_class), ("n_reference", n_reference),
+                       ("n_validation", n_validation)):  # fmt: skip
+            if int(n) < 1:
+                raise ValueError(f"dataset.source.{key} must be >= 1, got {n}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"dataset.source.layout must be one of {LAYOUTS}, got {layout!r}")
+        if validation_seed is not None and int(validation_seed) == int(seed):
             raise ValueError(
-                f"dataset.source.n_per_class and n_reference must be >= 1, got {n_per_class} "
-                f"and {n_reference}"
+                f"dataset.source.validation_seed={validation_seed} is the source's own seed: its "
+                "reference split would be the test draws themselves, and hyperparameters chosen "
+                "on it would be chosen on the test set. Set another seed, or null (a stream of "
+                "its own)"
             )
-        self.mixture = ring_mixture(
-            num_classes, modes_per_class, dim, radius, std, lift, weight_ratio, hit_quantile, seed
-        )
+        common = (num_classes, modes_per_class, dim, radius)
+        if layout == "ring":
+            self.mixture = ring_mixture(
+                *common, std, lift, weight_ratio, hit_quantile, seed
+            )  # fmt: skip
+        else:
+            self.mixture = constellation_mixture(
+                *common, spread, std, lift, weight_ratio, hit_quantile, seed
+            )  # fmt: skip
         self.name = str(name)
         self.num_classes = int(num_classes)
         self.channels = int(dim)
         self.class_names = [f"class {c}" for c in range(self.num_classes)]
         self.n_per_class, self.n_reference = int(n_per_class), int(n_reference)
+        self.n_validation = int(n_validation)
         self.seed = int(seed)
+        self.validation_seed = None if validation_seed is None else int(validation_seed)
+        self.training_modes = _training_modes(self.mixture, hidden, layout, self.seed)
 
     def load(self, split: str) -> VectorArrays:
-        if split not in SPLIT_NAMES:
-            raise ValueError(f"split must be one of {SPLIT_NAMES}, got {split!r}")
-        stream, n = (
-            (_TRAIN, self.n_per_class) if split == "train" else (_REFERENCE, self.n_reference)
+        if split not in SOURCE_SPLITS:
+            raise ValueError(f"split must be one of {SOURCE_SPLITS}, got {split!r}")
+        if split == "train":
+            rng, n = np.random.default_rng([self.seed, _TRAIN]), self.n_per_class
+            pool = [self.training_weights(c) for c in range(self.num_classes)]
+        elif split == "test":
+            rng, n = np.random.default_rng([self.seed, _REFERENCE]), self.n_reference
+            pool = [None] * self.num_classes
+        else:
+            own = self.validation_seed is None
+            key = [self.seed, _VALIDATION] if own else [self.validation_seed, _REFERENCE]
+            rng, n = np.random.default_rng(key), self.n_validation
+            pool = [None] * self.num_classes
+        points = np.concatenate(
+            [self.mixture.sample(c, n, rng, pool[c]) for c in range(self.num_classes)]
         )
-        rng = np.random.default_rng([self.seed, stream])
-        points = np.concatenate([self.mixture.sample(c, n, rng) for c in range(self.num_classes)])
         labels = np.repeat(np.arange(self.num_classes, dtype=np.int64), n)
         return VectorArrays(points.astype(np.float32), labels)
+
+    def training_weights(self, c: int) -> np.ndarray:
+        """Class ``c``'s mode weights in the training pool: its own, zero on hidden sub-modes."""
+        return np.where(self.training_modes[c], self.mixture.weights[c], 0.0)
+
+    def check_training_set(self, points: np.ndarray, labels: np.ndarray) -> None:
+        """Refuse a long-tailed training set (labels in the source's class order) in which a
+        class misses other sub-modes than its hidden ones: the missed sub-modes are then
+        exactly the configured ones (a tiny tail count could miss one more by chance). Without
+        hidden sub-modes there is nothing to check: a tail class that misses a mode by chance
+        is the long tail itself."""
+        if self.training_modes.all():
+            return
+        hit = self.mixture.hit_mode(points)
+        K = self.mixture.modes_per_class
+        for c in range(self.num_classes):
+            own = hit[(labels == c) & (hit >= 0)] - c * K
+            seen = np.zeros(K, dtype=bool)
+            seen[own[(own >= 0) & (own < K)]] = True
+            lost = np.flatnonzero(self.training_modes[c] & ~seen)
+            if lost.size:
+                n = int((labels == c).sum())
+                raise ValueError(
+                    f"the long-tailed training set gives class {c} {n} points, none of them on "
+                    f"its training sub-modes {lost.tolist()}: it would miss more sub-modes than "
+                    "dataset.source.hidden says. Hide fewer sub-modes of that class, or change "
+                    "imbalance.seed / the ratio"
+                )
 
     def __repr__(self) -> str:
         return (
             f"ToySource(name={self.name!r}, num_classes={self.num_classes}, dim={self.channels}, "
             f"seed={self.seed})"
         )
+
+
+def _training_modes(
+    mixture: GaussianMixtureClasses, hidden: Sequence[int] | None, layout: str, seed: int
+) -> np.ndarray:
+    """``(C, K)`` bool: which sub-modes of each class have training points."""
+    C, K = mixture.num_classes, mixture.modes_per_class
+    modes = np.ones((C, K), dtype=bool)
+    if hidden is None or not any(int(h) for h in hidden):
+        return modes
+    hidden = [int(h) for h in hidden]
+    if layout != "constellation":
+        raise ValueError(
+            "dataset.source.hidden needs the constellation layout (dataset.source.layout="
+            "constellation): the ring's classes share no structure that could stand in for a "
+            "hidden mode"
+        )
+    if len(hidden) != C:
+        raise ValueError(f"dataset.source.hidden must give one count per class ({C}), got {hidden}")
+    for c, h in enumerate(hidden):
+        if not 0 <= h < K:
+            raise ValueError(
+                f"dataset.source.hidden gives class {c} {h} hidden sub-modes of {K}: its "
+                f"training draw would miss {'every' if h >= K else 'a negative number of'} "
+                f"sub-mode(s). Hide 0 to {K - 1} of them"
+            )
+    rng = np.random.default_rng([int(seed), _HIDDEN])
+    for c, h in enumerate(hidden):
+        modes[c, rng.choice(K, size=h, replace=False)] = False
+    return modes

@@ -19,6 +19,14 @@ Each metric is one function ``(real or truth, generated, ...) -> float`` on floa
   ``k``, ``w_k`` its weight, ``q`` the probability that a true draw hits its mode): 1 when every
   mode gets its share, ``w_k`` lost for a dropped mode, and at most the precision. A finite
   sample of the true law scores slightly below 1 (``E min(X, mu) < mu``).
+* :func:`unobserved_recall` (the transfer variant): the same sum over only the sub-modes the
+  class's training draw never showed, ``sum_{k hidden} min(n_k / N, q w_k) / (q sum_{k hidden}
+  w_k)``: 1 when the generator puts their full share on them (what sharing structure with the
+  other classes could give), 0 when it never goes there. Undefined for a class with no hidden
+  sub-mode.
+* :func:`memorization`: the share of generated points within ``radius`` of a training point
+  (any class's), i.e. copies of training data. A fresh true draw lands that close by chance
+  too, the more so the denser the training points: read it against the sampling floor.
 
 A point *hits* a mode when it lies in the mode's chi-square ball
 (:meth:`~lt_diffusion.data.toy.GaussianMixtureClasses.hit_mode`); the balls are disjoint.
@@ -131,6 +139,44 @@ def mode_coverage(truth: GaussianMixtureClasses, generated: np.ndarray, label: i
     return float(np.minimum(share, q * truth.weights[int(label)]).sum() / q)
 
 
+def unobserved_recall(
+    truth: GaussianMixtureClasses, generated: np.ndarray, label: int, training_modes: np.ndarray
+) -> float | None:
+    """``sum_{k hidden} min(n_k / N, q w_k) / (q sum_{k hidden} w_k)`` over the sub-modes of
+    class ``label`` that ``training_modes`` (C, K) bool marks as unseen in training; None when
+    it has none."""
+    x = _points(generated, "generated", truth.dim)
+    if not 0 <= int(label) < truth.num_classes:
+        raise ValueError(f"class {label} is not one of the {truth.num_classes} classes")
+    hidden = ~np.asarray(training_modes, dtype=bool)[int(label)]
+    if not hidden.any():
+        return None
+    mode = truth.hit_mode(x)
+    first = int(label) * truth.modes_per_class
+    counts = np.bincount(mode[mode >= 0], minlength=truth.mode_means.shape[0])
+    share = counts[first : first + truth.modes_per_class] / len(x)
+    q, w = truth.hit_quantile, truth.weights[int(label)]
+    return float(np.minimum(share, q * w)[hidden].sum() / (q * w[hidden].sum()))
+
+
+def memorization(generated: np.ndarray, train_points: np.ndarray, radius: float) -> float:
+    """Share of ``generated`` points with a point of ``train_points`` within ``radius``."""
+    from scipy.spatial import cKDTree
+
+    x = _points(generated, "generated")
+    train = _points(train_points, "train_points", x.shape[1])
+    if not radius > 0:
+        raise ValueError(f"the memorisation radius must be > 0, got {radius}")
+    dist, _ = cKDTree(train).query(x, k=1, distance_upper_bound=float(radius))
+    return float((dist <= radius).mean())
+
+
+def _maybe(name: str, value: float | None, why: str) -> dict[str, object]:
+    if value is None:
+        return {name: None, f"{name}_unavailable": why}
+    return {name: float(value)}
+
+
 # The registry entries (lt_diffusion/evaluation/metrics.py), so that records, tables and the
 # terminal read them like the image metrics. A comparison's ``real`` are fresh true draws of
 # the class, ``fake`` its generated points; ``extra`` holds the mixture (``truth``), the class
@@ -171,4 +217,31 @@ TOY_METRICS = (
         "lower",
         lambda c: borrowing(c.extra["truth"], c.fake, c.extra["label"]),
     ),
+    register(
+        Metric(
+            "unobserved_recall",
+            "unobserved recall",
+            "higher",
+            lambda c: _maybe(
+                "unobserved_recall",
+                unobserved_recall(
+                    c.extra["truth"], c.fake, c.extra["label"], c.extra["training_modes"]
+                ),
+                "the class's training draw shows all its sub-modes (none hidden)",
+            ),
+        )
+    ).name,
+    register(
+        Metric(
+            "memorization",
+            "memorisation",
+            "lower",
+            lambda c: {
+                "memorization": memorization(
+                    c.fake, c.extra["train_points"], c.extra["memorization_radius"]
+                ),
+                "memorization_radius": float(c.extra["memorization_radius"]),
+            },
+        )
+    ).name,
 )

@@ -62,3 +62,55 @@ def plot_points_per_class(
         plt.close(fig)
         raise
     return save_figure(fig, path)
+
+
+def plot_fidelity_diversity(
+    panels: Sequence[tuple[str, np.ndarray, np.ndarray]],
+    reference: tuple[str, np.ndarray, np.ndarray] | None,
+    splits: Sequence[str],
+    path: str | Path,
+    diversity: str = "coverage",
+    per_line: int = 5,
+) -> Path:
+    """One panel per method: each class's fidelity (mode precision, x) against its diversity
+    (``diversity``, y: coverage, or the unobserved recall of the transfer variant), the means
+    over seeds, coloured by split; ``reference`` (e.g. DDPM) in grey on every panel, with a
+    line from each of its classes to the method's. Coverage is at most the precision: the
+    diagonal bounds it."""
+    lines = -(-len(panels) // per_line)
+    fig, axes = plt.subplots(
+        lines, per_line, figsize=(2.6 * per_line, 2.7 * lines + 0.5), squeeze=False, dpi=100
+    )
+    colours = [SPLIT_COLORS[s] for s in splits]
+    try:
+        for i in range(lines * per_line):
+            ax = axes[i // per_line, i % per_line]
+            if i >= len(panels):
+                ax.axis("off")
+                continue
+            label, fidelity, div = panels[i]
+            ax.set(xlim=(0, 1.02), ylim=(0, 1.02), aspect="equal")
+            ax.plot([0, 1], [0, 1], color="0.85", lw=0.8, zorder=0)
+            if reference is not None and reference[0] != label:
+                _, rf, rd = reference
+                ax.scatter(rf, rd, s=14, color="0.6", zorder=1)
+                for k in range(len(rf)):
+                    if np.isfinite(rd[k]) and np.isfinite(div[k]):
+                        ax.plot([rf[k], fidelity[k]], [rd[k], div[k]], color="0.8", lw=0.6)
+            ax.scatter(fidelity, div, s=18, c=colours, zorder=2)
+            ax.set_title(label, fontsize=8)
+            ax.tick_params(labelsize=7)
+            if i % per_line == 0:
+                ax.set_ylabel(diversity, fontsize=8)
+            if i // per_line == lines - 1:
+                ax.set_xlabel("mode precision", fontsize=8)
+        ref = f"; grey: {reference[0]}" if reference is not None else ""
+        fig.suptitle(
+            f"Fidelity (mode precision) against diversity ({diversity}) per class, the mean over "
+            f"seeds: blue many, orange medium, red few{ref}",
+            fontsize=9,
+        )
+    except BaseException:
+        plt.close(fig)
+        raise
+    return save_figure(fig, path)

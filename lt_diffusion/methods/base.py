@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from lt_diffusion.diffusion import DDIMSampler, NoiseSchedule, Sampler
+from lt_diffusion.utils import draws
 
 DROP_MODES = ("batch", "sample", "none")
 
@@ -113,9 +114,10 @@ class Objective(nn.Module):
         return self.class_counts / self.class_counts.sum()
 
     def noised(self, x0: Tensor, schedule: NoiseSchedule) -> NoisedBatch:
-        """Draw t ~ U{0..T-1} and eps ~ N(0, I), return x_t."""
-        t = schedule.sample_t(x0.shape[0], x0.device)
-        noise = torch.randn_like(x0)
+        """Draw t ~ U{0..T-1} and eps ~ N(0, I), return x_t (the draws of
+        :mod:`lt_diffusion.utils.draws`: torch's own unless a keyed source is active)."""
+        t = draws.randint(0, schedule.num_timesteps, (x0.shape[0],), x0.device)
+        noise = draws.randn_like(x0)
         return NoisedBatch(t=t, noise=noise, x_t=schedule.q_sample(x0, t, noise))
 
     def drop_condition(self, y: Tensor, null_label: int) -> tuple[Tensor, bool]:
@@ -123,11 +125,18 @@ class Objective(nn.Module):
         dropped (methods with a class-dependent regulariser skip it on such batches)."""
         if self.cond_drop_prob == 0.0 or self.cond_drop_mode == "none":
             return y, False
+        if self.cond_drop_mode == "batch" and draws.active():
+            # A keyed source (the seed-vectorised training) has no host coin per seed: one
+            # device coin drops the whole batch, and the methods' masks of null-label samples
+            # (CBDM, CM, CORAL, Overlap) then leave their class-dependent terms at exactly 0,
+            # as skipping them on a dropped batch does.
+            coin = draws.rand((), y.device) < self.cond_drop_prob
+            return torch.where(coin, torch.full_like(y, null_label), y), False
         if self.cond_drop_mode == "batch":
             if self._host_rng.random() < self.cond_drop_prob:
                 return torch.full_like(y, null_label), True
             return y, False
-        keep = torch.rand(y.shape, device=y.device) >= self.cond_drop_prob
+        keep = draws.rand(y.shape, y.device) >= self.cond_drop_prob
         return torch.where(keep, y, torch.full_like(y, null_label)), False
 
     @property

@@ -19,6 +19,7 @@ from lt_diffusion.methods.base import (  # noqa: F401  (Aug ... Step: imported f
     call_model_pair,
     mse,
 )
+from lt_diffusion.utils import draws
 
 # Target-label distributions of the class-balancing regulariser (CBDM, PD-CBDM).
 TARGET_DISTS = ("empirical", "uniform", "inverse")
@@ -61,16 +62,19 @@ def draw_labels(probs: Tensor, n: int) -> Tensor:
     (classes of probability 0 are never drawn).
     """
     cdf = probs.float().cumsum(0)
-    u = torch.rand(n, device=probs.device) * cdf[-1]
+    u = draws.rand((n,), probs.device) * cdf[-1]
     return torch.searchsorted(cdf, u, right=True).clamp_max(probs.numel() - 1)
 
 
-def gumbel_argmax(logits: Tensor) -> Tensor:
-    """One index per row of ``logits`` (B, K) drawn from ``softmax(logits)`` by the Gumbel-max
-    trick: ``argmax_k(l_k - log(-log u_k))``, ``u ~ U[0, 1)``. Works on the logits directly (no
-    softmax underflow) and never synchronises with the host."""
-    u = torch.rand_like(logits)
-    return (logits - torch.log(-torch.log(u))).argmax(dim=1)
+def sample_categorical(logits: Tensor) -> Tensor:
+    """One index per row of ``logits`` (B, K) drawn from ``softmax(logits)`` by inverse CDF:
+    ``u = U[0, 1) * cdf_K``, the index the first ``c`` with ``cdf_c > u`` (one uniform per row,
+    so the keyed draws of the seed-vectorised training cost B numbers, not B K). The softmax
+    subtracts the row's maximum, so very negative logits (OC's at small t) only underflow to
+    probability 0, never drawn; nothing synchronises with the host."""
+    cdf = torch.softmax(logits, dim=1).cumsum(dim=1)
+    u = draws.rand((logits.shape[0], 1), logits.device, cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(logits.shape[1] - 1)
 
 
 class WrappingObjective(Objective):

@@ -84,8 +84,11 @@ class FocalObjective(Objective):
         """Fold this batch's per-sample losses into the running means; return ``m(t_i)``."""
         k = self.bucket(t, num_timesteps)
         loss = loss.float()
-        total = loss.new_zeros(self.num_buckets).index_add_(0, k, loss)
-        count = loss.new_zeros(self.num_buckets).index_add_(0, k, torch.ones_like(loss))
+        # Out of place: under torch.func.vmap (the seed-vectorised training) the sums are
+        # per seed, which an in-place add into a fresh unbatched tensor could not be.
+        zeros = torch.zeros(self.num_buckets, dtype=loss.dtype, device=loss.device)
+        total = zeros.index_add(0, k, loss)
+        count = zeros.index_add(0, k, torch.ones_like(loss))
         batch_mean = total / count.clamp_min(1.0)
         hit = count > 0
         old = self.bucket_loss.float()

@@ -10,9 +10,19 @@ would have produced ``x_t,i`` from ``x0_j``::
     eps_hat = (x_t,i - sqrt(abar_t) x0_j) / sqrt(1 - abar_t),   L = ||eps_theta(x_t,i, t, y_i) - eps_hat||^2
 
 Following the authors' code: the transfer applies to every sample of every batch (no
-probability or weight, no timestep cut-off), also on batches whose condition was dropped for
-CFG; the gate compares the *true* labels' training frequencies; the condition stays ``y_i``;
-no gradient flows through the selection.
+probability or weight, no timestep cut-off: ``cut_time = -1``), also on batches whose condition
+was dropped for CFG; the gate compares the *true* labels' training frequencies; the condition
+stays ``y_i``; no gradient flows through the selection.
+
+Two options of ours: ``cut_time`` (the code's name and default) transfers only for anchors with
+``t > cut_time``; ``ties: reject`` refuses a reference of *another* class whose training
+frequency equals the anchor's. The published ``t2h`` gate (``q_ref >= q_anchor``) accepts
+those ties, so on balanced data (every frequency equal) it accepts every drawn reference and
+``t2h`` becomes ``full`` transfer; ``reject`` keeps only same-class references there.
+
+Logged: ``transfer`` (share of anchors whose target moved), ``cross_transfer`` (moved to a
+reference of another class) and ``cross_t<k>``, the cross-class share among the anchors of
+timestep bucket ``k`` (``log_buckets`` equal buckets of ``[0, T)``, 0 for none).
 """
 
 from __future__ import annotations
@@ -24,11 +34,13 @@ from torch import Tensor
 
 from lt_diffusion.diffusion import NoiseSchedule
 from lt_diffusion.methods.base import Objective, ObjectiveOutput, Result, Step, mse
-from lt_diffusion.methods.common import gumbel_argmax
+from lt_diffusion.methods.common import sample_categorical
 
 # "t2h" (the README's training command) accepts a reference from a class at least as frequent
 # as the anchor's (knowledge flows from head to tail); "h2t" reverses it; "full" accepts all.
 GATES = ("t2h", "h2t", "full")
+# What the gate does with a reference of another class of equal training frequency.
+TIES = ("accept", "reject")
 
 
 def _at_least_f32(x: Tensor) -> torch.dtype:
@@ -58,15 +70,19 @@ def oc_selection_probs(x_t: Tensor, x0: Tensor, t: Tensor, schedule: NoiseSchedu
     return torch.softmax(oc_selection_logits(x_t, x0, t, schedule), dim=1)
 
 
-def oc_gate(q_anchor: Tensor, q_ref: Tensor, gate: str) -> Tensor:
-    """Whether a drawn reference is accepted, from the two labels' training frequencies."""
+def oc_gate(q_anchor: Tensor, q_ref: Tensor, gate: str, same_class: Tensor | None = None) -> Tensor:
+    """Whether a drawn reference is accepted, from the two labels' training frequencies.
+    ``same_class`` given (``ties: reject``): a reference of another class accepted only on a
+    strict inequality, one of the anchor's own class always."""
     if gate == "t2h":
-        return q_ref >= q_anchor
-    if gate == "h2t":
-        return q_ref <= q_anchor
-    if gate == "full":
+        ok = q_ref >= q_anchor if same_class is None else q_ref > q_anchor
+    elif gate == "h2t":
+        ok = q_ref <= q_anchor if same_class is None else q_ref < q_anchor
+    elif gate == "full":
         return torch.ones_like(q_anchor, dtype=torch.bool)
-    raise ValueError(f"OC gate must be one of {GATES}, got {gate!r}")
+    else:
+        raise ValueError(f"OC gate must be one of {GATES}, got {gate!r}")
+    return ok if same_class is None else ok | same_class
 
 
 def oc_target(x_t: Tensor, x0_ref: Tensor, t: Tensor, schedule: NoiseSchedule) -> Tensor:
@@ -82,28 +98,47 @@ class OCObjective(Objective):
 
     Args:
         gate: ``"t2h"`` (default, the authors' training command), ``"h2t"`` or ``"full"``.
+        ties: ``"accept"`` (the published gate) or ``"reject"`` (another class of equal
+            frequency is refused), see the module docstring.
+        cut_time: transfer only for anchors with ``t > cut_time`` (-1: always, the code's).
+        log_buckets: timestep buckets of the logged cross-class transfer rate (0: none).
         cond_drop_prob, cond_drop_mode: CFG label dropout, see :class:`Objective`.
     """
 
     name = "oc"
 
-    def __init__(self, gate: str = "t2h", **dropout: Any) -> None:
+    def __init__(
+        self,
+        gate: str = "t2h",
+        ties: str = "accept",
+        cut_time: int = -1,
+        log_buckets: int = 10,
+        **dropout: Any,
+    ) -> None:
         super().__init__(**dropout)
         if gate not in GATES:
             raise ValueError(
                 f"OC gate must be one of {GATES}, got {gate!r}: set method.objective.gate"
             )
-        self.gate = gate
+        if ties not in TIES:
+            raise ValueError(
+                f"OC ties must be one of {TIES}, got {ties!r}: set method.objective.ties"
+            )
+        if int(log_buckets) < 0:
+            raise ValueError(f"method.objective.log_buckets must be >= 0, got {log_buckets}")
+        self.gate, self.ties = gate, ties
+        self.cut_time, self.log_buckets = int(cut_time), int(log_buckets)
 
     @torch.no_grad()
     def select(
         self, x_t: Tensor, x0: Tensor, y: Tensor, t: Tensor, schedule: NoiseSchedule
     ) -> Tensor:
         """The reference index of every anchor, (B,) int64: drawn, then gated."""
-        # A draw from softmax(l_i) per row, straight from the logits (Gumbel-max).
-        j = gumbel_argmax(oc_selection_logits(x_t, x0, t, schedule))
+        # A draw from softmax(l_i) per row.
+        j = sample_categorical(oc_selection_logits(x_t, x0, t, schedule))
         q = self.class_freq
-        keep = oc_gate(q[y], q[y[j]], self.gate)
+        same = (y[j] == y) if self.ties == "reject" else None
+        keep = oc_gate(q[y], q[y[j]], self.gate, same) & (t > self.cut_time)
         return torch.where(keep, j, torch.arange(y.shape[0], device=y.device))
 
     def loss(self, s: Step, x0: Tensor, y: Tensor, schedule: NoiseSchedule) -> Result:
@@ -118,9 +153,22 @@ class OCObjective(Objective):
         eps = s.predict()
         loss = mse(eps, target)
         with torch.no_grad():
+            cross = (y[j] != y).float()
             terms = {
                 "mse": loss.detach(),
                 "ddpm": mse(eps, s.noise),  # the plain DDPM loss, for comparison across methods
                 "transfer": (j != torch.arange(j.shape[0], device=j.device)).float().mean(),
+                "cross_transfer": cross.mean(),
+                **self.bucket_rates(cross, s.t, schedule.num_timesteps),
             }
         return ObjectiveOutput(loss, terms), s.context(eps, target)
+
+    def bucket_rates(self, cross: Tensor, t: Tensor, num_timesteps: int) -> dict[str, Tensor]:
+        """``cross_t<k>``: the mean of ``cross`` over the anchors of timestep bucket ``k``
+        (0 where the batch has none)."""
+        if self.log_buckets == 0:
+            return {}
+        k = (t * self.log_buckets) // num_timesteps
+        onehot = (k[:, None] == torch.arange(self.log_buckets, device=t.device)).float()
+        rates = (onehot * cross[:, None]).sum(0) / onehot.sum(0).clamp_min(1.0)
+        return {f"cross_t{b}": rates[b] for b in range(self.log_buckets)}

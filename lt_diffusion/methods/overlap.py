@@ -33,6 +33,7 @@ from torch import Tensor
 
 from lt_diffusion.diffusion import NoiseSchedule
 from lt_diffusion.methods.base import Objective, ObjectiveOutput, Result, Step, mse
+from lt_diffusion.utils import draws
 
 
 def overlap_timestep_weights(schedule: NoiseSchedule) -> Tensor:
@@ -49,7 +50,7 @@ def negative_labels(y: Tensor, num_classes: int) -> Tensor:
     ``(y + k) mod C`` with ``k ~ U{1, ..., C-1}``."""
     if num_classes < 2:
         raise ValueError(f"overlap optimization needs at least 2 classes, got {num_classes}")
-    k = torch.randint(1, num_classes, y.shape, device=y.device)
+    k = draws.randint(1, num_classes, y.shape, y.device)
     return (y + k) % num_classes
 
 

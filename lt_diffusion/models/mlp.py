@@ -34,7 +34,8 @@ from lt_diffusion.models.unet import SMALL_GAIN, _as_int_tuple, _xavier, timeste
 class ResidualMLPBlock(nn.Module):
     """``LN -> SiLU -> Linear``, plus ``Linear(SiLU(temb))``, then ``LN -> SiLU -> Dropout ->
     Linear`` (small-gain init, so the block starts near identity) and a linear shortcut when
-    the width changes: Ho et al.'s residual block with the convolutions made linear."""
+    the width changes: Ho et al.'s residual block with the convolutions made linear. It is
+    given ``SiLU(temb)`` (the MLP applies the SiLU once for all its blocks)."""
 
     def __init__(self, in_dim: int, out_dim: int, temb_dim: int, dropout: float) -> None:
         super().__init__()
@@ -50,9 +51,9 @@ class ResidualMLPBlock(nn.Module):
                 _xavier(layer)
         _xavier(self.fc2, gain=SMALL_GAIN)
 
-    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+    def forward(self, x: Tensor, temb_act: Tensor) -> Tensor:
         h = self.fc1(F.silu(self.norm1(x)))
-        h = h + self.temb_proj(F.silu(temb))
+        h = h + self.temb_proj(temb_act)
         h = self.fc2(self.dropout(F.silu(self.norm2(h))))
         return h + self.shortcut(x)
 
@@ -146,11 +147,14 @@ class MLPDenoiser(Backbone):
 
     def embed(self, t: Tensor, y: Tensor | None, aug_labels: Tensor | None) -> Tensor:
         """The conditioning vector ``MLP(sin(t)) + E[y] (+ A aug_labels)``, (B, emb_mult ch)."""
-        # The time MLP runs once per distinct timestep: a sampler's batch shares one, and at
-        # these widths the time MLP costs as much as the rest of the network.
-        steps, index = torch.unique(t, return_inverse=True)
-        sinusoid = timestep_embedding(steps, self.ch).to(self.time_mlp[0].weight.dtype)
-        temb = self.time_mlp(sinusoid)[index]
+        dtype = self.time_mlp[0].weight.dtype
+        if self.training:  # a training batch rarely repeats a timestep (and vmap needs this)
+            temb = self.time_mlp(timestep_embedding(t, self.ch).to(dtype))
+        else:
+            # Once per distinct timestep: a sampler's batch shares one, and at these widths
+            # the time MLP costs as much as the rest of the network.
+            steps, index = torch.unique(t, return_inverse=True)
+            temb = self.time_mlp(timestep_embedding(steps, self.ch).to(dtype))[index]
         return self.add_labels(temb, y, aug_labels)
 
     def denoise(
@@ -163,6 +167,7 @@ class MLPDenoiser(Backbone):
                 f"x must have shape (B, {self.vector_dim}) (points, not images), got "
                 f"{tuple(x.shape)}"
             )
-        h, h_mid = self.skip_pass(self.head(x), self.embed(t, y, aug), [])
+        # SiLU(temb) once: every block's time projection reads the same activation.
+        h, h_mid = self.skip_pass(self.head(x), F.silu(self.embed(t, y, aug)), [])
         eps = self.tail(h)
         return (eps, h_mid) if bottleneck else eps

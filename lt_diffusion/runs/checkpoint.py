@@ -91,8 +91,19 @@ def config_differences(saved: dict | DictConfig, current: dict | DictConfig) -> 
 
 
 def check_compatible(ckpt: dict[str, Any], cfg: DictConfig, path: str | Path) -> None:
-    """Refuse to resume a checkpoint that belongs to another experiment."""
-    diffs = config_differences(ckpt[META_KEY]["config"], cfg)
+    """Refuse to resume a checkpoint that belongs to another experiment, or under another
+    budget when the learning-rate schedule depends on it (``train.lr_schedule: cosine``)."""
+    saved = ckpt[META_KEY]["config"]
+    if cfg.train.get("lr_schedule", "constant") != "constant":
+        before = int(saved["train"]["max_steps"])
+        if before != int(cfg.train.max_steps):
+            raise CheckpointError(
+                f"Checkpoint {path} was trained towards train.max_steps={before} under "
+                f"train.lr_schedule={cfg.train.lr_schedule}, whose learning rate depends on the "
+                f"budget: continuing it to {cfg.train.max_steps} would not be a run of that "
+                "budget. Use another run directory (e.g. tag=-steps<N>) or the original budget."
+            )
+    diffs = config_differences(saved, cfg)
     if diffs:
         raise CheckpointError(
             f"Checkpoint {path} does not match this run's config:\n  "

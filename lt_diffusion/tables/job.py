@@ -89,22 +89,35 @@ def missing_records(job: Job, step: int | None = None) -> list[int]:
 
 def run_job(job: Job, table: str) -> str:
     """Train, then evaluate what is missing (a job without evaluations, a run other runs start
-    from, only trains); returns ``"done"`` (the caller handles failures)."""
-    from lt_diffusion.analysis import run as analyze
-    from lt_diffusion.evaluation import run as evaluate
-    from lt_diffusion.evaluation.distributed import barrier
+    from, only trains); returns ``"done"`` (the caller handles failures). The runs of a job
+    that trains several together (``job.together``) train at once, then each is evaluated."""
     from lt_diffusion.training import run as train
 
-    if job.evaluations and not missing_records(job):
+    todo = [j for j in job.members if not (j.evaluations and not missing_records(j))]
+    if not todo:
         return "done"
-    cfg = train_config(job, table)
+    cfgs = [train_config(j, table) for j in todo]
     if job.task == "classify":  # trains, then writes its one record (every evaluation's path)
         from lt_diffusion.classification.run import run as classify
 
-        classify(cfg, record=job.evaluations[0].record)
+        classify(cfgs[0], record=job.evaluations[0].record)
         (Path(job.run_dir) / FAILED).unlink(missing_ok=True)
         return "done"
-    train.run(cfg)
+    if len(todo) == 1:
+        train.run(cfgs[0])
+    else:
+        train.run_together(cfgs)
+    for j, cfg in zip(todo, cfgs):
+        evaluate_run(j, cfg)
+    return "done"
+
+
+def evaluate_run(job: Job, cfg: DictConfig) -> None:
+    """Write the trained run's missing records, then clear its failure mark."""
+    from lt_diffusion.analysis import run as analyze
+    from lt_diffusion.evaluation import run as evaluate
+    from lt_diffusion.evaluation.distributed import barrier
+
     ckpt = Path(job.run_dir) / "checkpoints" / "last.ckpt"
     step = int(read_checkpoint(ckpt)["global_step"])
     # The data are where this job's run says they are (not where the checkpoint was trained).
@@ -121,7 +134,6 @@ def run_job(job: Job, table: str) -> str:
             evaluate.run(ecfg)
         barrier()  # rank 0 has written the record before any rank moves on
     (Path(job.run_dir) / FAILED).unlink(missing_ok=True)
-    return "done"
 
 
 def record_failure(job: Job, err: BaseException, log: str | None) -> Path:
@@ -159,7 +171,8 @@ def run_under_torchrun(job: Job, manifest: str, index: int) -> str:
 
 
 def run(cfg: DictConfig) -> Any:
-    """Run job ``cfg.job`` of the sweep manifest ``cfg.manifest``; returns its status."""
+    """Run job ``cfg.job`` of the sweep manifest ``cfg.manifest``; returns its status (a
+    failure is recorded in the run directory of each run of the job)."""
     table, jobs = read_manifest(cfg.manifest)
     index = int(cfg.job)
     if not 0 <= index < len(jobs):
@@ -173,7 +186,8 @@ def run(cfg: DictConfig) -> Any:
     except Exception as err:  # a failed run must never stop the others
         if _rank() == 0:
             print(f"[{job.key}] failed: {err}\n  log: {log}", file=sys.stderr)
-            record_failure(job, err, log)
+            for member in job.members:
+                record_failure(member, err, log)
         if job.world_size > 1:
             raise  # the other ranks would wait for this one forever: end the process group
         traceback.print_exc()

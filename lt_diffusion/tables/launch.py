@@ -30,6 +30,8 @@ from lt_diffusion.tables.sweep import (
     read_failure,
     write_manifest,
 )
+from lt_diffusion.training import vectorized
+from lt_diffusion.training.config_keys import unknown_keys
 
 
 def _launcher_overrides() -> list[str]:
@@ -63,6 +65,7 @@ def plan(cfg: DictConfig) -> tuple[TableSpec, list[ResolvedRun], list[Job]]:
     train_overrides, eval_overrides = _overrides(cfg)
     paths = _paths(cfg)
     resolved = resolve(spec, train_overrides, eval_overrides)
+    check_run_keys(spec, resolved)
     jobs = [
         Job(
             key=r.run.key,
@@ -83,6 +86,20 @@ def plan(cfg: DictConfig) -> tuple[TableSpec, list[ResolvedRun], list[Job]]:
         for r in resolved
     ]
     return spec, resolved, jobs
+
+
+def check_run_keys(spec: TableSpec, resolved: list[ResolvedRun]) -> None:
+    """Refuse, before anything is launched, a training run whose config has a key nothing
+    reads: a row's ``+method.objective.<key>`` its method does not take (a hyperparameter grid
+    over a setting the method does not have) would otherwise fail only when its job starts."""
+    for r in resolved:
+        problems = unknown_keys(r.config) if r.run.task == "train" else []
+        if problems:
+            raise TableSpecError(
+                f"table {spec.name}: run {r.run.key}: " + "; ".join(problems)
+                + ". Fix the row's overrides (each key must be a setting of its method, model, "
+                "...), or drop the row"
+            )  # fmt: skip
 
 
 def check_start_points(resolved: list[ResolvedRun]) -> None:
@@ -120,6 +137,24 @@ def launch_waves(pending: list[ResolvedRun]) -> list[list[int]]:
     return [[i for i in wave if wave[i] == k] for k in range(max(wave.values(), default=-1) + 1)]
 
 
+def together(pairs: list[tuple[Job, ResolvedRun]]) -> list[Job]:
+    """The jobs of one wave, with the runs that train together (``train.engine: vectorized``,
+    settings equal but for the seeds: the seeds of a synthetic-benchmark row) made one job:
+    the first such run's, holding the others in ``together``."""
+    out: list[Job] = []
+    lead: dict[str, Job] = {}
+    for job, r in pairs:
+        key = vectorized.group_key(r.config)
+        if key is None or job.task != "train":
+            out.append(job)
+        elif key in lead:
+            lead[key].together.append(job)
+        else:
+            lead[key] = job
+            out.append(job)
+    return out
+
+
 def run(cfg: DictConfig, hydra_overrides: list[str], launcher: Any, sweep_dir: Path) -> Path:
     """Launch what is missing (the runs other runs start from first), then write the table;
     returns the Markdown file."""
@@ -131,12 +166,13 @@ def run(cfg: DictConfig, hydra_overrides: list[str], launcher: Any, sweep_dir: P
     print(f"{spec.name}: {len(jobs)} runs, {len(jobs) - len(todo)} done, {len(todo)} to run")
     waves = launch_waves([r for _, r in todo]) if todo and cfg.launch else []
     for k, indices in enumerate(waves):
-        wave = []
+        pairs = []
         for job, r in (todo[i] for i in indices):
             if r.start_point is not None and not r.start_point.is_file():  # its run failed
                 print(f"  skipped {job.key}: {r.start_point} was not trained (see its failure)")
             else:
-                wave.append(job)
+                pairs.append((job, r))
+        wave = together(pairs)
         if not wave:
             continue
         wave_dir = sweep_dir if len(waves) == 1 else sweep_dir / f"wave{k}"
@@ -144,6 +180,8 @@ def run(cfg: DictConfig, hydra_overrides: list[str], launcher: Any, sweep_dir: P
         manifest = write_manifest(wave_dir / "manifest.json", spec.name, wave)
         for i, job in enumerate(wave):
             print(f"  job {i}: {job.key} -> {job.run_dir}")
+            for other in job.together:
+                print(f"         with {other.key} -> {other.run_dir}")
         code = launch(manifest, len(wave), hydra_overrides, wave_dir, int(cfg.workers))
         if code != 0:
             print(f"The sweep exited with code {code}; failed runs are marked in the table.")

@@ -2,7 +2,9 @@
 Hydra multirun that runs the jobs (locally or through hydra-submitit-launcher on SLURM).
 
 A *job* is one training run followed by every evaluation a table needs from it, in one process
-group (:mod:`lt_diffusion.job`). The table command writes the pending jobs into a manifest,
+group (:mod:`lt_diffusion.job`); runs that train together (``train.engine: vectorized``, the
+seeds of one synthetic-benchmark row) are one job, each keeping its own run directory and
+records. The table command writes the pending jobs into a manifest,
 a JSON file that never changes afterwards, and starts ``python -m lt_diffusion.job --multirun
 manifest=<file> job=0,1,...`` with the launcher the user chose; a requeued SLURM job reads the
 same manifest again, so it resumes exactly the run it was given.
@@ -54,6 +56,14 @@ class Job:
     # train: a diffusion run, then lt_diffusion.evaluate for each evaluation; classify: a
     # classifier trained and tested by lt_diffusion.classify into its one record
     task: str = "train"
+    # Runs trained in the same process as this one, each with its own directory and records
+    # (train.engine: vectorized trains them at once, vectorised over their seeds).
+    together: list[Job] = field(default_factory=list)
+
+    @property
+    def members(self) -> list[Job]:
+        """This job's run and the runs trained together with it."""
+        return [self, *self.together]
 
     @property
     def world_size(self) -> int:
@@ -137,11 +147,13 @@ def read_manifest(path: str | Path) -> tuple[str, list[Job]]:
     body = json.loads(path.read_text())
     if body.get("version") != MANIFEST_VERSION:
         raise ValueError(f"{path} is not a version-{MANIFEST_VERSION} sweep manifest")
-    jobs = []
-    for j in body["jobs"]:
-        evals = [EvalJob(**e) for e in j.pop("evaluations")]
-        jobs.append(Job(**j, evaluations=evals))
-    return body["table"], jobs
+    return body["table"], [_job(j) for j in body["jobs"]]
+
+
+def _job(j: dict[str, Any]) -> Job:
+    evals = [EvalJob(**e) for e in j.pop("evaluations")]
+    together = [_job(t) for t in j.pop("together", [])]
+    return Job(**j, evaluations=evals, together=together)
 
 
 def read_failure(run_dir: str | Path) -> dict[str, Any] | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -35,15 +36,27 @@ from lt_diffusion.runs.checkpoint import META_KEY
 from lt_diffusion.runs.load import load_run
 from lt_diffusion.training import rng
 
+LR_SCHEDULES = ("constant", "cosine")
+
 
 class LinearWarmup:
-    """LR multiplier rising linearly from 1/warmup to 1 over ``warmup`` steps (picklable)."""
+    """LR multiplier rising linearly from 1/warmup to 1 over ``warmup`` steps (picklable);
+    ``schedule="cosine"`` then decays it as ``(1 + cos(pi step / total)) / 2`` to 0 at
+    ``total`` steps (``train.lr_schedule``, ``train.max_steps``)."""
 
-    def __init__(self, warmup: int) -> None:
+    def __init__(self, warmup: int, schedule: str = "constant", total: int = 0) -> None:
+        if schedule not in LR_SCHEDULES:
+            raise ValueError(f"train.lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+        if schedule == "cosine" and int(total) < 1:
+            raise ValueError(f"a cosine schedule needs train.max_steps >= 1, got {total}")
         self.warmup = max(0, int(warmup))
+        self.schedule, self.total = schedule, int(total)
 
     def __call__(self, step: int) -> float:
-        return 1.0 if self.warmup == 0 else min(1.0, (step + 1) / self.warmup)
+        rise = 1.0 if self.warmup == 0 else min(1.0, (step + 1) / self.warmup)
+        if getattr(self, "schedule", "constant") == "constant":  # older pickles: constant
+            return rise
+        return rise * 0.5 * (1.0 + math.cos(math.pi * min(step, self.total) / self.total))
 
 
 class DiffusionModule(L.LightningModule):
@@ -55,6 +68,8 @@ class DiffusionModule(L.LightningModule):
         schedule: the forward noise schedule.
         optimizer: a partial optimizer constructor taking the parameters.
         warmup_steps: linear learning-rate warm-up.
+        lr_schedule: ``constant`` after the warm-up, or ``cosine`` decay to 0 at ``max_steps``.
+        max_steps: the run's length (the cosine schedule's).
         ema_decay: EMA decay per step.
         compile_model: run the live backbone under ``torch.compile``.
         channels_last: keep weights and batches in channels-last memory format.
@@ -72,6 +87,8 @@ class DiffusionModule(L.LightningModule):
         compile_model: bool = False,
         channels_last: bool = False,
         meta: dict[str, Any] | None = None,
+        lr_schedule: str = "constant",
+        max_steps: int = 0,
     ) -> None:
         super().__init__()
         if not 0.0 <= ema_decay < 1.0:
@@ -80,6 +97,7 @@ class DiffusionModule(L.LightningModule):
         self.ema_model = copy.deepcopy(model).eval().requires_grad_(False)
         self.objective, self.schedule, self.optimizer_factory = objective, schedule, optimizer
         self.warmup_steps, self.ema_decay = warmup_steps, ema_decay
+        self.lr_lambda = LinearWarmup(warmup_steps, lr_schedule, max_steps)
         self.compile_model, self.channels_last = compile_model, channels_last
         self.meta = meta or {}
         # Before Lightning restores a resumed checkpoint: objectives with networks of their own
@@ -196,7 +214,7 @@ class DiffusionModule(L.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         params += [p for p in self.objective.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params)
-        scheduler = LambdaLR(optimizer, LinearWarmup(self.warmup_steps))
+        scheduler = LambdaLR(optimizer, self.lr_lambda)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
