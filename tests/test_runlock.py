@@ -218,7 +218,7 @@ def test_processes_racing_for_a_stale_lock_have_one_winner(tmp_path: Path) -> No
         results = sorted(p.stdout.readline().strip() for p in racers)
     finally:
         for p in racers:
-            p.communicate("", timeout=60)
+            p.communicate("", timeout=300)
     assert results == ["refused"] * 9 + ["won"]
 
 
