@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -123,6 +124,73 @@ def test_an_error_after_sigterm_ends_the_run_as_the_sigterm(train_overrides, tmp
         _train(ov, tmp_path / "r")
     assert isinstance(err.value.__cause__, ConnectionResetError)
     assert _step(tmp_path / "r" / "checkpoints" / "last.ckpt") == 2  # not a clean stop: no save
+
+
+class TimeLimitSignal(L.Callback):
+    """In the middle of step ``step`` (before its optimizer step): the signal SLURM sends
+    ``signal_delay_s`` before a job's time limit (USR2 for hydra/launcher=slurm)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGUSR2)
+
+
+class CheckpointableJob:  # what submitit runs: checkpointable, as hydra's launcher's job is
+    def __call__(self) -> None:
+        pass
+
+    def checkpoint(self) -> object:
+        from submitit.core.utils import DelayedSubmission
+
+        return DelayedSubmission(self)
+
+
+@pytest.mark.parametrize(
+    "requeue",
+    ["requeued", pytest.param("scontrol stopped by the SIGTERM", marks=pytest.mark.slow)],
+)
+def test_a_time_limit_stops_the_training_at_the_end_of_the_step_saved(
+    train_overrides, tmp_path, requeue: str
+) -> None:
+    """submitit's own handler of the time-limit signal (the real one) requeues the job and
+    exits on the spot, mid-step: the step reached would be lost, and a CSV row with it when
+    the exit falls after a periodic checkpoint. During training the exit is left out: the
+    SIGTERM that SLURM sends for the requeue ends the run at the end of the step, saved."""
+    from submitit.core.job_environment import SignalHandler
+    from submitit.core.utils import DelayedSubmission
+
+    class Slurm:  # scontrol requeue: SLURM signals the job's processes (SIGTERM)
+        global_rank = 0
+
+        def _requeue(self, countdown: int) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+            if requeue != "requeued":
+                raise subprocess.CalledProcessError(-15, ["scontrol", "requeue", "7"])
+
+    job = DelayedSubmission(CheckpointableJob())
+    job.set_timeout(1, 3)  # one minute: timed out (submitit checkpoints, then requeues)
+    submitit_handler = SignalHandler(
+        Slurm(), type("Paths", (), {"submitted_pickle": tmp_path / "job.pkl"})(), job
+    ).checkpoint_and_try_requeue
+    ov = train_overrides(
+        *FAST, "train.max_steps=9", "train.ckpt_every=2", "train.log_every=1",
+        "callbacks.sample_grid=null", f"+callbacks.limit._target_={__name__}.TimeLimitSignal",
+        "+callbacks.limit.step=4",
+    )  # fmt: skip
+    before = signal.signal(signal.SIGUSR2, submitit_handler)
+    try:
+        with pytest.raises(SIGTERMException):  # not submitit's SystemExit(-1)
+            _train(ov, tmp_path / "r")
+        assert signal.getsignal(signal.SIGUSR2) == submitit_handler  # put back after fit
+    finally:
+        signal.signal(signal.SIGUSR2, before)
+    assert (tmp_path / "job.pkl").is_file()  # submitit's checkpoint of the job was written
+    assert _step(tmp_path / "r" / "checkpoints" / "last.ckpt") == 5  # the step it was in, done
+    rows = (tmp_path / "r" / "logs" / "metrics.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[1]) for r in rows] == [0, 1, 2, 3, 4]
 
 
 @pytest.mark.slow

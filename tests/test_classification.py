@@ -485,7 +485,8 @@ def test_random_crop_is_a_window_of_the_padded_image() -> None:
 
 def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path: Path) -> None:
     """Two steps, stop, resume to four: the same weights as four steps straight (the batch
-    stream, the crops and the learning-rate schedule are functions of the step)."""
+    stream, the crops and the learning-rate schedule are functions of the step); the temporary
+    files of killed writes are swept at the resume."""
     from lt_diffusion.classification.run import run
     from lt_diffusion.runs.checkpoint import read_checkpoint
     from tests.fakedata import write_fashion_mnist
@@ -507,7 +508,13 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path: P
 
     straight = train("straight", 4)
     train("resumed", 2)
+    # What a kill of the first attempt would have left: swept by the resumed one, as for training.
+    names = (".config.yaml.t5y6u7i8.tmp", "checkpoints/.last.ckpt.k2j4_x9q.tmp")
+    leftovers = [tmp_path / "resumed" / n for n in names]
+    for leftover in leftovers:
+        leftover.write_bytes(b"\0" * 100)
     resumed = train("resumed", 4)
+    assert not any(p.exists() for p in leftovers)
     assert straight.keys() == resumed.keys()
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), k

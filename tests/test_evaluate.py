@@ -80,6 +80,8 @@ PER_CLASS = tiny_eval(
 )  # fmt: skip
 
 
+# Three evaluate processes, each loading Inception: 242 s on a busy 2-core machine (slow).
+@pytest.mark.slow
 def test_two_processes_make_the_record_of_one(checkpoint: Path, tmp_path: Path) -> None:
     """The evaluate command under torchrun (two gloo processes) and alone: the same generated
     images, bit for bit, and the same record, number for number, overall, per split and per

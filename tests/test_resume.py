@@ -35,6 +35,17 @@ def _train(overrides: list[str], run_dir: Path) -> Path:
     return run_dir / "checkpoints" / "last.ckpt"
 
 
+def _same(a: object, b: object) -> bool:
+    """Equal, tensors bit for bit, in nested dicts, lists and tuples."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
 def assert_same_training_state(a: Path, b: Path) -> None:
     """Weights, EMA, optimizer, schedule, step and random states are identical (bit for bit)."""
     ca, cb = read_checkpoint(a), read_checkpoint(b)
@@ -44,18 +55,18 @@ def assert_same_training_state(a: Path, b: Path) -> None:
         k for k in ca["state_dict"] if not torch.equal(ca["state_dict"][k], cb["state_dict"][k])
     ]
     assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
-    for sa, sb in zip(
-        ca["optimizer_states"][0]["state"].values(), cb["optimizer_states"][0]["state"].values()
-    ):
-        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert len(ca["optimizer_states"]) == len(cb["optimizer_states"])
+    for oa, ob in zip(ca["optimizer_states"], cb["optimizer_states"]):
+        assert oa["state"].keys() == ob["state"].keys()  # one entry per trained parameter
+        differ = [k for k in oa["state"] if not _same(oa["state"][k], ob["state"][k])]
+        assert not differ, f"the optimizer state of {len(differ)} parameters differs"
+        assert _same(oa["param_groups"], ob["param_groups"])
     assert ca["lr_schedulers"] == cb["lr_schedulers"]
     # The next step would draw the same numbers too, on every rank.
     assert len(ca[RNG_KEY]) == len(cb[RNG_KEY])
-    for ra, rb in zip(ca[RNG_KEY], cb[RNG_KEY]):
-        assert torch.equal(ra["torch"], rb["torch"]) and torch.equal(
-            ra["numpy"]["key"], rb["numpy"]["key"]
-        )
-        assert ra["objective"] == rb["objective"] and ra["python"] == rb["python"]
+    for rank, (ra, rb) in enumerate(zip(ca[RNG_KEY], cb[RNG_KEY])):
+        differ = [k for k in ra.keys() | rb.keys() if not _same(ra.get(k), rb.get(k))]
+        assert not differ, f"rank {rank}'s random states differ: {sorted(differ)}"
 
 
 @pytest.mark.parametrize(

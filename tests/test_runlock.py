@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import lightning as L
@@ -186,12 +185,13 @@ RACE = """
 import sys, time
 from pathlib import Path
 from lt_diffusion.utils.runlock import RunLock, RunLockedError
+print("ready", flush=True)
 while not Path(sys.argv[2]).exists():
     time.sleep(0.001)
 try:
     RunLock(sys.argv[1]).acquire()
     print("won", flush=True)
-    time.sleep(2)  # hold it while the others try
+    sys.stdin.read()  # hold it until every racer has answered (the test closes our stdin)
 except RunLockedError:
     print("refused", flush=True)
 """
@@ -204,14 +204,21 @@ def test_processes_racing_for_a_stale_lock_have_one_winner(tmp_path: Path) -> No
         subprocess.Popen(
             [sys.executable, "-c", RACE, str(run_dir), str(go)],
             cwd=ROOT,
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
         for _ in range(10)
     ]
-    time.sleep(1.0)  # let them all start waiting
-    go.touch()
-    results = sorted(p.communicate(timeout=60)[0].strip() for p in racers)
+    try:
+        # All start together, however slowly a busy machine starts them, and the winner holds
+        # the lock until every other racer has tried it.
+        assert [p.stdout.readline().strip() for p in racers] == ["ready"] * 10
+        go.touch()
+        results = sorted(p.stdout.readline().strip() for p in racers)
+    finally:
+        for p in racers:
+            p.communicate("", timeout=300)
     assert results == ["refused"] * 9 + ["won"]
 
 

@@ -214,6 +214,10 @@ def test_requeued_and_timed_out_trainings_equal_the_uninterrupted_run(
         # Interrupted at least once mid-training, and each attempt resumed where the last left.
         assert any(0 < s < STEPS for s in left_at[name]), (name, left_at[name])
         assert set(_resumed_steps(run_dir)) == {s for s in left_at[name] if s > 0}, name
+        if JOBS[name][1] == "its time limit":  # stopped at the end of a step, not mid-step
+            assert (
+                "the training stops at the end of this step" in (run_dir / "train.log").read_text()
+            )
         assert_same_training_state(reference, run_dir / "checkpoints" / "last.ckpt")
         if logger == "wandb":
             ids = {p.name.rsplit("-", 1)[1] for p in run_dir.glob("wandb/offline-run-*")}

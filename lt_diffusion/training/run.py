@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,7 +109,8 @@ def fit(trainer: L.Trainer, module: L.LightningModule, **kwargs: Any) -> None:
     limit) and their errors reach it; submitit would then record a failed result for a job that
     is being requeued (its sweep, or table, counting it failed while it goes on)."""
     try:
-        trainer.fit(module, **kwargs)
+        with _requeue_stops_at_the_step_end(trainer):
+            trainer.fit(module, **kwargs)
     except Exception as err:
         if not trainer.received_sigterm:
             raise
@@ -116,6 +119,48 @@ def fit(trainer: L.Trainer, module: L.LightningModule, **kwargs: Any) -> None:
             "stopped (a SLURM requeue, time limit or preemption), not a failure of the run"
         )
         raise SIGTERMException from err
+
+
+@contextlib.contextmanager
+def _requeue_stops_at_the_step_end(trainer: L.Trainer) -> Iterator[None]:
+    """While the training runs, submitit's handler of the time-limit signal (USR2 under
+    ``hydra/launcher=slurm``: ``signal_delay_s`` before the limit) requeues the job but does not
+    exit on the spot. Its ``sys.exit(-1)`` would cut the current step short wherever it is: the
+    step reached unsaved (the run resumes from the last periodic checkpoint) and, when it falls
+    between a periodic checkpoint and the CSV row of that step, the row lost for good. Instead
+    the SIGTERM SLURM sends for the requeue stops the training at the end of the step, which
+    RunCheckpoint saves, as for ``scontrol requeue``. Handlers other than submitit's, and
+    the time before and after ``fit``, are left alone."""
+    wrapped: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():  # signals: main thread only
+        for signum in (signal.SIGUSR1, signal.SIGUSR2):
+            handler = signal.getsignal(signum)
+            owner = type(getattr(handler, "__self__", None)).__module__
+            ours = getattr(handler, "__name__", "") == "checkpoint_and_try_requeue"
+            if not (ours and owner.startswith("submitit.")):
+                continue
+
+            def requeue(signum: int, frame: Any, handler: Any = handler) -> None:
+                try:
+                    handler(signum, frame)  # checkpoint the job's arguments, scontrol requeue
+                except SystemExit:
+                    rank_zero_info(
+                        "submitit requeued the job (time limit or preemption): the training "
+                        "stops at the end of this step, saved, when SLURM's SIGTERM comes"
+                    )
+                except Exception as err:
+                    if not trainer.received_sigterm:
+                        raise
+                    # scontrol stopped by the requeue it asked for: the job is requeued anyway
+                    rank_zero_warn(f"{type(err).__name__} after SIGTERM in submitit's requeue")
+
+            signal.signal(signum, requeue)
+            wrapped[signum] = handler
+    try:
+        yield
+    finally:
+        for signum, handler in wrapped.items():
+            signal.signal(signum, handler)
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path, lock: RunLock | None) -> list[L.Callback]:
