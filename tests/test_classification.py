@@ -268,7 +268,7 @@ def test_augmentation_end_to_end_on_tiny_fashion_mnist(tmp_path: Path, monkeypat
     and seed; the classifier trains on real + generated images; its record names the
     generator and validates."""
     from lt_diffusion.classification.run import run
-    from lt_diffusion.runs import build as builders
+    from lt_diffusion.runs import load
     from lt_diffusion.training import run as train
     from tests.fakedata import write_fashion_mnist
 
@@ -322,7 +322,7 @@ def test_augmentation_end_to_end_on_tiny_fashion_mnist(tmp_path: Path, monkeypat
     def no_sampling(*_, **__):
         raise AssertionError("generated again instead of read from the cache")
 
-    monkeypatch.setattr(builders, "sample_labels", no_sampling)
+    monkeypatch.setattr(load, "sample_labels", no_sampling)
     again = classify("b", "seed=1", "augment.seed=0")
     assert again["training"]["augmentation"]["folder"] == str(folder)
     # Another seed for the images: a new folder (so it would sample).

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, NonNegativeInt, field_validator, model_validator
 
+from lt_diffusion.evaluation import metrics as _metrics  # noqa: F401  (registers them)
 from lt_diffusion.records.base import (  # the family's names, importable here as before
     CLASS_KEY,
     SCHEMA_VERSION,
