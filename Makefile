@@ -57,12 +57,14 @@ demo-toy: setup
 test: setup slurm
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -n auto --maxprocesses 4 --dist worksteal -m "not slow and not gpu and not slurm"
 	$(PY) -m pytest -m "slurm and not slow"
 
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/lint-imports
 
 format: setup
 	$(PY) -m ruff format .

@@ -12,7 +12,7 @@ Analyses (configs/analysis/): ``pruning`` (CM paper, Fig. 1(b)), ``imba_distance
 from __future__ import annotations
 
 from lt_diffusion.analysis.run import run
-from lt_diffusion.runtime import hydra_command
+from lt_diffusion.utils.command import hydra_command
 
 __all__ = ["main", "run"]
 

@@ -8,7 +8,7 @@ feature extraction are split across the processes; the record is the same as wit
 from __future__ import annotations
 
 from lt_diffusion.evaluation.run import RecordSaveError, run
-from lt_diffusion.runtime import hydra_command
+from lt_diffusion.utils.command import hydra_command
 
 __all__ = ["RecordSaveError", "main", "run"]
 

@@ -10,12 +10,11 @@ CPU node before multi-GPU or SLURM jobs, so that no GPU job spends its time deco
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lt_diffusion.utils.config import CONFIG_DIR, compose_config
+from lt_diffusion.utils.command import config_groups, overrides_command
+from lt_diffusion.utils.config import compose_config
 
 if TYPE_CHECKING:
     from lt_diffusion.data import LongTailDataModule
@@ -27,7 +26,7 @@ _GROUPS = ("dataset", "imbalance", "paths")
 def run(overrides: Sequence[str]) -> LongTailDataModule:
     """The datamodule of the run ``overrides`` describe, set up, with its reference set."""
     # Imported here: Lightning takes seconds to import, which --help should not wait for.
-    from lt_diffusion.training.builders import build_datamodule
+    from lt_diffusion.runs.build import build_datamodule
 
     cfg = compose_config("train", overrides)
     datamodule = build_datamodule(cfg, on_device=False)
@@ -38,10 +37,7 @@ def run(overrides: Sequence[str]) -> LongTailDataModule:
 
 def help_text() -> str:
     """``--help``: what the command does, its main options and the options of its groups."""
-    groups = "\n".join(
-        f"  {g}: {', '.join(sorted(p.stem for p in (Path(CONFIG_DIR) / g).glob('*.yaml')))}"
-        for g in _GROUPS
-    )
+    groups = config_groups(_GROUPS)
     return (
         f"python -m lt_diffusion.prepare_data (ltd-prepare-data): {__doc__}\n"
         "Main options:\n"
@@ -53,19 +49,7 @@ def help_text() -> str:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in args):
-        print(help_text())
-        return
-    flags = [a for a in args if a.startswith("-")]
-    if flags:  # not a Hydra app: Hydra's flags (--hydra-help, --multirun) mean nothing here
-        sys.exit(
-            f"prepare_data takes training overrides (key=value) only, not {' '.join(flags)}; "
-            "see python -m lt_diffusion.prepare_data --help"
-        )
-    run(args).print_summary()
-
+main = overrides_command("prepare_data", help_text, lambda args: run(args).print_summary())
 
 if __name__ == "__main__":
     main()

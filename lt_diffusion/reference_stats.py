@@ -10,12 +10,12 @@ the class order and the splits come from the long tail) and its own settings. Th
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lt_diffusion.utils.config import CONFIG_DIR, compose_config
+from lt_diffusion.utils.command import config_groups, overrides_command
+from lt_diffusion.utils.config import compose_config
 
 # This command's own settings (the rest are training overrides) and their defaults.
 OWN = {"out": None, "set": "reference", "features": "inception", "device": "auto",
@@ -44,8 +44,8 @@ def parse(args: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
 def run(args: Sequence[str]) -> Path:
     # Imported here: Lightning and torch-fidelity take seconds to import, --help should not wait.
     from lt_diffusion.evaluation.dataset_stats import dataset_statistics
+    from lt_diffusion.runs.build import build_datamodule
     from lt_diffusion.runtime import resolve_device
-    from lt_diffusion.training.builders import build_datamodule
 
     own, overrides = parse(args)
     cfg = compose_config("train", overrides)
@@ -72,10 +72,7 @@ def run(args: Sequence[str]) -> Path:
 
 
 def help_text() -> str:
-    groups = "\n".join(
-        f"  {g}: {', '.join(sorted(p.stem for p in (Path(CONFIG_DIR) / g).glob('*.yaml')))}"
-        for g in _GROUPS
-    )
+    groups = config_groups(_GROUPS)
     return (
         f"python -m lt_diffusion.reference_stats (ltd-reference-stats): {__doc__}\n"
         "Main options:\n"
@@ -94,19 +91,7 @@ def help_text() -> str:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in args):
-        print(help_text())
-        return
-    flags = [a for a in args if a.startswith("-")]
-    if flags:
-        sys.exit(
-            f"reference_stats takes key=value settings only, not {' '.join(flags)}; see "
-            "python -m lt_diffusion.reference_stats --help"
-        )
-    run(args)
-
+main = overrides_command("reference_stats", help_text, run)
 
 if __name__ == "__main__":
     main()

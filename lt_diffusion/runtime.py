@@ -1,13 +1,10 @@
 """Where the project is and what it runs on: the config folder, the code version stamped into
-checkpoints and records, the device a command runs on and the commands' Hydra entry point.
-Commands and libraries read these from here, never from each other."""
+checkpoints and records, the device a command runs on. The bottom of the package: it imports
+nothing of the project (the commands' entry point is :mod:`lt_diffusion.utils.command`)."""
 
 from __future__ import annotations
 
-import functools
 import subprocess
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,31 +49,3 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def hydra_command(config_name: str, run: Callable[[Any], Any]) -> Callable[[], Any]:
-    """A command's entry point: ``run`` on ``configs/<config_name>.yaml`` composed with the
-    command line's overrides (``--help``, ``--multirun`` and shell completion included), with
-    third-party noise filtered (Lightning's tips, the ``srun`` hint outside SLURM jobs, wandb's
-    console output, dependencies' deprecation warnings: :mod:`lt_diffusion.utils.quiet`;
-    ``-v`` or ``verbose=true`` keeps them). ``run`` is the task function (wrapped, so Hydra
-    still names the job after the module that defines it; a launcher's job process filters
-    too)."""
-    import hydra
-
-    from lt_diffusion.utils import quiet
-
-    @functools.wraps(run)
-    def task(cfg: Any) -> Any:
-        quiet.install()
-        quiet.one_lightning_handler()  # Hydra has configured logging by now
-        return run(cfg)
-
-    app = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)(task)
-
-    def main() -> Any:
-        quiet.take_verbose(sys.argv)
-        quiet.install()
-        return app()
-
-    return main

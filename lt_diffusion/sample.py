@@ -8,9 +8,9 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from lt_diffusion.diffusion import balanced_labels
-from lt_diffusion.runtime import hydra_command
-from lt_diffusion.training.builders import sample_labels, sampler_label
-from lt_diffusion.training.checkpoint import load_run
+from lt_diffusion.runs.build import sampler_label
+from lt_diffusion.runs.load import load_run, sample_labels
+from lt_diffusion.utils.command import hydra_command
 from lt_diffusion.utils.imagefolder import write_image_folder
 
 

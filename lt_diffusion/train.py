@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from lt_diffusion.runtime import hydra_command
+from lt_diffusion.utils.command import hydra_command
 
 __all__ = ["main", "run"]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from lt_diffusion.training.builders import build_model, build_objective, build_schedule
+from lt_diffusion.runs.build import build_model, build_objective, build_schedule
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

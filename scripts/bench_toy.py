@@ -54,7 +54,7 @@ def bare_step_ms(steps: int) -> float:
     from hydra.utils import instantiate
 
     from lt_diffusion.diffusion import NoiseSchedule
-    from lt_diffusion.training.builders import build_datamodule
+    from lt_diffusion.runs.build import build_datamodule
     from lt_diffusion.utils.config import compose_config
 
     cfg = compose_config("train", ["experiment=toy/toy2d_ddpm"])

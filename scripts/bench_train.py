@@ -35,8 +35,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lt_diffusion.training.builders import build_model, build_schedule  # noqa: E402
-from lt_diffusion.training.ema import ema_update  # noqa: E402
+from lt_diffusion.models.ema import ema_update  # noqa: E402
+from lt_diffusion.runs.build import build_model, build_schedule  # noqa: E402
 from lt_diffusion.utils.config import compose_config  # noqa: E402
 
 

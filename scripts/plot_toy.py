@@ -26,13 +26,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lt_diffusion.diffusion import generate_vectors
-from lt_diffusion.evaluation.record import read_record
 from lt_diffusion.evaluation.toy import class_truth
 from lt_diffusion.evaluation.toy_plots import plot_fidelity_diversity, plot_points_per_class
+from lt_diffusion.records.base import read_record
+from lt_diffusion.runs.build import build_datamodule, build_sampler, build_schedule
+from lt_diffusion.runs.load import load_sampling_model
 from lt_diffusion.tables import load_table_by_name, resolve
 from lt_diffusion.tables.aggregate import metric_value
-from lt_diffusion.training.builders import build_datamodule, build_sampler, build_schedule
-from lt_diffusion.training.checkpoint import load_sampling_model
 from lt_diffusion.utils.threads import torch_threads
 
 

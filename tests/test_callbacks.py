@@ -16,7 +16,7 @@ import pytest
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from PIL import Image
 
-from lt_diffusion.training.checkpoint import read_checkpoint
+from lt_diffusion.runs.checkpoint import read_checkpoint
 from tests.conftest import compose_config, python_process
 from tests.test_resume import FAST, assert_same_training_state
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lt_diffusion.training.checkpoint import AtomicCheckpointIO
-from lt_diffusion.training.ema import ema_update
+from lt_diffusion.models.ema import ema_update
+from lt_diffusion.runs.checkpoint import AtomicCheckpointIO
 
 
 class Unpicklable:

@@ -26,7 +26,7 @@ from lt_diffusion.classification.losses import (
 from lt_diffusion.classification.metrics import classification_metrics
 from lt_diffusion.classification.module import ClassifierModule, EpochSchedule
 from lt_diffusion.classification.resnet import CifarResNet
-from lt_diffusion.evaluation.record import read_record
+from lt_diffusion.records.base import read_record
 from tests.conftest import ROOT, compose_config
 
 COUNTS = [500, 150, 40, 5]
@@ -268,7 +268,7 @@ def test_augmentation_end_to_end_on_tiny_fashion_mnist(tmp_path: Path, monkeypat
     and seed; the classifier trains on real + generated images; its record names the
     generator and validates."""
     from lt_diffusion.classification.run import run
-    from lt_diffusion.training import builders
+    from lt_diffusion.runs import load
     from lt_diffusion.training import run as train
     from tests.fakedata import write_fashion_mnist
 
@@ -322,7 +322,7 @@ def test_augmentation_end_to_end_on_tiny_fashion_mnist(tmp_path: Path, monkeypat
     def no_sampling(*_, **__):
         raise AssertionError("generated again instead of read from the cache")
 
-    monkeypatch.setattr(builders, "sample_labels", no_sampling)
+    monkeypatch.setattr(load, "sample_labels", no_sampling)
     again = classify("b", "seed=1", "augment.seed=0")
     assert again["training"]["augmentation"]["folder"] == str(folder)
     # Another seed for the images: a new folder (so it would sample).
@@ -331,10 +331,11 @@ def test_augmentation_end_to_end_on_tiny_fashion_mnist(tmp_path: Path, monkeypat
 
     # The record as a table cell: placed where cm_table_g13 expects its IR 100 CE run's record
     # (under that run's digest), the table reads its numbers and names no sampler.
-    from lt_diffusion.evaluation.record import write_record
+    from lt_diffusion.records.base import write_record
     from lt_diffusion.tables.aggregate import collect
     from lt_diffusion.tables.render import to_markdown
-    from lt_diffusion.tables.spec import load_table_by_name, resolve
+    from lt_diffusion.tables.resolution import resolve
+    from lt_diffusion.tables.spec import load_table_by_name
 
     spec = load_table_by_name("cm_table_g13")
     spec.seeds = [0]
@@ -357,8 +358,9 @@ def test_cm_tables_resolve_to_classification_runs_and_records(tmp_path: Path) ->
     """Both tables' rows are classification runs; each record path carries the run's settings
     digest; G.8's no-augmentation row is G.13's IR 100 CE run (trained once for both); the
     table command plans them as classify jobs."""
-    from lt_diffusion.table import plan
-    from lt_diffusion.tables.spec import load_table_by_name, resolve
+    from lt_diffusion.tables.launch import plan
+    from lt_diffusion.tables.resolution import resolve
+    from lt_diffusion.tables.spec import load_table_by_name
 
     out = [f"paths.output_dir={tmp_path}"]
     g8, resolved, jobs = plan(compose_config("sweep", ["table=cm_table_g8", *out]))
@@ -486,7 +488,7 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path: P
     stream, the crops and the learning-rate schedule are functions of the step); the temporary
     files of killed writes are swept at the resume."""
     from lt_diffusion.classification.run import run
-    from lt_diffusion.training.checkpoint import read_checkpoint
+    from lt_diffusion.runs.checkpoint import read_checkpoint
     from tests.fakedata import write_fashion_mnist
 
     data = tmp_path / "data"

@@ -125,7 +125,7 @@ def test_prepare_data_refuses_hydra_flags() -> None:
     # prepare_data is no Hydra app: Hydra's flags get a sentence, not a traceback.
     res = _run([sys.executable, "-m", "lt_diffusion.prepare_data", "--hydra-help"])
     assert res.returncode != 0 and "Traceback" not in res.stderr
-    assert "takes training overrides (key=value) only" in res.stderr
+    assert "takes key=value overrides only" in res.stderr
 
 
 def test_table_without_a_table_says_how_to_choose_one(tmp_path: Path) -> None:

@@ -244,7 +244,7 @@ def test_saturation_step() -> None:
 def _analysed(model: StableDiffusionBackbone, tmp_path: Path):
     """The model as a loaded run (what ltd-analyze gives compute), on CPU."""
     from lt_diffusion.analysis.common import AnalysedRun
-    from lt_diffusion.training.checkpoint import LoadedRun
+    from lt_diffusion.runs.load import LoadedRun
 
     cfg = compose_config(
         "train",
@@ -258,7 +258,7 @@ def _analysed(model: StableDiffusionBackbone, tmp_path: Path):
 
 
 def test_analysis_record_validates(model, tmp_path: Path) -> None:
-    from lt_diffusion.analysis.common import build_record
+    from lt_diffusion.analysis.common import build_analysis_record
     from lt_diffusion.analysis.concept_dominance import plot
 
     prompt_set = tmp_path / "pairs.yaml"
@@ -273,7 +273,7 @@ def test_analysis_record_validates(model, tmp_path: Path) -> None:
     )  # fmt: skip
     run = _analysed(model, tmp_path)
     results = compute(run, settings, batch_size=16, show_progress=False)
-    record = validate(build_record("concept_dominance", settings, run, results, "test"))
+    record = validate(build_analysis_record("concept_dominance", settings, run, results, "test"))
     json.dumps(record, allow_nan=False)
     res = record["results"]
     assert len(res["prompts"]) == 4 and res["timesteps"][0] > res["timesteps"][-1]

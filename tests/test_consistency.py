@@ -28,7 +28,7 @@ from lt_diffusion.diffusion.consistency import (
 from lt_diffusion.methods import CMObjective, ConsistencyDistillationObjective, DDPMObjective
 from lt_diffusion.models import UNet
 from lt_diffusion.models.lowrank import expert_switch, lowrank_layers, reserve_capacity
-from lt_diffusion.training.builders import check_sampler, sampler_label
+from lt_diffusion.runs.build import check_sampler, sampler_label
 from tests.conftest import compose_config
 from tests.objectives import TinyNet, abar_of
 
@@ -298,7 +298,7 @@ def test_a_distillation_run_resumes_exactly_and_checks_its_teacher(
     """Through lt_diffusion.train: a DDPM teacher, then CD from it. The target network is in the
     checkpoint (the teacher is not), so a resumed run equals the uninterrupted one bit for bit;
     a teacher of another noise schedule is refused before the first step."""
-    from lt_diffusion.training.checkpoint import read_checkpoint
+    from lt_diffusion.runs.checkpoint import read_checkpoint
     from tests.test_resume import FAST, _train, assert_same_training_state
 
     _train(train_overrides(*FAST, "train.max_steps=1"), tmp_path / "outputs" / "teacher")
@@ -325,8 +325,8 @@ def test_the_g9_table_trains_its_teachers_first(tmp_path) -> None:
     """cm_table_g9's rows distil cm_table2's DDPM runs: the spec requires them, so one command
     trains them (a first wave) and then the students (a second). Without ``requires`` a table
     is refused up front, naming the missing checkpoint; once it exists it is not."""
-    from lt_diffusion.table import check_start_points, launch_waves, plan
     from lt_diffusion.tables import TableSpecError
+    from lt_diffusion.tables.launch import check_start_points, launch_waves, plan
 
     out = [f"paths.output_dir={tmp_path}"]
     _, resolved, jobs = plan(compose_config("sweep", ["table=cm_table_g9", *out]))

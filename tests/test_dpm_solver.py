@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lt_diffusion.diffusion import DDIMSampler, DPMSolverSampler, NoiseSchedule
-from lt_diffusion.training.builders import build_sampler, resolve_sampler
+from lt_diffusion.runs.build import build_sampler, resolve_sampler
 from tests.conftest import compose_config
 
 

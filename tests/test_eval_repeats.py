@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from lt_diffusion.evaluation.identity import evaluation_identity
 from lt_diffusion.evaluation.repeats import STRIDE, noise_seeds
 from lt_diffusion.utils.config import compose_config
-from lt_diffusion.utils.identity import evaluation_identity
 
 METRICS = ("sw", "mmd", "mode_precision", "mode_coverage", "borrowing")
 

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from lt_diffusion.evaluation.inception import ISUnavailableError, official_weights
 from lt_diffusion.evaluation.metrics import TooFewImagesError
-from lt_diffusion.training.checkpoint import CheckpointError
+from lt_diffusion.runs.checkpoint import CheckpointError
 from tests.conftest import ROOT, compose_config, tiny_eval
 
 # Tiny protocol: ~60 Inception passes in all.
@@ -141,7 +141,8 @@ def test_data_root_is_the_folder_read_or_refused(checkpoint: Path, tmp_path: Pat
     record's ``dataset.root``, checked above for the run's own root)."""
     import shutil
 
-    from lt_diffusion.training.checkpoint import read_checkpoint, run_datamodule
+    from lt_diffusion.runs.checkpoint import read_checkpoint
+    from lt_diffusion.runs.load import run_datamodule
 
     with pytest.raises(FileNotFoundError) as err:
         _evaluate(checkpoint, tmp_path, f"data_root={tmp_path}")
@@ -157,7 +158,7 @@ def test_a_given_data_root_never_falls_back_to_the_system_copy(tmp_path: Path) -
     # Fashion-MNIST is also installed system-wide (Debian's copy, the default run's fallback):
     # a data_root given explicitly must hold it, or the evaluation stops naming the folder.
     from lt_diffusion.data import sources
-    from lt_diffusion.training.checkpoint import run_datamodule
+    from lt_diffusion.runs.load import run_datamodule
     from tests.fakedata import write_fashion_mnist
 
     system = tmp_path / "system"
@@ -321,7 +322,7 @@ def test_a_failed_save_keeps_the_old_record_and_shows_the_results(
     def full_disk(path, record):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("lt_diffusion.evaluation.run.save_record", full_disk)
+    monkeypatch.setattr("lt_diffusion.evaluation.run.write_record", full_disk)
     capsys.readouterr()
     with pytest.raises(evaluate.RecordSaveError, match=r"kept.json .*No space left.*untouched"):
         _evaluate(checkpoint, tmp_path, "eval.per_split.generated=0", f"record={target}")

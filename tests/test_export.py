@@ -12,13 +12,8 @@ import torch
 from omegaconf import OmegaConf
 from safetensors import safe_open
 
-from lt_diffusion.training.checkpoint import (
-    CheckpointError,
-    load_exported,
-    load_sampling_model,
-    model_state,
-    read_checkpoint,
-)
+from lt_diffusion.runs.checkpoint import CheckpointError, model_state, read_checkpoint
+from lt_diffusion.runs.load import load_exported, load_sampling_model
 from tests.conftest import compose_config
 
 

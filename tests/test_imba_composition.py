@@ -363,9 +363,9 @@ def test_imba_distance_per_concept_and_its_fit(trained) -> None:
     assert fit["unit"] == "concept" and fit["names"][:3] == ["a0", "a1", "b0"]
     assert fit["count"] == [808.0, 808.0] + [400.0] * 4 + [4.0] * 4
     # Recompute the per-concept distances by hand from the model (float64) on the same draws.
-    from lt_diffusion.analysis.common import load_run
+    from lt_diffusion.analysis.common import load_analysed_run
 
-    run = load_run(trained, "cpu")
+    run = load_analysed_run(trained, "cpu")
     run.model.double()
     samples = run.samples(3, 2, 0, run.schedule.num_timesteps - 1)
     sums, ns = np.zeros(10), np.zeros(10)

@@ -15,7 +15,8 @@ from lt_diffusion.diffusion import DDIMSampler, DDPMSampler, NoiseSchedule, gene
 from lt_diffusion.diffusion.generate import sample_unbounded
 from lt_diffusion.models import LatentUNet, encoded_training_set
 from lt_diffusion.models.latent_cache import cache_key, cache_path
-from lt_diffusion.training.checkpoint import load_exported, load_sampling_model, read_checkpoint
+from lt_diffusion.runs.checkpoint import read_checkpoint
+from lt_diffusion.runs.load import load_exported, load_sampling_model
 from tests.conftest import assert_same_state, compose_config, tiny_eval
 
 VAE = {

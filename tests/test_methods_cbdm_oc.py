@@ -10,10 +10,10 @@ import torch
 
 from lt_diffusion.diffusion import NoiseSchedule
 from lt_diffusion.methods import (
-    BaseContext,
     CBDMObjective,
     DDPMObjective,
     OCObjective,
+    Step,
     oc_gate,
     oc_selection_probs,
 )
@@ -157,7 +157,7 @@ def test_ddpm_and_cbdm_expose_the_context_a_wrapper_needs(sched) -> None:
         obj.setup(COUNTS)
         torch.manual_seed(1)
         out, ctx = obj.compute(model, x0, y, sched)
-        assert isinstance(ctx, BaseContext)
+        assert isinstance(ctx, Step)
         assert ctx.eps_pred.requires_grad and not ctx.dropped
         # The context reproduces the base prediction: a wrapper can re-run the model on it.
         torch.testing.assert_close(ctx.eps_pred, model.formula(ctx.x_t, ctx.t, ctx.y_in))

@@ -267,7 +267,7 @@ def test_cm_refuses_misuse() -> None:
     ],
 )
 def test_method_configs_build_and_step(method: str) -> None:
-    from lt_diffusion.training.builders import build_model, build_objective
+    from lt_diffusion.runs.build import build_model, build_objective
 
     cfg = compose_config("train", [f"method={method}", "model=unet_tiny", "dataset=cifar10_lt"])
     assert cfg.method.name == method
@@ -388,7 +388,8 @@ def test_cbdm_lora_fine_tunes_only_the_factors_of_a_cbdm_checkpoint(train_overri
     B A move, and the saved model reloads (transform re-applied) for sampling."""
     from lt_diffusion import train
     from lt_diffusion.models.lowrank import merge_lowrank
-    from lt_diffusion.training.checkpoint import load_sampling_model, model_state, read_checkpoint
+    from lt_diffusion.runs.checkpoint import model_state, read_checkpoint
+    from lt_diffusion.runs.load import load_sampling_model
 
     def run(name: str, *extra: str):
         cfg = compose_config(
@@ -417,7 +418,7 @@ def test_cbdm_lora_fine_tunes_only_the_factors_of_a_cbdm_checkpoint(train_overri
 @pytest.mark.parametrize("method", ["cm", "group_expert_lora"])
 def test_training_command_runs_and_reloads(method: str, train_overrides, tmp_path) -> None:
     from lt_diffusion import train
-    from lt_diffusion.training.checkpoint import load_sampling_model
+    from lt_diffusion.runs.load import load_sampling_model
 
     overrides = [*train_overrides(f"method={method}", "train.max_steps=2")]
     cfg = compose_config("train", [*overrides, f"paths.run_dir={tmp_path / 'run'}"])

@@ -317,7 +317,7 @@ def test_objectives_train_under_bf16_autocast_with_float32_losses(method: str) -
 
 @pytest.mark.parametrize("method", METHODS)
 def test_method_config_builds_its_objective_and_model(method: str) -> None:
-    from lt_diffusion.training.builders import build_model, build_objective
+    from lt_diffusion.runs.build import build_model, build_objective
 
     cfg = compose_config("train", [f"method={method}", "model=unet_tiny", "dataset.image_size=8"])
     assert cfg.method.name == method
@@ -331,7 +331,7 @@ def test_method_config_builds_its_objective_and_model(method: str) -> None:
 
 
 def test_rs_streams_class_balanced_batches(tiny_cifar: Path, tmp_path: Path) -> None:
-    from lt_diffusion.training.builders import build_datamodule
+    from lt_diffusion.runs.build import build_datamodule
 
     cfg = compose_config(
         "train",

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from lt_diffusion.evaluation import evaluator as E
 from lt_diffusion.evaluation.dataset_stats import dataset_statistics
 from lt_diffusion.evaluation.features import extract_features
+from lt_diffusion.evaluation.identity import evaluation_identity
 from lt_diffusion.evaluation.metrics import Statistics, statistics
 from lt_diffusion.evaluation.stats_file import (
     StatsFileError,
@@ -22,7 +23,6 @@ from lt_diffusion.evaluation.stats_file import (
     read_stats,
     write_stats,
 )
-from lt_diffusion.utils.identity import evaluation_identity
 from tests.conftest import compose_config
 from tests.stand_ins import stand_in_space
 from tests.test_feature_spaces import INFO, _Data, _images, _Pooled, _protocol, fd_float64

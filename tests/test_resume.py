@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lt_diffusion.training.checkpoint import read_checkpoint
+from lt_diffusion.runs.checkpoint import read_checkpoint
 from lt_diffusion.training.rng import RNG_KEY
 from tests.conftest import ROOT, compose_config, python_process
 

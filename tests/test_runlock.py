@@ -274,7 +274,7 @@ def test_a_run_that_lost_its_lock_stops_without_writing(train_overrides, tmp_pat
     """A requeue took over while the original still runs: the original's next checkpoint
     write is refused instead of overwriting the new owner's."""
     from lt_diffusion import train
-    from lt_diffusion.training.checkpoint import read_checkpoint
+    from lt_diffusion.runs.checkpoint import read_checkpoint
     from tests.conftest import compose_config
 
     run_dir = tmp_path / "run"

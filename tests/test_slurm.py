@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from lt_diffusion.training.checkpoint import read_checkpoint
+from lt_diffusion.runs.checkpoint import read_checkpoint
 from tests.conftest import ROOT
 from tests.slurm_cluster import LocalSlurm, unavailable_reason
 from tests.tables_fixture import TINY_EVAL, tiny_table_overrides, write_tiny_table

@@ -19,7 +19,8 @@ from lt_diffusion.models import (
     merge_lora,
 )
 from lt_diffusion.models.lowrank import lowrank_layers, set_expert_enabled, theta_g_only
-from lt_diffusion.training.checkpoint import load_exported, load_sampling_model, read_checkpoint
+from lt_diffusion.runs.checkpoint import read_checkpoint
+from lt_diffusion.runs.load import load_exported, load_sampling_model
 from tests.conftest import CONFIG_DIR, assert_same_state, compose_config, tiny_eval
 from tests.fakedata import SD_MAX_LEN as MAX_LEN
 from tests.fakedata import write_tiny_sd

@@ -14,7 +14,8 @@ import yaml
 from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
 from omegaconf import OmegaConf
 
-from lt_diffusion.sweep import (
+from lt_diffusion.runs.checkpoint import read_checkpoint
+from lt_diffusion.tables.sweep import (
     FAILED,
     SWEEP_LOG_ENV,
     EvalJob,
@@ -25,7 +26,6 @@ from lt_diffusion.sweep import (
     read_manifest,
     write_manifest,
 )
-from lt_diffusion.training.checkpoint import read_checkpoint
 from tests.conftest import ROOT
 from tests.tables_fixture import TINY_EVAL
 
@@ -178,7 +178,7 @@ def test_two_gloo_processes_train_evaluate_and_write_one_record(
 
 
 def test_wandb_runs_are_grouped_by_table_and_experiment(tmp_path: Path) -> None:
-    from lt_diffusion.job import train_config
+    from lt_diffusion.tables.job import train_config
 
     j = Job(
         "cm/cifar10_lt_ir100_cm/seed2",
@@ -201,9 +201,9 @@ def test_an_analysis_record_is_made_by_ltd_analyze_after_training(
     the checkpoint, the record path and the data root, and runs lt_diffusion.analysis.run
     (training and the checkpoint are stand-ins here: the analysis itself runs in
     test_every_row)."""
-    from lt_diffusion import job
     from lt_diffusion.analysis import run as analyze
     from lt_diffusion.evaluation import run as evaluate
+    from lt_diffusion.tables import job
     from lt_diffusion.training import run as train
 
     calls: list = []

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from lt_diffusion.evaluation.record import write_record
+from lt_diffusion.records.base import write_record
 from lt_diffusion.tables import (
     TableSpecError,
     collect,

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from lt_diffusion.analysis.concept_dominance import ConceptDominanceSettings
-from lt_diffusion.evaluation.record import SCHEMA_VERSION, conventions, write_record
+from lt_diffusion.evaluation.record import conventions
+from lt_diffusion.records.base import SCHEMA_VERSION, write_record
 from lt_diffusion.tables import (
     TableSpecError,
     available_tables,
@@ -70,7 +71,7 @@ def test_table_specs_load_and_name_existing_experiments(name: str) -> None:
 def test_every_table_is_one_command_from_nothing(name: str, tmp_path: Path) -> None:
     """Every run a table's rows start from (``train.init_from``) is one the table trains (a row
     or a ``requires:`` run), in an earlier launch wave: no table needs another one run first."""
-    from lt_diffusion.table import check_start_points, launch_waves
+    from lt_diffusion.tables.launch import check_start_points, launch_waves
 
     spec = load_table_by_name(name)
     spec.seeds = [0]  # the start points name the seed: one is enough

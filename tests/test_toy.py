@@ -150,7 +150,7 @@ def test_points_are_generated_deterministically_whatever_the_split() -> None:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_takes_a_step_on_points_or_refuses_clearly(method: str) -> None:
-    from lt_diffusion.training.builders import (
+    from lt_diffusion.runs.build import (
         build_datamodule,
         build_model,
         build_objective,
@@ -226,7 +226,8 @@ def test_quick_benchmark_tells_a_trained_model_from_one_trained_on_shuffled_labe
     """One seed, 300 steps, IR 1: the quick version of table=toy2d_methods. A model trained on
     the true labels puts its points on its own class's modes; one trained on shuffled labels
     learns the marginal, so every class's points land on the other classes' modes."""
-    from lt_diffusion.evaluation.record import read_record, record_filename
+    from lt_diffusion.evaluation.record import record_filename
+    from lt_diffusion.records.base import read_record
     from lt_diffusion.tables.aggregate import metric_entry
 
     good = _train_and_evaluate(tmp_path, "good", [])
@@ -368,8 +369,9 @@ def test_the_validation_draws_are_fresh_and_never_the_test_draws() -> None:
 def test_a_table_refuses_a_key_the_rows_method_does_not_have(tmp_path: Path) -> None:
     """A hyperparameter grid naming a setting the method does not take stops the table before
     anything is launched (Hydra refuses one without `+`; the key check one with it)."""
-    from lt_diffusion.table import check_run_keys
-    from lt_diffusion.tables.spec import TableSpecError, load_table, resolve
+    from lt_diffusion.tables.launch import check_run_keys
+    from lt_diffusion.tables.resolution import resolve
+    from lt_diffusion.tables.spec import TableSpecError, load_table
 
     def spec(override: str):
         return load_table({

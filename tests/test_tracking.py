@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from lt_diffusion.evaluation.tracking import log_to_training_run, tracked_values, wandb_run_id
+from lt_diffusion.evaluation.tracking import log_to_training_run, tracked_values
+from lt_diffusion.runs.load import wandb_run_id
 
 RECORD = {
     "metrics": {

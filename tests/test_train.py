@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lt_diffusion.training.checkpoint import CheckpointError, read_checkpoint
+from lt_diffusion.runs.checkpoint import CheckpointError, read_checkpoint
 from tests.conftest import compose_config, python_process
 
 RUN = "cifar10_lt-ir10-ddpm-seed0"
@@ -163,7 +163,7 @@ def test_only_trainable_modules_in_eval_mode_are_reported(train_overrides, tmp_p
     import warnings
 
     from lt_diffusion import train
-    from lt_diffusion.training.builders import build_model, build_objective, build_schedule
+    from lt_diffusion.runs.build import build_model, build_objective, build_schedule
     from lt_diffusion.training.module import DiffusionModule
 
     cfg = compose_config(

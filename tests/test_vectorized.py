@@ -14,8 +14,8 @@ import torch
 from scipy import stats
 from torch.func import vmap
 
+from lt_diffusion.runs.checkpoint import CheckpointError, read_checkpoint
 from lt_diffusion.training import vectorized
-from lt_diffusion.training.checkpoint import CheckpointError, read_checkpoint
 from lt_diffusion.utils import draws
 from tests.conftest import compose_config
 
@@ -115,9 +115,10 @@ def test_runs_that_cannot_train_together_are_refused(tmp_path: Path) -> None:
 
 
 def test_a_table_trains_a_rows_seeds_as_one_job(tmp_path: Path) -> None:
-    from lt_diffusion.sweep import Job
-    from lt_diffusion.table import together
-    from lt_diffusion.tables.spec import ResolvedRun, RunRef
+    from lt_diffusion.tables.launch import together
+    from lt_diffusion.tables.resolution import ResolvedRun
+    from lt_diffusion.tables.spec import RunRef
+    from lt_diffusion.tables.sweep import Job
 
     pairs = []
     for exp, seed in [("ddpm", 0), ("ddpm", 1), ("oc", 0), ("ddpm", 2)]:

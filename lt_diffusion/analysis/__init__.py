@@ -16,6 +16,9 @@ record and one PNG under ``<run_dir>/analyses/`` (``python -m lt_diffusion.analy
 from __future__ import annotations
 
 from types import ModuleType
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lt_diffusion.analysis import (
     composition,
@@ -26,6 +29,8 @@ from lt_diffusion.analysis import (
     prompt_composition,
     pruning,
 )
+from lt_diffusion.analysis.common import RECORD_KIND, RECORD_SCHEMA
+from lt_diffusion.records.base import register_kind
 
 # analysis.name -> (module with compute() and plot(), its settings dataclass)
 ANALYSES: dict[str, tuple[ModuleType, type]] = {
@@ -38,4 +43,28 @@ ANALYSES: dict[str, tuple[ModuleType, type]] = {
     prompt_composition.NAME: (prompt_composition, prompt_composition.PromptCompositionSettings),
 }
 
-__all__ = ["ANALYSES"]
+
+class AnalysisRecord(BaseModel):
+    """An analysis record (``kind: analysis``): its results checked by its analysis's
+    ``validate`` when it has one (records and tables read it as any other kind)."""
+
+    model_config = ConfigDict(extra="allow")
+    kind: Literal["analysis"]
+    analysis: str
+    settings: dict[str, Any]
+    checkpoint: dict[str, Any]
+    results: dict[str, Any] = Field(json_schema_extra={"additionalProperties": True})
+
+    @model_validator(mode="after")
+    def _known(self) -> AnalysisRecord:
+        if self.analysis not in ANALYSES:
+            raise ValueError(f"{self.analysis!r} is not a known analysis ({sorted(ANALYSES)})")
+        module = ANALYSES[self.analysis][0]
+        if hasattr(module, "validate"):
+            module.validate(self.model_dump())
+        return self
+
+
+register_kind(RECORD_KIND, AnalysisRecord, schema=RECORD_SCHEMA)
+
+__all__ = ["ANALYSES", "AnalysisRecord"]

@@ -24,9 +24,7 @@ from torch import Tensor, nn
 
 from lt_diffusion.data.datamodule import stream_seed
 from lt_diffusion.data.splits import SPLITS
-from lt_diffusion.training.checkpoint import LoadedRun
-from lt_diffusion.training.checkpoint import load_run as load_checkpoint_run
-from lt_diffusion.utils.io import atomic_write_json
+from lt_diffusion.runs.load import LoadedRun, load_run
 
 # Random streams derived from the analysis seed (see lt_diffusion.data.datamodule.stream_seed).
 _SELECT, _DRAW = 101, 102
@@ -193,12 +191,6 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def per_sample_sq_error(pred: Tensor, target: Tensor) -> Tensor:
-    """``||pred - target||^2`` averaged over pixels, per sample (B,), in at least float32."""
-    dtype = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), torch.float32)
-    return (pred.to(dtype) - target.to(dtype)).pow(2).flatten(1).mean(1)
-
-
 @contextlib.contextmanager
 def deterministic_kernels() -> Iterator[None]:
     """cuDNN in deterministic mode inside the block, so repeated forwards of the same inputs
@@ -261,7 +253,7 @@ def rank_correlation(values: Sequence[float | None], counts: Sequence[int]) -> f
 
 @dataclass
 class AnalysedRun:
-    """A run rebuilt from its checkpoint (:func:`lt_diffusion.training.checkpoint.load_run`)
+    """A run rebuilt from its checkpoint (:func:`lt_diffusion.runs.load.load_run`)
     with its long-tailed training set, as the analyses use it."""
 
     run: LoadedRun
@@ -298,7 +290,7 @@ class AnalysedRun:
         )
 
 
-def load_run(
+def load_analysed_run(
     checkpoint: str | Path,
     device: str | torch.device = "auto",
     ema: bool = True,
@@ -313,7 +305,7 @@ def load_run(
     concept analysis samples from prompts and reads no training image), without its data (the
     dataset description, class counts and names included, comes from the checkpoint; an
     analysis that reads training images builds them with :meth:`AnalysedRun.training_data`)."""
-    run = load_checkpoint_run(checkpoint, device, ema=ema, theta_g_only=theta_g_only)
+    run = load_run(checkpoint, device, ema=ema, theta_g_only=theta_g_only)
     if text_to_image:
         if not (hasattr(run.model, "encode_prompts") and hasattr(run.model, "unet")):
             raise ValueError(
@@ -344,7 +336,7 @@ def record_paths(
     return folder / f"{stem}.json", folder / f"{stem}.png"
 
 
-def build_record(
+def build_analysis_record(
     name: str, settings: Any, run: AnalysedRun, results: dict[str, Any], code_version: str
 ) -> dict[str, Any]:
     """One analysis record: what was analysed (checkpoint, step, config, dataset with its
@@ -368,8 +360,3 @@ def build_record(
         "diffusion": {"num_timesteps": run.schedule.num_timesteps},
         "results": results,
     }
-
-
-def save_record(path: str | Path, record: dict[str, Any]) -> Path:
-    """Write the record atomically as strict JSON (undefined values are null, never NaN)."""
-    return atomic_write_json(path, record, allow_nan=False)

@@ -131,7 +131,7 @@ def compute(
 ) -> dict[str, Any]:
     """Generate every pair's samples and score them with the data's rule."""
     from lt_diffusion.diffusion import DDIMSampler, generate_vectors
-    from lt_diffusion.training.builders import check_guidance
+    from lt_diffusion.runs.build import check_guidance
     from lt_diffusion.utils.threads import torch_threads
 
     rule, pairs = pair_table(run)

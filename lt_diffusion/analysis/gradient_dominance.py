@@ -49,13 +49,13 @@ from lt_diffusion.analysis.common import (
     check_sampling,
     finite_or_none,
     model_dtype,
-    per_sample_sq_error,
     progress,
     rank_correlation,
     split_means,
 )
 from lt_diffusion.data.splits import SPLITS
 from lt_diffusion.diffusion import NoiseSchedule
+from lt_diffusion.methods.base import mse
 from lt_diffusion.models.lowrank import is_lowrank_param
 
 NAME = "gradient_dominance"
@@ -145,7 +145,7 @@ def class_gradient(
     grads = [torch.zeros_like(p) for p in params]
     for b in samples.batches(c, batch_size, device, model_dtype(model)):
         x_t = schedule.q_sample(b.x0, b.t, b.noise)
-        loss = per_sample_sq_error(model(x_t, b.t, b.y), b.noise).sum() / n
+        loss = mse(model(x_t, b.t, b.y), b.noise, per_sample=True).sum() / n
         for acc, g in zip(grads, torch.autograd.grad(loss, list(params), allow_unused=True)):
             if g is not None:  # unused here (e.g. ADA's augmentation projection): zero
                 acc.add_(g)

@@ -46,7 +46,7 @@ from lt_diffusion.analysis.vqa_score import QUESTION, VqaScorer, vqa_folder
 from lt_diffusion.data.datamodule import stream_seed
 
 NAME = "prompt_composition"
-BACKBONE = "text_to_image"  # analyze loads the run with load_run(text_to_image=True)
+BACKBONE = "text_to_image"  # analyze loads the run with load_analysed_run(text_to_image=True)
 SCORERS = ("clip", "vqa")
 _NOISE = 105  # random stream of the analysis seed
 
@@ -162,7 +162,7 @@ def compute(
 ) -> dict[str, Any]:
     """Generate every prompt's images, judge concept presence with the staged scorers, and
     summarise success, CLIP score and colour shift."""
-    from lt_diffusion.training.builders import check_guidance
+    from lt_diffusion.runs.build import check_guidance
 
     model = run.model
     names = [str(n) for n in run.info["class_names"]]

@@ -38,12 +38,12 @@ from lt_diffusion.analysis.common import (
     deterministic_kernels,
     finite_or_none,
     model_dtype,
-    per_sample_sq_error,
     progress,
     rank_correlation,
     split_means,
 )
 from lt_diffusion.diffusion import NoiseSchedule
+from lt_diffusion.methods.base import mse
 
 NAME = "pruning"
 SCOPES = ("conv_linear_weights", "all")
@@ -142,7 +142,7 @@ def class_losses(
         total, n = 0.0, 0
         for b in samples.batches(c, batch_size, device, dtype):
             x_t = schedule.q_sample(b.x0, b.t, b.noise)
-            err = per_sample_sq_error(model(x_t, b.t, b.y), b.noise)
+            err = mse(model(x_t, b.t, b.y), b.noise, per_sample=True)
             total += float(err.double().sum())
             n += len(err)
         out.append(finite_or_none(total / n) if n else None)  # a diverged model: null

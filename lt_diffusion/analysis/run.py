@@ -11,12 +11,12 @@ from omegaconf import DictConfig
 
 from lt_diffusion.analysis import ANALYSES
 from lt_diffusion.analysis.common import (
-    build_record,
-    load_run,
+    build_analysis_record,
+    load_analysed_run,
     record_paths,
-    save_record,
     settings_from_config,
 )
+from lt_diffusion.records.base import write_record
 from lt_diffusion.runtime import code_version
 
 
@@ -51,7 +51,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.checkpoint:
         raise ValueError("give checkpoint=<run_dir>/checkpoints/last.ckpt (the run to analyse)")
     started = time.time()
-    loaded = load_run(
+    loaded = load_analysed_run(
         cfg.checkpoint, cfg.device, bool(cfg.ema), cfg.data_root, bool(cfg.theta_g_only),
         text_to_image=getattr(module, "BACKBONE", "pixel") == "text_to_image",
     )  # fmt: skip
@@ -68,10 +68,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         png_path = json_path.with_suffix(".png")
     results = module.compute(loaded, settings, int(cfg.batch_size), bool(cfg.progress))
     results["seconds"] = round(time.time() - started, 2)
-    record = build_record(name, settings, loaded, results, code_version())
+    record = build_analysis_record(name, settings, loaded, results, code_version())
     if hasattr(module, "validate"):  # an analysis with a record schema checks it before writing
         module.validate(record)
-    save_record(json_path, record)
+    write_record(json_path, record)  # validated as its kind, then atomically
     module.plot(record, png_path)
     print("\n".join(_summary_lines(record)))
     print(f"Record: {json_path}\nPlot: {png_path}")

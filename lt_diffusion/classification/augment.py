@@ -80,8 +80,9 @@ def generated_images(
     """``per_class[c]`` images of every class c from ``checkpoint`` (its EMA model), generated
     once and cached (module docstring). ``class_names`` are the classifier's, in its class order:
     the generator must have been trained on the same long-tailed classes."""
-    from lt_diffusion.training.builders import sample_labels, sampler_label
-    from lt_diffusion.training.checkpoint import load_run, read_checkpoint
+    from lt_diffusion.runs.build import sampler_label
+    from lt_diffusion.runs.checkpoint import read_checkpoint
+    from lt_diffusion.runs.load import load_run, sample_labels
 
     checkpoint = Path(checkpoint).resolve()
     meta = read_checkpoint(checkpoint)["lt_diffusion"]

@@ -167,6 +167,6 @@ def classification_identity(cfg: DictConfig, config_dir: str | Path = CONFIG_DIR
     return {"digest": digest(parts, 8), **parts}
 
 
-def record_filename(identity_digest: str) -> str:
+def classification_record_filename(identity_digest: str) -> str:
     """``<run_dir>/records/<this>``: the test evaluation, by the run's settings digest."""
     return f"classify-test-{identity_digest}.json"

@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import Tensor
 
-from lt_diffusion.evaluation.metrics import Metric, register
+from lt_diffusion.records.metrics import Metric, register
 
 CLASSIFICATION_METRICS = ("accuracy", "macro_precision", "macro_recall")
 

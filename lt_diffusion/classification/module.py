@@ -31,9 +31,10 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from lt_diffusion.classification.losses import ClassificationLoss
-from lt_diffusion.methods.cm import cm_class_weights, per_sample_sq_dist
+from lt_diffusion.methods.base import mse
+from lt_diffusion.methods.cm import cm_class_weights
 from lt_diffusion.models.lowrank import expert_switch
-from lt_diffusion.training.checkpoint import META_KEY
+from lt_diffusion.runs.checkpoint import META_KEY
 
 
 class EpochSchedule:
@@ -120,7 +121,7 @@ class ClassifierModule(L.LightningModule):
         """``L_CM`` of the batch (module docstring); gradients flow through both branches."""
         with expert_switch(self.model, False), frozen_batchnorm_statistics(self.model):
             logits_g = self.model(x)
-        d = per_sample_sq_dist(logits, logits_g)
+        d = mse(logits, logits_g, per_sample=True)
         weight = torch.zeros_like(d)
         if self.cm_con:
             weight = weight + self.w_con[y].to(d.dtype)

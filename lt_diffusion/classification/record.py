@@ -1,5 +1,5 @@
-"""The record of a classifier's test evaluation: the generation record's family (schema 2,
-:mod:`lt_diffusion.evaluation.record`) with ``kind: classification``.
+"""The record of a classifier's test evaluation: the record family
+(:mod:`lt_diffusion.records.base`) with ``kind: classification``.
 
 Shared with the generation record: ``identity`` (settings digests), ``config`` (the composed
 run config), ``dataset`` (the long-tailed training counts and the split map), ``checkpoint``
@@ -19,13 +19,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, NonNegativeInt
 
-from lt_diffusion.evaluation.record import (
-    _CLASS_KEY,
+from lt_diffusion.classification import metrics as _metrics  # noqa: F401  (registers them)
+from lt_diffusion.records.base import (
+    CLASS_KEY,
     Checkpoint,
     MetricEntry,
+    Open,
     RecordBase,
     Split,
-    _Open,
+    register_kind,
 )
 
 KIND = "classification"
@@ -40,10 +42,10 @@ class ClassifierEntry(MetricEntry):
 class ClassifierMetrics(BaseModel):
     overall: ClassifierEntry
     per_split: dict[Split, ClassifierEntry]
-    per_class: dict[Annotated[str, Field(pattern=_CLASS_KEY.pattern)], ClassifierEntry]
+    per_class: dict[Annotated[str, Field(pattern=CLASS_KEY.pattern)], ClassifierEntry]
 
 
-class Training(_Open):
+class Training(Open):
     """What the classifier was trained on."""
 
     class_counts: list[NonNegativeInt]  # real + generated images per class
@@ -52,7 +54,7 @@ class Training(_Open):
     augmentation: dict[str, Any] | None  # the generated images and the run that made them
 
 
-class EvaluationSet(_Open):
+class EvaluationSet(Open):
     split: str
     class_counts: list[NonNegativeInt]
 
@@ -71,6 +73,9 @@ class ClassificationRecord(RecordBase):
     prediction: dict[str, Any]
     metrics: ClassifierMetrics
     counted_sections = ("training", "test")
+
+
+register_kind(KIND, ClassificationRecord)
 
 
 def json_schema() -> dict[str, Any]:

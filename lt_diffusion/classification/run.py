@@ -29,19 +29,17 @@ from lt_diffusion.classification.augment import generated_images, generated_per_
 from lt_diffusion.classification.config import (
     check_config,
     classification_identity,
+    classification_record_filename,
     generator_config,
-    record_filename,
 )
 from lt_diffusion.classification.data import ClassificationData
 from lt_diffusion.classification.losses import ClassificationLoss
 from lt_diffusion.classification.metrics import classification_metrics, summary_line
 from lt_diffusion.classification.module import ClassifierModule, EpochSchedule
 from lt_diffusion.classification.record import KIND
-from lt_diffusion.evaluation.record import build_record, write_record
-from lt_diffusion.runtime import code_version
-from lt_diffusion.training.builders import instantiate as checked_instantiate
-from lt_diffusion.training.callbacks import RunCheckpoint, RunLockGuard
-from lt_diffusion.training.checkpoint import (
+from lt_diffusion.records.base import build_record, write_record
+from lt_diffusion.runs.build import instantiate as checked_instantiate
+from lt_diffusion.runs.checkpoint import (
     LAST,
     META_KEY,
     AtomicCheckpointIO,
@@ -49,6 +47,8 @@ from lt_diffusion.training.checkpoint import (
     find_resume_checkpoint,
     read_checkpoint,
 )
+from lt_diffusion.runtime import code_version
+from lt_diffusion.training.callbacks import RunCheckpoint, RunLockGuard
 from lt_diffusion.training.run import (
     NOT_SWEPT,
     build_logger,
@@ -170,7 +170,9 @@ def run(
     run_dir = Path(cfg.paths.run_dir)
     identity = classification_identity(cfg)
     record_path = (
-        Path(record) if record else run_dir / "records" / record_filename(identity["digest"])
+        Path(record)
+        if record
+        else run_dir / "records" / classification_record_filename(identity["digest"])
     )
     loss: ClassificationLoss = checked_instantiate(cfg.loss.fn)  # its settings' checks
     on_device = cfg.data.on_device

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from lt_diffusion.evaluation.inception import sha256
-from lt_diffusion.evaluation.metrics import _features, _need, _same_dim
+from lt_diffusion.records.metrics import feature_matrix, need, same_dim
 from lt_diffusion.utils.cache import staged_weights
 
 ALEXNET_WEIGHTS_NAME = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet IMAGENET1K_V1
@@ -59,12 +59,12 @@ def density_coverage(
     Float64; distance blocks of at most ``memory_budget`` entries. Needs more than ``k`` real
     images and at least one generated.
     """
-    r, f = _features(real, "real"), _features(fake, "fake")
-    _same_dim(r, f)
+    r, f = feature_matrix(real, "real"), feature_matrix(fake, "fake")
+    same_dim(r, f)
     if k < 1:
         raise ValueError(f"density/coverage neighbourhood k must be >= 1, got {k}")
-    _need(len(r), k + 1, f"density/coverage with k={k} (real)")
-    _need(len(f), 1, "density/coverage (generated)")
+    need(len(r), k + 1, f"density/coverage with k={k} (real)")
+    need(len(f), 1, "density/coverage (generated)")
     x = torch.from_numpy(r).to(device)
     y = torch.from_numpy(f).to(device)
     rows = max(1, memory_budget // len(x))
@@ -91,7 +91,7 @@ def vendi_score(features: Any) -> float:
     1 for n identical samples, n for n orthogonal ones: the effective number of distinct
     samples. ``K / n = X X^T / n`` (rows of ``X`` unit length) shares its non-zero eigenvalues
     with ``X^T X / n``, so the smaller of the two is decomposed (float64)."""
-    x = _features(features, "features")
+    x = feature_matrix(features, "features")
     if len(x) < 1:
         raise ValueError("the Vendi score needs at least one sample")
     norms = np.linalg.norm(x, axis=1, keepdims=True)

@@ -30,12 +30,11 @@ from lt_diffusion.evaluation.distributed import barrier, gather_objects, world
 from lt_diffusion.evaluation.diversity import check_lpips_size, load_lpips, lpips_diversity
 from lt_diffusion.evaluation.features import extract_features
 from lt_diffusion.evaluation.protocol import (
-    Comparison,
+    ComparisonPlan,
     comparisons,
     images_per_class,
     real_images_per_class,
 )
-from lt_diffusion.evaluation.record import write_record
 from lt_diffusion.evaluation.reference import cache_key, cached_features, choose_real
 from lt_diffusion.evaluation.stats_file import StatsFile, StatsFileError, read_stats
 from lt_diffusion.evaluation.stats_file import check_space as check_stats_space
@@ -66,7 +65,7 @@ class Plan:
     computed (and the optional ones left out, with why), each metric's feature space, and the
     statistics file standing in for the real images (``eval.reference``), if any."""
 
-    comps: list[Comparison]
+    comps: list[ComparisonPlan]
     computed: list[str]
     unavailable: dict[str, str]
     spaces: dict[str, str]  # metric -> feature space
@@ -293,8 +292,8 @@ def _real_of(real: dict[int, np.ndarray], c: int, n: int, seed: int) -> np.ndarr
     return feats[choose_real(len(feats), n, seed + c).numpy()]
 
 
-def compare(
-    comp: Comparison,
+def evaluate_comparison(
+    comp: ComparisonPlan,
     gen: Generated,
     real: dict[str, dict[int, np.ndarray]],
     plan: Plan,
@@ -382,7 +381,7 @@ _SETTING = {"overall": "overall", "split": "per_split", "class": "per_class"}
 
 
 def check_counts(
-    comps: list[Comparison],
+    comps: list[ComparisonPlan],
     wanted: list[str],
     protocol: DictConfig,
     generated_available: list[int] | None = None,
@@ -599,7 +598,7 @@ def run_protocol(
         metrics: dict[str, Any] = {"overall": {}, "per_split": {}, "per_class": {}}
         is_unavailable = infos.get("inception", {}).get("is_unavailable")
         for comp in comps:
-            values = compare(comp, gen, real, plan, protocol, is_unavailable, lpips)
+            values = evaluate_comparison(comp, gen, real, plan, protocol, is_unavailable, lpips)
             if comp.kind == "overall":
                 metrics["overall"] = values
             elif comp.kind == "split":
@@ -623,7 +622,3 @@ def run_protocol(
         }
     barrier()
     return result
-
-
-def save_record(path: Path, record: dict[str, Any]) -> Path:
-    return write_record(path, record)

@@ -14,7 +14,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: works on headless nodes
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lt_diffusion.evaluation.record import SPLIT_NAMES, class_index  # noqa: E402
+from lt_diffusion.evaluation.record import class_index  # noqa: E402
+from lt_diffusion.records.base import SPLIT_NAMES
 from lt_diffusion.utils.io import atomic_write_bytes  # noqa: E402
 
 SPLIT_COLORS = {"many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}

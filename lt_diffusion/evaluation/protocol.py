@@ -16,12 +16,12 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from lt_diffusion.data.splits import SPLITS
-from lt_diffusion.training.builders import sampler_label
+from lt_diffusion.runs.build import sampler_label
 from lt_diffusion.utils.config import CONFIG_DIR
 
 
 @dataclass(frozen=True)
-class Comparison:
+class ComparisonPlan:
     """Generated images of ``classes`` against real images of the same classes.
 
     ``generated[i]`` / ``real[i]`` are the numbers of generated / real images of
@@ -55,7 +55,7 @@ def comparisons(
     num_classes: int,
     splits: Sequence[str],
     real_available: Sequence[int],
-) -> list[Comparison]:
+) -> list[ComparisonPlan]:
     """The protocol's comparisons for a dataset with ``splits[c]`` the split of class c and
     ``real_available[c]`` real reference images of class c.
 
@@ -64,7 +64,7 @@ def comparisons(
     a reference that is not class-balanced (CelebA-HQ: more women than men) is balanced like
     the generated images.
     """
-    out: list[Comparison] = []
+    out: list[ComparisonPlan] = []
     all_classes = tuple(range(num_classes))
 
     def add(name: str, kind: str, classes: tuple[int, ...], spec: DictConfig | None) -> None:
@@ -82,7 +82,7 @@ def comparisons(
         if wanted is not None:
             per_class = min(per_class, int(wanted))
         out.append(
-            Comparison(
+            ComparisonPlan(
                 name, kind, classes, split_evenly(total, len(classes)), (per_class,) * len(classes)
             )
         )
@@ -108,7 +108,7 @@ def comparisons(
     return out
 
 
-def images_per_class(comps: Sequence[Comparison], num_classes: int) -> list[int]:
+def images_per_class(comps: Sequence[ComparisonPlan], num_classes: int) -> list[int]:
     """Generated images needed from each class to serve every comparison (each comparison
     takes the first ones of its classes)."""
     need = [0] * num_classes
@@ -118,7 +118,7 @@ def images_per_class(comps: Sequence[Comparison], num_classes: int) -> list[int]
     return need
 
 
-def real_images_per_class(comps: Sequence[Comparison]) -> dict[int, int]:
+def real_images_per_class(comps: Sequence[ComparisonPlan]) -> dict[int, int]:
     """Real images whose features each compared class needs; classes in no comparison are
     left out."""
     need: dict[int, int] = {}

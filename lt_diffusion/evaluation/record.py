@@ -1,10 +1,7 @@
-"""One JSON record per evaluation (DESIGN.md, Records). Tables are built only from these.
-
-The record is a typed model (:class:`Record`), validated on write and on read; its JSON Schema
-is docs/record.schema.json (regenerate with ``python -m lt_diffusion.evaluation.record``).
-Metric entries are checked against the metric registry (:data:`metrics.METRICS`): a value is a
-finite number, or None with ``<metric>_unavailable`` saying why, and comes with the settings it
-depends on (``kid_subset_size`` with KID, ``pr_k`` with precision / recall).
+"""The record of one evaluation (DESIGN.md, Records; docs/evaluation.md): the record family's
+base (:mod:`lt_diffusion.records.base`) with the checkpoint and sampler that generated, the
+protocol, the feature spaces, the reference and the conventions. Its JSON Schema is
+docs/record.schema.json (regenerate with ``python -m lt_diffusion.evaluation.record``).
 
 Schema 3 (issue 27) adds what a reader needs to put a number beside a paper's: ``extractors``
 (each feature space's torch-fidelity extractor, layer, dimension and weights' SHA-256; it
@@ -18,32 +15,35 @@ in from what the code of that version did, and ``upgraded_from`` says so).
 from __future__ import annotations
 
 import json
-import re
-import time
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    NonNegativeInt,
-    ValidationError,
-    field_validator,
-    model_validator,
+from pydantic import BaseModel, Field, NonNegativeInt, field_validator, model_validator
+
+from lt_diffusion.evaluation import metrics as _metrics  # noqa: F401  (registers them)
+from lt_diffusion.records.base import (  # the family's names, importable here as before
+    CLASS_KEY,
+    SCHEMA_VERSION,
+    SPLIT_NAMES,
+    Checkpoint,
+    MetricEntry,
+    Open,
+    RecordBase,
+    RecordError,
+    Split,
+    build_record,
+    class_index,
+    empty_not_null,
+    read_record,
+    register_kind,
+    validate,
+    write_record,
 )
 
-from lt_diffusion import runtime
-from lt_diffusion.evaluation.metrics import METRICS
-from lt_diffusion.utils.io import atomic_write_json
-
-# 2: identity (settings digests); the sampler that ran, from the protocol.
-# 3: extractors (per feature space), reference, conventions; small-sample entries.
-SCHEMA_VERSION = 3
-SPLIT_NAMES = ("many", "medium", "few")
-_CLASS_KEY = re.compile(r"^(?:class_)?(\d+)$")
-Split = Literal["many", "medium", "few"]
+__all__ = [
+    "SCHEMA_VERSION", "SPLIT_NAMES", "Entry", "Record", "RecordError", "build_record",
+    "class_index", "conventions", "json_schema", "read_record", "record_filename", "validate",
+    "write_record",
+]  # fmt: skip
 
 
 def record_filename(
@@ -61,36 +61,6 @@ def record_filename(
     weight = "" if guidance is None else f"-w{float(guidance):g}"
     tail = f"-{digest}" if digest else ""
     return f"{eval_name}-{sampler_name}{weight}{suffix}{tail}.json"
-
-
-class RecordError(ValueError):
-    """A record is malformed (or not a record at all)."""
-
-
-def class_index(key: str | int) -> int:
-    """Class index of a ``per_class`` key (``"3"`` or ``"class_003"``)."""
-    m = _CLASS_KEY.match(str(key))
-    if not m:
-        raise RecordError(f"per_class key {key!r} is not a class index ('3' or 'class_003')")
-    return int(m.group(1))
-
-
-class _Open(BaseModel):
-    """A part of the record that may hold more than its required keys (kept as they are)."""
-
-    model_config = ConfigDict(extra="allow")
-
-
-class MetricEntry(_Open):
-    """One comparison's metrics (the extra keys, checked by :func:`check_metric_values`) and
-    its notes; each record kind adds the counts it compared."""
-
-    notes: list[str] = []
-
-    @model_validator(mode="after")
-    def _metrics(self) -> MetricEntry:
-        check_metric_values(self.model_extra or {})
-        return self
 
 
 class Entry(MetricEntry):
@@ -112,40 +82,10 @@ class Entry(MetricEntry):
         return self
 
 
-def check_metric_values(values: Mapping[str, Any]) -> None:
-    """Every registered metric among ``values`` is a finite number, or None with
-    ``<metric>_unavailable`` saying why, and comes with the settings it requires."""
-    for name, metric in METRICS.items():
-        if name not in values:
-            continue
-        v = values[name]
-        if v is None:
-            if not isinstance(values.get(f"{name}_unavailable"), str):
-                raise ValueError(f"{name} is None without {name}_unavailable saying why")
-        elif (
-            isinstance(v, bool)
-            or not isinstance(v, (int, float))
-            or v != v
-            or abs(v) == float("inf")
-        ):
-            raise ValueError(f"{name} must be a finite number or None, got {v!r}")
-        missing = [k for k in metric.requires if not isinstance(values.get(k), int)]
-        if missing:
-            raise ValueError(f"{name} comes without the {missing} it was computed with")
-
-
-def _empty_not_null(schema: dict[str, Any]) -> None:
-    """In the JSON Schema, a comparison that was not evaluated is ``{}`` (as written)."""
-    schema["anyOf"] = [
-        {"type": "object", "maxProperties": 0} if option == {"type": "null"} else option
-        for option in schema["anyOf"]
-    ]
-
-
 class Metrics(BaseModel):
-    overall: Annotated[Entry | None, Field(json_schema_extra=_empty_not_null)]
+    overall: Annotated[Entry | None, Field(json_schema_extra=empty_not_null)]
     per_split: dict[Split, Entry]
-    per_class: dict[Annotated[str, Field(pattern=_CLASS_KEY.pattern)], Entry]
+    per_class: dict[Annotated[str, Field(pattern=CLASS_KEY.pattern)], Entry]
 
     @field_validator("overall", mode="before")
     @classmethod
@@ -153,35 +93,18 @@ class Metrics(BaseModel):
         return None if value == {} else value
 
 
-class Dataset(_Open):
-    name: str
-    class_counts: list[NonNegativeInt]
-    splits: list[Split]
-
-    @model_validator(mode="after")
-    def _one_split_per_class(self) -> Dataset:
-        if len(self.splits) != len(self.class_counts):
-            raise ValueError("splits must list one split per class")
-        return self
-
-
-class Checkpoint(_Open):
-    path: str
-    step: int
-
-
-class Sampler(_Open):
+class SamplerEntry(Open):
     guidance: float | None  # None: an image folder that does not say
 
 
-class Extractor(_Open):
+class Extractor(Open):
     """A feature space's extractor: torch-fidelity's name, the layer, its weights' SHA-256."""
 
     name: str
     weights_sha256: str
 
 
-class Reference(_Open):
+class Reference(Open):
     """What the metrics compared with: the dataset's real images (``origin: dataset``: which
     split) or a statistics file (``origin: file``: its path, SHA-256, extractor, counts)."""
 
@@ -189,7 +112,7 @@ class Reference(_Open):
     description: str
 
 
-class Conventions(_Open):
+class Conventions(Open):
     """The guidance formula (and the same weight in diffusers' convention) and how generated
     labels are drawn, so that numbers can be put beside papers that use another."""
 
@@ -197,41 +120,11 @@ class Conventions(_Open):
     labels: str
 
 
-class Identity(_Open):
-    digest: str
-
-
-class RecordBase(_Open):
-    """What every record of the family has (the generation and the classification records)."""
-
-    schema_version: Literal[3] = Field(alias="schema")
-    code_version: str
-    created: str | None = None
-    identity: Identity
-    config: dict[str, Any]
-    dataset: Dataset
-
-    # Sections whose class_counts list every class of the dataset (the classification record's).
-    counted_sections: ClassVar[tuple[str, ...]] = ()
-
-    @model_validator(mode="after")
-    def _classes_exist(self) -> RecordBase:
-        n = len(self.dataset.class_counts)
-        bad = [k for k in self.metrics.per_class if class_index(k) >= n]  # type: ignore[attr-defined]
-        if bad:
-            raise ValueError(f"metrics.per_class names classes the dataset lacks: {bad}")
-        for name in self.counted_sections:
-            counts = getattr(self, name).class_counts
-            if len(counts) != n:
-                raise ValueError(f"{name}.class_counts has {len(counts)} classes, the dataset {n}")
-        return self
-
-
 class Record(RecordBase):
     """The record of one evaluation (docs/evaluation.md)."""
 
     checkpoint: Checkpoint
-    sampler: Sampler
+    sampler: SamplerEntry
     protocol: dict[str, Any]
     extractors: dict[str, Extractor | dict[str, Any]]  # space -> extractor; "lpips": its nets
     reference: Reference
@@ -246,16 +139,6 @@ class Record(RecordBase):
         if bad:
             raise ValueError(f"extractors {bad} lack their name or weights_sha256")
         return self
-
-
-def _record_model(record: Mapping[str, Any]) -> type[BaseModel]:
-    """The model of a record's ``kind``: a generation evaluation (no kind), or a classifier's
-    test evaluation (:mod:`lt_diffusion.classification.record`)."""
-    if record.get("kind") == "classification":
-        from lt_diffusion.classification.record import ClassificationRecord
-
-        return ClassificationRecord
-    return Record
 
 
 # What schema 2's code did, stated by schema 3 records (upgrade() fills them in).
@@ -282,20 +165,12 @@ def conventions(guidance: float | None) -> dict[str, Any]:
     }
 
 
-def upgrade(record: Mapping[str, Any]) -> dict[str, Any]:
-    """A record of an older schema in the current one (a copy; current ones unchanged).
-
-    2 -> 3: ``extractor`` becomes ``extractors`` (``{"inception": ...}``, its LPIPS part under
+def upgrade(out: dict[str, Any]) -> dict[str, Any]:
+    """What an evaluation record of schema 2 lacks, filled in (:func:`records.base.upgrade`
+    has renumbered it). ``extractor`` becomes ``extractors`` (``{"inception": ...}``, its LPIPS part under
     ``"lpips"``; none for the synthetic benchmark's exact metrics); ``reference`` says the
     dataset's own reference split (all schema 2 could use); ``conventions`` are the formula and
-    label schedule schema 2's code used (unchanged since); ``upgraded_from: 2``."""
-    out = dict(record)
-    if out.get("schema") != 2:
-        return out
-    out["schema"] = 3
-    out["upgraded_from"] = 2
-    if out.get("kind") == "classification":
-        return out
+    label schedule schema 2's code used (unchanged since)."""
     old = dict(out.pop("extractor", None) or {})
     extractors: dict[str, Any] = {}
     if "lpips" in old:
@@ -319,70 +194,7 @@ def upgrade(record: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def validate(record: Any, source: str = "record") -> dict[str, Any]:
-    """Raise :class:`RecordError` listing every problem; returns the record when it is valid."""
-    if not isinstance(record, Mapping):
-        raise RecordError(f"{source} is not a JSON object")
-    if record.get("schema", SCHEMA_VERSION) != SCHEMA_VERSION:
-        raise RecordError(
-            f"{source} has schema {record['schema']!r}, not {SCHEMA_VERSION} (written by "
-            "another version; read it with read_record, which upgrades schema 2): evaluate "
-            "again"
-        )
-    try:
-        _record_model(record).model_validate(dict(record))
-    except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'] if 'function-after' not in str(p)) or 'record'}"
-            f": {e['msg']}"
-            for e in err.errors()
-        )
-        raise RecordError(f"{source} is not a valid record: {problems}") from None
-    return dict(record)
-
-
-def build_record(
-    *, identity: dict[str, Any], code_version: str | None = None, **fields: Any
-) -> dict[str, Any]:
-    """A validated record: schema, code version (this checkout's unless given), creation time,
-    the settings ``identity``, then ``fields`` (the model of their ``kind``
-    says which are required: :class:`Record` for an evaluation, the classification record
-    for ``kind="classification"``; keys beyond them, e.g. timings, are kept). ``metrics``
-    may omit ``per_split`` / ``per_class`` (stored as {})."""
-    if "metrics" in fields:
-        fields["metrics"] = {"overall": {}, "per_split": {}, "per_class": {}, **fields["metrics"]}
-    header = {
-        "schema": SCHEMA_VERSION,
-        "code_version": code_version if code_version is not None else runtime.code_version(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "identity": identity,
-    }
-    return validate({**header, **fields})
-
-
-def write_record(path: str | Path, record: dict[str, Any]) -> Path:
-    """Validate, serialise (strict JSON: no NaN), then write atomically; any failure leaves an
-    existing file at ``path`` untouched."""
-    validate(record, f"record for {path}")
-    try:
-        return atomic_write_json(path, record, allow_nan=False)
-    except (TypeError, ValueError) as err:
-        raise RecordError(f"record for {path} cannot be written as JSON: {err}") from err
-
-
-def read_record(path: str | Path) -> dict[str, Any]:
-    """Read and validate a record, upgrading an older schema (:func:`upgrade`);
-    :class:`RecordError` says what is wrong."""
-    path = Path(path)
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RecordError(
-            f"{path} is not a readable record ({err}): re-run the evaluation"
-        ) from err
-    if isinstance(record, Mapping):
-        record = upgrade(record)
-    return validate(record, str(path))
+register_kind("evaluation", Record, upgrade)
 
 
 def json_schema() -> dict[str, Any]:

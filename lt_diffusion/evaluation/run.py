@@ -20,30 +20,26 @@ from omegaconf import DictConfig, OmegaConf
 
 from lt_diffusion.diffusion.generate import is_vector_model
 from lt_diffusion.evaluation.distributed import init_from_env, world
-from lt_diffusion.evaluation.evaluator import run_protocol, save_record
+from lt_diffusion.evaluation.evaluator import run_protocol
+from lt_diffusion.evaluation.identity import evaluation_identity
 from lt_diffusion.evaluation.metrics import METRICS
 from lt_diffusion.evaluation.plots import plot_fid_vs_count
 from lt_diffusion.evaluation.protocol import protocol_sampler
-from lt_diffusion.evaluation.record import build_record, conventions, record_filename
+from lt_diffusion.evaluation.record import conventions, record_filename
 from lt_diffusion.evaluation.repeats import merge_repeats, noise_seeds
 from lt_diffusion.evaluation.toy import run_toy_protocol
 from lt_diffusion.evaluation.tracking import log_to_training_run
-from lt_diffusion.runtime import code_version, resolve_device
-from lt_diffusion.training.builders import (
+from lt_diffusion.records.base import build_record, write_record
+from lt_diffusion.runs.build import (
     build_sampler,
     build_schedule,
     check_guidance,
     check_sampler,
     resolve_sampler,
 )
-from lt_diffusion.training.checkpoint import (
-    META_KEY,
-    CheckpointError,
-    load_run,
-    read_checkpoint,
-    run_datamodule,
-)
-from lt_diffusion.utils.identity import evaluation_identity
+from lt_diffusion.runs.checkpoint import META_KEY, CheckpointError, read_checkpoint
+from lt_diffusion.runs.load import load_run, run_datamodule
+from lt_diffusion.runtime import code_version, resolve_device
 from lt_diffusion.utils.imagefolder import read_folder_meta, read_image_folder
 
 
@@ -308,7 +304,7 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
     print_table(record)  # the results reach the user before anything can fail on disk
     path = record_path(cfg, ev, identity)
     try:
-        save_record(path, record)
+        write_record(path, record)
     except OSError as err:
         print(json.dumps(record, indent=1, allow_nan=False))
         raise RecordSaveError(

@@ -38,9 +38,9 @@ from lt_diffusion.diffusion import gather_order, generate_vectors
 from lt_diffusion.evaluation import toy_floors as TF
 from lt_diffusion.evaluation import toy_metrics as TM
 from lt_diffusion.evaluation.distributed import barrier, gather_objects, world
-from lt_diffusion.evaluation.metrics import Comparison, compare
 from lt_diffusion.evaluation.protocol import comparisons, images_per_class
 from lt_diffusion.evaluation.reference import choose_real
+from lt_diffusion.records.metrics import Comparison, compare
 from lt_diffusion.utils.threads import torch_threads
 
 # What the record's "reference" says: no feature extractor (the record's extractors are

@@ -39,7 +39,7 @@ from collections.abc import Callable
 import numpy as np
 
 from lt_diffusion.data.toy import GaussianMixtureClasses
-from lt_diffusion.evaluation.metrics import Comparison, Metric, register
+from lt_diffusion.records.metrics import Comparison, Metric, register
 
 
 def _points(x: np.ndarray, name: str, dim: int | None = None) -> np.ndarray:

@@ -13,14 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lt_diffusion.evaluation.metrics import METRICS
-
-
-def wandb_run_id(run_dir: Path) -> str | None:
-    """The id of the newest wandb run in ``run_dir/wandb``, or None when it has none."""
-    latest = run_dir / "wandb" / "latest-run"
-    if not latest.exists():
-        return None
-    return latest.resolve().name.rsplit("-", 1)[-1]
+from lt_diffusion.runs.load import wandb_run_id
 
 
 def tracked_values(record: dict[str, Any], name: str) -> dict[str, float]:

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lt_diffusion.diffusion import NoiseSchedule
-from lt_diffusion.methods.common import Aug, ComposableObjective, Model, Result, WrappingObjective
+from lt_diffusion.methods.base import Aug, Model, Objective, Result
+from lt_diffusion.methods.common import WrappingObjective
 
 AUG_DIM = 9
 
@@ -246,13 +247,13 @@ class ADAObjective(WrappingObjective):
 
     Args:
         base: the objective trained on the augmented batch (DDPM in the CM tables; CBDM in
-            CBDM's "+ADA" row). It must be a :class:`ComposableObjective`.
+            CBDM's "+ADA" row). It must be a :class:`Objective`.
         augment: the settings of :class:`AugmentPipeline` (``p``, ``xflip``, ...).
     """
 
     name = "ada"
 
-    def __init__(self, base: ComposableObjective, **augment: float) -> None:
+    def __init__(self, base: Objective, **augment: float) -> None:
         super().__init__(base)  # CFG dropout is the base objective's business
         self.augment = AugmentPipeline(**augment)
 

@@ -2,15 +2,18 @@
 
 An objective receives the (possibly compiled) model, a clean batch and the noise schedule and
 returns the loss plus named terms to log. Methods compose by wrapping a base objective (CM
-wraps DDPM, CBDM or OC). Classifier-free-guidance label dropout lives here, once, because every
+wraps DDPM, CBDM or OC): the wrapper calls the base's :meth:`Objective.compute`, which returns
+the loss with the :class:`Step` it computed on. Classifier-free-guidance label dropout lives here, once, because every
 method but IMBA (which replaces it) uses it the same way.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +22,19 @@ from lt_diffusion.diffusion import DDIMSampler, NoiseSchedule, Sampler
 from lt_diffusion.utils import draws
 
 DROP_MODES = ("batch", "sample", "none")
+
+
+class TrainedRun(Protocol):
+    """What an objective reads of another trained run (a distillation teacher): handed in by
+    the training (:func:`lt_diffusion.runs.load.load_run`), so that methods sit below runs."""
+
+    model: nn.Module
+    train_cfg: Any
+    schedule: NoiseSchedule
+    objective: Objective
+
+
+RunLoader = Callable[[str], TrainedRun]
 
 
 @dataclass
@@ -144,14 +160,16 @@ class Objective(nn.Module):
         base = self._base()
         return base.model_output if base is not None else "eps"
 
-    def bind(self, model: nn.Module, schedule: NoiseSchedule) -> None:
-        """Called once by the training module with the live backbone and the schedule, before
-        the first step and before a resumed checkpoint's state is loaded: where an objective
-        that keeps networks of its own (consistency distillation's teacher and target) makes
-        them. A wrapper binds its base objective."""
+    def bind(
+        self, model: nn.Module, schedule: NoiseSchedule, load_run: RunLoader | None = None
+    ) -> None:
+        """Called once by the training module with the live backbone, the schedule and a run
+        loader, before the first step and before a resumed checkpoint's state is loaded: where
+        an objective that keeps networks of its own (consistency distillation's teacher and
+        target) makes them. A wrapper binds its base objective."""
         base = self._base()
         if base is not None:
-            base.bind(model, schedule)
+            base.bind(model, schedule, load_run)
 
     def after_optimizer_step(self, model: nn.Module) -> None:
         """Called by the training module after every optimizer step (a target network's EMA)."""
@@ -167,12 +185,132 @@ class Objective(nn.Module):
             return base.preview_sampler(schedule, steps, clip_denoised)
         return DDIMSampler(schedule, steps=steps, clip_denoised=clip_denoised)
 
-    def forward(
-        self, model: Callable[..., Tensor], x0: Tensor, y: Tensor, schedule: NoiseSchedule
-    ) -> ObjectiveOutput:  # pragma: no cover - abstract
-        raise NotImplementedError
+    # A method implements :meth:`loss` on the step :meth:`compute` starts (a forward draw with
+    # CFG dropout); ``drops_labels = False`` for a method that trains the null label itself
+    # (IMBA). Calling the objective returns only the loss; a wrapper calls ``compute``.
+    drops_labels = True
+
+    def begin(
+        self,
+        model: Model,
+        x0: Tensor,
+        schedule: NoiseSchedule,
+        y: Tensor,
+        aug_labels: Tensor | None = None,
+    ) -> Step:
+        """Draw ``t``, the noise and ``x_t``, and apply CFG label dropout (not for methods that
+        train the null label themselves)."""
+        b = self.noised(x0, schedule)
+        y_in, dropped = (y, False)
+        if self.drops_labels:
+            y_in, dropped = self.drop_condition(y, model.null_label)
+        return Step(model, b.x_t, b.t, b.noise, y_in, dropped, aug_labels)
+
+    def compute(
+        self, model: Model, x0: Tensor, y: Tensor, schedule: NoiseSchedule, aug_labels: Aug = None
+    ) -> Result:
+        """The loss and named terms, plus this step (:class:`Step`) for a wrapper.
+
+        ``aug_labels`` (B, augment_dim), when given, is passed to every model call (ADA).
+        """
+        return self.loss(self.begin(model, x0, schedule, y, aug_labels), x0, y, schedule)
+
+    def loss(self, s: Step, x0: Tensor, y: Tensor, schedule: NoiseSchedule) -> Result:
+        """The method's loss on the step ``s`` (``x0``, ``y``: the clean batch)."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def forward(self, model: Model, x0: Tensor, y: Tensor, schedule: NoiseSchedule) -> Any:
+        return self.compute(model, x0, y, schedule)[0]
 
 
-def mse(a: Tensor, b: Tensor) -> Tensor:
-    """Mean squared error in float32 (bf16 autocast outputs are upcast first)."""
-    return (a.float() - b.float()).pow(2).mean()
+def mse(a: Tensor, b: Tensor, per_sample: bool = False) -> Tensor:
+    """Mean squared error, over everything or per sample (shape (B,)), in at least float32
+    (bf16 autocast outputs are upcast; float64 stays float64)."""
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    sq = (a.to(dtype) - b.to(dtype)).pow(2)
+    return sq.flatten(1).mean(1) if per_sample else sq.mean()
+
+
+def call_model(
+    model: Callable[..., Tensor], x: Tensor, t: Tensor, y: Tensor, aug_labels: Tensor | None
+) -> Tensor:
+    """``model(x, t, y)``, with ``aug_labels=`` only when there are any, so backbones without
+    the ADA hook (and the exact sampling-time call) are unaffected."""
+    if aug_labels is None:
+        return model(x, t, y)
+    return model(x, t, y, aug_labels=aug_labels)
+
+
+def call_model_pair(
+    model: Callable[..., Tensor],
+    x: Tensor,
+    t: Tensor,
+    y_a: Tensor,
+    y_b: Tensor,
+    aug_labels: Tensor | None,
+    fused: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """The predictions for labels ``y_a`` and ``y_b`` on the same ``(x, t)``: one forward over
+    the concatenated batch when ``fused`` (one kernel launch per layer, the same numbers up to
+    batch-dependent kernels), else two."""
+    if not fused:
+        return call_model(model, x, t, y_a, aug_labels), call_model(model, x, t, y_b, aug_labels)
+    aug2 = None if aug_labels is None else torch.cat([aug_labels, aug_labels])
+    out = call_model(model, torch.cat([x, x]), torch.cat([t, t]), torch.cat([y_a, y_b]), aug2)
+    a, b = out.chunk(2)
+    return a, b
+
+
+@dataclass
+class Step:
+    """One training step of an objective: the forward-process draw (``x_t``, ``t``, ``noise``),
+    the labels fed to the model after CFG dropout (``y_in``; ``dropped``: the whole batch's
+    condition was dropped) and ADA's augmentation labels; its methods call the model on that
+    draw. :meth:`context` adds what the step computed, which a wrapping objective (CM, ADA,
+    CORAL) reads: CM compares the base's prediction with its reserved-capacity-free part's on
+    the same draw and labels."""
+
+    model: Callable[..., Tensor]
+    x_t: Tensor
+    t: Tensor
+    noise: Tensor
+    y_in: Tensor
+    dropped: bool
+    aug_labels: Tensor | None
+    # What the step computed, for a wrapping objective (set by :meth:`context`): the model's
+    # prediction (with gradient) and what it was regressed onto (the noise; OC's target).
+    eps_pred: Tensor | None = None
+    target: Tensor | None = None
+
+    def predict(self, labels: Tensor | None = None) -> Tensor:
+        """``eps_theta(x_t, t, labels)`` (default: ``y_in``)."""
+        y = self.y_in if labels is None else labels
+        return call_model(self.model, self.x_t, self.t, y, self.aug_labels)
+
+    def predict_pair(self, y_a: Tensor, y_b: Tensor, fused: bool) -> tuple[Tensor, Tensor]:
+        return call_model_pair(self.model, self.x_t, self.t, y_a, y_b, self.aug_labels, fused)
+
+    def context(
+        self, eps: Tensor, target: Tensor | None = None, y_in: Tensor | None = None
+    ) -> Step:
+        """This step with its prediction ``eps`` and ``target`` (default: the noise) for a
+        wrapping objective; ``y_in``: the labels the prediction was made with, if others."""
+        return dataclasses.replace(
+            self,
+            eps_pred=eps,
+            target=self.noise if target is None else target,
+            y_in=self.y_in if y_in is None else y_in,
+        )
+
+    def plain(self, term: str, *zeros: str) -> tuple[ObjectiveOutput, Step]:
+        """The DDPM loss of this step alone, logged as ``term`` (``zeros``: the method's other
+        terms, 0 here): what class-dependent methods fall back to on a dropped batch."""
+        eps = self.predict()
+        loss = mse(eps, self.noise)
+        terms = {term: loss.detach(), **{z: torch.zeros((), device=loss.device) for z in zeros}}
+        return ObjectiveOutput(loss, terms), self.context(eps)
+
+
+Model = Callable[..., Tensor]
+Aug = Tensor | None  # ADA's augmentation labels (B, augment_dim), or none
+Result = tuple[ObjectiveOutput, Step]

@@ -23,20 +23,16 @@ import torch
 from torch import Tensor
 
 from lt_diffusion.diffusion import NoiseSchedule
-from lt_diffusion.methods.base import ObjectiveOutput, mse
+from lt_diffusion.methods.base import Objective, ObjectiveOutput, Result, Step, mse
 from lt_diffusion.methods.common import (
     TARGET_DISTS,
-    ComposableObjective,
-    Result,
-    Step,
+    draw_labels,
     label_distribution,
-    per_sample_mse,
-    sample_labels,
     timestep_weight,
 )
 
 
-class CBDMObjective(ComposableObjective):
+class CBDMObjective(Objective):
     """DDPM loss plus CBDM's distribution-adjustment regulariser.
 
     Args:
@@ -82,7 +78,7 @@ class CBDMObjective(ComposableObjective):
         """``n`` target labels ``y'`` drawn from the target-label distribution."""
         if self.target_probs.numel() == 0:
             raise RuntimeError("objective.setup(class_counts) must be called before training")
-        return sample_labels(self.target_probs, n)
+        return draw_labels(self.target_probs, n)
 
     def loss(self, s: Step, x0: Tensor, y: Tensor, schedule: NoiseSchedule) -> Result:
         if s.dropped:  # a host-side bool: no synchronisation
@@ -101,8 +97,8 @@ class CBDMObjective(ComposableObjective):
         # Only samples fed a real label regularise (all of them under batch-mode dropout).
         keep = (s.y_in != s.model.null_label).float()
         w = timestep_weight(s.t, schedule.num_timesteps, self.tau) * keep
-        reg = (w * per_sample_mse(h, h_bal.detach())).mean()
-        commit = (w * per_sample_mse(h.detach(), h_bal)).mean()
+        reg = (w * mse(h, h_bal.detach(), per_sample=True)).mean()
+        commit = (w * mse(h.detach(), h_bal, per_sample=True)).mean()
         loss = ddpm + reg + self.gamma * commit
         terms = {"ddpm": ddpm.detach(), "reg": reg.detach(), "commit": commit.detach()}
         return ObjectiveOutput(loss, terms), s.context(h)

@@ -15,7 +15,7 @@ No stop-gradient anywhere (Algorithm C.1 descends ``grad_{theta_g, theta_e}`` of
 rare ones, through both branches. The ablations drop one term exactly: without ``L_Con`` the
 loss is ``L_base - lam mean(w_div d)``, without ``L_Div`` it is ``L_base + lam mean(w_con d)``.
 
-``eps`` is the base objective's own prediction (:class:`BaseContext`), so CM costs one extra
+``eps`` is the base objective's own prediction (:class:`Step`), so CM costs one extra
 forward (``theta_g``, same ``x_t, t, y``) per step. The per-class weights are defined for real
 labels only, so CM is skipped where the condition was dropped for classifier-free guidance: on a
 batch-dropped batch there is no extra forward at all; with per-sample dropout the null samples
@@ -30,23 +30,17 @@ import torch
 from torch import Tensor
 
 from lt_diffusion.diffusion import NoiseSchedule
-from lt_diffusion.methods.base import ObjectiveOutput
-from lt_diffusion.methods.common import (
+from lt_diffusion.methods.base import (
     Aug,
-    ComposableObjective,
     Model,
+    Objective,
+    ObjectiveOutput,
     Result,
-    WrappingObjective,
     call_model,
+    mse,
 )
+from lt_diffusion.methods.common import WrappingObjective
 from lt_diffusion.models.lowrank import expert_switch
-
-
-def per_sample_sq_dist(a: Tensor, b: Tensor) -> Tensor:
-    """``||a - b||^2`` averaged over pixels, per sample (B,), in at least float32 (bf16
-    autocast outputs are upcast; float64 stays float64)."""
-    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
-    return (a.to(dtype) - b.to(dtype)).pow(2).flatten(1).mean(1)
 
 
 def cm_class_weights(class_counts: Sequence[int] | Tensor) -> tuple[Tensor, Tensor]:
@@ -85,7 +79,7 @@ class CMObjective(WrappingObjective):
 
     def __init__(
         self,
-        base: ComposableObjective,
+        base: Objective,
         lam: float = 1.0,
         use_con: bool = True,
         use_div: bool = True,
@@ -129,7 +123,7 @@ class CMObjective(WrappingObjective):
                 )
             eps_g = call_model(model, ctx.x_t, ctx.t, ctx.y_in, ctx.aug_labels)
 
-        dist = per_sample_sq_dist(ctx.eps_pred, eps_g)  # (B,); gradient through both branches
+        dist = mse(ctx.eps_pred, eps_g, per_sample=True)  # (B,); gradient through both branches
         null = model.null_label
         real = ctx.y_in != null  # per-sample dropout: null samples carry no class weight
         label = torch.where(real, ctx.y_in, torch.zeros_like(ctx.y_in))

@@ -18,7 +18,7 @@ deterministic DDIM step is the exact Euler step of the probability-flow ODE in t
 of a framework run (``train.init_from``), frozen and in eval mode; the student starts from the
 same weights (the paper does). ``theta^-`` is kept in eval mode (no dropout in the target).
 
-A :class:`ComposableObjective`: CM wraps it like any base objective, its ``L_CM`` comparing the
+A :class:`Objective`: CM wraps it like any base objective, its ``L_CM`` comparing the
 student's backbone outputs with and without the reserved capacity at ``(x_{n+1}, tau_{n+1})``.
 """
 
@@ -36,10 +36,17 @@ from lt_diffusion.diffusion.consistency import (
     karras_timesteps,
     vp_sigmas,
 )
-from lt_diffusion.methods.base import NoisedBatch, ObjectiveOutput
-from lt_diffusion.methods.cm import per_sample_sq_dist
-from lt_diffusion.methods.common import ComposableObjective, Result, Step, call_model
-from lt_diffusion.training.ema import ema_update
+from lt_diffusion.methods.base import (
+    NoisedBatch,
+    Objective,
+    ObjectiveOutput,
+    Result,
+    RunLoader,
+    Step,
+    call_model,
+    mse,
+)
+from lt_diffusion.models.ema import ema_update
 
 
 def ddim_step(
@@ -51,7 +58,7 @@ def ddim_step(
     return schedule.q_sample(schedule.predict_x0(x_t, t, eps), t_prev, eps)
 
 
-class ConsistencyDistillationObjective(ComposableObjective):
+class ConsistencyDistillationObjective(Objective):
     """Consistency distillation of a trained eps-prediction teacher.
 
     Args:
@@ -110,10 +117,13 @@ class ConsistencyDistillationObjective(ComposableObjective):
         object.__setattr__(self, "teacher", teacher.eval().requires_grad_(False))
         self.target = copy.deepcopy(student).eval().requires_grad_(False)
 
-    def bind(self, model: nn.Module, schedule: NoiseSchedule) -> None:
-        self.set_networks(
-            load_teacher(self.teacher_path, model, schedule, self.teacher_guidance), model
-        )
+    def bind(
+        self, model: nn.Module, schedule: NoiseSchedule, load_run: RunLoader | None = None
+    ) -> None:
+        if load_run is None:
+            raise ValueError("consistency distillation is bound with a run loader (its teacher)")
+        teacher = check_teacher(self.teacher_path, load_run, model, schedule, self.teacher_guidance)
+        self.set_networks(teacher, model)
         self.grid = torch.tensor(karras_timesteps(schedule, self.num_scales, self.rho))
 
     def train(self, mode: bool = True) -> ConsistencyDistillationObjective:
@@ -157,37 +167,33 @@ class ConsistencyDistillationObjective(ComposableObjective):
             x_prev = ddim_step(schedule, s.x_t, s.t, t_prev, eps.to(s.x_t.dtype))
             target_out = call_model(self.target, x_prev, t_prev, s.y_in, s.aug_labels)
             f_target = consistency_fn_vp(x_prev, t_prev, target_out, self.sigmas)
-        loss = per_sample_sq_dist(f, f_target).mean()  # float64 stays float64 (tests)
+        loss = mse(f, f_target, per_sample=True).mean()  # float64 stays float64 (tests)
         return ObjectiveOutput(loss, {"cd": loss.detach()}), s.context(out)
 
 
-def load_teacher(
-    path: str | None, student: nn.Module, schedule: NoiseSchedule, guidance: float
+def check_teacher(
+    path: str | None,
+    load_run: RunLoader,
+    student: nn.Module,
+    schedule: NoiseSchedule,
+    guidance: float,
 ) -> nn.Module:
-    """The teacher's EMA model from its checkpoint, checked against the student: an eps
-    (diffusion) model of the same schedule, classes and image shape, trained with label
-    dropout when guided."""
-    from omegaconf import OmegaConf
-
-    from lt_diffusion.training.builders import build_objective, build_schedule
-    from lt_diffusion.training.checkpoint import load_sampling_model
-
+    """The teacher's EMA model, loaded by ``load_run`` from its checkpoint and checked against
+    the student: an eps (diffusion) model of the same schedule, classes and image shape,
+    trained with label dropout when guided."""
     if not path:
         raise ValueError(
             "consistency distillation needs a teacher: set train.init_from to a trained "
             "diffusion run's checkpoint (method.objective.teacher follows it)"
         )
-    teacher, meta = load_sampling_model(path)
-    cfg = OmegaConf.create(meta["config"])
-    objective = build_objective(cfg)
+    run = load_run(path)
+    teacher, cfg, objective = run.model, run.train_cfg, run.objective
     problems: list[str] = []
     if objective.model_output != "eps":
         problems.append(
             f"it is a consistency model (method {cfg.method.name}), not a diffusion model"
         )
-    if not torch.equal(
-        build_schedule(cfg).host64("alphas_cumprod"), schedule.host64("alphas_cumprod")
-    ):
+    if not torch.equal(run.schedule.host64("alphas_cumprod"), schedule.host64("alphas_cumprod")):
         problems.append(f"its noise schedule differs (diffusion: {dict(cfg.diffusion)})")
     for key in ("num_classes", "in_channels", "image_size"):
         mine, theirs = getattr(student, key, None), getattr(teacher, key, None)

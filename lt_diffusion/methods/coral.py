@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lt_diffusion.diffusion import NoiseSchedule
-from lt_diffusion.methods.base import ObjectiveOutput
-from lt_diffusion.methods.common import Aug, ComposableObjective, Model, Result, WrappingObjective
+from lt_diffusion.methods.base import Aug, Model, Objective, ObjectiveOutput, Result
+from lt_diffusion.methods.common import WrappingObjective
 
 
 def supcon_loss(
@@ -85,7 +85,7 @@ class CORALObjective(WrappingObjective):
 
     def __init__(
         self,
-        base: ComposableObjective | None = None,
+        base: Objective | None = None,
         feature_dim: int | None = None,
         backbone_ch: int | None = None,
         backbone_ch_mult: Sequence[int] | None = None,

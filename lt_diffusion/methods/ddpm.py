@@ -5,10 +5,10 @@ from __future__ import annotations
 from torch import Tensor
 
 from lt_diffusion.diffusion import NoiseSchedule
-from lt_diffusion.methods.common import ComposableObjective, Result, Step
+from lt_diffusion.methods.base import Objective, Result, Step
 
 
-class DDPMObjective(ComposableObjective):
+class DDPMObjective(Objective):
     """Epsilon-prediction MSE, averaged over pixels and batch, with CFG label dropout."""
 
     name = "ddpm"

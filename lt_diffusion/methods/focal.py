@@ -24,13 +24,12 @@ import torch
 from torch import Tensor
 
 from lt_diffusion.diffusion import NoiseSchedule
-from lt_diffusion.methods.base import ObjectiveOutput
-from lt_diffusion.methods.common import ComposableObjective, Result, Step, per_sample_mse
+from lt_diffusion.methods.base import Objective, ObjectiveOutput, Result, Step, mse
 
 BASELINES = ("timestep", "batch")
 
 
-class FocalObjective(ComposableObjective):
+class FocalObjective(Objective):
     """DDPM loss with per-sample focal weights (see the module docstring).
 
     Args:
@@ -115,7 +114,7 @@ class FocalObjective(ComposableObjective):
 
     def loss(self, s: Step, x0: Tensor, y: Tensor, schedule: NoiseSchedule) -> Result:
         eps = s.predict()
-        per_sample = per_sample_mse(eps, s.noise)
+        per_sample = mse(eps, s.noise, per_sample=True)
         w = self.weights(per_sample, s.t, schedule.num_timesteps)
         loss = (w * per_sample).mean()
         terms = {

@@ -35,7 +35,8 @@ from torch import Tensor, nn
 
 from lt_diffusion.data import SPLITS, split_map
 from lt_diffusion.diffusion import NoiseSchedule
-from lt_diffusion.methods.common import Aug, ComposableObjective, Model, Result, WrappingObjective
+from lt_diffusion.methods.base import Aug, Model, Objective, Result
+from lt_diffusion.methods.common import WrappingObjective
 from lt_diffusion.models.lowrank import (
     INITS,
     LowRankConv2d,
@@ -250,7 +251,7 @@ class GroupExpertObjective(WrappingObjective):
 
     name = "group_expert_lora"
 
-    def __init__(self, base: ComposableObjective) -> None:
+    def __init__(self, base: Objective) -> None:
         super().__init__(base)
         self._splits: list[str] | None = None
         self._checked = False

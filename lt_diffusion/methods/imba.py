@@ -32,8 +32,7 @@ import torch
 from torch import Tensor
 
 from lt_diffusion.diffusion import NoiseSchedule
-from lt_diffusion.methods.base import ObjectiveOutput, mse
-from lt_diffusion.methods.common import ComposableObjective, Result, Step
+from lt_diffusion.methods.base import Objective, ObjectiveOutput, Result, Step, mse
 
 IMBA_GRANULARITIES = ("token", "sample")
 IMBA_POWERS = ("elementwise", "after_mean")
@@ -120,7 +119,7 @@ def concept_collage(x0: Tensor, y: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return torch.cat(strips, dim=-1), y[order]
 
 
-class IMBAObjective(ComposableObjective):
+class IMBAObjective(Objective):
     """IMBA loss: IMBA-distance-weighted conditional loss plus an unconditional loss.
 
     Args:

@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 
 from lt_diffusion.diffusion import NoiseSchedule
-from lt_diffusion.methods.base import ObjectiveOutput, mse
-from lt_diffusion.methods.common import ComposableObjective, Result, Step, sample_categorical
+from lt_diffusion.methods.base import Objective, ObjectiveOutput, Result, Step, mse
+from lt_diffusion.methods.common import sample_categorical
 
 # "t2h" (the README's training command) accepts a reference from a class at least as frequent
 # as the anchor's (knowledge flows from head to tail); "h2t" reverses it; "full" accepts all.
@@ -93,7 +93,7 @@ def oc_target(x_t: Tensor, x0_ref: Tensor, t: Tensor, schedule: NoiseSchedule) -
     return (x_t.to(dt) - a * x0_ref.to(dt)) / s
 
 
-class OCObjective(ComposableObjective):
+class OCObjective(Objective):
     """Epsilon regression onto OC's batch-transferred target.
 
     Args:

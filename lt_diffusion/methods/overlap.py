@@ -32,8 +32,7 @@ import torch
 from torch import Tensor
 
 from lt_diffusion.diffusion import NoiseSchedule
-from lt_diffusion.methods.base import ObjectiveOutput, mse
-from lt_diffusion.methods.common import ComposableObjective, Result, Step
+from lt_diffusion.methods.base import Objective, ObjectiveOutput, Result, Step, mse
 from lt_diffusion.utils import draws
 
 
@@ -55,7 +54,7 @@ def negative_labels(y: Tensor, num_classes: int) -> Tensor:
     return (y + k) % num_classes
 
 
-class OverlapObjective(ComposableObjective):
+class OverlapObjective(Objective):
     """DDPM loss plus the hinge on the reverse-process overlap with a negative class.
 
     Args:

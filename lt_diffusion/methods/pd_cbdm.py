@@ -35,9 +35,9 @@ import torch
 from torch import Tensor
 
 from lt_diffusion.diffusion import NoiseSchedule
-from lt_diffusion.methods.base import ObjectiveOutput
+from lt_diffusion.methods.base import ObjectiveOutput, Result, Step
 from lt_diffusion.methods.cbdm import CBDMObjective
-from lt_diffusion.methods.common import Result, Step, sample_labels, timestep_weight
+from lt_diffusion.methods.common import draw_labels, timestep_weight
 
 
 def head_tail_split(class_counts: Sequence[int] | Tensor, ratio: float) -> tuple[Tensor, Tensor]:
@@ -121,8 +121,8 @@ class PDCBDMObjective(CBDMObjective):
         so a label outside the group is never drawn."""
         if self.head_classes.numel() == 0:
             raise RuntimeError("objective.setup(class_counts) must be called before training")
-        ih = sample_labels(self.head_counts, n)
-        it = sample_labels(self.tail_counts, n)
+        ih = draw_labels(self.head_counts, n)
+        it = draw_labels(self.tail_counts, n)
         return self.head_classes[ih], self.tail_classes[it]
 
     def loss(self, s: Step, x0: Tensor, y: Tensor, schedule: NoiseSchedule) -> Result:

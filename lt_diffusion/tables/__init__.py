@@ -2,10 +2,10 @@
 
 from lt_diffusion.tables.aggregate import Cell, TableResult, collect, metric_entry, metric_value
 from lt_diffusion.tables.render import to_csv, to_latex, to_markdown, write_table
+from lt_diffusion.tables.resolution import ResolvedRun, resolve
 from lt_diffusion.tables.spec import (
     Column,
     EvalRef,
-    ResolvedRun,
     Row,
     RunRef,
     TableSpec,
@@ -13,7 +13,6 @@ from lt_diffusion.tables.spec import (
     available_tables,
     load_table,
     load_table_by_name,
-    resolve,
 )
 
 __all__ = [

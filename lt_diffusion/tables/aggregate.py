@@ -13,17 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lt_diffusion.evaluation.record import RecordError, class_index
-from lt_diffusion.tables.spec import (
-    Block,
-    Column,
-    EvalRef,
-    ResolvedRun,
-    Row,
-    TableSpec,
-    analysis_of,
-    read_table_record,
-)
+from lt_diffusion.records.base import RecordError, class_index, read_record
+from lt_diffusion.tables.resolution import ResolvedRun
+from lt_diffusion.tables.spec import Block, Column, EvalRef, Row, TableSpec, analysis_of
 from lt_diffusion.tables.statistics import (
     POWER,
     PairedDifference,
@@ -204,7 +196,7 @@ class _Records:
     def __call__(self, path: Path) -> dict[str, Any] | str:
         if path not in self._read:
             try:
-                self._read[path] = read_table_record(path)
+                self._read[path] = read_record(path)
             except RecordError as err:
                 self._read[path] = f"{path}: {err}"
         return self._read[path]

@@ -29,11 +29,12 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from lt_diffusion.diffusion import NoiseSchedule
 from lt_diffusion.diffusion.generate import is_latent_model
-from lt_diffusion.methods import Objective
+from lt_diffusion.methods.base import Objective
+from lt_diffusion.models.ema import ema_update
 from lt_diffusion.models.latent_cache import encoded_training_set
+from lt_diffusion.runs.checkpoint import META_KEY
+from lt_diffusion.runs.load import load_run
 from lt_diffusion.training import rng
-from lt_diffusion.training.checkpoint import META_KEY
-from lt_diffusion.training.ema import ema_update
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -101,7 +102,8 @@ class DiffusionModule(L.LightningModule):
         self.meta = meta or {}
         # Before Lightning restores a resumed checkpoint: objectives with networks of their own
         # (consistency distillation's teacher and target) make them here.
-        objective.bind(model, schedule)
+        # The teacher is loaded on the CPU; the objective moves it to the batch's device.
+        objective.bind(model, schedule, lambda path: load_run(path, device="cpu"))
         self._net: Callable[..., Tensor] = model
         self.latent = is_latent_model(model)
         # True once the batch stream serves encoded posterior moments instead of pixels.

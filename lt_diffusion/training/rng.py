@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lt_diffusion.methods import Objective
+from lt_diffusion.methods.base import Objective
 
 RNG_KEY = "lt_diffusion_rng"
 

@@ -30,16 +30,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from lt_diffusion.data.datamodule import stream_seed
-from lt_diffusion.runtime import code_version
-from lt_diffusion.training import vectorized
-from lt_diffusion.training.builders import (
-    build_datamodule,
-    build_model,
-    build_objective,
-    build_schedule,
-)
-from lt_diffusion.training.callbacks import RunLockGuard
-from lt_diffusion.training.checkpoint import (
+from lt_diffusion.runs.build import build_datamodule, build_model, build_objective, build_schedule
+from lt_diffusion.runs.checkpoint import (
     EXPORT_CONFIG,
     EXPORT_WEIGHTS,
     LAST,
@@ -51,6 +43,10 @@ from lt_diffusion.training.checkpoint import (
     model_state,
     read_checkpoint,
 )
+from lt_diffusion.runs.load import wandb_run_id
+from lt_diffusion.runtime import code_version
+from lt_diffusion.training import vectorized
+from lt_diffusion.training.callbacks import RunLockGuard
 from lt_diffusion.training.config_keys import check_known_keys
 from lt_diffusion.training.csvlog import ResumableCSVLogger
 from lt_diffusion.training.module import DiffusionModule
@@ -99,8 +95,6 @@ def build_logger(cfg: DictConfig, resume_step: int = 0, run_dir: Path | None = N
     if issubclass(target, WandbLogger):
         quiet.prepare_wandb()  # its settings warnings follow WANDB_SILENT only after setup
     if issubclass(target, WandbLogger) and not cfg.logger.get("id"):
-        from lt_diffusion.evaluation.tracking import wandb_run_id
-
         run_id = wandb_run_id(run_dir) if run_dir is not None else None
         if run_id is not None:
             return instantiate(cfg.logger, id=run_id, resume="allow")

@@ -42,15 +42,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from lt_diffusion.runtime import code_version
-from lt_diffusion.training.builders import (
+from lt_diffusion.runs.build import (
     build_datamodule,
     build_model,
     build_objective,
     build_schedule,
     instantiate,
 )
-from lt_diffusion.training.checkpoint import (
+from lt_diffusion.runs.checkpoint import (
     LAST,
     META_KEY,
     CheckpointError,
@@ -58,6 +57,7 @@ from lt_diffusion.training.checkpoint import (
     find_resume_checkpoint,
     read_checkpoint,
 )
+from lt_diffusion.runtime import code_version
 from lt_diffusion.training.config_keys import check_known_keys
 from lt_diffusion.training.module import LinearWarmup
 from lt_diffusion.utils import draws

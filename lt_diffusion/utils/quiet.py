@@ -1,6 +1,6 @@
 """A command's terminal shows its progress bars, what it is doing, where its outputs are and its
 results; third-party noise is filtered where the command starts (:func:`install`, called by
-``runtime.hydra_command``), and the project's own warnings always pass:
+``utils.command.hydra_command``), and the project's own warnings always pass:
 
 - Lightning's tips (``💡 Tip: ... litlogger``),
 - Lightning's ``srun`` hint when no SLURM job is running (its advice is for SLURM jobs),
