@@ -28,27 +28,35 @@ NOT_STAGED = (
 _PROCESSOR = ("preprocessor_config.json", "processor_config.json")
 
 
-def clip_folder(setting: str | None) -> Path | None:
-    """The CLIP folder to use: ``setting``, else ``$LT_DIFFUSION_CLIP``, else None. A folder
-    that is named but unusable is an error here (before any long work)."""
-    value = setting if setting else os.environ.get(CLIP_ENV) or None
+def staged_folder(setting: str | None, env: str, key: str, staging: str) -> Path | None:
+    """The transformers model folder to use: ``setting`` (the config key ``key``), else
+    ``$env``, else None. A folder that is named but unusable (no ``config.json``, processor
+    config or weights) is an error here, before any long work, saying ``staging``."""
+    value = setting if setting else os.environ.get(env) or None
     if value is None:
         return None
     folder = Path(value).expanduser()
-    source = "analysis.clip" if setting else f"${CLIP_ENV}"
+    source = key if setting else f"${env}"
     missing = [] if (folder / "config.json").is_file() else ["config.json"]
     if not any((folder / n).is_file() for n in _PROCESSOR):
         missing.append(" or ".join(_PROCESSOR))
     has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
     if not folder.is_dir() or missing or not has_weights:
         what = "does not exist" if not folder.is_dir() else f"lacks {missing or ['the weights']}"
-        raise FileNotFoundError(
-            f"{source}={folder} {what}: it must be a transformers CLIPModel folder written by "
-            "save_pretrained with its processor (config.json, model.safetensors, "
-            "preprocessor_config.json, tokenizer files); set it to such a folder, or to null "
-            "for no concept-presence scores"
-        )
+        raise FileNotFoundError(f"{source}={folder} {what}: {staging}")
     return folder
+
+
+def clip_folder(setting: str | None) -> Path | None:
+    """The CLIP folder to use: ``setting``, else ``$LT_DIFFUSION_CLIP``, else None."""
+    return staged_folder(
+        setting,
+        CLIP_ENV,
+        "analysis.clip",
+        "it must be a transformers CLIPModel folder written by save_pretrained with its "
+        "processor (config.json, model.safetensors, preprocessor_config.json, tokenizer files); "
+        "set it to such a folder, or to null for no concept-presence scores",
+    )
 
 
 class ClipScorer:

@@ -12,12 +12,13 @@ starts with ``yes``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from lt_diffusion.analysis.clip_score import staged_folder
 
 VQA_ENV = "LT_DIFFUSION_VQA"
 STAGING = (
@@ -27,26 +28,12 @@ STAGING = (
     ".save_pretrained(dir) and BlipProcessor.from_pretrained(name).save_pretrained(dir))"
 )
 NOT_STAGED = f"no VQA model is staged: {STAGING}"
-_PROCESSOR = ("preprocessor_config.json", "processor_config.json")
 QUESTION = "is there a {} in the image?"
 
 
 def vqa_folder(setting: str | None) -> Path | None:
-    """The VQA folder to use: ``setting``, else ``$LT_DIFFUSION_VQA``, else None. A folder that
-    is named but unusable is an error here (before any long work)."""
-    value = setting if setting else os.environ.get(VQA_ENV) or None
-    if value is None:
-        return None
-    folder = Path(value).expanduser()
-    source = "analysis.vqa" if setting else f"${VQA_ENV}"
-    missing = [] if (folder / "config.json").is_file() else ["config.json"]
-    if not any((folder / n).is_file() for n in _PROCESSOR):
-        missing.append(" or ".join(_PROCESSOR))
-    has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
-    if not folder.is_dir() or missing or not has_weights:
-        what = "does not exist" if not folder.is_dir() else f"lacks {missing or ['the weights']}"
-        raise FileNotFoundError(f"{source}={folder} {what}: {STAGING}")
-    return folder
+    """The VQA folder to use: ``setting``, else ``$LT_DIFFUSION_VQA``, else None."""
+    return staged_folder(setting, VQA_ENV, "analysis.vqa", STAGING)
 
 
 class VqaScorer:
