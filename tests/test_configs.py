@@ -35,6 +35,11 @@ def _classify_option(group: str, option: str) -> bool:
     return group in CLASSIFY_GROUPS or (group == "experiment" and option.startswith("classify/"))
 
 
+# Options that are read with one dataset only: the concept-pair MLP sizes its embeddings from
+# the concept-pair data's vocabularies.
+COMPANIONS = {"model=concept_pair_mlp": ["dataset=concept_pairs"]}
+
+
 def _resolve(cfg) -> dict:
     # paths.run_dir interpolates Hydra's runtime dir, which exists only inside a launched job.
     cfg.paths.run_dir = "/tmp/run"
@@ -52,7 +57,7 @@ def _resolve(cfg) -> dict:
     ],
 )
 def test_every_group_option_composes_into_train(group: str, option: str) -> None:
-    cfg = compose_config("train", [f"{group}={option}"])
+    cfg = compose_config("train", [f"{group}={option}", *COMPANIONS.get(f"{group}={option}", [])])
     assert unknown_keys(cfg) == []  # every key it sets is one training reads
     resolved = _resolve(cfg)
     assert resolved["run_name"]

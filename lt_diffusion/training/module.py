@@ -50,7 +50,9 @@ class LinearWarmup:
         if schedule == "cosine" and int(total) < 1:
             raise ValueError(f"a cosine schedule needs train.max_steps >= 1, got {total}")
         self.warmup = max(0, int(warmup))
-        self.schedule, self.total = schedule, int(total)
+        # Only a cosine schedule reads the budget: a constant one keeps none in its state, so
+        # that extending train.max_steps resumes into the same scheduler state.
+        self.schedule, self.total = schedule, int(total) if schedule == "cosine" else 0
 
     def __call__(self, step: int) -> float:
         rise = 1.0 if self.warmup == 0 else min(1.0, (step + 1) / self.warmup)
