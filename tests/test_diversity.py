@@ -22,7 +22,7 @@ from lt_diffusion.evaluation import diversity as D
 from lt_diffusion.evaluation import evaluator as E
 from lt_diffusion.evaluation import metrics as M
 from lt_diffusion.evaluation.record import Entry
-from tests.stand_ins import stand_in_space
+from tests.stand_ins import PooledPixels, stand_in_space
 
 # ---------------------------------------------------------------------------- density, coverage
 
@@ -258,19 +258,6 @@ def test_registered_diversity_metrics_make_a_valid_record_entry() -> None:
 # ---------------------------------------------------------------------------- the evaluator
 
 
-class _Pixels(nn.Module):
-    """A stand-in Inception: 4x4-pooled pixels as the "2048" features."""
-
-    features_list = ("2048",)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.anchor = nn.Parameter(torch.zeros(()))
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
-        return (nn.functional.adaptive_avg_pool2d(x.float() / 255.0, 4).flatten(1),)
-
-
 def test_kept_images_are_the_first_of_each_class_whatever_the_ranks(monkeypatch) -> None:
     """Generation split over two simulated ranks keeps the same first images per class as one
     process: each image carries its global index in its pixels."""
@@ -291,7 +278,7 @@ def test_kept_images_are_the_first_of_each_class_whatever_the_ranks(monkeypatch)
     model.in_channels, model.image_size = 3, 8
 
     def run() -> E.Generated:
-        extractors = {"inception": _Pixels()}
+        extractors = {"inception": PooledPixels()}
         return E.generated_features(model, None, per_class, protocol, 0.0, extractors, "cpu", keep)
 
     single = run()
@@ -339,7 +326,7 @@ def test_the_record_holds_each_class_lpips_and_split_means(tmp_path, monkeypatch
     the mean over its classes."""
     path, _ = _alexnet_file(tmp_path)
     monkeypatch.setenv(D.LPIPS_WEIGHTS_ENV, str(path))
-    stand_in_space(monkeypatch, _Pixels(), dim=48)
+    stand_in_space(monkeypatch, PooledPixels(), dim=48)
     labels = torch.tensor([2, 0, 1, 0, 2, 1, 0, 1, 2, 0, 1, 2, 0, 1, 2])
     images = _images(len(labels), seed=5)
     real = _images(12, seed=6)

@@ -25,6 +25,7 @@ from lt_diffusion.evaluation.features import extract_features
 from lt_diffusion.evaluation.inception import sha256
 from lt_diffusion.evaluation.record import Entry
 from tests.stand_ins import (
+    PooledPixels,
     no_staged_weights,
     stage_small_clip,
     stage_small_dinov2,
@@ -120,25 +121,12 @@ class _Data:
 INFO = {"num_classes": 3, "splits": ["many", "medium", "few"], "image_size": 28, "channels": 3}
 
 
-class _Pooled(nn.Module):
-    """A stand-in Inception: 4x4-pooled pixels (48 features) under Inception's layer name."""
-
-    features_list = ("2048",)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.anchor = nn.Parameter(torch.zeros(()))
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
-        return (nn.functional.adaptive_avg_pool2d(x.float() / 255.0, 4).flatten(1),)
-
-
 def test_metrics_are_refused_before_any_generation_when_their_weights_are_not_staged(
     tmp_path: Path, monkeypatch
 ) -> None:
     """No model, no sampler: a refusal after generation had started would be another error."""
     no_staged_weights(tmp_path, monkeypatch)
-    stand_in_space(monkeypatch, _Pooled(), dim=48)
+    stand_in_space(monkeypatch, PooledPixels(), dim=48)
     run = dict(
         dataset_info=INFO, datamodule=_Data(), cache_dir=tmp_path, device=torch.device("cpu")
     )
@@ -228,7 +216,7 @@ def test_fd_dinov2_record_fields_and_caches_per_extractor(tmp_path: Path, monkey
     Inception (small stand-ins of both: the loaders are tested above): each value equals a
     float64 computation on its space's features, the record names each extractor and its
     weights, and the real features are cached once per extractor."""
-    stand_in_space(monkeypatch, _Pooled(), dim=48)
+    stand_in_space(monkeypatch, PooledPixels(), dim=48)
     stand_in_space(monkeypatch, _Projected(), dim=24, space="dinov2")
     labels = torch.arange(15) % 3
     images = _images(15, seed=3)
@@ -240,7 +228,10 @@ def test_fd_dinov2_record_fields_and_caches_per_extractor(tmp_path: Path, monkey
     )  # fmt: skip
     first = torch.cat([torch.nonzero(labels == c).flatten()[:4] for c in range(3)])
     by_class = torch.cat([data.reference_set([c])[0] for c in range(3)])  # the evaluator's order
-    for net, space, fd in ((_Projected(), "dinov2", "fd_dinov2"), (_Pooled(), "inception", "fid")):
+    for net, space, fd in (
+        (_Projected(), "dinov2", "fd_dinov2"),
+        (PooledPixels(), "inception", "fid"),
+    ):
         fake, real = (extract_features(x, net)["pool"] for x in (images[first], by_class))
         overall = out["metrics"]["overall"]
         assert overall[fd] == pytest.approx(fd_float64(real, fake), rel=1e-6), space
@@ -267,7 +258,7 @@ def test_fd_dinov2_record_fields_and_caches_per_extractor(tmp_path: Path, monkey
 
 
 def test_an_extractor_of_another_width_than_its_space_is_refused(tmp_path: Path, monkeypatch):
-    stand_in_space(monkeypatch, _Pooled(), dim=48)
+    stand_in_space(monkeypatch, PooledPixels(), dim=48)
     stand_in_space(monkeypatch, _Projected(dim=7), dim=24, space="dinov2")
     with pytest.raises(X.FeatureWeightsError, match=r"dinov2 extractor gives \[7\]-dimensional"):
         E.run_protocol(
@@ -281,7 +272,7 @@ def test_an_optional_metric_without_weights_is_reported_unavailable_with_the_ins
     tmp_path: Path, monkeypatch
 ) -> None:
     no_staged_weights(tmp_path, monkeypatch)
-    stand_in_space(monkeypatch, _Pooled(), dim=48)
+    stand_in_space(monkeypatch, PooledPixels(), dim=48)
     protocol = _protocol(metrics=["fid", "fd_dinov2"], optional_metrics=["fd_dinov2"])
     out = E.run_protocol(
         protocol=protocol, dataset_info=INFO, datamodule=_Data(), cache_dir=tmp_path / "cache",

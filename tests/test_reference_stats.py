@@ -24,8 +24,8 @@ from lt_diffusion.evaluation.stats_file import (
     write_stats,
 )
 from tests.conftest import compose_config
-from tests.stand_ins import stand_in_space
-from tests.test_feature_spaces import INFO, _Data, _images, _Pooled, _protocol, fd_float64
+from tests.stand_ins import PooledPixels, stand_in_space
+from tests.test_feature_spaces import INFO, _Data, _images, _protocol, fd_float64
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::lt_diffusion.evaluation.metrics.SmallSampleWarning"
@@ -113,7 +113,7 @@ class _Tiny(_Data):
 def test_fid_against_a_written_file_equals_fid_against_the_same_real_features(
     tmp_path, monkeypatch
 ) -> None:
-    stand_in_space(monkeypatch, _Pooled(), dim=48)
+    stand_in_space(monkeypatch, PooledPixels(), dim=48)
     data = _Tiny()
     path, parts = dataset_statistics(data, tmp_path / "ref.npz", cache_dir=tmp_path / "cache")
     assert set(parts) == {"overall", "many", "medium", "few", "class_000", "class_001", "class_002"}
@@ -133,9 +133,11 @@ def test_fid_against_a_written_file_equals_fid_against_the_same_real_features(
         for name in [None] if kind == "overall" else a:
             ea, eb = (a, b) if name is None else (a[name], b[name])
             assert eb["fid"] == pytest.approx(ea["fid"], rel=1e-9, abs=1e-9), (kind, name)
-    real = extract_features(torch.cat([data.reference_set([c])[0] for c in range(3)]), _Pooled())
+    real = extract_features(
+        torch.cat([data.reference_set([c])[0] for c in range(3)]), PooledPixels()
+    )
     first = torch.cat([torch.nonzero(folder[1] == c).flatten()[:4] for c in range(3)])
-    fake = extract_features(folder[0][first], _Pooled())["pool"]
+    fake = extract_features(folder[0][first], PooledPixels())["pool"]
     assert ref["metrics"]["overall"]["fid"] == pytest.approx(
         fd_float64(real["pool"], fake), rel=1e-6
     )
@@ -147,7 +149,7 @@ def test_fid_against_a_written_file_equals_fid_against_the_same_real_features(
 
 
 def test_a_file_stands_in_only_where_it_can(tmp_path, monkeypatch) -> None:
-    stand_in_space(monkeypatch, _Pooled(), dim=48)
+    stand_in_space(monkeypatch, PooledPixels(), dim=48)
     overall_only = write_stats(
         tmp_path / "o.npz", {"overall": _parts(dim=48)["overall"]}, description="x", **META
     )
@@ -192,7 +194,7 @@ def test_the_command_writes_the_reference_and_the_training_statistics(
     from lt_diffusion import reference_stats
     from tests.fakedata import write_cifar10
 
-    stand_in_space(monkeypatch, _Pooled(), dim=48)
+    stand_in_space(monkeypatch, PooledPixels(), dim=48)
     write_cifar10(tmp_path / "data" / "cifar10", n_per_class=20, test_per_class=2)
     common = [
         "dataset=cifar10_lt", "imbalance=ir10", f"paths.data_root={tmp_path / 'data'}",
