@@ -62,6 +62,23 @@ def register(space: FeatureSpace) -> FeatureSpace:
     return space
 
 
+def feature_space(
+    name: str,
+    extractor: str,
+    layer: str,
+    dim: int,
+    description: str,
+    missing: Callable[[], str | None] = lambda: None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register the decorated builder as feature space ``name`` (fields as :class:`FeatureSpace`)."""
+
+    def add(build: Callable[..., Any]) -> Callable[..., Any]:
+        register(FeatureSpace(name, extractor, layer, dim, description, build, missing))
+        return build
+
+    return add
+
+
 def _hub() -> Path:
     return Path(torch.hub.get_dir())
 
@@ -92,24 +109,41 @@ def _how(files: str, fetch: str, env: str) -> str:
     )
 
 
+def _file_check(
+    path: Callable[[], Path], what: str, fetch: str, env: str
+) -> Callable[[], str | None]:
+    """A feature space's ``missing``: None when the weights file ``path()`` is staged, else
+    how to stage it."""
+
+    def missing() -> str | None:
+        file = path()
+        if file.is_file():
+            return None
+        return f"{what} is not staged ({file} missing). To get it, " + _how(file.name, fetch, env)
+
+    return missing
+
+
+def _fidelity_extractor(cls: type, name: str, layer: str, path: Path, what: str) -> nn.Module:
+    """torch-fidelity's extractor ``cls`` on the staged weights; a clear error for a file
+    that is not ``what``."""
+    try:
+        return cls(name, [layer], feature_extractor_weights_path=str(path))
+    except Exception as err:
+        raise FeatureWeightsError(f"{path} is not {what} ({err})") from err
+
+
 # ---------------------------------------------------------------------------- Inception
 
 
+@feature_space(
+    "inception", "inception-v3-compat", "2048", 2048,
+    "Inception-V3 pool3 (the 2015-12-05 TensorFlow graph)",
+)  # fmt: skip
 def _inception(device: torch.device, **options: Any) -> tuple[nn.Module, dict[str, Any]]:
     """inception.load_extractor; ``options``: ``want_logits``, ``require_logits`` (IS)."""
     return load_extractor(device, **options)
 
-
-register(
-    FeatureSpace(
-        "inception",
-        "inception-v3-compat",
-        "2048",
-        2048,
-        "Inception-V3 pool3 (the 2015-12-05 TensorFlow graph)",
-        _inception,
-    )
-)
 
 # ---------------------------------------------------------------------------- DINOv2
 
@@ -139,6 +173,10 @@ def _dinov2_missing() -> str | None:
     )
 
 
+@feature_space(
+    "dinov2", "dinov2-vit-l-14", "dinov2", 1024,
+    "DINOv2 ViT-L/14 CLS token (FD_DINOv2: Stein et al. 2023)", _dinov2_missing,
+)  # fmt: skip
 def _dinov2(device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
     """torch-fidelity's ``FeatureExtractorDinoV2`` around the staged network: its ``__init__``
     only fetches the code from GitHub (``torch.hub.load("facebookresearch/dinov2", ...)``),
@@ -171,18 +209,6 @@ def _dinov2(device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
     return extractor.to(device), {**_weights_info(weights), "code": str(repo)}
 
 
-register(
-    FeatureSpace(
-        "dinov2",
-        "dinov2-vit-l-14",
-        "dinov2",
-        1024,
-        "DINOv2 ViT-L/14 CLS token (FD_DINOv2: Stein et al. 2023)",
-        _dinov2,
-        _dinov2_missing,
-    )
-)
-
 # ---------------------------------------------------------------------------- VGG-16
 
 VGG16_WEIGHTS_ENV = "LT_DIFFUSION_VGG16_WEIGHTS"
@@ -193,42 +219,25 @@ def vgg16_weights() -> Path:
     return _staged(VGG16_WEIGHTS_ENV, _hub() / "checkpoints" / VGG16_WEIGHTS_NAME)
 
 
-def _vgg16_missing() -> str | None:
-    path = vgg16_weights()
-    if path.is_file():
-        return None
-    return f"VGG-16 is not staged ({path} missing). To get it, " + _how(
-        VGG16_WEIGHTS_NAME,
+@feature_space(
+    "vgg16", "vgg16", "fc2_relu", 4096,
+    "VGG-16 fc2 after ReLU (Kynkäänniemi et al. 2019's precision / recall)",
+    _file_check(
+        vgg16_weights, "VGG-16",
         "python -c \"import torchvision as tv; tv.models.vgg16(weights='IMAGENET1K_V1')\"",
         VGG16_WEIGHTS_ENV,
-    )
-
-
+    ),
+)  # fmt: skip
 def _vgg16(device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
     from torch_fidelity.feature_extractor_vgg16 import FeatureExtractorVGG16
 
     path = vgg16_weights()
     info = _weights_info(path, "397923af")
-    try:
-        extractor = FeatureExtractorVGG16(
-            "vgg16", ["fc2_relu"], feature_extractor_weights_path=str(path)
-        )
-    except Exception as err:
-        raise FeatureWeightsError(f"{path} is not torchvision's VGG-16 state dict ({err})") from err
+    extractor = _fidelity_extractor(
+        FeatureExtractorVGG16, "vgg16", "fc2_relu", path, "torchvision's VGG-16 state dict"
+    )
     return extractor.to(device), info
 
-
-register(
-    FeatureSpace(
-        "vgg16",
-        "vgg16",
-        "fc2_relu",
-        4096,
-        "VGG-16 fc2 after ReLU (Kynkäänniemi et al. 2019's precision / recall)",
-        _vgg16,
-        _vgg16_missing,
-    )
-)
 
 # ---------------------------------------------------------------------------- CLIP
 
@@ -241,18 +250,16 @@ def clip_weights() -> Path:
     return _staged(CLIP_WEIGHTS_ENV, _hub() / "checkpoints" / CLIP_WEIGHTS_NAME)
 
 
-def _clip_missing() -> str | None:
-    path = clip_weights()
-    if path.is_file():
-        return None
-    return f"CLIP ViT-B/32 is not staged ({path} missing). To get it, " + _how(
-        CLIP_WEIGHTS_NAME,
+@feature_space(
+    "clip", "clip-vit-b-32", "clip", 512,
+    "CLIP ViT-B/32 image embedding (Kynkäänniemi et al. 2023's FD_CLIP)",
+    _file_check(
+        clip_weights, "CLIP ViT-B/32",
         'python -c "import torch_fidelity.feature_extractor_clip as c; '
         "c.FeatureExtractorCLIP('clip-vit-b-32', ['clip'])\"",
         CLIP_WEIGHTS_ENV,
-    )
-
-
+    ),
+)  # fmt: skip
 def _clip(device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
     from torch_fidelity.feature_extractor_clip import FeatureExtractorCLIP
 
@@ -263,28 +270,13 @@ def _clip(device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
             f"{path} is named like OpenAI's CLIP ViT-B/32 but its SHA-256 differs: the download "
             "is corrupt; fetch it again"
         )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation
-            extractor = FeatureExtractorCLIP(
-                "clip-vit-b-32", ["clip"], feature_extractor_weights_path=str(path)
-            )
-    except Exception as err:
-        raise FeatureWeightsError(f"{path} is not a CLIP TorchScript archive ({err})") from err
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation
+        extractor = _fidelity_extractor(
+            FeatureExtractorCLIP, "clip-vit-b-32", "clip", path, "a CLIP TorchScript archive"
+        )
     return extractor.to(device), info
 
-
-register(
-    FeatureSpace(
-        "clip",
-        "clip-vit-b-32",
-        "clip",
-        512,
-        "CLIP ViT-B/32 image embedding (Kynkäänniemi et al. 2023's FD_CLIP)",
-        _clip,
-        _clip_missing,
-    )
-)
 
 # ---------------------------------------------------------------------------- protocol
 
