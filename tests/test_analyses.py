@@ -397,11 +397,11 @@ def test_gradient_dominance_needs_both_groups() -> None:
 
 def test_imba_distance_per_class_is_the_mean_over_the_class() -> None:
     imba = pytest.importorskip("lt_diffusion.methods.imba")
-    from lt_diffusion.analysis.imba_distance import imba_distance_per_class
+    from lt_diffusion.analysis.imba_distance import mean_imba_distances
 
     model, schedule = tiny_unet(), schedule64()
     samples = synthetic_samples([4, 2, 1], draws=2, t=T - 1)
-    got = imba_distance_per_class(model, schedule, samples, gamma=0.8, batch_size=3)
+    got = mean_imba_distances(model, schedule, samples, "class", gamma=0.8, batch_size=3)
     with torch.no_grad():
         for c in range(3):
             vals = []

@@ -78,10 +78,11 @@ class ImbaDistanceSettings:
 
 
 @torch.no_grad()
-def imba_distance_per_class(
+def mean_imba_distances(
     model: nn.Module,
     schedule: NoiseSchedule,
     samples: ClassSamples,
+    unit: str = "class",
     gamma: float = 0.8,
     granularity: str = "token",
     power: str = "elementwise",
@@ -89,57 +90,35 @@ def imba_distance_per_class(
     device: torch.device | str = "cpu",
     show_progress: bool = False,
 ) -> list[float | None]:
-    """Per class, the mean IMBA distance between the true noise and the unconditional
-    prediction on its fixed draws (float64 accumulation; None for a class without images)."""
+    """The mean IMBA distance between the true noise and the unconditional prediction on the
+    fixed draws, per ``unit`` (float64 accumulation; None for a unit without a sample):
+    ``"class"``, over each class's draws (a sample's distance the mean over its coordinates);
+    ``"concept"``, for a model whose tokens each show one concept (``model.token_concepts``),
+    the token-level distance over the tokens that show the concept (``granularity`` is then
+    token)."""
     from lt_diffusion.methods.imba import imba_distance, model_tokens
 
-    dtype = model_dtype(model)
-    out: list[float | None] = []
+    if unit not in ("class", "concept"):
+        raise ValueError(f"unit must be 'class' or 'concept', got {unit!r}")
+    dtype, tokens = model_dtype(model), model_tokens(model)
+    size = samples.num_classes if unit == "class" else sum(model.vocab_sizes)
+    total = torch.zeros(size, dtype=torch.float64)
+    count = torch.zeros(size, dtype=torch.float64)
     for c in progress(range(samples.num_classes), "IMBA distance", show_progress):
-        total, n = 0.0, 0
         for b in samples.batches(c, batch_size, device, dtype):
             x_t = schedule.q_sample(b.x0, b.t, b.noise)
             eps_uncond = model(x_t, b.t, None)  # y=None: the null label, the unconditional model
-            d = imba_distance(
-                b.noise, eps_uncond, gamma=gamma, granularity=granularity, power=power,
-                tokens=model_tokens(model),
-            )  # fmt: skip
-            per_sample = d.double().flatten(1).mean(1) if d.ndim > 1 else d.double()
-            total += float(per_sample.sum())
-            n += len(per_sample)
-        out.append(finite_or_none(total / n) if n else None)
-    return out
-
-
-@torch.no_grad()
-def imba_distance_per_concept(
-    model: nn.Module,
-    schedule: NoiseSchedule,
-    samples: ClassSamples,
-    gamma: float = 0.8,
-    power: str = "elementwise",
-    batch_size: int = 256,
-    device: torch.device | str = "cpu",
-) -> list[float | None]:
-    """Per concept of a model whose tokens each show one concept (``model.token_concepts``),
-    the mean token-level IMBA distance over the tokens that show it (float64 accumulation;
-    None for a concept no sample shows)."""
-    from lt_diffusion.methods.imba import imba_distance, model_tokens
-
-    dtype = model_dtype(model)
-    n_concepts = sum(model.vocab_sizes)
-    total = torch.zeros(n_concepts, dtype=torch.float64)
-    count = torch.zeros(n_concepts, dtype=torch.float64)
-    for c in range(samples.num_classes):
-        for b in samples.batches(c, batch_size, device, dtype):
-            x_t = schedule.q_sample(b.x0, b.t, b.noise)
-            d = imba_distance(b.noise, model(x_t, b.t, None), gamma=gamma, granularity="token",
-                              power=power, tokens=model_tokens(model))  # fmt: skip
-            concepts = model.token_concepts(b.y).cpu()
-            total.index_add_(0, concepts.flatten(), d.double().cpu().flatten())
-            count.index_add_(
-                0, concepts.flatten(), torch.ones(concepts.numel(), dtype=torch.float64)
-            )
+            if unit == "class":
+                d = imba_distance(b.noise, eps_uncond, gamma=gamma, granularity=granularity,
+                                  power=power, tokens=tokens).double()  # fmt: skip
+                d = d.flatten(1).mean(1) if d.ndim > 1 else d
+                units = torch.full((len(d),), c)
+            else:
+                d = imba_distance(b.noise, eps_uncond, gamma=gamma, granularity="token",
+                                  power=power, tokens=tokens).double()  # fmt: skip
+                units = model.token_concepts(b.y)
+            total.index_add_(0, units.cpu().flatten(), d.cpu().flatten())
+            count.index_add_(0, units.cpu().flatten(), torch.ones(d.numel(), dtype=torch.float64))
     return [finite_or_none(float(t / n)) if n else None for t, n in zip(total, count)]
 
 
@@ -190,16 +169,15 @@ def compute(
     # The run's own CPU threads (a tiny model runs faster on one; utils/threads.py).
     threads = torch_threads(run.train_cfg.train.get("threads"), "train.threads")
     with deterministic_kernels(), threads:
-        dist = imba_distance_per_class(
-            run.model, run.schedule, samples, settings.gamma, settings.granularity,
-            settings.power, batch_size, run.device, show_progress,
-        )  # fmt: skip
+        common = dict(gamma=settings.gamma, power=settings.power, batch_size=batch_size,
+                      device=run.device)  # fmt: skip
         model = run.model
+        dist = mean_imba_distances(
+            model, run.schedule, samples, "class", granularity=settings.granularity,
+            show_progress=show_progress, **common,
+        )  # fmt: skip
         if hasattr(model, "token_concepts"):  # one concept per token: the concepts are the unit
-            per_concept = imba_distance_per_concept(
-                model, run.schedule, samples, settings.gamma, settings.power, batch_size,
-                run.device,
-            )  # fmt: skip
+            per_concept = mean_imba_distances(model, run.schedule, samples, "concept", **common)
             names = [f"{v}{k}" for v, size in zip("ab", model.vocab_sizes) for k in range(size)]
             counts = model.concept_counts(run.info["class_counts"]).tolist()
             vs_frequency = frequency_fit(per_concept, counts, names, "concept")
