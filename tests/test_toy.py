@@ -404,3 +404,9 @@ def test_training_refuses_a_variant_whose_class_would_miss_every_sub_mode(tmp_pa
     with pytest.raises(ValueError, match="class 9 4 hidden sub-modes of 4: its training draw"):
         train.run(cfg)
     assert not list(run_dir.rglob("*.ckpt")) and not (run_dir / "config.yaml").exists()
+
+
+def test_a_setting_the_layout_does_not_have_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match=r"dataset.source.spread is not a setting of the ring"):
+        small_source(spread=0.1)  # the constellation's setting, on the ring layout
+    assert small_source(layout="constellation", spread=0.1).mixture.modes_per_class == 4

@@ -39,6 +39,7 @@ fresh points per class, for choosing hyperparameters without looking at the test
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,7 +53,6 @@ from lt_diffusion.data.sources import Source, VectorArrays
 # Independent random streams of one source seed (layout, training pool, reference split,
 # validation split, the choice of hidden sub-modes).
 _LAYOUT, _TRAIN, _REFERENCE, _VALIDATION, _HIDDEN = 0, 1, 2, 3, 4
-LAYOUTS = ("ring", "constellation")
 SOURCE_SPLITS = ("train", "test", "validation")
 # Coordinates must stay inside the samplers' final clamp to [-1, 1] (5 std: 3e-7 per draw).
 _MAX_EXTENT = 1.0
@@ -289,6 +289,9 @@ def constellation_mixture(
     return _checked(means, _weights(C, K, weight_ratio), std, hit_quantile)
 
 
+LAYOUTS = {"ring": ring_mixture, "constellation": constellation_mixture}
+
+
 class ToySource(Source):
     """Points drawn from :func:`ring_mixture` or :func:`constellation_mixture` (float32
     ``(N, D)``, no files).
@@ -315,29 +318,37 @@ class ToySource(Source):
         self,
         num_classes: int = 10,
         dim: int = 2,
-        modes_per_class: int = 2,
-        radius: float = 0.75,
-        std: float = 0.03,
-        lift: float = 0.0,
-        weight_ratio: float = 0.6,
-        hit_quantile: float = 0.99,
+        layout: str = "ring",
+        hidden: Sequence[int] | None = None,
         n_per_class: int = 5000,
         n_reference: int = 2000,
-        seed: int = 0,
-        name: str = "toy",
-        layout: str = "ring",
-        spread: float = 0.1,
-        hidden: Sequence[int] | None = None,
         n_validation: int = 2000,
+        seed: int = 0,
         validation_seed: int | None = None,
+        name: str = "toy",
+        **geometry: float,
     ) -> None:
+        """``geometry``: the layout function's keywords (``modes_per_class``, ``radius``,
+        ``std``, ...; its defaults for the ones not given)."""
         # No root: the data are generated (Source's root / download do not apply).
         for key, n in (("n_per_class", n_per_class), ("n_reference", n_reference),
                        ("n_validation", n_validation)):  # fmt: skip
             if int(n) < 1:
                 raise ValueError(f"dataset.source.{key} must be >= 1, got {n}")
         if layout not in LAYOUTS:
-            raise ValueError(f"dataset.source.layout must be one of {LAYOUTS}, got {layout!r}")
+            raise ValueError(
+                f"dataset.source.layout must be one of {list(LAYOUTS)}, got {layout!r}"
+            )
+        make = LAYOUTS[layout]
+        known = [
+            k for k in inspect.signature(make).parameters if k not in ("num_classes", "dim", "seed")
+        ]
+        unknown = sorted(set(geometry) - set(known))
+        if unknown:
+            raise ValueError(
+                f"dataset.source.{unknown[0]} is not a setting of the {layout} layout: it takes "
+                f"{known}"
+            )
         if validation_seed is not None and int(validation_seed) == int(seed):
             raise ValueError(
                 f"dataset.source.validation_seed={validation_seed} is the source's own seed: its "
@@ -345,15 +356,7 @@ class ToySource(Source):
                 "on it would be chosen on the test set. Set another seed, or null (a stream of "
                 "its own)"
             )
-        common = (num_classes, modes_per_class, dim, radius)
-        if layout == "ring":
-            self.mixture = ring_mixture(
-                *common, std, lift, weight_ratio, hit_quantile, seed
-            )  # fmt: skip
-        else:
-            self.mixture = constellation_mixture(
-                *common, spread, std, lift, weight_ratio, hit_quantile, seed
-            )  # fmt: skip
+        self.mixture = make(num_classes, dim=dim, seed=seed, **geometry)
         self.name = str(name)
         self.num_classes = int(num_classes)
         self.channels = int(dim)
