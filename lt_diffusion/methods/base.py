@@ -24,6 +24,16 @@ from lt_diffusion.utils import draws
 DROP_MODES = ("batch", "sample", "none")
 
 
+def check_choice(
+    key: str, value: str, choices: Sequence[str], where: str = "method.objective"
+) -> str:
+    """``value`` when it is one of ``choices``, else an error naming the setting
+    ``<where>.<key>``."""
+    if value not in choices:
+        raise ValueError(f"{where}.{key} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
 class TrainedRun(Protocol):
     """What an objective reads of another trained run (a distillation teacher): handed in by
     the training (:func:`lt_diffusion.runs.load.load_run`), so that methods sit below runs."""
@@ -67,11 +77,7 @@ class Objective(nn.Module):
 
     def __init__(self, cond_drop_prob: float = 0.1, cond_drop_mode: str = "batch") -> None:
         super().__init__()
-        if cond_drop_mode not in DROP_MODES:
-            raise ValueError(
-                f"cond_drop_mode must be one of {DROP_MODES}, got {cond_drop_mode!r}: "
-                "set method.objective.cond_drop_mode accordingly"
-            )
+        check_choice("cond_drop_mode", cond_drop_mode, DROP_MODES)
         if not 0.0 <= cond_drop_prob < 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1), got {cond_drop_prob}")
         self.cond_drop_prob = float(cond_drop_prob)

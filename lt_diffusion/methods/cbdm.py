@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from lt_diffusion.diffusion import NoiseSchedule
-from lt_diffusion.methods.base import Objective, ObjectiveOutput, Result, Step, mse
+from lt_diffusion.methods.base import Objective, ObjectiveOutput, Result, Step, check_choice, mse
 from lt_diffusion.methods.common import (
     TARGET_DISTS,
     draw_labels,
@@ -57,11 +57,7 @@ class CBDMObjective(Objective):
         **dropout: Any,
     ) -> None:
         super().__init__(**dropout)
-        if target_dist not in TARGET_DISTS:
-            raise ValueError(
-                f"target_dist must be one of {TARGET_DISTS}, got {target_dist!r}: set "
-                "method.objective.target_dist accordingly"
-            )
+        check_choice("target_dist", target_dist, TARGET_DISTS)
         if tau < 0 or gamma < 0:
             raise ValueError(f"tau and gamma must be >= 0, got tau={tau}, gamma={gamma}")
         self.tau = float(tau)

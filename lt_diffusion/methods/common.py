@@ -17,6 +17,7 @@ from lt_diffusion.methods.base import (  # noqa: F401  (Aug ... Step: imported f
     Step,
     call_model,
     call_model_pair,
+    check_choice,
     mse,
 )
 from lt_diffusion.utils import draws
@@ -37,11 +38,7 @@ def label_distribution(class_counts: Tensor, kind: str) -> Tensor:
     ``"inverse"``: proportional to ``1 / N_c`` (PD-CBDM). Classes with no training image get
     probability 0 under ``empirical`` and ``inverse``.
     """
-    if kind not in TARGET_DISTS:
-        raise ValueError(
-            f"target_dist must be one of {TARGET_DISTS}, got {kind!r}: set "
-            "method.objective.target_dist accordingly"
-        )
+    check_choice("target_dist", kind, TARGET_DISTS)
     counts = class_counts.float()
     if counts.numel() == 0:
         raise RuntimeError("objective.setup(class_counts) must be called before training")

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from lt_diffusion.diffusion import NoiseSchedule
-from lt_diffusion.methods.base import Objective, ObjectiveOutput, Result, Step, mse
+from lt_diffusion.methods.base import Objective, ObjectiveOutput, Result, Step, check_choice, mse
 
 BASELINES = ("timestep", "batch")
 
@@ -55,11 +55,7 @@ class FocalObjective(Objective):
         **dropout: Any,
     ) -> None:
         super().__init__(**dropout)
-        if baseline not in BASELINES:
-            raise ValueError(
-                f"focal baseline must be one of {BASELINES}, got {baseline!r}: set "
-                "method.objective.baseline"
-            )
+        check_choice("baseline", baseline, BASELINES)
         if gamma < 0:
             raise ValueError(f"focal gamma must be >= 0, got {gamma}")
         if num_buckets < 1 or not 0.0 <= ema_decay < 1.0:

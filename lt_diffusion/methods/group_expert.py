@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from lt_diffusion.data import SPLITS, split_map
 from lt_diffusion.diffusion import NoiseSchedule
-from lt_diffusion.methods.base import Aug, Model, Objective, Result
+from lt_diffusion.methods.base import Aug, Model, Objective, Result, check_choice
 from lt_diffusion.methods.common import WrappingObjective
 from lt_diffusion.models.lowrank import (
     INITS,
@@ -140,8 +140,7 @@ class ExpertRouter(nn.Module):
 
     def __init__(self, splits: Sequence[str], null_route: str) -> None:
         super().__init__()
-        if null_route not in NULL_ROUTES:
-            raise ValueError(f"null_route must be one of {NULL_ROUTES}, got {null_route!r}")
+        check_choice("null_route", null_route, NULL_ROUTES, "method.model_transform")
         null_code = {"none": ROUTE_NONE, "all": ROUTE_ALL}.get(null_route)
         if null_code is None:
             null_code = SPLITS.index(null_route)
@@ -201,8 +200,7 @@ def group_expert_lora(
     """
     if not 0.0 < float(rank_ratio) <= 1.0:
         raise ValueError(f"rank_ratio must be in (0, 1], got {rank_ratio}")
-    if init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    check_choice("init", init, INITS, "method.model_transform")
     if hasattr(model, "expert_router"):
         raise ValueError("the model already has group experts: apply the transform once")
     num_classes = getattr(model, "num_classes", None)

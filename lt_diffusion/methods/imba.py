@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from lt_diffusion.diffusion import NoiseSchedule
-from lt_diffusion.methods.base import Objective, ObjectiveOutput, Result, Step, mse
+from lt_diffusion.methods.base import Objective, ObjectiveOutput, Result, Step, check_choice, mse
 
 IMBA_GRANULARITIES = ("token", "sample")
 IMBA_POWERS = ("elementwise", "after_mean")
@@ -77,15 +77,8 @@ def imba_distance(
 
     Returns the distance in at least float32, *without* a stop-gradient (callers detach).
     """
-    if granularity not in IMBA_GRANULARITIES:
-        raise ValueError(
-            f"granularity must be one of {IMBA_GRANULARITIES}, got {granularity!r}: set "
-            "method.objective.granularity accordingly"
-        )
-    if power not in IMBA_POWERS:
-        raise ValueError(
-            f"power must be one of {IMBA_POWERS}, got {power!r}: set method.objective.power"
-        )
+    check_choice("granularity", granularity, IMBA_GRANULARITIES)
+    check_choice("power", power, IMBA_POWERS)
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
     if noise.shape != eps_uncond.shape or noise.ndim < 2:
@@ -162,17 +155,9 @@ class IMBAObjective(Objective):
                 f"{cond_drop_prob})"
             )
         super().__init__(cond_drop_prob=0.0, cond_drop_mode=cond_drop_mode)
-        if granularity not in IMBA_GRANULARITIES:
-            raise ValueError(
-                f"granularity must be one of {IMBA_GRANULARITIES}, got {granularity!r}"
-            )
-        if power not in IMBA_POWERS:
-            raise ValueError(f"power must be one of {IMBA_POWERS}, got {power!r}")
-        if normalize not in IMBA_NORMALIZE:
-            raise ValueError(
-                f"normalize must be one of {IMBA_NORMALIZE}, got {normalize!r}: set "
-                "method.objective.normalize"
-            )
+        check_choice("granularity", granularity, IMBA_GRANULARITIES)
+        check_choice("power", power, IMBA_POWERS)
+        check_choice("normalize", normalize, IMBA_NORMALIZE)
         if gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {gamma}")
         if not 0.0 <= lam <= 1.0:

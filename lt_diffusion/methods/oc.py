@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from lt_diffusion.diffusion import NoiseSchedule
-from lt_diffusion.methods.base import Objective, ObjectiveOutput, Result, Step, mse
+from lt_diffusion.methods.base import Objective, ObjectiveOutput, Result, Step, check_choice, mse
 from lt_diffusion.methods.common import sample_categorical
 
 # "t2h" (the README's training command) accepts a reference from a class at least as frequent
@@ -116,14 +116,8 @@ class OCObjective(Objective):
         **dropout: Any,
     ) -> None:
         super().__init__(**dropout)
-        if gate not in GATES:
-            raise ValueError(
-                f"OC gate must be one of {GATES}, got {gate!r}: set method.objective.gate"
-            )
-        if ties not in TIES:
-            raise ValueError(
-                f"OC ties must be one of {TIES}, got {ties!r}: set method.objective.ties"
-            )
+        check_choice("gate", gate, GATES)
+        check_choice("ties", ties, TIES)
         if int(log_buckets) < 0:
             raise ValueError(f"method.objective.log_buckets must be >= 0, got {log_buckets}")
         self.gate, self.ties = gate, ties
