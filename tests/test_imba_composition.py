@@ -398,3 +398,11 @@ def test_composition_analysis_refuses_other_datasets_and_bad_settings(trained) -
         CompositionSettings(samples_per_pair=0)
     with pytest.raises(ValueError, match="analysis.t must be a timestep, null .* or 'uniform'"):
         _analyze(trained, "analysis=imba_distance", "analysis.t=later")
+
+
+def test_the_concept_pair_model_without_its_dataset_says_what_it_needs() -> None:
+    from lt_diffusion.runs.build import build_model
+
+    cfg = compose_config("train", ["experiment=toy/toy2d_ddpm", "model=concept_pair_mlp"])
+    with pytest.raises(ValueError, match="use it with dataset=concept_pairs"):
+        build_model(cfg)

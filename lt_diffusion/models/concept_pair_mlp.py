@@ -47,6 +47,12 @@ class ConceptPairMLP(MLPDenoiser):
         **mlp,
     ) -> None:
         super().__init__(dim, num_classes, **mlp)
+        if any(k is None for k in vocab_sizes):
+            raise ValueError(
+                "model=concept_pair_mlp reads its vocabularies from dataset=concept_pairs "
+                "(dataset.source.concepts_a / concepts_b), which this dataset lacks: use it with "
+                "dataset=concept_pairs, or set model.vocab_sizes=[K_A,K_B]"
+            )
         sizes = [int(k) for k in vocab_sizes]
         if len(sizes) < 1 or any(k < 1 for k in sizes) or int(dim) % len(sizes):
             raise ValueError(
