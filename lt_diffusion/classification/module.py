@@ -28,13 +28,13 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torch.optim.lr_scheduler import LambdaLR
 
 from lt_diffusion.classification.losses import ClassificationLoss
 from lt_diffusion.methods.base import mse
 from lt_diffusion.methods.cm import cm_class_weights
 from lt_diffusion.models.lowrank import expert_switch
 from lt_diffusion.runs.checkpoint import META_KEY
+from lt_diffusion.training.module import stepwise_optimizer
 
 
 class EpochSchedule:
@@ -144,12 +144,7 @@ class ClassifierModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])
-        scheduler = LambdaLR(optimizer, self.schedule)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        return stepwise_optimizer(self.optimizer_factory, (self.model,), self.schedule)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[META_KEY] = self.meta

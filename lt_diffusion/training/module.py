@@ -39,6 +39,18 @@ from lt_diffusion.training import rng
 LR_SCHEDULES = ("constant", "cosine")
 
 
+def stepwise_optimizer(
+    factory: Callable[..., torch.optim.Optimizer],
+    modules: Iterable[nn.Module],
+    lr_lambda: Callable[[int], float],
+) -> dict[str, Any]:
+    """Lightning's ``configure_optimizers`` answer: ``factory`` over the trainable parameters
+    of ``modules``, its learning rate scaled by ``lr_lambda(step)`` at every step."""
+    optimizer = factory([p for m in modules for p in m.parameters() if p.requires_grad])
+    scheduler = LambdaLR(optimizer, lr_lambda)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
 class LinearWarmup:
     """LR multiplier rising linearly from 1/warmup to 1 over ``warmup`` steps (picklable);
     ``schedule="cosine"`` then decays it as ``(1 + cos(pi step / total)) / 2`` to 0 at
@@ -213,14 +225,9 @@ class DiffusionModule(L.LightningModule):
         self.objective.after_optimizer_step(self.model)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        params += [p for p in self.objective.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
-        scheduler = LambdaLR(optimizer, self.lr_lambda)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        return stepwise_optimizer(
+            self.optimizer_factory, (self.model, self.objective), self.lr_lambda
+        )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[META_KEY] = self.meta
