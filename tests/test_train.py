@@ -182,3 +182,18 @@ def test_only_trainable_modules_in_eval_mode_are_reported(train_overrides, tmp_p
     module.model.head.eval()
     with pytest.warns(UserWarning, match=r"1 trainable module\(s\) are in eval mode .*model\.head"):
         module.on_train_start()
+
+
+def test_a_run_saved_before_its_objective_moved_is_the_same_run() -> None:
+    from lt_diffusion.runs.checkpoint import config_differences
+
+    def config(target: str) -> dict:
+        return {"method": {"objective": {"_target_": target, "cond_drop_prob": 0.1}}}
+
+    now = "lt_diffusion.methods.ddpm.DDPMObjective"
+    before = "lt_diffusion.methods.DDPMObjective"  # the configs' path before issue 26
+    assert config_differences(config(before), config(now)) == []
+    for other in ("lt_diffusion.methods.cbdm.CBDMObjective", "lt_diffusion.methods.Gone"):
+        assert config_differences(config(other), config(now)) == [
+            f"method.objective._target_: checkpoint has {other!r}, config has {now!r}"
+        ]

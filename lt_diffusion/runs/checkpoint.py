@@ -78,6 +78,20 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {k.rstrip("."): v for k, v in out.items()}
 
 
+def _same_target(a: Any, b: Any) -> bool:
+    """Whether two ``_target_`` paths name the same object: a run saved before a class moved
+    (``lt_diffusion.methods.DDPMObjective``, now ``lt_diffusion.methods.ddpm.DDPMObjective``)
+    is the same run."""
+    from hydra.utils import get_object
+
+    if not (isinstance(a, str) and isinstance(b, str)):
+        return False
+    try:
+        return get_object(a) is get_object(b)
+    except Exception:  # a path that no longer imports names nothing to compare
+        return False
+
+
 def config_differences(saved: dict | DictConfig, current: dict | DictConfig) -> list[str]:
     """The settings that define a run's weights (:func:`training_settings`) on which two
     configs disagree, as readable lines (budget and hardware may differ: a resume)."""
@@ -85,6 +99,8 @@ def config_differences(saved: dict | DictConfig, current: dict | DictConfig) -> 
     diffs = []
     for key in sorted(set(a) | set(b)):
         if key.startswith(RESUMABLE_CHANGES) or a.get(key) == b.get(key):
+            continue
+        if key.rsplit(".", 1)[-1] == "_target_" and _same_target(a.get(key), b.get(key)):
             continue
         diffs.append(f"{key}: checkpoint has {a.get(key)!r}, config has {b.get(key)!r}")
     return diffs
