@@ -100,25 +100,25 @@ def mean_imba_distances(
 
     if unit not in ("class", "concept"):
         raise ValueError(f"unit must be 'class' or 'concept', got {unit!r}")
+    per_class = unit == "class"
     dtype, tokens = model_dtype(model), model_tokens(model)
-    size = samples.num_classes if unit == "class" else sum(model.vocab_sizes)
+    size = samples.num_classes if per_class else sum(model.vocab_sizes)
     total = torch.zeros(size, dtype=torch.float64)
     count = torch.zeros(size, dtype=torch.float64)
     for c in progress(range(samples.num_classes), "IMBA distance", show_progress):
         for b in samples.batches(c, batch_size, device, dtype):
             x_t = schedule.q_sample(b.x0, b.t, b.noise)
             eps_uncond = model(x_t, b.t, None)  # y=None: the null label, the unconditional model
-            if unit == "class":
-                d = imba_distance(b.noise, eps_uncond, gamma=gamma, granularity=granularity,
-                                  power=power, tokens=tokens).double()  # fmt: skip
+            d = imba_distance(b.noise, eps_uncond, gamma=gamma, power=power, tokens=tokens,
+                              granularity=granularity if per_class else "token").double()  # fmt: skip
+            if per_class:  # a sample's distance: the mean over its coordinates
                 d = d.flatten(1).mean(1) if d.ndim > 1 else d
                 units = torch.full((len(d),), c)
             else:
-                d = imba_distance(b.noise, eps_uncond, gamma=gamma, granularity="token",
-                                  power=power, tokens=tokens).double()  # fmt: skip
                 units = model.token_concepts(b.y)
-            total.index_add_(0, units.cpu().flatten(), d.cpu().flatten())
-            count.index_add_(0, units.cpu().flatten(), torch.ones(d.numel(), dtype=torch.float64))
+            units, d = units.cpu().flatten(), d.cpu().flatten()
+            total.index_add_(0, units, d)
+            count.index_add_(0, units, torch.ones_like(d))
     return [finite_or_none(float(t / n)) if n else None for t, n in zip(total, count)]
 
 
