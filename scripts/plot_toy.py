@@ -6,10 +6,12 @@
   precision) against its diversity (coverage), the means over the seeds, DDPM's in grey.
 
     .venv/bin/python scripts/plot_toy.py                                  # table=toy2d_methods
-    .venv/bin/python scripts/plot_toy.py --table toy2d_demo --column borrow_few
+    .venv/bin/python scripts/plot_toy.py --table toy2d_demo --column cov_few
 
 The best row is the method row (not a floor) with the best mean over the seeds that have a
-record, in ``--column`` of ``--block`` (by the column's own ``better``); the points are
+record, in ``--column`` of ``--block`` (by the column's own ``better``; default Few SW, a
+distance to the truth: borrowing, say, would crown a method that generates nothing on any mode,
+as CM's collapsed seeds do); the points are
 regenerated from the two runs' checkpoints exactly as their records' evaluation generated them
 (the protocol's sampler, guidance, seed and chunks). The fidelity-diversity figure reads the
 records only.
@@ -60,7 +62,7 @@ def main() -> None:
     parser.add_argument("--table", default="toy2d_methods")
     parser.add_argument("--output-dir", default="outputs", help="the table's paths.output_dir")
     parser.add_argument("--block", default="IR=100", help="label of the block to compare in")
-    parser.add_argument("--column", default="borrow_few", help="column key that picks 'best'")
+    parser.add_argument("--column", default="sw_few", help="column key that picks 'best'")
     parser.add_argument("--baseline", default="DDPM", help="label of the baseline row")
     parser.add_argument("--seed", type=int, default=0, help="the seed whose points are drawn")
     args = parser.parse_args()
