@@ -22,6 +22,8 @@ from lt_diffusion.tables.sweep import (
     Job,
     LauncherConfigError,
     check_launcher,
+    claim,
+    launch,
     read_failure,
     read_manifest,
     write_manifest,
@@ -145,6 +147,33 @@ def test_a_failing_job_records_its_failure_and_a_done_job_is_skipped(
     assert out.returncode == 0, out.stderr
     assert not (Path(good.run_dir) / "checkpoints").exists()  # skipped: no training
     assert read_failure(good.run_dir) is None
+
+
+def test_a_job_is_claimed_once(tmp_path: Path) -> None:
+    claims = tmp_path / "claims"
+    assert claim(claims, 3) and not claim(claims, 3) and claim(claims, 4)
+    assert str(os.getpid()) in (claims / "job3").read_text()
+
+
+def test_side_by_side_workers_run_each_job_once_whoever_is_free(
+    train_overrides, tmp_path: Path
+) -> None:
+    """Two local workers over five jobs (each failing at once on a bad ratio): every job runs
+    exactly once, claimed by one worker, and the workers write no .hydra folder over another's
+    job."""
+    runs = tmp_path / "outputs" / "runs"
+    jobs = [_job_for(train_overrides, runs / f"r{i}", "imbalance.ratio=0.5") for i in range(5)]
+    manifest = write_manifest(tmp_path / "sweep" / "manifest.json", "t", jobs)
+    code = launch(manifest, len(jobs), [], tmp_path / "sweep", workers=2)
+    assert code == 0
+    log = (tmp_path / "sweep" / "jobs.log").read_text()
+    for j in jobs:
+        assert read_failure(j.run_dir) is not None
+        assert log.count(f"[{j.key}] failed") == 1, log[-3000:]
+    assert sorted(p.name for p in (tmp_path / "sweep" / "claims").iterdir()) == [
+        f"job{i}" for i in range(5)
+    ]
+    assert not list((tmp_path / "sweep").glob("job*/.hydra"))
 
 
 def test_two_gloo_processes_train_evaluate_and_write_one_record(

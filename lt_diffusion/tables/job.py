@@ -27,7 +27,7 @@ from omegaconf import DictConfig, open_dict
 from lt_diffusion.records.base import RecordError, read_record
 from lt_diffusion.runs.checkpoint import read_checkpoint
 from lt_diffusion.tables import resolution as _kinds  # noqa: F401  (the kinds a table reads)
-from lt_diffusion.tables.sweep import FAILED, SWEEP_LOG_ENV, Job, read_manifest
+from lt_diffusion.tables.sweep import FAILED, SWEEP_LOG_ENV, Job, claim, read_manifest
 from lt_diffusion.utils.config import compose_config
 from lt_diffusion.utils.io import atomic_write_json
 
@@ -172,12 +172,15 @@ def run_under_torchrun(job: Job, manifest: str, index: int) -> str:
 
 def run(cfg: DictConfig) -> Any:
     """Run job ``cfg.job`` of the sweep manifest ``cfg.manifest``; returns its status (a
-    failure is recorded in the run directory of each run of the job)."""
+    failure is recorded in the run directory of each run of the job). With ``cfg.claims`` (local
+    workers side by side) only a job this worker claims first runs; the others are ``taken``."""
     table, jobs = read_manifest(cfg.manifest)
     index = int(cfg.job)
     if not 0 <= index < len(jobs):
         raise ValueError(f"job={index} is not in {cfg.manifest} ({len(jobs)} jobs)")
     job = jobs[index]
+    if cfg.get("claims") and not claim(cfg.claims, index):
+        return "taken"  # another local worker runs it
     if job.world_size > 1 and not _in_process_group():
         return run_under_torchrun(job, str(cfg.manifest), index)
     log = _log_path()

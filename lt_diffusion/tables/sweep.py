@@ -7,13 +7,16 @@ seeds of one synthetic-benchmark row) are one job, each keeping its own run dire
 records. The table command writes the pending jobs into a manifest,
 a JSON file that never changes afterwards, and starts ``python -m lt_diffusion.job --multirun
 manifest=<file> job=0,1,...`` with the launcher the user chose; a requeued SLURM job reads the
-same manifest again, so it resumes exactly the run it was given.
+same manifest again, so it resumes exactly the run it was given. Local workers side by side
+(``workers=2``) each sweep every job and run those they claim first (:func:`claim`), so a
+worker that finishes early takes the next job instead of idling behind a fixed share.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -168,6 +171,23 @@ def read_failure(run_dir: str | Path) -> dict[str, Any] | None:
 
 
 SWEEP_LOG_ENV = "LT_DIFFUSION_SWEEP_LOG"
+CLAIMS = "claims"  # in a sweep folder: one file per job a local worker has taken
+
+
+def claim(claims: str | Path, index: int) -> bool:
+    """Take job ``index`` for this worker: ``True`` once, for the first worker that asks
+    (an exclusive create, atomic on a local or NFS v3+ file system); the file says who."""
+    claims = Path(claims)
+    claims.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(claims / f"job{index}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(
+            f"{socket.gethostname()} pid {os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n"
+        )
+    return True
 
 
 def launch(
@@ -180,9 +200,11 @@ def launch(
     """Run the manifest's jobs as Hydra multiruns of :mod:`lt_diffusion.job` and wait.
 
     ``hydra_overrides`` are the user's ``hydra/launcher=...`` and ``hydra.launcher.*``
-    overrides, passed on unchanged. ``workers`` multiruns run side by side, worker ``k`` taking
-    jobs ``k, k + workers, ...`` (each job has its own run directory and ``job<i>`` folder, so
-    they never share a file). Their output is shown and kept in ``<sweep_dir>/jobs.log`` (the
+    overrides, passed on unchanged. ``workers`` multiruns run side by side, each over every job,
+    running the jobs it claims first (``<sweep_dir>/claims``): the jobs are handed out in
+    order to whichever worker is free. Hydra writes no ``.hydra`` folder for them (the job a
+    worker passes over would write it again; the manifest holds every job's settings). Their
+    output is shown and kept in ``<sweep_dir>/jobs.log`` (the
     log of jobs that run here; SLURM jobs have their own), line by line. Returns the first
     non-zero exit code, else 0; the jobs record their failures in their run directories, so
     one failed job never stops the others.
@@ -193,7 +215,12 @@ def launch(
         raise LauncherConfigError(f"workers must be >= 1, got {workers}")
     log_path = Path(sweep_dir) / "jobs.log"
     env = {**os.environ, SWEEP_LOG_ENV: str(log_path)}
-    shares = [list(range(k, n_jobs, workers)) for k in range(min(workers, n_jobs))]
+    workers = min(workers, n_jobs)
+    if workers == 1:
+        sweeps = [[f"job=range(0,{n_jobs})"]]
+    else:
+        sweeps = [[f"job=range(0,{n_jobs})", f"claims={Path(sweep_dir) / CLAIMS}",
+                   "hydra.output_subdir=null"]] * workers  # fmt: skip
     lock = threading.Lock()
     with open(log_path, "ab") as log:
 
@@ -207,11 +234,10 @@ def launch(
                     sys.stdout.flush()
 
         procs = []
-        for share in shares:
+        for sweep in sweeps:
             cmd = [
                 sys.executable, "-m", "lt_diffusion.job", "--multirun", f"manifest={manifest}",
-                "job=" + ",".join(map(str, share)), f"hydra.sweep.dir={sweep_dir}",
-                *hydra_overrides,
+                *sweep, f"hydra.sweep.dir={sweep_dir}", *hydra_overrides,
             ]  # fmt: skip
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             thread = threading.Thread(target=relay, args=(proc,), daemon=True)
