@@ -252,6 +252,7 @@ class ADAObjective(WrappingObjective):
     """
 
     name = "ada"
+    passes = 0  # trains its base on the augmented batch
 
     def __init__(self, base: Objective, **augment: float) -> None:
         super().__init__(base)  # CFG dropout is the base objective's business

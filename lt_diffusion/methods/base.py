@@ -74,6 +74,10 @@ class Objective(nn.Module):
     """
 
     name: str = "objective"
+    # Denoiser passes per training example this objective adds (a wrapper adds its own to its
+    # base's), on a step that keeps the condition: an estimate of a run's cost, by which a table
+    # starts its costliest jobs first. tests/test_objective_passes.py counts them.
+    passes: int = 1
 
     def __init__(self, cond_drop_prob: float = 0.1, cond_drop_mode: str = "batch") -> None:
         super().__init__()

@@ -47,6 +47,7 @@ class CBDMObjective(Objective):
     """
 
     name = "cbdm"
+    passes = 2  # eps at y and at the drawn y'
 
     def __init__(
         self,

@@ -76,6 +76,7 @@ class CMObjective(WrappingObjective):
     """
 
     name = "cm"
+    passes = 1  # the reserved-capacity-free model's prediction, beside the base's
 
     def __init__(
         self,

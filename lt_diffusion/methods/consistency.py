@@ -76,6 +76,7 @@ class ConsistencyDistillationObjective(Objective):
     """
 
     name = "cd"
+    passes = 3  # student, target network, teacher
 
     def __init__(
         self,

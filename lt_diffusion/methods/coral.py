@@ -82,6 +82,7 @@ class CORALObjective(WrappingObjective):
     """
 
     name = "coral"
+    passes = 1  # the features of the contrastive term
 
     def __init__(
         self,

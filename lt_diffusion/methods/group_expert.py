@@ -248,6 +248,7 @@ class GroupExpertObjective(WrappingObjective):
     """
 
     name = "group_expert_lora"
+    passes = 0  # the base's prediction through the routed experts
 
     def __init__(self, base: Objective) -> None:
         super().__init__(base)

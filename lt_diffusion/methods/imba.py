@@ -132,6 +132,7 @@ class IMBAObjective(Objective):
     """
 
     name = "imba"
+    passes = 2  # conditional and unconditional predictions
     weight_term = "imba_dist"  # the logged name of the mean loss weight
     trains_null_label = True  # its unconditional term trains the null label on every sample
     drops_labels = False

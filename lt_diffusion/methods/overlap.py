@@ -67,6 +67,7 @@ class OverlapObjective(Objective):
     """
 
     name = "overlap"
+    passes = 2  # eps at y and at another class
 
     def __init__(
         self,

@@ -78,6 +78,7 @@ class PDCBDMObjective(CBDMObjective):
     """
 
     name = "pd_cbdm"
+    passes = 4  # CBDM's two, then a head and a tail label
 
     def __init__(
         self,

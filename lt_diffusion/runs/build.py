@@ -7,7 +7,7 @@ import copy
 from typing import Any
 
 from hydra.errors import InstantiationException
-from hydra.utils import get_class
+from hydra.utils import get_class, get_object
 from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig
 from torch import Tensor, nn
@@ -45,6 +45,17 @@ def build_model(cfg: DictConfig, init_state: dict[str, Tensor] | None = None) ->
 
 def build_objective(cfg: DictConfig) -> Objective:
     return instantiate(cfg.method.objective)
+
+
+def objective_passes(node: Any) -> int:
+    """Denoiser passes per training example of the objective a config node would build (its
+    class's ``passes`` and those of the objectives it wraps), read from the classes alone."""
+    if not isinstance(node, DictConfig):
+        return 0
+    target = node.get("_target_")
+    cls = get_object(target) if isinstance(target, str) else None
+    own = cls.passes if isinstance(cls, type) and issubclass(cls, Objective) else 0
+    return own + sum(objective_passes(v) for _, v in node.items_ex(resolve=False))
 
 
 def build_schedule(cfg: DictConfig) -> NoiseSchedule:

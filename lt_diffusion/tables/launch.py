@@ -11,6 +11,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from lt_diffusion.runs.build import objective_passes
 from lt_diffusion.tables import (
     ResolvedRun,
     TableSpec,
@@ -155,6 +156,23 @@ def together(pairs: list[tuple[Job, ResolvedRun]]) -> list[Job]:
     return out
 
 
+def training_work(r: ResolvedRun) -> float:
+    """A run's training cost, to order jobs by: steps x batch x denoiser passes per example."""
+    cfg = r.config
+    method = cfg.get("method")
+    passes = objective_passes(method.get("objective")) if method is not None else 1
+    steps = OmegaConf.select(cfg, "train.max_steps", default=1)
+    batch = OmegaConf.select(cfg, "data.batch_size", default=1)
+    return float(steps) * float(batch) * max(passes, 1)
+
+
+def costliest_first(jobs: list[Job], work: dict[str, float]) -> list[Job]:
+    """The jobs by their runs' summed ``work`` (by run key), the costliest first (stable): free
+    workers take the next job, so the last jobs to start, which set when a sweep ends, are then
+    the short ones (longest-processing-time-first scheduling)."""
+    return sorted(jobs, key=lambda job: -sum(work[m.key] for m in job.members))
+
+
 def run(cfg: DictConfig, hydra_overrides: list[str], launcher: Any, sweep_dir: Path) -> Path:
     """Launch what is missing (the runs other runs start from first), then write the table;
     returns the Markdown file."""
@@ -172,7 +190,7 @@ def run(cfg: DictConfig, hydra_overrides: list[str], launcher: Any, sweep_dir: P
                 print(f"  skipped {job.key}: {r.start_point} was not trained (see its failure)")
             else:
                 pairs.append((job, r))
-        wave = together(pairs)
+        wave = costliest_first(together(pairs), {job.key: training_work(r) for job, r in pairs})
         if not wave:
             continue
         wave_dir = sweep_dir if len(waves) == 1 else sweep_dir / f"wave{k}"
