@@ -550,3 +550,30 @@ def test_the_caption_states_the_reference_the_records_compared_with(filled, tmp_
     assert "Reference: the balanced training split." in to_latex(result)
     empty = collect(spec, resolve(spec, [f"paths.output_dir={tmp_path / 'none'}"]))
     assert "Reference: each dataset's default reference set" in to_markdown(empty)
+
+
+def test_a_rows_seeds_are_composed_once_and_as_hydra_composes_each() -> None:
+    """The seeds of a row are one composition and copies with the seed keys set; each equals
+    the run composed on its own (run name included), and a row whose overrides set a seed key
+    itself is composed, not copied."""
+    from omegaconf import OmegaConf
+
+    from lt_diffusion.tables.resolution import SeedComposer
+    from lt_diffusion.tables.spec import RunRef
+    from lt_diffusion.utils.config import compose_config
+
+    spec = load_table_by_name("toy2d_methods")
+    spec.seeds = [0, 1, 2]
+    runs = [
+        *(spec.run_ref("toy/toy2d_cbdm", s) for s in spec.seeds),
+        *(spec.run_ref("toy/toy2d_oc", s, ["+method.objective.ties=reject"]) for s in spec.seeds),
+        RunRef("toy/toy2d_ddpm", 0, ("imbalance.seed=7",)),  # its own imbalance seed
+        RunRef("toy/toy2d_ddpm", 1, ("imbalance.seed=7",)),
+    ]
+    compose = SeedComposer(spec, [f"paths.output_dir={CONFIG_DIR}"], CONFIG_DIR)
+    for run in runs:
+        got = compose(run)
+        want = compose_config("train", [*run.train_overrides(), f"paths.output_dir={CONFIG_DIR}"])
+        assert OmegaConf.to_container(got) == OmegaConf.to_container(want), run.key
+        assert (got.run_name, got.imbalance.seed) == (want.run_name, want.imbalance.seed)
+    assert len(compose.first) == 2  # one composition per row (the imbalance.seed=7 runs: none)

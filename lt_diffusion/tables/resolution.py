@@ -6,6 +6,7 @@ still count.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -139,9 +140,10 @@ def resolve(
         return evals[key]
 
     out = []
+    compose_run = SeedComposer(spec, train_overrides, config_dir)
     for run in spec.runs():
         try:
-            cfg = compose_config(run.task, [*run.train_overrides(), *train_overrides], config_dir)
+            cfg = compose_run(run)
             run_dir = Path(cfg.paths.output_dir) / "runs" / str(cfg.run_name)
             if run.task == "classify":  # its test evaluation has no settings of its own
                 identity = classification_identity(cfg, config_dir)
@@ -184,6 +186,36 @@ def resolve(
             resolved.records[ev] = run_dir / "records" / name
             resolved.digests[ev] = identity["digest"]
     return out
+
+
+class SeedComposer:
+    """Compose runs' training configs, a row's seeds once: the runs of one row differ only in
+    the keys that take the seed (``seed`` and the spec's ``vary``), plain values that Hydra
+    would set after composing, so a row's first seed is composed and the others are copies
+    with those values set (10 seeds of a row: one composition, not ten). A run whose other
+    overrides touch those keys, or whose config has no plain value there, is composed."""
+
+    def __init__(
+        self, spec: TableSpec, train_overrides: Sequence[str], config_dir: str | Path
+    ) -> None:
+        self.keys = ["seed", *(k for k in spec.vary if not k.startswith("eval."))]
+        self.train_overrides, self.config_dir = list(train_overrides), config_dir
+        self.first: dict[tuple[str, ...], DictConfig] = {}
+
+    def __call__(self, run: RunRef) -> DictConfig:
+        overrides = [*run.train_overrides(), *self.train_overrides]
+        seeded = {f"{k}={run.seed}" for k in self.keys}
+        rest = tuple(o for o in overrides if o not in seeded)
+        base = self.first.get(rest)
+        if base is None or any(o.lstrip("+~").split("=")[0] in self.keys for o in rest):
+            cfg = compose_config(run.task, overrides, self.config_dir)
+            if all(OmegaConf.select(cfg, k) == run.seed for k in self.keys):
+                self.first.setdefault(rest, cfg)
+            return cfg
+        cfg = copy.deepcopy(base)
+        for key in self.keys:
+            OmegaConf.update(cfg, key, run.seed, merge=False)
+        return cfg
 
 
 def _analysis_settings(table: str, ev: EvalRef, config_dir: str | Path) -> dict[str, Any]:
