@@ -576,4 +576,23 @@ def test_a_rows_seeds_are_composed_once_and_as_hydra_composes_each() -> None:
         want = compose_config("train", [*run.train_overrides(), f"paths.output_dir={CONFIG_DIR}"])
         assert OmegaConf.to_container(got) == OmegaConf.to_container(want), run.key
         assert (got.run_name, got.imbalance.seed) == (want.run_name, want.imbalance.seed)
-    assert len(compose.first) == 2  # one composition per row (the imbalance.seed=7 runs: none)
+    assert len(compose.compose.composed) == 2  # one per row (the imbalance.seed=7 runs: none)
+
+
+def test_a_jobs_evaluations_are_composed_once_and_as_hydra_composes_each(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from lt_diffusion.utils.config import ComposeOnce, compose_config
+
+    compose = ComposeOnce()
+    overrides = ["eval=toy", "eval.guidance=1.5", f"data_root={tmp_path}"]
+    for seed in range(3):
+        values = {"checkpoint": str(tmp_path / f"s{seed}" / "last.ckpt"), "record": f"r{seed}.json"}
+        got = compose("evaluate", overrides, values)
+        want = compose_config("evaluate", [*overrides, *(f"{k}={v}" for k, v in values.items())])
+        assert OmegaConf.to_container(got) == OmegaConf.to_container(want)
+    assert len(compose.composed) == 1
+    with pytest.raises(KeyError, match="not a plain value"):
+        compose("evaluate", overrides, {"eval": 3})  # a group, not a value
+    with pytest.raises(KeyError, match="not a plain value"):
+        compose("evaluate", overrides, {"no_such_key": 3})

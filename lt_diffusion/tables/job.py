@@ -28,7 +28,7 @@ from lt_diffusion.records.base import RecordError, read_record
 from lt_diffusion.runs.checkpoint import read_checkpoint
 from lt_diffusion.tables import resolution as _kinds  # noqa: F401  (the kinds a table reads)
 from lt_diffusion.tables.sweep import FAILED, SWEEP_LOG_ENV, Job, claim, read_manifest
-from lt_diffusion.utils.config import compose_config
+from lt_diffusion.utils.config import ComposeOnce, compose_config
 from lt_diffusion.utils.io import atomic_write_json
 
 
@@ -107,13 +107,15 @@ def run_job(job: Job, table: str) -> str:
         train.run(cfgs[0])
     else:
         train.run_together(cfgs)
+    compose = ComposeOnce()  # the runs' evaluations differ in checkpoint and record only
     for j, cfg in zip(todo, cfgs):
-        evaluate_run(j, cfg)
+        evaluate_run(j, cfg, compose)
     return "done"
 
 
-def evaluate_run(job: Job, cfg: DictConfig) -> None:
-    """Write the trained run's missing records, then clear its failure mark."""
+def evaluate_run(job: Job, cfg: DictConfig, compose: ComposeOnce | None = None) -> None:
+    """Write the trained run's missing records, then clear its failure mark (``compose``:
+    evaluation configs composed before, for the runs of a job trained together)."""
     from lt_diffusion.analysis import run as analyze
     from lt_diffusion.evaluation import run as evaluate
     from lt_diffusion.evaluation.distributed import barrier
@@ -122,10 +124,11 @@ def evaluate_run(job: Job, cfg: DictConfig) -> None:
     step = int(read_checkpoint(ckpt)["global_step"])
     # The data are where this job's run says they are (not where the checkpoint was trained).
     data_root = f"data_root={Path(cfg.paths.data_root).resolve()}"
+    compose = compose or ComposeOnce()
     for i in missing_records(job, step):
         ev = job.evaluations[i]
-        ecfg = compose_config(
-            ev.command, [*ev.overrides, f"checkpoint={ckpt}", f"record={ev.record}", data_root]
+        ecfg = compose(
+            ev.command, [*ev.overrides, data_root], {"checkpoint": str(ckpt), "record": ev.record}
         )
         if ev.command == "analyze":
             if _rank() == 0:  # an analysis runs on one device

@@ -6,7 +6,6 @@ still count.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import hashlib
@@ -30,7 +29,7 @@ from lt_diffusion.evaluation.protocol import protocol_sampler
 from lt_diffusion.evaluation.record import record_filename  # (and the evaluation kind)
 from lt_diffusion.records.base import RecordError, read_record
 from lt_diffusion.tables.spec import EvalRef, RunRef, TableSpec, TableSpecError
-from lt_diffusion.utils.config import CONFIG_DIR, compose_config
+from lt_diffusion.utils.config import CONFIG_DIR, ComposeOnce, compose_config
 
 
 def analysis_digest(settings: Mapping[str, Any]) -> str:
@@ -190,32 +189,24 @@ def resolve(
 
 class SeedComposer:
     """Compose runs' training configs, a row's seeds once: the runs of one row differ only in
-    the keys that take the seed (``seed`` and the spec's ``vary``), plain values that Hydra
-    would set after composing, so a row's first seed is composed and the others are copies
-    with those values set (10 seeds of a row: one composition, not ten). A run whose other
-    overrides touch those keys, or whose config has no plain value there, is composed."""
+    the keys that take the seed (``seed`` and the spec's ``vary``), plain values, so each row is
+    composed once and its seeds are copies with those values set (:class:`ComposeOnce`). A run
+    whose other overrides set one of those keys too is composed as it is."""
 
     def __init__(
         self, spec: TableSpec, train_overrides: Sequence[str], config_dir: str | Path
     ) -> None:
         self.keys = ["seed", *(k for k in spec.vary if not k.startswith("eval."))]
-        self.train_overrides, self.config_dir = list(train_overrides), config_dir
-        self.first: dict[tuple[str, ...], DictConfig] = {}
+        self.train_overrides = list(train_overrides)
+        self.compose = ComposeOnce(config_dir)
 
     def __call__(self, run: RunRef) -> DictConfig:
         overrides = [*run.train_overrides(), *self.train_overrides]
         seeded = {f"{k}={run.seed}" for k in self.keys}
-        rest = tuple(o for o in overrides if o not in seeded)
-        base = self.first.get(rest)
-        if base is None or any(o.lstrip("+~").split("=")[0] in self.keys for o in rest):
-            cfg = compose_config(run.task, overrides, self.config_dir)
-            if all(OmegaConf.select(cfg, k) == run.seed for k in self.keys):
-                self.first.setdefault(rest, cfg)
-            return cfg
-        cfg = copy.deepcopy(base)
-        for key in self.keys:
-            OmegaConf.update(cfg, key, run.seed, merge=False)
-        return cfg
+        rest = [o for o in overrides if o not in seeded]
+        if any(o.lstrip("+~").split("=")[0] in self.keys for o in rest):
+            return compose_config(run.task, overrides, self.compose.config_dir)
+        return self.compose(run.task, rest, dict.fromkeys(self.keys, run.seed))
 
 
 def _analysis_settings(table: str, ev: EvalRef, config_dir: str | Path) -> dict[str, Any]:

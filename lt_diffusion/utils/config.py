@@ -3,13 +3,15 @@ command line would compose them."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.initialize import get_gh_backup, restore_gh_from_backup
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lt_diffusion.runtime import CONFIG_DIR
 
@@ -29,3 +31,34 @@ def compose_config(
             return compose(config_name=name, overrides=list(overrides))
     finally:
         restore_gh_from_backup(backup)
+
+
+class ComposeOnce:
+    """:func:`compose_config` for many configs that differ only in plain values (the seeds of a
+    table row, the checkpoints of a job's evaluations): each distinct ``(name, overrides)`` is
+    composed once, then ``values`` are set on a copy, as Hydra sets a ``key=value`` override of
+    a key the config has. Composing takes about 0.15 s; a copy a few milliseconds."""
+
+    def __init__(self, config_dir: str | Path = CONFIG_DIR) -> None:
+        self.config_dir = config_dir
+        self.composed: dict[tuple[str, tuple[str, ...]], DictConfig] = {}
+
+    def __call__(
+        self, name: str, overrides: Sequence[str], values: Mapping[str, Any]
+    ) -> DictConfig:
+        key = (name, tuple(overrides))
+        if key not in self.composed:
+            self.composed[key] = compose_config(name, overrides, self.config_dir)
+        cfg = copy.deepcopy(self.composed[key])
+        for path, value in values.items():
+            node = OmegaConf.select(cfg, path, default=_ABSENT, throw_on_resolution_failure=False)
+            if node is _ABSENT or isinstance(node, (DictConfig, ListConfig)):
+                raise KeyError(
+                    f"{name}: {path!r} is not a plain value of the composed config, so "
+                    f"'{path}=...' would not set it"
+                )
+            OmegaConf.update(cfg, path, value, merge=False)
+        return cfg
+
+
+_ABSENT = object()
