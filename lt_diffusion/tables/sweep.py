@@ -176,7 +176,9 @@ CLAIMS = "claims"  # in a sweep folder: one file per job a local worker has take
 
 def claim(claims: str | Path, index: int) -> bool:
     """Take job ``index`` for this worker: ``True`` once, for the first worker that asks
-    (an exclusive create, atomic on a local or NFS v3+ file system); the file says who."""
+    (an exclusive create, atomic on a local or NFS v3+ file system); the file says who. A job
+    whose worker was killed stays claimed in this sweep: the table's next call launches it
+    again, as it does every run without its records."""
     claims = Path(claims)
     claims.mkdir(parents=True, exist_ok=True)
     try:
