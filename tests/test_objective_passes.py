@@ -60,3 +60,10 @@ def test_a_wave_starts_with_its_costliest_jobs() -> None:
     work |= {t.key: work[runs[0].run.key] for t in jobs[0].together}
     assert costliest_first(jobs, work)[0].key == runs[0].run.key
     assert OmegaConf.select(runs[0].config, "data.batch_size") > 0
+
+
+def test_a_classification_run_has_a_cost_too() -> None:
+    """A classifier's budget is in epochs (``train.max_steps: null``): it still orders."""
+    cfg = compose_config("classify", ["experiment=classify/cm/cifar100_lt_ir100_ce"])
+    assert cfg.train.max_steps is None
+    assert training_work(ResolvedRun(RunRef("classify/x", 0), cfg, Path("x"), {})) > 0

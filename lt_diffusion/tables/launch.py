@@ -161,8 +161,9 @@ def training_work(r: ResolvedRun) -> float:
     cfg = r.config
     method = cfg.get("method")
     passes = objective_passes(method.get("objective")) if method is not None else 1
-    steps = OmegaConf.select(cfg, "train.max_steps", default=1)
-    batch = OmegaConf.select(cfg, "data.batch_size", default=1)
+    # A classifier's budget is in epochs (``train.max_steps: null``): its runs weigh the same.
+    steps = OmegaConf.select(cfg, "train.max_steps") or 1
+    batch = OmegaConf.select(cfg, "data.batch_size") or 1
     return float(steps) * float(batch) * max(passes, 1)
 
 
