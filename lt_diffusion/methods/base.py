@@ -251,24 +251,23 @@ def call_model(
     return model(x, t, y, aug_labels=aug_labels)
 
 
-def call_model_pair(
+def call_model_labels(
     model: Callable[..., Tensor],
     x: Tensor,
     t: Tensor,
-    y_a: Tensor,
-    y_b: Tensor,
+    labels: Sequence[Tensor],
     aug_labels: Tensor | None,
     fused: bool = True,
-) -> tuple[Tensor, Tensor]:
-    """The predictions for labels ``y_a`` and ``y_b`` on the same ``(x, t)``: one forward over
-    the concatenated batch when ``fused`` (one kernel launch per layer, the same numbers up to
-    batch-dependent kernels), else two."""
-    if not fused:
-        return call_model(model, x, t, y_a, aug_labels), call_model(model, x, t, y_b, aug_labels)
-    aug2 = None if aug_labels is None else torch.cat([aug_labels, aug_labels])
-    out = call_model(model, torch.cat([x, x]), torch.cat([t, t]), torch.cat([y_a, y_b]), aug2)
-    a, b = out.chunk(2)
-    return a, b
+) -> tuple[Tensor, ...]:
+    """The predictions for each of ``labels`` on the same ``(x, t)``: one forward over the
+    concatenated batch when ``fused`` (one kernel per layer; the same numbers up to
+    batch-dependent kernels), else one forward per label."""
+    if not fused or len(labels) == 1:
+        return tuple(call_model(model, x, t, y, aug_labels) for y in labels)
+    k = len(labels)
+    aug = None if aug_labels is None else torch.cat([aug_labels] * k)
+    out = call_model(model, torch.cat([x] * k), torch.cat([t] * k), torch.cat(list(labels)), aug)
+    return out.chunk(k)
 
 
 @dataclass
@@ -297,8 +296,9 @@ class Step:
         y = self.y_in if labels is None else labels
         return call_model(self.model, self.x_t, self.t, y, self.aug_labels)
 
-    def predict_pair(self, y_a: Tensor, y_b: Tensor, fused: bool) -> tuple[Tensor, Tensor]:
-        return call_model_pair(self.model, self.x_t, self.t, y_a, y_b, self.aug_labels, fused)
+    def predict_labels(self, labels: Sequence[Tensor], fused: bool) -> tuple[Tensor, ...]:
+        """``eps_theta(x_t, t, y)`` for each ``y`` of ``labels`` (:func:`call_model_labels`)."""
+        return call_model_labels(self.model, self.x_t, self.t, labels, self.aug_labels, fused)
 
     def context(
         self, eps: Tensor, target: Tensor | None = None, y_in: Tensor | None = None

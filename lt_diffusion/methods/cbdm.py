@@ -80,16 +80,23 @@ class CBDMObjective(Objective):
     def loss(self, s: Step, x0: Tensor, y: Tensor, schedule: NoiseSchedule) -> Result:
         if s.dropped:  # a host-side bool: no synchronisation
             return s.plain("ddpm", "reg", "commit")
+        y_bal = self.target_labels(self.checked_batch(s))
+        h, h_bal = s.predict_labels([s.y_in, y_bal], self.fused_forward)
+        return self.regularised(s, h, h_bal, schedule)
 
+    def checked_batch(self, s: Step) -> int:
+        """The step's batch size, once the model's classes are checked against the setup's."""
         num_classes = getattr(s.model, "num_classes", None)
         if num_classes is not None and num_classes != self.target_probs.numel():
             raise ValueError(
                 f"the objective was set up with {self.target_probs.numel()} classes but the "
                 f"model has {num_classes}: check dataset.num_classes"
             )
-        y_bal = self.target_labels(y.shape[0])
-        h, h_bal = s.predict_pair(s.y_in, y_bal, self.fused_forward)
+        return s.y_in.shape[0]
 
+    def regularised(self, s: Step, h: Tensor, h_bal: Tensor, schedule: NoiseSchedule) -> Result:
+        """The loss of the predictions at the labels (``h``) and at the drawn ``y'``
+        (``h_bal``): DDPM's, the regulariser and the commitment term."""
         ddpm = mse(h, s.noise)
         # Only samples fed a real label regularise (all of them under batch-mode dropout).
         keep = (s.y_in != s.model.null_label).float()

@@ -16,7 +16,7 @@ from lt_diffusion.methods.base import (  # noqa: F401  (Aug ... Step: imported f
     Result,
     Step,
     call_model,
-    call_model_pair,
+    call_model_labels,
     check_choice,
     mse,
 )

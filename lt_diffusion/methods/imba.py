@@ -200,7 +200,8 @@ class IMBAObjective(Objective):
         ).detach()
 
     def loss(self, s: Step, x0: Tensor, y: Tensor, schedule: NoiseSchedule) -> Result:
-        eps_c, eps_u = s.predict_pair(y, torch.full_like(y, s.model.null_label), self.fused_forward)
+        null = torch.full_like(y, s.model.null_label)
+        eps_c, eps_u = s.predict_labels([y, null], self.fused_forward)
 
         dist = self.weights(s, y, eps_u)
         if self.normalize == "batch_mean":

@@ -92,7 +92,7 @@ class OverlapObjective(Objective):
         num_classes = int(getattr(s.model, "num_classes", self.class_counts.numel()))
         real = s.y_in != s.model.null_label
         y_neg = negative_labels(torch.where(real, s.y_in, torch.zeros_like(s.y_in)), num_classes)
-        eps, eps_neg = s.predict_pair(s.y_in, y_neg, self.fused_forward)
+        eps, eps_neg = s.predict_labels([s.y_in, y_neg], self.fused_forward)
         if self.detach_negative:
             eps_neg = eps_neg.detach()
 

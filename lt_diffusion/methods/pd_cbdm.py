@@ -127,19 +127,39 @@ class PDCBDMObjective(CBDMObjective):
         return self.head_classes[ih], self.tail_classes[it]
 
     def loss(self, s: Step, x0: Tensor, y: Tensor, schedule: NoiseSchedule) -> Result:
-        out, ctx = super().loss(s, x0, y, schedule)
-        terms = dict(out.terms)
         if not self.use_pd_loss or self.pd_weight == 0.0:
-            terms["pd"] = torch.zeros((), device=out.loss.device)
-            return ObjectiveOutput(out.loss, terms), ctx
-
+            out, ctx = super().loss(s, x0, y, schedule)
+            zero = torch.zeros((), device=out.loss.device)
+            return ObjectiveOutput(out.loss, {**out.terms, "pd": zero}), ctx
+        if s.dropped:  # CBDM's plain loss on a dropped batch; the PD term still applies
+            out, ctx = super().loss(s, x0, y, schedule)
+            eps_h, eps_t = s.predict_labels(self.head_tail_labels(y.shape[0]), self.fused_forward)
+            return self.with_pd(out, ctx, s, eps_h, eps_t, schedule)
+        # The labels are drawn in CBDM's order (y', then head, then tail); the four
+        # predictions on the same x_t are one forward.
+        y_bal = self.target_labels(self.checked_batch(s))
         y_head, y_tail = self.head_tail_labels(y.shape[0])
-        x_t, t = s.x_t, s.t
-        eps_h, eps_t = s.predict_pair(y_head, y_tail, self.fused_forward)
-        mu_h = reverse_mean_from_eps(schedule, x_t, t, eps_h)
-        mu_t = reverse_mean_from_eps(schedule, x_t, t, eps_t)
+        h, h_bal, eps_h, eps_t = s.predict_labels(
+            [s.y_in, y_bal, y_head, y_tail], self.fused_forward
+        )
+        out, ctx = self.regularised(s, h, h_bal, schedule)
+        return self.with_pd(out, ctx, s, eps_h, eps_t, schedule)
+
+    def with_pd(
+        self,
+        out: ObjectiveOutput,
+        ctx: Step,
+        s: Step,
+        eps_h: Tensor,
+        eps_t: Tensor,
+        schedule: NoiseSchedule,
+    ) -> Result:
+        """CBDM's loss ``out`` plus the perceptual distinguish loss of the head- and tail-label
+        predictions (eq. 10): the time-weighted ``exp(-||mu_h - mu_t||^2)``."""
+        mu_h = reverse_mean_from_eps(schedule, s.x_t, s.t, eps_h)
+        mu_t = reverse_mean_from_eps(schedule, s.x_t, s.t, eps_t)
         dist = (mu_h - mu_t).pow(2).flatten(1).mean(1)
-        w = timestep_weight(t, schedule.num_timesteps, self.tau).to(dist.dtype)
+        w = timestep_weight(s.t, schedule.num_timesteps, self.tau).to(dist.dtype)
         pd = (w * torch.exp(-dist)).mean()
-        terms["pd"] = pd.detach()
+        terms = {**out.terms, "pd": pd.detach()}
         return ObjectiveOutput(out.loss + self.pd_weight * pd, terms), ctx
