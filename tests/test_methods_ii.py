@@ -232,6 +232,7 @@ def test_pd_cbdm_loss_and_gradients_equal_formula(sched, fused: bool) -> None:
     ref = cbdm + 0.1 * pd
 
     assert float(pd.detach()) > 0
+    assert model.calls == (1 if fused else 4)  # fused: the four label sets in one forward
     torch.testing.assert_close(out.terms["pd"].double(), pd, rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(out.loss.double(), ref, rtol=1e-5, atol=1e-8)
     _assert_grads(model, out.loss, ref)
@@ -451,6 +452,7 @@ def test_coral_loss_and_gradients_equal_formula(sched) -> None:
     sup = supcon_loop(z.detach(), y.tolist(), 0.1, [True] * 8)
     w_t = torch.exp((1 - t.double() / T) / 0.3).mean()
     torch.testing.assert_close(out.terms["supcon"].double(), torch.tensor(sup, dtype=torch.float64))
+    assert model.calls == 1  # the bottleneck is the base's own forward's
     ref = ddpm + 0.5 * w_t * supcon_loss(z, y, 0.1)
     torch.testing.assert_close(out.loss.double(), ref, rtol=1e-5, atol=1e-8)
     got = torch.autograd.grad(out.loss, [model.w, model.u, obj.proj.weight])
@@ -458,6 +460,25 @@ def test_coral_loss_and_gradients_equal_formula(sched) -> None:
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-7)
     assert float(got[2].abs().sum()) > 0  # the projection head is trained
+
+
+def test_coral_over_a_fused_base_takes_the_features_of_one_more_forward(sched) -> None:
+    """CBDM's two label sets in one forward do not give the features of ``(x_t, t, y_in)``
+    alone: CORAL runs one more forward, and the loss is that of the unfused base (whose first
+    forward CORAL reads)."""
+    losses, calls = [], []
+    for fused in (True, False):
+        base = CBDMObjective(tau=1.0, fused_forward=fused, cond_drop_prob=0.0)
+        torch.manual_seed(0)  # the projection head's initial weights
+        obj = CORALObjective(base=base, feature_dim=4, proj_dim=3).double()
+        obj.setup([5, 3, 1])
+        model = TinyNet()
+        x0, y = toy_batch(8)
+        torch.manual_seed(3)
+        losses.append(obj(model, x0, y, sched).loss)
+        calls.append(model.calls)
+    assert calls == [2, 2]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=1e-12)
 
 
 def test_coral_skips_dropped_batches_and_checks_width(sched) -> None:

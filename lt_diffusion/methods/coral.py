@@ -21,13 +21,16 @@ class labels, so it is skipped on a batch whose condition was dropped for classi
 guidance; with per-sample dropout the null-label samples take no part (neither as anchors nor in
 the denominators).
 
-The bottleneck is obtained by one extra forward with ``return_bottleneck=True`` on the base's
-``x_t, t, y_in`` (the base's own forward does not expose it).
+The bottleneck is that of the base's own forward on ``x_t, t, y_in``: the base is given the
+model through :class:`BottleneckTap`, which calls it with ``return_bottleneck=True`` and keeps
+the features. A base that predicts otherwise (CBDM's labels fused into one batch) costs one
+extra forward with ``return_bottleneck=True`` on ``x_t, t, y_in``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +69,33 @@ def supcon_loss(
     return (per_anchor * has).sum() / has.sum().clamp_min(1.0)
 
 
+class BottleneckTap:
+    """The model as a base objective calls it, run with ``return_bottleneck=True``: the caller
+    gets the prediction, and the bottleneck of each call is kept (:meth:`features`), so the
+    contrastive term needs no second forward. Attributes are the model's."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.calls: list[tuple[Tensor, Tensor, Tensor | None, Tensor]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["model"], name)
+
+    def __call__(self, x: Tensor, t: Tensor, y: Tensor | None = None, **kwargs: Any) -> Any:
+        if kwargs.get("return_bottleneck"):  # the caller asks for the features itself
+            return self.model(x, t, y, **kwargs)
+        eps, h_mid = self.model(x, t, y, return_bottleneck=True, **kwargs)
+        self.calls.append((x, t, y, h_mid))
+        return eps
+
+    def features(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor | None:
+        """The bottleneck of a call on these very tensors, or None if there was none."""
+        for cx, ct, cy, h_mid in self.calls:
+            if cx is x and ct is t and cy is y:
+                return h_mid
+        return None
+
+
 class CORALObjective(WrappingObjective):
     """A base objective plus CORAL's supervised contrastive loss on the bottleneck.
 
@@ -82,7 +112,7 @@ class CORALObjective(WrappingObjective):
     """
 
     name = "coral"
-    passes = 1  # the features of the contrastive term
+    passes = 0  # the contrastive term reads the bottleneck of the base's forward (DDPM's)
 
     def __init__(
         self,
@@ -143,15 +173,18 @@ class CORALObjective(WrappingObjective):
     def compute(
         self, model: Model, x0: Tensor, y: Tensor, schedule: NoiseSchedule, aug_labels: Aug = None
     ) -> Result:
-        out, ctx = self.base.compute(model, x0, y, schedule, aug_labels)
+        tap = BottleneckTap(model)
+        out, ctx = self.base.compute(tap, x0, y, schedule, aug_labels)
         terms = dict(out.terms)
         terms["base"] = out.loss.detach()
         if ctx.dropped or self.weight == 0.0:  # host-side decisions: no sync
             terms["supcon"] = torch.zeros((), device=out.loss.device)
             return ObjectiveOutput(out.loss, terms), ctx
 
-        kwargs = {} if ctx.aug_labels is None else {"aug_labels": ctx.aug_labels}
-        _, h_mid = model(ctx.x_t, ctx.t, ctx.y_in, return_bottleneck=True, **kwargs)
+        h_mid = tap.features(ctx.x_t, ctx.t, ctx.y_in)
+        if h_mid is None:  # the base's prediction was not one plain call (CBDM's fused labels)
+            kwargs = {} if ctx.aug_labels is None else {"aug_labels": ctx.aug_labels}
+            _, h_mid = model(ctx.x_t, ctx.t, ctx.y_in, return_bottleneck=True, **kwargs)
         z = self.embed(h_mid)
         valid = ctx.y_in != model.null_label
         sup = supcon_loss(z, ctx.y_in, self.temperature, valid)
@@ -161,4 +194,4 @@ class CORALObjective(WrappingObjective):
         return ObjectiveOutput(loss, terms), ctx
 
 
-__all__ = ["CORALObjective", "supcon_loss"]
+__all__ = ["BottleneckTap", "CORALObjective", "supcon_loss"]
