@@ -30,6 +30,7 @@ from lt_diffusion.evaluation.record import record_filename  # (and the evaluatio
 from lt_diffusion.records.base import RecordError, read_record
 from lt_diffusion.tables.spec import EvalRef, RunRef, TableSpec, TableSpecError
 from lt_diffusion.utils.config import CONFIG_DIR, ComposeOnce, compose_config
+from lt_diffusion.utils.identity import training_settings
 
 
 def analysis_digest(settings: Mapping[str, Any]) -> str:
@@ -140,6 +141,7 @@ def resolve(
 
     out = []
     compose_run = SeedComposer(spec, train_overrides, config_dir)
+    evaluations = spec.evaluations_by_run()
     for run in spec.runs():
         try:
             cfg = compose_run(run)
@@ -155,11 +157,12 @@ def resolve(
         out.append(resolved)
         if run.task == "classify":
             path = run_dir / "records" / classification_record_filename(identity["digest"])
-            for ev in spec.evaluations_of(run):
+            for ev in evaluations.get(run, []):
                 resolved.records[ev] = path
                 resolved.digests[ev] = identity["digest"]
             continue
-        for ev in spec.evaluations_of(run):
+        settings = None  # the run's training settings, resolved once for its evaluations
+        for ev in evaluations.get(run, []):
             if ev.analysis is not None:
                 digest = analysis_digest(_analysis_settings(spec.name, ev, config_dir))
                 resolved.records[ev] = run_dir / "analyses" / f"{ev.analysis}-{digest}.json"
@@ -168,8 +171,9 @@ def resolve(
             ecfg = eval_config(ev)
             guidance = ecfg.eval.get("guidance")
             guidance = float(cfg.sampler.guidance if guidance is None else guidance)
+            settings = training_settings(cfg) if settings is None else settings
             identity = evaluation_identity(
-                train_config=cfg,
+                train_config=settings,  # training_settings of its own result: the same
                 protocol=ecfg.eval,
                 sampler=ecfg.eval.sampler,
                 guidance=guidance,

@@ -303,8 +303,12 @@ class TableSpec:
         required = [self.run_ref(e, seed) for e in self.requires for seed in self.seeds]
         return list(dict.fromkeys([*required, *(ev.run for ev in self.evaluations())]))
 
-    def evaluations_of(self, run: RunRef) -> list[EvalRef]:
-        return [ev for ev in self.evaluations() if ev.run == run]
+    def evaluations_by_run(self) -> dict[RunRef, list[EvalRef]]:
+        """Each run's evaluations, in table order (a run with none is absent)."""
+        out: dict[RunRef, list[EvalRef]] = {}
+        for ev in self.evaluations():
+            out.setdefault(ev.run, []).append(ev)
+        return out
 
 
 def _fail(name: str, where: str, what: str) -> TableSpecError:

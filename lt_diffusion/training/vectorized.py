@@ -249,10 +249,10 @@ def _bind(module: nn.Module, tensors: dict[str, Tensor]) -> None:
 
 def _stack(modules: Sequence[nn.Module], what: str) -> dict[str, Tensor]:
     """The modules' parameters and persistent buffers, stacked along a new first dimension."""
-    names = [list(_tensors(m)) for m in modules]
-    if any(n != names[0] for n in names):
+    tensors = [_tensors(m) for m in modules]
+    if any(list(t) != list(tensors[0]) for t in tensors):
         raise ValueError(f"the runs' {what}s differ in structure: they cannot train together")
-    return {k: torch.stack([_tensors(m)[k].detach() for m in modules]) for k in names[0]}
+    return {k: torch.stack([t[k].detach() for t in tensors]) for k in tensors[0]}
 
 
 def _tensors(module: nn.Module) -> dict[str, Tensor]:
