@@ -596,3 +596,43 @@ def test_a_jobs_evaluations_are_composed_once_and_as_hydra_composes_each(tmp_pat
         compose("evaluate", overrides, {"eval": 3})  # a group, not a value
     with pytest.raises(KeyError, match="not a plain value"):
         compose("evaluate", overrides, {"no_such_key": 3})
+
+
+def test_runs_trained_together_are_composed_once_and_as_hydra_composes_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job's runs differ in their seeds and run directories: one composition, copies with
+    those values set, each equal to the run composed on its own. Runs whose overrides differ
+    in a group (or add a key) are each composed as they are."""
+    from omegaconf import OmegaConf
+
+    from lt_diffusion.tables import job as job_module
+    from lt_diffusion.tables.sweep import Job
+    from lt_diffusion.utils.config import ComposeOnce
+
+    def job(seed: int, *extra: str) -> Job:
+        overrides = ["experiment=toy/toy2d_cbdm", f"seed={seed}", f"imbalance.seed={seed}"]
+        overrides += [*extra, f"paths.output_dir={tmp_path}"]
+        return Job(f"toy/toy2d_cbdm/seed{seed}", overrides, str(tmp_path / f"run{seed}"), 1, 1)
+
+    made: list[ComposeOnce] = []
+
+    def counting() -> ComposeOnce:
+        made.append(ComposeOnce())
+        return made[-1]
+
+    monkeypatch.setattr(job_module, "ComposeOnce", counting)
+    cases = [
+        [job(s) for s in range(3)],
+        [job(0, "imbalance=ir1"), job(1, "imbalance=ir100")],  # a group differs
+        [job(0, "+method.objective.ties=reject"), job(1)],  # not the same overrides
+    ]
+    for jobs in cases:
+        made.clear()
+        got = job_module.train_configs(jobs, "t")
+        for cfg, j in zip(got, jobs, strict=True):
+            want = job_module.train_config(j, "t")
+            assert OmegaConf.to_container(cfg) == OmegaConf.to_container(want), j.key
+            assert (cfg.run_name, cfg.paths.run_dir) == (want.run_name, j.run_dir)
+        if jobs is cases[0]:
+            assert len(made) == 1 and len(made[0].composed) == 1  # composed once

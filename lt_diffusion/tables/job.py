@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,48 @@ def train_config(job: Job, table: str) -> DictConfig:
     overrides, its run directory, and wandb runs grouped by table (group) and experiment (job
     type)."""
     cfg = compose_config(job.task, [*job.train_overrides, f"paths.run_dir={job.run_dir}"])
+    return _grouped(cfg, job, table)
+
+
+def train_configs(jobs: Sequence[Job], table: str) -> list[DictConfig]:
+    """:func:`train_config` of each job. Runs trained together differ only in plain values
+    (their seeds and run directories), so their overrides are composed once and the values set
+    on copies (:class:`ComposeOnce`); jobs whose overrides differ otherwise are each composed."""
+    plain = _plain_differences(jobs)
+    if plain is None:
+        return [train_config(j, table) for j in jobs]
+    shared, values = plain
+    compose = ComposeOnce()
+    try:
+        cfgs = [compose(jobs[0].task, shared, v) for v in values]
+    except KeyError:  # a differing key is a config group, not a value: Hydra must compose it
+        return [train_config(j, table) for j in jobs]
+    return [_grouped(cfg, j, table) for cfg, j in zip(cfgs, jobs, strict=True)]
+
+
+def _plain_differences(jobs: Sequence[Job]) -> tuple[list[str], list[dict[str, Any]]] | None:
+    """The overrides the jobs share and, per job, the ``key: value`` of those that differ
+    (with ``paths.run_dir``); None when a differing override is not a plain ``key=value``."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+
+    lists = [list(j.train_overrides) for j in jobs]
+    if len({len(o) for o in lists}) != 1 or len({j.task for j in jobs}) != 1:
+        return None
+    differ = [i for i in range(len(lists[0])) if len({o[i] for o in lists}) > 1]
+    shared = [o for i, o in enumerate(lists[0]) if i not in differ]
+    parser = OverridesParser.create()
+    values = []
+    for job, overrides in zip(jobs, lists, strict=True):
+        parsed = parser.parse_overrides([overrides[i] for i in differ])
+        if any(p.type != OverrideType.CHANGE or p.is_sweep_override() for p in parsed):
+            return None
+        values.append({**{p.key_or_group: p.value() for p in parsed}, "paths.run_dir": job.run_dir})
+    return shared, values
+
+
+def _grouped(cfg: DictConfig, job: Job, table: str) -> DictConfig:
+    """wandb runs grouped by table (group) and experiment (job type)."""
     logger = cfg.get("logger")
     if logger is not None and str(logger.get("_target_", "")).endswith("WandbLogger"):
         with open_dict(cfg):
@@ -96,7 +139,7 @@ def run_job(job: Job, table: str) -> str:
     todo = [j for j in job.members if not (j.evaluations and not missing_records(j))]
     if not todo:
         return "done"
-    cfgs = [train_config(j, table) for j in todo]
+    cfgs = train_configs(todo, table)
     if job.task == "classify":  # trains, then writes its one record (every evaluation's path)
         from lt_diffusion.classification.run import run as classify
 
