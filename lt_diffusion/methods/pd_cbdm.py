@@ -78,7 +78,7 @@ class PDCBDMObjective(CBDMObjective):
     """
 
     name = "pd_cbdm"
-    passes = 4  # CBDM's two, then a head and a tail label
+    passes = 4  # y, y', a head and a tail label (one forward of 4B when fused)
 
     def __init__(
         self,
