@@ -80,19 +80,19 @@ class CBDMObjective(Objective):
     def loss(self, s: Step, x0: Tensor, y: Tensor, schedule: NoiseSchedule) -> Result:
         if s.dropped:  # a host-side bool: no synchronisation
             return s.plain("ddpm", "reg", "commit")
-        y_bal = self.target_labels(self.checked_batch(s))
+        self.check_classes(s)
+        y_bal = self.target_labels(y.shape[0])
         h, h_bal = s.predict_labels([s.y_in, y_bal], self.fused_forward)
         return self.regularised(s, h, h_bal, schedule)
 
-    def checked_batch(self, s: Step) -> int:
-        """The step's batch size, once the model's classes are checked against the setup's."""
+    def check_classes(self, s: Step) -> None:
+        """Refuse a model whose classes are not those the objective was set up with."""
         num_classes = getattr(s.model, "num_classes", None)
         if num_classes is not None and num_classes != self.target_probs.numel():
             raise ValueError(
                 f"the objective was set up with {self.target_probs.numel()} classes but the "
                 f"model has {num_classes}: check dataset.num_classes"
             )
-        return s.y_in.shape[0]
 
     def regularised(self, s: Step, h: Tensor, h_bal: Tensor, schedule: NoiseSchedule) -> Result:
         """The loss of the predictions at the labels (``h``) and at the drawn ``y'``

@@ -137,7 +137,8 @@ class PDCBDMObjective(CBDMObjective):
             return self.with_pd(out, ctx, s, eps_h, eps_t, schedule)
         # The labels are drawn in CBDM's order (y', then head, then tail); the four
         # predictions on the same x_t are one forward.
-        y_bal = self.target_labels(self.checked_batch(s))
+        self.check_classes(s)
+        y_bal = self.target_labels(y.shape[0])
         y_head, y_tail = self.head_tail_labels(y.shape[0])
         h, h_bal, eps_h, eps_t = s.predict_labels(
             [s.y_in, y_bal, y_head, y_tail], self.fused_forward

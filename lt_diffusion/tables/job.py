@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import OverrideType
 from omegaconf import DictConfig, open_dict
 
 from lt_diffusion.records.base import RecordError, read_record
@@ -84,9 +86,6 @@ def train_configs(jobs: Sequence[Job], table: str) -> list[DictConfig]:
 def _plain_differences(jobs: Sequence[Job]) -> tuple[list[str], list[dict[str, Any]]] | None:
     """The overrides the jobs share and, per job, the ``key: value`` of those that differ
     (with ``paths.run_dir``); None when a differing override is not a plain ``key=value``."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import OverrideType
-
     lists = [list(j.train_overrides) for j in jobs]
     if len({len(o) for o in lists}) != 1 or len({j.task for j in jobs}) != 1:
         return None

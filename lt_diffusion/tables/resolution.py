@@ -173,7 +173,7 @@ def resolve(
             guidance = float(cfg.sampler.guidance if guidance is None else guidance)
             settings = training_settings(cfg) if settings is None else settings
             identity = evaluation_identity(
-                train_config=settings,  # training_settings of its own result: the same
+                train_config=settings,  # training_settings() leaves its own output as it is
                 protocol=ecfg.eval,
                 sampler=ecfg.eval.sampler,
                 guidance=guidance,
